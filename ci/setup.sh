@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs everything the demo and the tests need on a fresh Debian 12 machine (as root).
+# Idempotent: a second run finds everything in place and changes nothing.
+set -euo pipefail
+
+need_pkgs=(qemu-system-x86 qemu-utils cpio e2fsprogs curl busybox-static iproute2 ca-certificates)
+
+missing=()
+for p in "${need_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    # QEMU 10 from bookworm-backports matches the preinstalled qemu-utils 10 (installing
+    # Debian 12's QEMU 7.2 would remove it) and is the newer peer the benchmarks compare with.
+    bp=/etc/apt/sources.list.d/vhost-mirror-backports.sources
+    if [ ! -f "$bp" ]; then
+        uri=$(awk '/^URIs:/ && $2 ~ /debian$/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+        [ -n "$uri" ] || uri=http://deb.debian.org/debian
+        cat >"$bp" <<SRC
+Types: deb
+URIs: $uri
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+    fi
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
+    apt-get install -y -qq --no-install-recommends cpio e2fsprogs curl busybox-static iproute2 ca-certificates
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo not found; install the Rust toolchain (rustup) first" >&2
+    exit 1
+fi
+echo "setup: $(qemu-system-x86_64 --version | head -n1); $(cargo --version)"

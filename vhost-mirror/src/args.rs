@@ -1,0 +1,52 @@
+//! Command-line arguments (clap derive), turned into a validated configuration in `config.rs`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "vhost-mirror", version, about = "vhost-user-blk backend serving a VM disk from a raw image")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve IMG to QEMU over a vhost-user-blk socket.
+    Serve(ServeArgs),
+    /// Print the status of a running `serve` (through its --control socket).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Raw image file (or block device) to serve.
+    #[arg(long, value_name = "IMG")]
+    pub image: PathBuf,
+    /// vhost-user socket path QEMU connects to (created; must not be in use).
+    #[arg(long, value_name = "SOCK")]
+    pub socket: PathBuf,
+    /// Number of virtqueues (each gets its own worker thread).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub num_queues: u16,
+    /// Largest virtqueue size the frontend may use (a power of two).
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub queue_size: u16,
+    /// Serve the image read-only (VIRTIO_BLK_F_RO).
+    #[arg(long)]
+    pub readonly: bool,
+    /// Unix socket for `vhost-mirror status`.
+    #[arg(long, value_name = "CTL")]
+    pub control: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The --control socket of a running `vhost-mirror serve`.
+    #[arg(long, value_name = "CTL")]
+    pub control: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}

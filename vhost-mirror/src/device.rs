@@ -1,0 +1,245 @@
+//! The vhost-user-blk device: feature negotiation, config space, and one worker per virtqueue.
+//!
+//! `vhost-user-backend` runs one thread per entry of `queues_per_thread`; we give each queue its
+//! own thread and its own state, so queues never wait for each other on the I/O path.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{debug, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP;
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+use crate::blk_config::{off, read_config, DeviceModel, ID_BYTES};
+use crate::disk::RawImage;
+use crate::executor::{self, chain, IovecBuf, Target};
+use crate::request::{ParseError, Request};
+use crate::stats::QueueCounters;
+
+/// State of one queue worker, kept across connections. Its mutex is taken only by that
+/// queue's worker thread, and by shutdown to wait for the request in flight.
+#[derive(Default)]
+pub struct QueueWorker {
+    request: Request,
+    iov: IovecBuf,
+}
+
+/// Everything that outlives a single frontend connection.
+pub struct Device {
+    pub disk: Arc<RawImage>,
+    pub model: DeviceModel,
+    pub counters: Vec<QueueCounters>,
+    pub workers: Vec<Mutex<QueueWorker>>,
+    /// Guest's write-cache setting (virtio-blk WCE); writeback by default.
+    pub writeback: AtomicBool,
+    /// Set on shutdown: workers stop taking new requests.
+    pub stopping: AtomicBool,
+    pub id: [u8; ID_BYTES],
+}
+
+impl Device {
+    pub fn new(disk: Arc<RawImage>, model: DeviceModel, id: [u8; ID_BYTES]) -> Self {
+        let n = usize::from(model.num_queues);
+        Device {
+            disk,
+            model,
+            counters: (0..n).map(|_| QueueCounters::default()).collect(),
+            workers: (0..n).map(|_| Mutex::new(QueueWorker::default())).collect(),
+            writeback: AtomicBool::new(true),
+            stopping: AtomicBool::new(false),
+            id,
+        }
+    }
+
+    /// Waits until no queue worker is in the middle of a batch, and keeps them from starting
+    /// another (the returned guards hold every worker).
+    pub fn quiesce(&self) -> Vec<std::sync::MutexGuard<'_, QueueWorker>> {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.workers
+            .iter()
+            .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()))
+            .collect()
+    }
+}
+
+/// The backend for one frontend connection.
+#[derive(Clone)]
+pub struct BlkBackend {
+    dev: Arc<Device>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+    event_idx: Arc<AtomicBool>,
+}
+
+impl BlkBackend {
+    pub fn new(dev: Arc<Device>, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
+        BlkBackend {
+            dev,
+            mem,
+            event_idx: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Drains the queue: parse, execute, complete, then notify the guest once per batch.
+    fn process_queue(&self, queue: usize, vring: &VringRwLock) -> io::Result<bool> {
+        let dev = &*self.dev;
+        let Some(worker) = dev.workers.get(queue) else {
+            return Err(io::Error::other(format!("no worker for queue {queue}")));
+        };
+        let mut worker = worker.lock().unwrap_or_else(|p| p.into_inner());
+        if dev.stopping.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let QueueWorker { request, iov } = &mut *worker;
+        let counters = &dev.counters[queue];
+        let target = Target {
+            disk: &dev.disk,
+            writeback: dev.writeback.load(Ordering::Relaxed),
+            id: &dev.id,
+        };
+        let mem = self.mem.memory();
+        let mut state = vring.get_mut();
+        let mut used_any = false;
+        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+            let head = chain.head_index();
+            let completion = match request.parse(chain, dev.model.capacity_sectors) {
+                Ok(()) => executor::execute(request, &mem, &target, iov, counters),
+                Err(e) => {
+                    if e.status() == VIRTIO_BLK_S_UNSUPP as u8 {
+                        QueueCounters::add(&counters.unsupported, 1);
+                        debug!("queue {queue}: {e}");
+                    } else {
+                        QueueCounters::add(&counters.errors, 1);
+                        warn!("queue {queue}: bad request: {e}");
+                    }
+                    if matches!(e, ParseError::NoStatus) {
+                        warn!("queue {queue}: request {head} completed without status");
+                    }
+                    executor::complete(&mem, request, e.status(), 0)
+                }
+            };
+            state
+                .get_queue_mut()
+                .add_used(&*mem, head, completion.used_len)
+                .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
+            used_any = true;
+        }
+        if used_any
+            && state
+                .get_queue_mut()
+                .needs_notification(&*mem)
+                .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?
+        {
+            state.signal_used_queue()?;
+        }
+        Ok(used_any)
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.dev.model.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.dev.model.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        self.dev.model.features()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let config = self
+            .dev
+            .model
+            .config_space(self.dev.writeback.load(Ordering::Relaxed));
+        read_config(&config, offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the write-cache-enable byte is writable (VIRTIO_BLK_F_CONFIG_WCE).
+        if offset as usize == off::WCE && buf.len() == 1 {
+            let wb = buf[0] != 0;
+            self.dev.writeback.store(wb, Ordering::Relaxed);
+            log::info!("guest set write cache to {}", if wb { "writeback" } else { "writethrough" });
+            if !wb {
+                self.dev.disk.flush().map_err(|e| io::Error::other(chain(&e)))?;
+            }
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("config write of {} bytes at {offset} refused", buf.len()),
+            ))
+        }
+    }
+
+    fn update_memory(&self, _mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        // The daemon updates the GuestMemoryAtomic we were built with; nothing to do.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.dev.model.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        // One queue per thread: the vring is vrings[0] and the queue index is the thread's.
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            return Err(io::Error::other(format!("unknown event {device_event}")));
+        };
+        if self.event_idx.load(Ordering::Relaxed) {
+            // Disable notifications while draining, re-enable, and drain again if the guest
+            // added requests in between (the EVENT_IDX protocol).
+            loop {
+                vring
+                    .disable_notification()
+                    .map_err(|e| io::Error::other(format!("disable_notification: {e}")))?;
+                self.process_queue(thread_id, vring)?;
+                if !vring
+                    .enable_notification()
+                    .map_err(|e| io::Error::other(format!("enable_notification: {e}")))?
+                    || self.dev.stopping.load(Ordering::Acquire)
+                {
+                    break;
+                }
+            }
+        } else {
+            self.process_queue(thread_id, vring)?;
+        }
+        Ok(())
+    }
+}

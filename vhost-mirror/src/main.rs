@@ -1,0 +1,46 @@
+//! vhost-mirror: a vhost-user-blk backend that serves a VM's disk from a raw image.
+
+mod args;
+mod blk_config;
+mod config;
+mod control;
+mod device;
+mod disk;
+mod executor;
+mod request;
+mod server;
+mod stats;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::args::{Cli, Command};
+use crate::config::ServeConfig;
+use crate::executor::chain;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Serve(a) => ServeConfig::try_from(a)
+            .map_err(Into::into)
+            .and_then(|c| server::run(c).map_err(Into::into)),
+        Command::Status(a) => control::query_status(&a.control)
+            .map(|v| {
+                if a.json {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                } else {
+                    print!("{}", control::render_table(&v));
+                }
+            })
+            .map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vhost-mirror: error: {}", chain(&*e));
+            ExitCode::FAILURE
+        }
+    }
+}

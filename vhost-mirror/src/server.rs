@@ -1,0 +1,239 @@
+//! `vhost-mirror serve`: owns the sockets, accepts one frontend (QEMU) at a time, survives its
+//! disconnects, and shuts down cleanly on SIGTERM/SIGINT.
+
+use std::io;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+use serde_json::json;
+use thiserror::Error;
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::blk_config::{DeviceModel, ID_BYTES, SECTOR_SIZE};
+use crate::config::ServeConfig;
+use crate::control::{self, StatusFn};
+use crate::device::{BlkBackend, Device};
+use crate::disk::{DiskError, RawImage};
+use crate::executor::chain;
+use crate::stats;
+
+#[derive(Debug, Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    #[error("socket path {0} is in use by a running server")]
+    SocketInUse(PathBuf),
+    #[error("socket path {0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    #[error("cannot prepare socket path {path}")]
+    SocketPath {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on {path}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot set up signal handling")]
+    Signals(#[source] io::Error),
+    #[error("cannot start the vhost-user daemon: {0}")]
+    Daemon(String),
+}
+
+/// Makes sure `path` can be bound: refuses a path a live server listens on or a non-socket,
+/// removes a stale socket left by a crashed server.
+pub fn claim_socket_path(path: &Path) -> Result<(), ServeError> {
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(ServeError::SocketPath {
+                path: path.to_owned(),
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(ServeError::NotASocket(path.to_owned()));
+    }
+    match UnixStream::connect(path) {
+        Ok(_) => Err(ServeError::SocketInUse(path.to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            warn!("removing stale socket {}", path.display());
+            std::fs::remove_file(path).map_err(|source| ServeError::SocketPath {
+                path: path.to_owned(),
+                source,
+            })
+        }
+        Err(source) => Err(ServeError::SocketPath {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// The ID string GET_ID returns: stable for an image file (device and inode numbers).
+fn device_id(image: &Path) -> [u8; ID_BYTES] {
+    let mut id = [0u8; ID_BYTES];
+    let text = match std::fs::metadata(image) {
+        Ok(m) => format!("vhm-{:x}-{:x}", m.dev(), m.ino()),
+        Err(_) => "vhost-mirror".to_owned(),
+    };
+    let n = text.len().min(ID_BYTES);
+    id[..n].copy_from_slice(&text.as_bytes()[..n]);
+    id
+}
+
+struct ServerState {
+    dev: Arc<Device>,
+    config: ServeConfig,
+    connected: AtomicBool,
+    connections: AtomicU64,
+    started: Instant,
+}
+
+impl ServerState {
+    fn status(&self) -> serde_json::Value {
+        let c = stats::snapshot(&self.dev.counters);
+        json!({
+            "image": self.config.image.display().to_string(),
+            "capacity_bytes": self.dev.model.capacity_sectors * SECTOR_SIZE,
+            "num_queues": self.dev.model.num_queues,
+            "queue_size": self.dev.model.queue_size,
+            "readonly": self.dev.model.readonly,
+            "writeback": self.dev.writeback.load(Ordering::Relaxed),
+            "frontend_connected": self.connected.load(Ordering::Relaxed),
+            "connections": self.connections.load(Ordering::Relaxed),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "reads": c.reads,
+            "writes": c.writes,
+            "flushes": c.flushes,
+            "discards": c.discards,
+            "write_zeroes": c.write_zeroes,
+            "get_ids": c.get_ids,
+            "bytes_read": c.bytes_read,
+            "bytes_written": c.bytes_written,
+            "errors": c.errors,
+            "unsupported": c.unsupported,
+        })
+    }
+}
+
+/// Runs the server until a signal stops the process.
+pub fn run(config: ServeConfig) -> Result<(), ServeError> {
+    let disk = Arc::new(RawImage::open(&config.image, config.readonly)?);
+    let model = DeviceModel {
+        capacity_sectors: disk.size() / SECTOR_SIZE,
+        num_queues: config.num_queues,
+        queue_size: config.queue_size,
+        readonly: config.readonly,
+    };
+    let dev = Arc::new(Device::new(disk.clone(), model, device_id(&config.image)));
+
+    claim_socket_path(&config.socket)?;
+    let control_listener = match &config.control {
+        Some(p) => {
+            claim_socket_path(p)?;
+            Some(UnixListener::bind(p).map_err(|source| ServeError::Listen {
+                path: p.clone(),
+                source,
+            })?)
+        }
+        None => None,
+    };
+    let mut listener = Listener::new(&config.socket, false).map_err(|e| ServeError::Listen {
+        path: config.socket.clone(),
+        source: io::Error::other(e.to_string()),
+    })?;
+
+    let state = Arc::new(ServerState {
+        dev: dev.clone(),
+        config: config.clone(),
+        connected: AtomicBool::new(false),
+        connections: AtomicU64::new(0),
+        started: Instant::now(),
+    });
+    if let Some(l) = control_listener {
+        let st = state.clone();
+        let f: StatusFn = Arc::new(move || st.status());
+        control::spawn_server(l, f).map_err(ServeError::Signals)?;
+    }
+    spawn_signal_handler(state.clone())?;
+
+    info!(
+        "serving {} ({} bytes, {} queue(s) of {}, {}) on {}",
+        config.image.display(),
+        disk.size(),
+        config.num_queues,
+        config.queue_size,
+        if config.readonly { "read-only" } else { "read-write" },
+        config.socket.display()
+    );
+
+    loop {
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = BlkBackend::new(dev.clone(), mem.clone());
+        let mut daemon =
+            VhostUserDaemon::new("vhost-mirror".into(), backend, mem)
+                .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        if let Err(e) = daemon.start(&mut listener) {
+            error!("accepting a frontend failed: {e}");
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        let n = state.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        state.connected.store(true, Ordering::Relaxed);
+        info!("frontend connected (connection {n})");
+        match daemon.wait() {
+            Ok(()) => info!("frontend disconnected"),
+            Err(e) => info!("frontend disconnected: {e}"),
+        }
+        state.connected.store(false, Ordering::Relaxed);
+        // Joins the queue workers: every request they took is complete after this.
+        drop(daemon);
+        if let Err(e) = disk.flush() {
+            error!("flush after disconnect failed: {}", chain(&e));
+        }
+    }
+}
+
+fn spawn_signal_handler(state: Arc<ServerState>) -> Result<(), ServeError> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT]).map_err(ServeError::Signals)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                info!("signal {sig}: finishing in-flight requests");
+                let guards = state.dev.quiesce();
+                let code = match state.dev.disk.flush() {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        error!("final flush failed: {}", chain(&e));
+                        1
+                    }
+                };
+                for p in std::iter::once(&state.config.socket).chain(state.config.control.iter()) {
+                    if let Err(e) = std::fs::remove_file(p) {
+                        warn!("cannot remove {}: {e}", p.display());
+                    }
+                }
+                info!("stopped; image {} flushed", state.config.image.display());
+                drop(guards);
+                std::process::exit(code);
+            }
+        })
+        .map(|_| ())
+        .map_err(ServeError::Signals)
+}
