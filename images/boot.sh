@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Boots the file-server guest built by images/build.sh, its root disk served by a
+# vhost-user-blk backend that is already listening on SOCK.
+#
+#   images/boot.sh --dir OUTDIR --socket SOCK --http-port PORT [--num-queues N] [--mem 256M]
+#                  [--smp N] [--serial LOGFILE] [--accel auto|tcg|kvm] [--extra-append STR]
+#
+# The guest's HTTP server (port 80) is forwarded to 127.0.0.1:PORT on the host (loopback only).
+# Without --serial the serial console goes to stdout (interactive: Ctrl-A x quits QEMU).
+# The last step execs qemu-system-x86_64, so the caller's child PID is QEMU's PID.
+#
+# Why direct kernel boot (-kernel/-initrd) instead of firmware boot from the disk:
+# booting an MBR + syslinux disk through SeaBIOS stalled right after "Booting from 0000:7c00"
+# when the disk was qemu-storage-daemon's vhost-user-blk export (7.2 and 10.0.2; the same disk
+# booted fine as a plain -drive if=virtio). Direct kernel boot works and still puts the whole
+# root filesystem on the vhost-user-blk disk. See /work/shared/ENVIRONMENT.md.
+#
+# --accel auto (default): TCG unless a short probe boot (-accel kvm, kernel flag vmprobe=1,
+# no disk, 20 s timeout) prints VM-PROBE-OK. The result is cached in OUTDIR/kvm-probe.result.
+# Nested KVM fails or hangs on the development machines, so expect TCG there.
+set -euo pipefail
+
+die() { echo "boot.sh: $*" >&2; exit 1; }
+usage() {
+    sed -n '5,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    exit 2
+}
+
+DIR= SOCK= PORT= QUEUES=1 MEM=256M SMP=1 SERIAL= ACCEL=auto EXTRA=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dir) DIR=${2:?}; shift 2 ;;
+        --socket) SOCK=${2:?}; shift 2 ;;
+        --http-port) PORT=${2:?}; shift 2 ;;
+        --num-queues) QUEUES=${2:?}; shift 2 ;;
+        --mem) MEM=${2:?}; shift 2 ;;
+        --smp) SMP=${2:?}; shift 2 ;;
+        --serial) SERIAL=${2:?}; shift 2 ;;
+        --accel) ACCEL=${2:?}; shift 2 ;;
+        --extra-append) EXTRA=${2?}; shift 2 ;;
+        -h|--help) usage ;;
+        *) echo "boot.sh: unknown argument $1" >&2; usage ;;
+    esac
+done
+[ -n "$DIR" ] && [ -n "$SOCK" ] && [ -n "$PORT" ] || usage
+case "$PORT" in *[!0-9]*|"") die "--http-port must be a number" ;; esac
+case "$QUEUES" in *[!0-9]*|""|0) die "--num-queues must be a positive number" ;; esac
+case "$ACCEL" in auto|tcg|kvm) ;; *) die "--accel must be auto, tcg or kvm" ;; esac
+
+QEMU=${QEMU:-qemu-system-x86_64}
+command -v "$QEMU" >/dev/null 2>&1 \
+    || die "$QEMU not found (package qemu-system-x86; run ci/setup.sh)"
+[ -f "$DIR/vmlinuz" ] && [ -f "$DIR/initrd.img" ] \
+    || die "$DIR/vmlinuz or $DIR/initrd.img missing (run images/build.sh $DIR)"
+[ -S "$SOCK" ] || die "$SOCK is not a socket (start the vhost-user-blk backend first)"
+
+# ---- accelerator -------------------------------------------------------------------------
+kvm_probe() { # prints yes or no
+    local log rc=0
+    if [ ! -r /dev/kvm ] || [ ! -w /dev/kvm ]; then echo no; return; fi
+    command -v timeout >/dev/null || { echo no; return; }
+    ulimit -c 0  # a failing KVM QEMU may abort(); no core files
+    log=$(mktemp)
+    timeout -k 2 20 "$QEMU" -accel kvm -cpu host -m 128M -nodefaults -display none \
+        -no-reboot -serial "file:$log" \
+        -kernel "$DIR/vmlinuz" -initrd "$DIR/initrd.img" \
+        -append "console=ttyS0 vmprobe=1 panic=-1 quiet" </dev/null >/dev/null 2>&1 || rc=$?
+    if grep -q VM-PROBE-OK "$log"; then echo yes; else echo no; fi
+    rm -f "$log"
+}
+
+if [ "$ACCEL" = auto ]; then
+    result="$DIR/kvm-probe.result"
+    # Re-probe when the guest kernel/initrd changed since the cached result.
+    if [ -f "$result" ] && [ "$result" -nt "$DIR/initrd.img" ] && [ "$result" -nt "$DIR/vmlinuz" ]; then
+        kvm=$(cat "$result")
+    else
+        echo "boot.sh: probing KVM (up to 20 s)..." >&2
+        kvm=$(kvm_probe)
+        tmp=$(mktemp "$DIR/.kvm-probe.XXXXXX")
+        echo "$kvm" >"$tmp" && chmod 644 "$tmp" && mv -f "$tmp" "$result"
+    fi
+    if [ "$kvm" = yes ]; then ACCEL=kvm; else ACCEL=tcg; fi
+    echo "boot.sh: accelerator $ACCEL (kvm probe: $kvm, cached in $result)" >&2
+fi
+if [ "$ACCEL" = kvm ]; then
+    accel_args=(-accel kvm -cpu host)
+else
+    accel_args=(-accel tcg)
+fi
+
+# ---- console -----------------------------------------------------------------------------
+if [ -n "$SERIAL" ]; then
+    console_args=(-display none -chardev "file,id=con0,path=$SERIAL" -serial chardev:con0 -monitor none)
+else
+    console_args=(-nographic -serial mon:stdio)
+fi
+
+APPEND="console=ttyS0 root=/dev/vda rw panic=-1 ${EXTRA}"
+
+# restrict=on: the guest reaches nothing outside; only the loopback hostfwd is open.
+# vhost-user needs guest RAM the backend can map: a shared memfd backend.
+exec "$QEMU" \
+    -name vhost-mirror-guest \
+    -machine pc,memory-backend=mem \
+    "${accel_args[@]}" \
+    -m "$MEM" -smp "$SMP" \
+    -object "memory-backend-memfd,id=mem,size=$MEM,share=on" \
+    -nodefaults -no-user-config \
+    "${console_args[@]}" \
+    -no-reboot \
+    -chardev "socket,id=disk0,path=$SOCK" \
+    -device "vhost-user-blk-pci,chardev=disk0,num-queues=$QUEUES,bootindex=1" \
+    -netdev "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:$PORT-:80" \
+    -device virtio-net-pci,netdev=n0 \
+    -kernel "$DIR/vmlinuz" -initrd "$DIR/initrd.img" \
+    -append "$APPEND"

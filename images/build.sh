@@ -1,0 +1,394 @@
+#!/usr/bin/env bash
+# Builds the file-server guest VM for the vhost-mirror VM tests, from Debian's packages only.
+#
+#   images/build.sh OUTDIR
+#
+# Produces:
+#   OUTDIR/vmlinuz     Debian's cloud kernel (linux-image-cloud-amd64's real package)
+#   OUTDIR/initrd.img  busybox initramfs: loads the virtio modules, mounts /dev/vda (ext4),
+#                      switch_roots into it. Kernel flag vmprobe=1 prints VM-PROBE-OK and
+#                      powers off at once (used by boot.sh to probe whether KVM works).
+#   OUTDIR/disk.raw    sparse raw disk (default 256 MiB, env DISK_SIZE), whole-disk ext4
+#                      holding the root filesystem: busybox + an HTTP file server (see README.md).
+#
+# Downloaded .deb files are cached in $VHOST_MIRROR_CACHE (default OUTDIR/cache), so a second
+# run downloads nothing. The script is idempotent: every output carries a stamp (hash of its
+# inputs and of this script); outputs whose stamp matches are left alone. disk.raw is also
+# rebuilt if it was modified after it was built (e.g. booted directly instead of a copy).
+set -euo pipefail
+
+die() { echo "build.sh: $*" >&2; exit 1; }
+log() { echo "build.sh: $*" >&2; }
+
+[ $# -eq 1 ] || die "usage: $0 OUTDIR"
+OUT=$1
+DISK_SIZE=${DISK_SIZE:-256M}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SELF="$HERE/$(basename "${BASH_SOURCE[0]}")"
+
+# ---- tools -------------------------------------------------------------------------------
+missing=()
+need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1 (package $2)"); }
+need apt-get apt
+need apt-cache apt
+need dpkg dpkg
+need cpio cpio
+need gzip gzip
+need mke2fs e2fsprogs
+need strings binutils
+need sha256sum coreutils
+need truncate coreutils
+[ ${#missing[@]} -eq 0 ] || die "missing tools: ${missing[*]} (run ci/setup.sh)"
+
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+CACHE=${VHOST_MIRROR_CACHE:-$OUT/cache}
+mkdir -p "$CACHE/debs" "$CACHE/extract"
+WORK="$OUT/work"
+
+# Serialise concurrent builds into the same OUTDIR (e.g. parallel test runs).
+if command -v flock >/dev/null 2>&1; then
+    exec 9>"$OUT/.build.lock"
+    flock 9
+fi
+
+# ---- 1. resolve + download packages (cached) ---------------------------------------------
+# The meta package linux-image-cloud-amd64 depends on the real, versioned kernel package.
+resolve_kernel_pkg() {
+    apt-cache depends linux-image-cloud-amd64 2>/dev/null \
+        | awk '$1 == "Depends:" && $2 ~ /^linux-image-[0-9]/ {print $2; exit}'
+}
+
+# Prints the path of the cached .deb for package $1, downloading it if needed.
+# A package name recorded in the cache is reused without asking apt again, so a second run
+# neither downloads nor needs up-to-date apt lists.
+fetch_deb() {
+    local pkg=$1 f
+    f=$(ls "$CACHE/debs/${pkg}"_*.deb 2>/dev/null | sort -V | tail -n1 || true)
+    if [ -z "$f" ]; then
+        log "downloading $pkg"
+        (cd "$CACHE/debs" && apt-get download "$pkg" >/dev/null 2>"$CACHE/debs/.apt.err") \
+            || { cat "$CACHE/debs/.apt.err" >&2; die "apt-get download $pkg failed"; }
+        f=$(ls "$CACHE/debs/${pkg}"_*.deb 2>/dev/null | sort -V | tail -n1 || true)
+        [ -n "$f" ] || die "apt-get download $pkg produced no .deb"
+    fi
+    echo "$f"
+}
+
+if [ -s "$CACHE/kernel-package" ]; then
+    KPKG=$(cat "$CACHE/kernel-package")
+else
+    KPKG=$(resolve_kernel_pkg)
+    [ -n "$KPKG" ] || die "cannot resolve linux-image-cloud-amd64 to a kernel package (apt-get update?)"
+    echo "$KPKG" >"$CACHE/kernel-package"
+fi
+KDEB=$(fetch_deb "$KPKG")
+BDEB=$(fetch_deb busybox-static)
+
+# dpkg -x into a directory named after the .deb; a .done marker makes it idempotent.
+extract() {
+    local deb=$1 dir
+    dir="$CACHE/extract/$(basename "$deb" .deb)"
+    if [ ! -e "$dir/.done" ]; then
+        rm -rf "$dir"
+        mkdir -p "$dir"
+        dpkg -x "$deb" "$dir"
+        touch "$dir/.done"
+    fi
+    echo "$dir"
+}
+KDIR=$(extract "$KDEB")
+BDIR=$(extract "$BDEB")
+
+BUSYBOX="$BDIR/bin/busybox"
+[ -x "$BUSYBOX" ] || die "no bin/busybox in $BDEB"
+VMLINUZ_SRC=$(ls "$KDIR"/boot/vmlinuz-* 2>/dev/null | head -n1)
+[ -n "$VMLINUZ_SRC" ] || die "no /boot/vmlinuz-* in $KDEB"
+KVER=${VMLINUZ_SRC##*/vmlinuz-}
+MODDIR="$KDIR/lib/modules/$KVER"
+[ -d "$MODDIR" ] || die "no modules dir $MODDIR"
+
+# Stamp = hash of this script + the package files it is built from + parameters.
+SCRIPT_HASH=$(sha256sum "$SELF" | cut -d' ' -f1)
+stamp_for() { printf '%s\n' "$SCRIPT_HASH" "$(basename "$KDEB")" "$(basename "$BDEB")" "$@" | sha256sum | cut -d' ' -f1; }
+up_to_date() { # up_to_date OUTPUT STAMP: output exists, stamp matches, not modified since
+    local out=$1 stamp=$2 sf="$OUT/.stamp.$(basename "$1")"
+    [ -e "$out" ] && [ -f "$sf" ] || return 1
+    [ "$(cat "$sf")" = "$stamp $(stat -c '%s %Y' "$out")" ]
+}
+record_stamp() { echo "$2 $(stat -c '%s %Y' "$1")" >"$OUT/.stamp.$(basename "$1")"; }
+
+# Installs busybox into ROOT (ROOT/bin/busybox + a symlink per applet).
+install_busybox() {
+    local root=$1 app
+    mkdir -p "$root/bin" "$root/sbin" "$root/usr/bin" "$root/usr/sbin"
+    cp "$BUSYBOX" "$root/bin/busybox"
+    for app in $("$BUSYBOX" --list-full); do
+        [ "$app" = bin/busybox ] && continue
+        [ -e "$root/$app" ] || [ -L "$root/$app" ] || ln -s /bin/busybox "$root/$app"
+    done
+}
+
+# ---- 2. vmlinuz --------------------------------------------------------------------------
+st=$(stamp_for vmlinuz)
+if up_to_date "$OUT/vmlinuz" "$st"; then
+    log "vmlinuz up to date"
+else
+    cp "$VMLINUZ_SRC" "$OUT/vmlinuz.tmp" && mv "$OUT/vmlinuz.tmp" "$OUT/vmlinuz"
+    record_stamp "$OUT/vmlinuz" "$st"
+    log "vmlinuz: $KPKG ($KVER)"
+fi
+
+# ---- 3. initrd.img -----------------------------------------------------------------------
+# Module name (as in depends=) -> path of its .ko[.xz|.zst|.gz] in the kernel package.
+find_module() {
+    local name=$1 alt
+    alt=$(echo "$name" | tr _ -)
+    find "$MODDIR/kernel" \( -name "$name.ko*" -o -name "$alt.ko*" \) -print -quit
+}
+is_builtin() {
+    local name=$1
+    [ -f "$MODDIR/modules.builtin" ] \
+        && tr - _ <"$MODDIR/modules.builtin" | grep -q "/$name\.ko\$"
+}
+# Writes the module as a plain .ko (busybox insmod needs uncompressed modules).
+decompress_module() {
+    local src=$1 dst=$2
+    case "$src" in
+        *.ko) cp "$src" "$dst" ;;
+        *.ko.xz) command -v xz >/dev/null || die "xz (package xz-utils) needed for $src"; xz -dc "$src" >"$dst" ;;
+        *.ko.zst) command -v zstd >/dev/null || die "zstd (package zstd) needed for $src"; zstd -qdc "$src" >"$dst" ;;
+        *.ko.gz) gzip -dc "$src" >"$dst" ;;
+        *) die "unknown module format $src" ;;
+    esac
+}
+# Topological load order of the wanted modules from their depends= fields.
+MOD_ORDER=()
+declare -A MOD_SEEN=()
+resolve_module() {
+    local name=$1 path deps d tmp
+    [ -n "${MOD_SEEN[$name]:-}" ] && return 0
+    MOD_SEEN[$name]=1
+    path=$(find_module "$name")
+    if [ -z "$path" ]; then
+        is_builtin "$name" && return 0
+        die "kernel module $name not found in $KPKG"
+    fi
+    tmp="$WORK/mods/$name.ko"
+    decompress_module "$path" "$tmp"
+    deps=$(strings "$tmp" | sed -n 's/^depends=//p' | head -n1 | tr , ' ')
+    for d in $deps; do resolve_module "$d"; done
+    MOD_ORDER+=("$name")
+}
+
+write_initramfs_init() {
+    cat >"$1" <<'EOF'
+#!/bin/sh
+# initramfs /init (generated by images/build.sh)
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+exec </dev/console >/dev/console 2>&1
+
+rescue() {
+    echo "INITRAMFS-FAILED: $*"
+    if grep -q 'initdebug=1' /proc/cmdline; then exec sh; fi
+    poweroff -f
+}
+
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        vmprobe=1)
+            echo VM-PROBE-OK
+            poweroff -f ;;
+    esac
+done
+
+for m in $(cat /etc/modules.order); do
+    insmod "/lib/modules/$m.ko" || rescue "insmod $m"
+done
+
+i=0
+while [ ! -b /dev/vda ]; do
+    i=$((i + 1))
+    [ $i -gt 300 ] && rescue "no /dev/vda after 30 s"
+    sleep 0.1
+done
+
+mkdir -p /newroot
+mount -t ext4 -o rw /dev/vda /newroot || rescue "mount /dev/vda"
+[ -x /newroot/sbin/init ] || rescue "no /sbin/init on /dev/vda"
+umount /proc /sys
+mount --move /dev /newroot/dev 2>/dev/null || umount /dev
+exec switch_root /newroot /sbin/init
+EOF
+    chmod 755 "$1"
+}
+
+mkdir -p "$WORK"
+st_initrd_base="$KVER"
+st=$(stamp_for initrd "$st_initrd_base")
+if up_to_date "$OUT/initrd.img" "$st"; then
+    log "initrd.img up to date"
+else
+    rm -rf "$WORK/initrd" "$WORK/mods"
+    mkdir -p "$WORK/initrd" "$WORK/mods"
+    for m in virtio_pci virtio_blk virtio_net; do resolve_module "$m"; done
+    R="$WORK/initrd"
+    install_busybox "$R"
+    mkdir -p "$R/proc" "$R/sys" "$R/dev" "$R/newroot" "$R/etc" "$R/lib/modules"
+    for m in "${MOD_ORDER[@]}"; do cp "$WORK/mods/$m.ko" "$R/lib/modules/"; done
+    printf '%s\n' "${MOD_ORDER[@]}" >"$R/etc/modules.order"
+    # The kernel's built-in initramfs already has /dev/console; add it too when we can.
+    mknod -m 600 "$R/dev/console" c 5 1 2>/dev/null || true
+    write_initramfs_init "$R/init"
+    find "$R" -exec touch -h -d @0 {} +  # reproducible archive
+    (cd "$R" && find . -print0 | LC_ALL=C sort -z \
+        | cpio --null -o -H newc --quiet --reproducible 2>/dev/null \
+        | gzip -9n) >"$OUT/initrd.img.tmp"
+    mv "$OUT/initrd.img.tmp" "$OUT/initrd.img"
+    record_stamp "$OUT/initrd.img" "$st"
+    log "initrd.img: modules ${MOD_ORDER[*]}"
+fi
+
+# ---- 4. disk.raw (root filesystem with the HTTP file server) ------------------------------
+write_rootfs() {
+    local R=$1
+    install_busybox "$R"
+    mkdir -p "$R"/{proc,sys,dev,tmp,run,root,etc/init.d,srv/files,srv/cgi-bin,var/log}
+    chmod 1777 "$R/tmp"
+    echo fileserver >"$R/etc/hostname"
+    printf 'root:x:0:0:root:/root:/bin/sh\n' >"$R/etc/passwd"
+    printf 'root:x:0:\n' >"$R/etc/group"
+
+    cat >"$R/etc/inittab" <<'EOF'
+::sysinit:/etc/init.d/rcS
+::respawn:/usr/sbin/httpd -f -v -p 80 -h /srv
+::once:/etc/init.d/ready
+::shutdown:/etc/init.d/halt-fs
+EOF
+
+    cat >"$R/etc/init.d/rcS" <<'EOF'
+#!/bin/sh
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+grep -q ' /dev ' /proc/mounts || mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs -o mode=755 tmpfs /run
+hostname -F /etc/hostname
+ip link set lo up
+ip addr add 10.0.2.15/24 dev eth0
+ip link set eth0 up
+ip route add default via 10.0.2.2
+echo "rcS: network up: eth0 10.0.2.15/24 gw 10.0.2.2"
+EOF
+
+    # Waits until httpd answers, then prints the marker the tests wait for.
+    cat >"$R/etc/init.d/ready" <<'EOF'
+#!/bin/sh
+i=0
+while ! wget -q -O /dev/null http://127.0.0.1/cgi-bin/list 2>/dev/null; do
+    i=$((i + 1))
+    if [ $i -gt 600 ]; then echo "FILESERVER-FAILED: httpd not answering"; exit 1; fi
+    sleep 0.1
+done
+echo "FILESERVER-READY port 80 root /srv files /srv/files"
+EOF
+
+    cat >"$R/etc/init.d/halt-fs" <<'EOF'
+#!/bin/sh
+sync
+mount -o remount,ro / || { sleep 1; sync; mount -o remount,ro /; }
+EOF
+
+    # POST /cgi-bin/upload?name=NAME : durable, binary-safe upload.
+    cat >"$R/srv/cgi-bin/upload" <<'EOF'
+#!/bin/sh
+# POST /cgi-bin/upload?name=NAME, body = file bytes.
+# temp file -> fdatasync -> rename -> fsync dir -> reply "sha256=<hex>".
+DIR=/srv/files
+reply() { # reply "CODE TEXT" BODY
+    printf 'HTTP/1.0 %s\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n%s\n' "$1" "$2"
+    exit 0
+}
+tmp=
+fail() { [ -n "$tmp" ] && rm -f "$tmp"; reply "500 Internal Server Error" "error: $*"; }
+
+[ "$REQUEST_METHOD" = POST ] || reply "405 Method Not Allowed" "error: use POST"
+name=
+IFS='&'
+for kv in $QUERY_STRING; do
+    case "$kv" in name=*) name=${kv#name=} ;; esac
+done
+unset IFS
+case "$name" in
+    "" | .* | *[!A-Za-z0-9._-]*) reply "400 Bad Request" "error: bad name" ;;
+esac
+# busybox httpd leaves CONTENT_LENGTH unset for an empty body.
+len=${CONTENT_LENGTH:-0}
+case "$len" in
+    "" | *[!0-9]*) reply "400 Bad Request" "error: bad Content-Length" ;;
+esac
+
+tmp="$DIR/.upload.$$"
+# head -c copies exactly $len bytes, binary-safe (sh read is not).
+head -c "$len" >"$tmp" || fail "write"
+got=$(stat -c %s "$tmp") || fail "stat"
+[ "$got" = "$len" ] || fail "short body: got $got of $len bytes"
+sync -d "$tmp" || fail "fdatasync"
+mv -f "$tmp" "$DIR/$name" || fail "rename"
+tmp=
+sync -d "$DIR" || fail "fsync dir"
+sum=$(sha256sum "$DIR/$name" | cut -d' ' -f1) || fail "sha256"
+echo "upload: $name $len bytes sha256=$sum" >/dev/console
+reply "200 OK" "sha256=$sum"
+EOF
+
+    # GET /cgi-bin/list : "NAME SIZE SHA256" per file.
+    cat >"$R/srv/cgi-bin/list" <<'EOF'
+#!/bin/sh
+printf 'HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n'
+for f in /srv/files/*; do
+    [ -f "$f" ] || continue
+    printf '%s %s %s\n' "${f##*/}" "$(stat -c %s "$f")" "$(sha256sum "$f" | cut -d' ' -f1)"
+done
+EOF
+
+    # GET /cgi-bin/halt : reply, then sync, remount / read-only, power off.
+    cat >"$R/srv/cgi-bin/halt" <<'EOF'
+#!/bin/sh
+printf 'HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\nhalting\n'
+# Detach fully (no inherited stdout) so httpd finishes the reply now.
+setsid sh -c '
+    sleep 1
+    echo "HALT: syncing and remounting / read-only" >/dev/console
+    sync
+    if mount -o remount,ro / ; then echo "HALT: / is read-only" >/dev/console
+    else sleep 1; sync; mount -o remount,ro / || echo "HALT: remount ro failed" >/dev/console
+    fi
+    echo "HALT: power off" >/dev/console
+    poweroff -f
+' </dev/null >/dev/null 2>&1 &
+EOF
+
+    chmod 755 "$R/etc/init.d/"* "$R/srv/cgi-bin/"*
+}
+
+st=$(stamp_for disk "$DISK_SIZE")
+if up_to_date "$OUT/disk.raw" "$st"; then
+    log "disk.raw up to date"
+else
+    rm -rf "$WORK/rootfs"
+    mkdir -p "$WORK/rootfs"
+    write_rootfs "$WORK/rootfs"
+    rm -f "$OUT/disk.raw.tmp"
+    truncate -s "$DISK_SIZE" "$OUT/disk.raw.tmp"
+    mke2fs -q -F -t ext4 -L fileserver -E root_owner=0:0 -d "$WORK/rootfs" "$OUT/disk.raw.tmp" \
+        || die "mke2fs failed"
+    mv "$OUT/disk.raw.tmp" "$OUT/disk.raw"
+    record_stamp "$OUT/disk.raw" "$st"
+    log "disk.raw: $DISK_SIZE ext4, $(du -k "$OUT/disk.raw" | cut -f1) KiB allocated"
+fi
+
+log "done: $OUT/{vmlinuz,initrd.img,disk.raw}"
