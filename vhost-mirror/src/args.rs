@@ -5,7 +5,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "vhost-mirror", version, about = "vhost-user-blk backend serving a VM disk from a raw image")]
+#[command(
+    name = "vhost-mirror",
+    version,
+    about = "vhost-user-blk backend serving a VM disk from a raw image"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

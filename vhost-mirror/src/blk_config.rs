@@ -73,7 +73,10 @@ impl DeviceModel {
             put(off::MAX_DISCARD_SECTORS, &MAX_DISCARD_SECTORS.to_le_bytes());
             put(off::MAX_DISCARD_SEG, &MAX_DISCARD_SEG.to_le_bytes());
             put(off::DISCARD_SECTOR_ALIGNMENT, &1u32.to_le_bytes());
-            put(off::MAX_WRITE_ZEROES_SECTORS, &MAX_DISCARD_SECTORS.to_le_bytes());
+            put(
+                off::MAX_WRITE_ZEROES_SECTORS,
+                &MAX_DISCARD_SECTORS.to_le_bytes(),
+            );
             put(off::MAX_WRITE_ZEROES_SEG, &MAX_DISCARD_SEG.to_le_bytes());
             put(off::WRITE_ZEROES_MAY_UNMAP, &[1]);
         }
@@ -108,7 +111,9 @@ pub mod off {
 pub fn read_config(config: &[u8], offset: u32, size: u32) -> Vec<u8> {
     let mut out = vec![0u8; size as usize];
     let start = (offset as usize).min(config.len());
-    let end = (offset as usize).saturating_add(size as usize).min(config.len());
+    let end = (offset as usize)
+        .saturating_add(size as usize)
+        .min(config.len());
     out[..end - start].copy_from_slice(&config[start..end]);
     out
 }
@@ -140,12 +145,24 @@ mod tests {
     #[test]
     fn config_space_fields() {
         let c = model(false).config_space(true);
-        assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap_or_default()), 2048);
-        assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap_or_default()), 254);
-        assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap_or_default()), 512);
+        assert_eq!(
+            u64::from_le_bytes(c[0..8].try_into().unwrap_or_default()),
+            2048
+        );
+        assert_eq!(
+            u32::from_le_bytes(c[12..16].try_into().unwrap_or_default()),
+            254
+        );
+        assert_eq!(
+            u32::from_le_bytes(c[20..24].try_into().unwrap_or_default()),
+            512
+        );
         assert_eq!(c[32], 1);
         assert_eq!(u16::from_le_bytes([c[34], c[35]]), 2);
-        assert_eq!(u32::from_le_bytes(c[40..44].try_into().unwrap_or_default()), 1);
+        assert_eq!(
+            u32::from_le_bytes(c[40..44].try_into().unwrap_or_default()),
+            1
+        );
         assert_eq!(model(false).config_space(false)[32], 0);
     }
 

@@ -71,13 +71,25 @@ mod tests {
     #[test]
     fn validates() {
         assert!(ServeConfig::try_from(args()).is_ok());
-        let a = ServeArgs { num_queues: 0, ..args() };
+        let a = ServeArgs {
+            num_queues: 0,
+            ..args()
+        };
         assert_eq!(ServeConfig::try_from(a), Err(ConfigError::NumQueues(0)));
-        let a = ServeArgs { num_queues: 65, ..args() };
+        let a = ServeArgs {
+            num_queues: 65,
+            ..args()
+        };
         assert_eq!(ServeConfig::try_from(a), Err(ConfigError::NumQueues(65)));
-        let a = ServeArgs { queue_size: 100, ..args() };
+        let a = ServeArgs {
+            queue_size: 100,
+            ..args()
+        };
         assert_eq!(ServeConfig::try_from(a), Err(ConfigError::QueueSize(100)));
-        let a = ServeArgs { control: Some("s.sock".into()), ..args() };
+        let a = ServeArgs {
+            control: Some("s.sock".into()),
+            ..args()
+        };
         assert_eq!(ServeConfig::try_from(a), Err(ConfigError::SamePaths));
     }
 }

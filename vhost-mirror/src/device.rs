@@ -14,7 +14,9 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use crate::blk_config::{off, read_config, DeviceModel, ID_BYTES};
 use crate::disk::RawImage;
@@ -181,9 +183,15 @@ impl VhostUserBackend for BlkBackend {
         if offset as usize == off::WCE && buf.len() == 1 {
             let wb = buf[0] != 0;
             self.dev.writeback.store(wb, Ordering::Relaxed);
-            log::info!("guest set write cache to {}", if wb { "writeback" } else { "writethrough" });
+            log::info!(
+                "guest set write cache to {}",
+                if wb { "writeback" } else { "writethrough" }
+            );
             if !wb {
-                self.dev.disk.flush().map_err(|e| io::Error::other(chain(&e)))?;
+                self.dev
+                    .disk
+                    .flush()
+                    .map_err(|e| io::Error::other(chain(&e)))?;
             }
             Ok(())
         } else {

@@ -245,7 +245,10 @@ impl RawImage {
                 return Ok(());
             }
             let e = io::Error::last_os_error();
-            if !matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)) {
+            if !matches!(
+                e.raw_os_error(),
+                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
+            ) {
                 return Err(DiskError::Io {
                     op: "fallocate",
                     offset,
@@ -344,8 +347,14 @@ mod tests {
         let mut a = vec![1u8; 4096];
         let mut b = vec![2u8; 512];
         let mut iov = [
-            libc::iovec { iov_base: a.as_mut_ptr().cast(), iov_len: a.len() },
-            libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() },
+            libc::iovec {
+                iov_base: a.as_mut_ptr().cast(),
+                iov_len: a.len(),
+            },
+            libc::iovec {
+                iov_base: b.as_mut_ptr().cast(),
+                iov_len: b.len(),
+            },
         ];
         // SAFETY: the iovecs point at live vectors.
         unsafe { img.write_vectored(&mut iov, 8192) }.unwrap();
@@ -360,8 +369,14 @@ mod tests {
         let (_d, p) = image(4096 + 100);
         let img = RawImage::open(&p, false).unwrap();
         assert_eq!(img.size(), 4096);
-        assert!(matches!(img.write_at(&[0; 512], 4096), Err(DiskError::OutOfBounds { .. })));
-        assert!(matches!(img.discard(u64::MAX, 2), Err(DiskError::OutOfBounds { .. })));
+        assert!(matches!(
+            img.write_at(&[0; 512], 4096),
+            Err(DiskError::OutOfBounds { .. })
+        ));
+        assert!(matches!(
+            img.discard(u64::MAX, 2),
+            Err(DiskError::OutOfBounds { .. })
+        ));
         img.write_at(&[0; 512], 3584).unwrap();
     }
 
@@ -383,16 +398,25 @@ mod tests {
     fn readonly_refuses_writes_and_second_writer_is_locked_out() {
         let (_d, p) = image(1 << 20);
         let ro = RawImage::open(&p, true).unwrap();
-        assert!(matches!(ro.write_at(&[0; 512], 0), Err(DiskError::ReadOnly)));
+        assert!(matches!(
+            ro.write_at(&[0; 512], 0),
+            Err(DiskError::ReadOnly)
+        ));
         drop(ro);
         let _rw = RawImage::open(&p, false).unwrap();
-        assert!(matches!(RawImage::open(&p, false), Err(DiskError::Locked { .. })));
+        assert!(matches!(
+            RawImage::open(&p, false),
+            Err(DiskError::Locked { .. })
+        ));
     }
 
     #[test]
     fn empty_and_missing_images() {
         let (_d, p) = image(100);
-        assert!(matches!(RawImage::open(&p, false), Err(DiskError::TooSmall { .. })));
+        assert!(matches!(
+            RawImage::open(&p, false),
+            Err(DiskError::TooSmall { .. })
+        ));
         let missing = p.with_file_name("nope.img");
         let e = RawImage::open(&missing, false).unwrap_err();
         assert!(e.to_string().contains("nope.img"));

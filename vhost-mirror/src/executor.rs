@@ -150,7 +150,12 @@ pub fn execute(
             if matches!(e, DiskError::ReadOnly) {
                 debug!("{:?} on a read-only image refused", req.kind());
             } else {
-                warn!("{:?} at offset {} failed: {}", req.kind(), req.offset, chain(&e));
+                warn!(
+                    "{:?} at offset {} failed: {}",
+                    req.kind(),
+                    req.offset,
+                    chain(&e)
+                );
             }
             data_written = 0;
             VIRTIO_BLK_S_IOERR as u8

@@ -3,7 +3,6 @@
 mod args;
 mod blk_config;
 mod config;
-mod control;
 mod device;
 mod disk;
 mod executor;
@@ -14,6 +13,7 @@ mod stats;
 use std::process::ExitCode;
 
 use clap::Parser;
+use mirror_proto::control;
 
 use crate::args::{Cli, Command};
 use crate::config::ServeConfig;

@@ -260,7 +260,7 @@ impl Request {
         // 5. Ranges.
         match kind {
             RequestType::In | RequestType::Out => {
-                if self.data_len % SECTOR_SIZE != 0 {
+                if !self.data_len.is_multiple_of(SECTOR_SIZE) {
                     return Err(ParseError::Unaligned(self.data_len));
                 }
                 let sectors = self.data_len / SECTOR_SIZE;
@@ -269,7 +269,7 @@ impl Request {
             }
             RequestType::Discard | RequestType::WriteZeroes => {
                 let n = self.data_len / DISCARD_SEGMENT_LEN as u64;
-                if self.data_len % DISCARD_SEGMENT_LEN as u64 != 0
+                if !self.data_len.is_multiple_of(DISCARD_SEGMENT_LEN as u64)
                     || n == 0
                     || n > u64::from(MAX_DISCARD_SEG)
                 {
@@ -473,7 +473,11 @@ mod tests {
         header(&m, 0x10_0000, VIRTIO_BLK_T_FLUSH, 0);
         let (req, r) = parse(
             &m,
-            &[d(0x10_0000, 16, R), d(0x20_0000, 512, W), d(0x30_0000, 1, W)],
+            &[
+                d(0x10_0000, 16, R),
+                d(0x20_0000, 512, W),
+                d(0x30_0000, 1, W),
+            ],
         );
         assert!(matches!(r, Err(ParseError::UnexpectedData(512, _, _))));
         assert_eq!(req.status, Some(GuestAddress(0x30_0000)));
@@ -539,7 +543,11 @@ mod tests {
         header(&m, 0x10_0000, VIRTIO_BLK_T_OUT, 0);
         let (req, r) = parse(
             &m,
-            &[d(0x10_0000, 16, R), d(0x30_0000, 1, W), d(0x20_0000, 512, R)],
+            &[
+                d(0x10_0000, 16, R),
+                d(0x30_0000, 1, W),
+                d(0x20_0000, 512, R),
+            ],
         );
         assert_eq!(r, Err(ParseError::ReadableAfterWritable));
         assert!(req.status.is_some());
@@ -551,13 +559,21 @@ mod tests {
         header(&m, 0x10_0000, VIRTIO_BLK_T_IN, 0);
         let (_, r) = parse(
             &m,
-            &[d(0x10_0000, 16, R), d(0x20_0000, 512, R), d(0x30_0000, 1, W)],
+            &[
+                d(0x10_0000, 16, R),
+                d(0x20_0000, 512, R),
+                d(0x30_0000, 1, W),
+            ],
         );
         assert!(matches!(r, Err(ParseError::UnexpectedData(512, _, "IN"))));
         header(&m, 0x10_0000, VIRTIO_BLK_T_OUT, 0);
         let (_, r) = parse(
             &m,
-            &[d(0x10_0000, 16, R), d(0x20_0000, 512, W), d(0x30_0000, 1, W)],
+            &[
+                d(0x10_0000, 16, R),
+                d(0x20_0000, 512, W),
+                d(0x30_0000, 1, W),
+            ],
         );
         assert!(matches!(r, Err(ParseError::UnexpectedData(512, _, "OUT"))));
     }
@@ -568,7 +584,11 @@ mod tests {
         header(&m, 0x10_0000, VIRTIO_BLK_T_IN, 0);
         let (_, r) = parse(
             &m,
-            &[d(0x10_0000, 16, R), d(0x20_0000, 100, W), d(0x30_0000, 1, W)],
+            &[
+                d(0x10_0000, 16, R),
+                d(0x20_0000, 100, W),
+                d(0x30_0000, 1, W),
+            ],
         );
         assert_eq!(r, Err(ParseError::Unaligned(100)));
     }
@@ -576,14 +596,36 @@ mod tests {
     #[test]
     fn out_of_range_and_overflow() {
         let m = mem();
-        for (sector, len) in [(CAP, 512u32), (CAP - 1, 1024), (u64::MAX, 512), (u64::MAX / 2, 512)] {
+        for (sector, len) in [
+            (CAP, 512u32),
+            (CAP - 1, 1024),
+            (u64::MAX, 512),
+            (u64::MAX / 2, 512),
+        ] {
             header(&m, 0x10_0000, VIRTIO_BLK_T_OUT, sector);
-            let (_, r) = parse(&m, &[d(0x10_0000, 16, R), d(0x20_0000, len, R), d(0x30_0000, 1, W)]);
-            assert!(matches!(r, Err(ParseError::OutOfRange { .. })), "{sector} {len}: {r:?}");
+            let (_, r) = parse(
+                &m,
+                &[
+                    d(0x10_0000, 16, R),
+                    d(0x20_0000, len, R),
+                    d(0x30_0000, 1, W),
+                ],
+            );
+            assert!(
+                matches!(r, Err(ParseError::OutOfRange { .. })),
+                "{sector} {len}: {r:?}"
+            );
         }
         // The last sector is fine.
         header(&m, 0x10_0000, VIRTIO_BLK_T_OUT, CAP - 1);
-        let (_, r) = parse(&m, &[d(0x10_0000, 16, R), d(0x20_0000, 512, R), d(0x30_0000, 1, W)]);
+        let (_, r) = parse(
+            &m,
+            &[
+                d(0x10_0000, 16, R),
+                d(0x20_0000, 512, R),
+                d(0x30_0000, 1, W),
+            ],
+        );
         r.unwrap();
     }
 
@@ -593,7 +635,11 @@ mod tests {
         header(&m, 0x10_0000, VIRTIO_BLK_T_IN, 0);
         let (req, r) = parse(
             &m,
-            &[d(0x10_0000, 16, R), d(0xff_ff00, 512, W), d(0x30_0000, 1, W)],
+            &[
+                d(0x10_0000, 16, R),
+                d(0xff_ff00, 512, W),
+                d(0x30_0000, 1, W),
+            ],
         );
         assert!(matches!(r, Err(ParseError::BadAddress { .. })));
         assert_eq!(req.status, Some(GuestAddress(0x30_0000)));
@@ -640,9 +686,15 @@ mod tests {
         let (_, r) = parse(&m, &chain);
         assert!(matches!(r, Err(ParseError::OutOfRange { .. })));
         // Wrong payload sizes.
-        let (_, r) = parse(&m, &[d(0x10_0000, 16, R), d(0x20_0000, 15, R), d(0x30_0000, 1, W)]);
+        let (_, r) = parse(
+            &m,
+            &[d(0x10_0000, 16, R), d(0x20_0000, 15, R), d(0x30_0000, 1, W)],
+        );
         assert_eq!(r, Err(ParseError::BadSegmentCount(15)));
-        let (_, r) = parse(&m, &[d(0x10_0000, 16, R), d(0x20_0000, 32, R), d(0x30_0000, 1, W)]);
+        let (_, r) = parse(
+            &m,
+            &[d(0x10_0000, 16, R), d(0x20_0000, 32, R), d(0x30_0000, 1, W)],
+        );
         assert_eq!(r, Err(ParseError::BadSegmentCount(32)));
         let (_, r) = parse(&m, &[d(0x10_0000, 16, R), d(0x30_0000, 1, W)]);
         assert_eq!(r, Err(ParseError::BadSegmentCount(0)));
@@ -660,12 +712,11 @@ mod tests {
             SplitDescriptor::new(0x30_0000, 1, W, 0),
         ];
         for (i, t) in table.iter().enumerate() {
-            m.write_obj(*t, GuestAddress(0x40_0000 + 16 * i as u64)).unwrap();
+            m.write_obj(*t, GuestAddress(0x40_0000 + 16 * i as u64))
+                .unwrap();
         }
         let flag = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
-        let chain = q
-            .build_desc_chain(&[d(0x40_0000, 48, flag)])
-            .unwrap();
+        let chain = q.build_desc_chain(&[d(0x40_0000, 48, flag)]).unwrap();
         let mut req = Request::default();
         req.parse(chain, CAP).unwrap();
         assert_eq!(req.kind(), RequestType::In);

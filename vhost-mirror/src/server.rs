@@ -18,7 +18,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::blk_config::{DeviceModel, ID_BYTES, SECTOR_SIZE};
 use crate::config::ServeConfig;
-use crate::control::{self, StatusFn};
+use mirror_proto::control::{self, Handler};
 use crate::device::{BlkBackend, Device};
 use crate::disk::{DiskError, RawImage};
 use crate::executor::chain;
@@ -165,7 +165,10 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     });
     if let Some(l) = control_listener {
         let st = state.clone();
-        let f: StatusFn = Arc::new(move || st.status());
+        let f: Handler = Arc::new(move |cmd| match cmd {
+            "status" => st.status(),
+            other => json!({ "error": format!("unknown command {other:?}") }),
+        });
         control::spawn_server(l, f).map_err(ServeError::Signals)?;
     }
     spawn_signal_handler(state.clone())?;
@@ -176,16 +179,19 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         disk.size(),
         config.num_queues,
         config.queue_size,
-        if config.readonly { "read-only" } else { "read-write" },
+        if config.readonly {
+            "read-only"
+        } else {
+            "read-write"
+        },
         config.socket.display()
     );
 
     loop {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = BlkBackend::new(dev.clone(), mem.clone());
-        let mut daemon =
-            VhostUserDaemon::new("vhost-mirror".into(), backend, mem)
-                .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        let mut daemon = VhostUserDaemon::new("vhost-mirror".into(), backend, mem)
+            .map_err(|e| ServeError::Daemon(e.to_string()))?;
         if let Err(e) = daemon.start(&mut listener) {
             error!("accepting a frontend failed: {e}");
             std::thread::sleep(Duration::from_millis(200));

@@ -1,0 +1,334 @@
+//! The control socket of both programs: requests over a unix socket, answered with one JSON
+//! document.
+//!
+//! Protocol: the client sends one line (a command such as `status`), the server answers one
+//! line of JSON and closes. The human-readable table is rendered on the client side from the
+//! same JSON.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{debug, warn};
+use serde_json::Value;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("cannot connect to control socket {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("control socket {path}: request failed")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("control socket {path} sent an invalid reply")]
+    BadReply {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("control socket {path}: {message}")]
+    Refused { path: PathBuf, message: String },
+}
+
+/// Answers a command line (e.g. `status`) with a JSON document; unknown commands should answer
+/// `{"error": ...}`.
+pub type Handler = Arc<dyn Fn(&str) -> Value + Send + Sync>;
+
+const MAX_REQUEST: u64 = 256;
+
+/// Serves status requests on `listener` until the process exits.
+pub fn spawn_server(listener: UnixListener, handler: Handler) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => {
+                        if let Err(e) = handle(stream, &handler) {
+                            debug!("control connection: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        warn!("control socket accept failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+}
+
+fn handle(stream: UnixStream, handler: &Handler) -> io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let mut raw = Vec::new();
+    BufReader::new((&stream).take(MAX_REQUEST)).read_until(b'\n', &mut raw)?;
+    let line = String::from_utf8_lossy(&raw);
+    let reply = handler(line.trim());
+    let mut w = &stream;
+    w.write_all(reply.to_string().as_bytes())?;
+    w.write_all(b"\n")
+}
+
+/// Asks the server at `path` for its status document.
+pub fn query_status(path: &Path) -> Result<Value, ControlError> {
+    request(path, "status")
+}
+
+/// Sends one command and returns the reply; a reply with an `error` key is an error.
+pub fn request(path: &Path, command: &str) -> Result<Value, ControlError> {
+    let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    let io_err = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(io_err)?;
+    s.write_all(format!("{command}\n").as_bytes()).map_err(io_err)?;
+    let mut buf = String::new();
+    s.take(16 << 20).read_to_string(&mut buf).map_err(io_err)?;
+    let v: Value = serde_json::from_str(buf.trim()).map_err(|source| ControlError::BadReply {
+        path: path.to_owned(),
+        source,
+    })?;
+    if let Some(msg) = v.get("error").and_then(Value::as_str) {
+        return Err(ControlError::Refused {
+            path: path.to_owned(),
+            message: msg.to_owned(),
+        });
+    }
+    Ok(v)
+}
+
+/// Bytes in a readable unit.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// A text progress bar, e.g. `[#######.............] 35.0%`.
+pub fn progress_bar(done: u64, total: u64, width: usize) -> String {
+    let frac = if total == 0 {
+        1.0
+    } else {
+        (done as f64 / total as f64).clamp(0.0, 1.0)
+    };
+    let filled = (frac * width as f64).round() as usize;
+    format!(
+        "[{}{}] {:.1}%",
+        "#".repeat(filled),
+        ".".repeat(width - filled),
+        frac * 100.0
+    )
+}
+
+/// Renders a status document (of either program) as a table for people. Rows appear only for
+/// the keys the document has.
+pub fn render_table(v: &Value) -> String {
+    let has = |k: &str| v.get(k).is_some_and(|x| !x.is_null());
+    let u = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+    let b = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
+    let mut out = String::new();
+    let mut row = |k: &str, val: String| out.push_str(&format!("{k:<13} {val}\n"));
+    if has("role") {
+        row("role", s("role"));
+    }
+    row(
+        "image",
+        format!(
+            "{}{}",
+            s("image"),
+            if has("readonly") {
+                if b("readonly") {
+                    " (read-only)"
+                } else {
+                    " (read-write)"
+                }
+            } else {
+                ""
+            }
+        ),
+    );
+    row(
+        "capacity",
+        format!(
+            "{} ({} sectors)",
+            human_bytes(u("capacity_bytes")),
+            u("capacity_bytes") / 512
+        ),
+    );
+    if has("disk_state") {
+        row("disk", s("disk_state"));
+    }
+    if has("generation") {
+        row("generation", format!("{:016x}", u("generation")));
+    }
+    if has("peer_state") {
+        let mut p = s("peer_state");
+        if has("peer") {
+            p = format!("{p} ({})", s("peer"));
+        }
+        row("peer", p);
+        if has("peer_reason") {
+            row("reason", s("peer_reason"));
+        }
+    }
+    if has("out_of_sync_bytes") {
+        let oos = u("out_of_sync_bytes");
+        let done = u("resync_done_bytes");
+        if b("resyncing") {
+            row(
+                "resync",
+                format!(
+                    "{} {} of {} copied",
+                    progress_bar(done, done + oos, 30),
+                    human_bytes(done),
+                    human_bytes(done + oos)
+                ),
+            );
+        }
+        row("out of sync", human_bytes(oos));
+    }
+    if has("link_write_latency_us") {
+        row(
+            "link",
+            format!(
+                "write latency {} us (avg), sent {}, received {}",
+                u("link_write_latency_us"),
+                human_bytes(u("bytes_sent")),
+                human_bytes(u("bytes_received"))
+            ),
+        );
+    }
+    if has("num_queues") {
+        row("queues", format!("{} x {}", u("num_queues"), u("queue_size")));
+    }
+    if has("frontend_connected") {
+        row(
+            "frontend",
+            format!(
+                "{} ({} connection(s) so far)",
+                if b("frontend_connected") {
+                    "connected"
+                } else {
+                    "waiting"
+                },
+                u("connections")
+            ),
+        );
+    }
+    row(
+        "requests",
+        format!(
+            "reads {}  writes {}  flushes {}  discards {}  write-zeroes {}",
+            u("reads"),
+            u("writes"),
+            u("flushes"),
+            u("discards"),
+            u("write_zeroes")
+        ),
+    );
+    row(
+        "bytes",
+        format!(
+            "read {}  written {}",
+            human_bytes(u("bytes_read")),
+            human_bytes(u("bytes_written"))
+        ),
+    );
+    if has("cache_hits") {
+        row(
+            "cache",
+            format!(
+                "{} hits, {} misses, {} of {}",
+                u("cache_hits"),
+                u("cache_misses"),
+                human_bytes(u("cache_bytes")),
+                human_bytes(u("cache_capacity_bytes"))
+            ),
+        );
+    }
+    row(
+        "errors",
+        format!("{} (unsupported requests {})", u("errors"), u("unsupported")),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_over_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ctl");
+        let l = UnixListener::bind(&p).unwrap();
+        let h: Handler = Arc::new(|cmd| match cmd {
+            "status" => serde_json::json!({"image": "x", "reads": 3}),
+            other => serde_json::json!({"error": format!("unknown command {other:?}")}),
+        });
+        spawn_server(l, h).unwrap();
+        let v = query_status(&p).unwrap();
+        assert_eq!(v["reads"], 3);
+        // Garbage gets an error reply, and the server keeps serving.
+        let mut s = UnixStream::connect(&p).unwrap();
+        s.write_all(b"\x00\xffgarbage\n").unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        assert!(r.contains("error"));
+        assert_eq!(query_status(&p).unwrap()["image"], "x");
+    }
+
+    #[test]
+    fn table_shows_the_image() {
+        let t =
+            render_table(&serde_json::json!({"image": "/tmp/a.img", "capacity_bytes": 1048576u64}));
+        assert!(t.contains("/tmp/a.img"));
+        assert!(t.contains("1.0 MiB"));
+        assert!(!t.contains("peer"));
+        let t = render_table(&serde_json::json!({
+            "role": "primary", "peer_state": "refused", "peer_reason": "size mismatch",
+            "out_of_sync_bytes": 300u64, "resync_done_bytes": 100u64, "resyncing": true
+        }));
+        assert!(t.contains("refused"));
+        assert!(t.contains("size mismatch"));
+        assert!(t.contains("25.0%"), "{t}");
+    }
+
+    #[test]
+    fn progress_bar_bounds() {
+        assert_eq!(progress_bar(0, 0, 4), "[####] 100.0%");
+        assert_eq!(progress_bar(1, 2, 4), "[##..] 50.0%");
+        assert_eq!(progress_bar(5, 2, 4), "[####] 100.0%");
+    }
+
+    #[test]
+    fn missing_socket_names_the_path() {
+        let e = query_status(Path::new("/nonexistent/ctl")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/ctl"));
+    }
+}

@@ -1,0 +1,10 @@
+//! Shared by `vhost-mirror` and `access-node`: the replication wire protocol (a pure codec),
+//! authentication, generation comparison, the out-of-sync bitmap, and the metadata files.
+
+pub mod auth;
+pub mod bitmap;
+pub mod conn;
+pub mod control;
+pub mod frame;
+pub mod generation;
+pub mod meta;
