@@ -159,7 +159,10 @@ mod tests {
         assert_eq!(a.replica_proof(&pn, &rn), b.replica_proof(&pn, &rn));
         std::fs::write(&p, "\n \n").unwrap();
         assert!(matches!(Secret::load(&p), Err(AuthError::Empty(_))));
-        assert!(Secret::load(&d.path().join("missing")).unwrap_err().to_string().contains("missing"));
+        assert!(Secret::load(&d.path().join("missing"))
+            .unwrap_err()
+            .to_string()
+            .contains("missing"));
         assert!(!format!("{a:?}").contains("abc"));
     }
 }

@@ -124,7 +124,15 @@ mod tests {
         let big = vec![5u8; 600 * 1024];
         let mut bytes = Vec::new();
         frame::encode(1, &Frame::Ping { nanos: 1 }, &mut bytes);
-        frame::encode(2, &Frame::Write { offset: 0, resync: false, data: &big }, &mut bytes);
+        frame::encode(
+            2,
+            &Frame::Write {
+                offset: 0,
+                resync: false,
+                data: &big,
+            },
+            &mut bytes,
+        );
         frame::encode(3, &Frame::Flush, &mut bytes);
         for step in [1, 7, 4096, 1 << 20] {
             let mut r = FrameReader::new(Trickle {
@@ -144,14 +152,20 @@ mod tests {
     #[test]
     fn garbage_and_oversized_are_errors() {
         let mut r = FrameReader::new(Cursor::new(b"hello there, not a frame".to_vec()));
-        assert!(matches!(r.read_frame(), Err(ConnError::Frame(FrameError::BadMagic(_)))));
+        assert!(matches!(
+            r.read_frame(),
+            Err(ConnError::Frame(FrameError::BadMagic(_)))
+        ));
         let mut h = Vec::new();
         frame::encode(0, &Frame::Flush, &mut h);
         h[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
         let crc = crc32c::crc32c(&h[..20]);
         h[20..24].copy_from_slice(&crc.to_le_bytes());
         let mut r = FrameReader::new(Cursor::new(h));
-        assert!(matches!(r.read_frame(), Err(ConnError::Frame(FrameError::TooLarge(_)))));
+        assert!(matches!(
+            r.read_frame(),
+            Err(ConnError::Frame(FrameError::TooLarge(_)))
+        ));
         // A truncated frame: the stream ends inside it.
         let mut b = Vec::new();
         frame::encode(0, &Frame::Ping { nanos: 3 }, &mut b);

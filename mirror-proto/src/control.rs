@@ -96,7 +96,8 @@ pub fn request(path: &Path, command: &str) -> Result<Value, ControlError> {
     };
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(io_err)?;
-    s.write_all(format!("{command}\n").as_bytes()).map_err(io_err)?;
+    s.write_all(format!("{command}\n").as_bytes())
+        .map_err(io_err)?;
     let mut buf = String::new();
     s.take(16 << 20).read_to_string(&mut buf).map_err(io_err)?;
     let v: Value = serde_json::from_str(buf.trim()).map_err(|source| ControlError::BadReply {
@@ -224,7 +225,10 @@ pub fn render_table(v: &Value) -> String {
         );
     }
     if has("num_queues") {
-        row("queues", format!("{} x {}", u("num_queues"), u("queue_size")));
+        row(
+            "queues",
+            format!("{} x {}", u("num_queues"), u("queue_size")),
+        );
     }
     if has("frontend_connected") {
         row(
@@ -273,7 +277,11 @@ pub fn render_table(v: &Value) -> String {
     }
     row(
         "errors",
-        format!("{} (unsupported requests {})", u("errors"), u("unsupported")),
+        format!(
+            "{} (unsupported requests {})",
+            u("errors"),
+            u("unsupported")
+        ),
     );
     out
 }

@@ -38,7 +38,10 @@ pub enum FrameError {
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
     #[error("malformed {kind} frame: {what}")]
-    Malformed { kind: &'static str, what: &'static str },
+    Malformed {
+        kind: &'static str,
+        what: &'static str,
+    },
     #[error("data checksum mismatch in {0} frame")]
     DataCrc(&'static str),
 }
@@ -175,33 +178,70 @@ pub const NODE_FLAG_DISCARD_PEER_DATA: u32 = 1;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame<'a> {
     /// Primary -> replica: start of authentication.
-    Hello { nonce: [u8; 32] },
+    Hello {
+        nonce: [u8; 32],
+    },
     /// Replica -> primary: its nonce and its proof of the secret.
-    Challenge { nonce: [u8; 32], mac: [u8; 32] },
+    Challenge {
+        nonce: [u8; 32],
+        mac: [u8; 32],
+    },
     /// Primary -> replica: the primary's proof of the secret.
-    Auth { mac: [u8; 32] },
+    Auth {
+        mac: [u8; 32],
+    },
     AuthOk,
     /// Either side: connection refused, with a reason for the log and status.
-    Refuse { code: RefuseCode, reason: &'a str },
+    Refuse {
+        code: RefuseCode,
+        reason: &'a str,
+    },
     /// Primary -> replica after authentication.
     Attach(NodeInfo),
     /// Replica -> primary: its state.
     Attached(NodeInfo),
     /// Primary -> replica: a resync of `bytes` is starting; the replica is inconsistent until
     /// SyncDone.
-    SyncStart { full: bool, bytes: u64 },
+    SyncStart {
+        full: bool,
+        bytes: u64,
+    },
     /// Primary -> replica: resync finished; the replica is up to date at `generation`.
-    SyncDone { generation: u64 },
-    Write { offset: u64, resync: bool, data: &'a [u8] },
-    Discard { offset: u64, len: u64 },
-    WriteZeroes { offset: u64, len: u64, unmap: bool },
+    SyncDone {
+        generation: u64,
+    },
+    Write {
+        offset: u64,
+        resync: bool,
+        data: &'a [u8],
+    },
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
     /// Replica: make every acknowledged write durable, then ack.
     Flush,
-    Read { offset: u64, len: u32 },
-    ReadData { data: &'a [u8] },
-    Ack { status: AckStatus },
-    Ping { nanos: u64 },
-    Pong { nanos: u64 },
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    ReadData {
+        data: &'a [u8],
+    },
+    Ack {
+        status: AckStatus,
+    },
+    Ping {
+        nanos: u64,
+    },
+    Pong {
+        nanos: u64,
+    },
     /// Primary -> replica: clean shutdown, nothing in flight.
     Goodbye,
 }
@@ -786,7 +826,15 @@ mod tests {
     #[test]
     fn incomplete_input_asks_for_more() {
         let mut buf = Vec::new();
-        encode(1, &Frame::Write { offset: 0, resync: false, data: &[9; 100] }, &mut buf);
+        encode(
+            1,
+            &Frame::Write {
+                offset: 0,
+                resync: false,
+                data: &[9; 100],
+            },
+            &mut buf,
+        );
         for cut in 0..buf.len() {
             assert_eq!(decode(&buf[..cut]).unwrap(), None, "cut at {cut}");
         }
@@ -798,7 +846,15 @@ mod tests {
     fn streamed_write_matches_encode() {
         let data = [7u8; 1000];
         let mut a = Vec::new();
-        encode(5, &Frame::Write { offset: 77, resync: true, data: &data }, &mut a);
+        encode(
+            5,
+            &Frame::Write {
+                offset: 77,
+                resync: true,
+                data: &data,
+            },
+            &mut a,
+        );
         let mut b = vec![0xAA; 3];
         let start = begin_write(&mut b, 5, 77);
         b.extend_from_slice(&data);
@@ -808,7 +864,10 @@ mod tests {
 
     #[test]
     fn garbage_is_rejected_early() {
-        assert!(matches!(decode(b"GET / HTTP/1.1\r\n"), Err(FrameError::BadMagic(_))));
+        assert!(matches!(
+            decode(b"GET / HTTP/1.1\r\n"),
+            Err(FrameError::BadMagic(_))
+        ));
         assert!(matches!(decode(b"X"), Err(FrameError::BadMagic(_))));
         assert_eq!(decode(b"VH").unwrap(), None);
         let mut junk = MAGIC.to_vec();
@@ -845,7 +904,15 @@ mod tests {
     #[test]
     fn corrupted_data_is_detected() {
         let mut buf = Vec::new();
-        encode(1, &Frame::Write { offset: 0, resync: false, data: &[1; 64] }, &mut buf);
+        encode(
+            1,
+            &Frame::Write {
+                offset: 0,
+                resync: false,
+                data: &[1; 64],
+            },
+            &mut buf,
+        );
         let last = buf.len() - 1;
         buf[last] ^= 0xff;
         assert_eq!(decode(&buf), Err(FrameError::DataCrc("Write")));
@@ -859,7 +926,13 @@ mod tests {
         // A Flush with a trailing byte.
         let mut h = header(kind::FLUSH, 0, 1);
         h.push(0);
-        assert!(matches!(decode(&h), Err(FrameError::Malformed { what: "trailing bytes", .. })));
+        assert!(matches!(
+            decode(&h),
+            Err(FrameError::Malformed {
+                what: "trailing bytes",
+                ..
+            })
+        ));
         // A history longer than allowed.
         let mut body = Vec::new();
         put_node(&mut body, &node());
@@ -878,7 +951,14 @@ mod tests {
     fn long_reason_is_truncated_on_a_char_boundary() {
         let reason = "é".repeat(150);
         let mut buf = Vec::new();
-        encode(0, &Frame::Refuse { code: RefuseCode::Other, reason: &reason }, &mut buf);
+        encode(
+            0,
+            &Frame::Refuse {
+                code: RefuseCode::Other,
+                reason: &reason,
+            },
+            &mut buf,
+        );
         match decode(&buf).unwrap().unwrap().frame {
             Frame::Refuse { reason, .. } => assert!(reason.len() <= MAX_REASON),
             f => panic!("{f:?}"),

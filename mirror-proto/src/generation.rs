@@ -111,9 +111,18 @@ mod tests {
     #[test]
     fn new_old_or_unknown_replicas_get_full() {
         let p = node(Role::Primary, 6, 5, vec![5, 4]);
-        assert_eq!(decide(&p, &node(Role::Secondary, 0, 0, vec![])), SyncDecision::Full);
-        assert_eq!(decide(&p, &node(Role::Secondary, 4, 0, vec![])), SyncDecision::Full);
-        assert_eq!(decide(&p, &node(Role::Secondary, 99, 0, vec![98])), SyncDecision::Full);
+        assert_eq!(
+            decide(&p, &node(Role::Secondary, 0, 0, vec![])),
+            SyncDecision::Full
+        );
+        assert_eq!(
+            decide(&p, &node(Role::Secondary, 4, 0, vec![])),
+            SyncDecision::Full
+        );
+        assert_eq!(
+            decide(&p, &node(Role::Secondary, 99, 0, vec![98])),
+            SyncDecision::Full
+        );
         let empty = NodeInfo {
             size: 0,
             ..node(Role::Secondary, 6, 0, vec![])

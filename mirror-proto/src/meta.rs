@@ -258,7 +258,10 @@ mod tests {
         assert_eq!(load(&img).unwrap(), None);
         save(&img, &meta()).unwrap();
         assert_eq!(load(&img).unwrap(), Some(meta()));
-        let names: Vec<_> = std::fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "{names:?}");
         let text = std::fs::read_to_string(meta_path(&img)).unwrap();
         assert!(text.contains("\"role\": \"primary\""));
@@ -270,7 +273,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("disk.img");
         std::fs::write(meta_path(&img), "{\"format\": 99}").unwrap();
-        assert!(matches!(load(&img), Err(MetaError::Format { found: 99, .. })));
+        assert!(matches!(
+            load(&img),
+            Err(MetaError::Format { found: 99, .. })
+        ));
         std::fs::write(meta_path(&img), "garbage").unwrap();
         assert!(matches!(load(&img), Err(MetaError::Parse { .. })));
     }

@@ -109,22 +109,23 @@ impl BlkBackend {
         let mut used_any = false;
         while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
             let head = chain.head_index();
-            let completion = match request.parse(chain, dev.model.capacity_sectors) {
-                Ok(()) => executor::execute(request, &mem, &target, iov, counters),
-                Err(e) => {
-                    if e.status() == VIRTIO_BLK_S_UNSUPP as u8 {
-                        QueueCounters::add(&counters.unsupported, 1);
-                        debug!("queue {queue}: {e}");
-                    } else {
-                        QueueCounters::add(&counters.errors, 1);
-                        warn!("queue {queue}: bad request: {e}");
+            let completion =
+                match request.parse(chain, dev.model.capacity_sectors, dev.model.readonly) {
+                    Ok(()) => executor::execute(request, &mem, &target, iov, counters),
+                    Err(e) => {
+                        if e.status() == VIRTIO_BLK_S_UNSUPP as u8 {
+                            QueueCounters::add(&counters.unsupported, 1);
+                            debug!("queue {queue}: {e}");
+                        } else {
+                            QueueCounters::add(&counters.errors, 1);
+                            warn!("queue {queue}: bad request: {e}");
+                        }
+                        if matches!(e, ParseError::NoStatus) {
+                            warn!("queue {queue}: request {head} completed without status");
+                        }
+                        executor::complete(&mem, request, e.status(), 0)
                     }
-                    if matches!(e, ParseError::NoStatus) {
-                        warn!("queue {queue}: request {head} completed without status");
-                    }
-                    executor::complete(&mem, request, e.status(), 0)
-                }
-            };
+                };
             state
                 .get_queue_mut()
                 .add_used(&*mem, head, completion.used_len)

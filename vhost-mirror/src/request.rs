@@ -34,6 +34,8 @@ pub enum ParseError {
     ShortHeader(usize),
     #[error("unsupported request type {0}")]
     Unsupported(u32),
+    #[error("{0} refused: the device is read-only")]
+    ReadOnly(&'static str),
     #[error("{kind} request must not carry {0} bytes of {1}", kind = .2)]
     UnexpectedData(u64, &'static str, &'static str),
     #[error("data length {0} is not a multiple of {SECTOR_SIZE}")]
@@ -56,9 +58,9 @@ impl ParseError {
     /// The virtio-blk status the guest receives for this error.
     pub fn status(&self) -> u8 {
         match self {
-            ParseError::Unsupported(_) | ParseError::BadSegmentFlags(_) => {
-                VIRTIO_BLK_S_UNSUPP as u8
-            }
+            ParseError::Unsupported(_)
+            | ParseError::BadSegmentFlags(_)
+            | ParseError::ReadOnly(_) => VIRTIO_BLK_S_UNSUPP as u8,
             _ => VIRTIO_BLK_S_IOERR as u8,
         }
     }
@@ -148,6 +150,7 @@ impl Request {
         &mut self,
         chain: DescriptorChain<M>,
         capacity_sectors: u64,
+        readonly: bool,
     ) -> Result<(), ParseError>
     where
         M: Deref + Clone,
@@ -231,6 +234,14 @@ impl Request {
         let readable_data = skip_bytes(&mut self.readable, HEADER_LEN);
         let writable_data: u64 = self.writable.iter().map(|s| u64::from(s.len)).sum();
         self.kind = Some(kind);
+        if readonly
+            && matches!(
+                kind,
+                RequestType::Out | RequestType::Discard | RequestType::WriteZeroes
+            )
+        {
+            return Err(ParseError::ReadOnly(kind.name()));
+        }
 
         // 4. Data direction and size by type.
         let no_data = |len: u64, what, k: RequestType| {
@@ -405,7 +416,7 @@ mod tests {
         let q = MockSplitQueue::new(mem, 256);
         let chain = q.build_desc_chain(descs).unwrap();
         let mut req = Request::default();
-        let r = req.parse(chain, CAP);
+        let r = req.parse(chain, CAP, false);
         (req, r)
     }
 
@@ -481,6 +492,36 @@ mod tests {
         );
         assert!(matches!(r, Err(ParseError::UnexpectedData(512, _, _))));
         assert_eq!(req.status, Some(GuestAddress(0x30_0000)));
+    }
+
+    #[test]
+    fn writes_on_a_readonly_device_are_unsupported() {
+        let m = mem();
+        for t in [
+            VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_DISCARD,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+        ] {
+            header(&m, 0x10_0000, t, 0);
+            let q = MockSplitQueue::new(&m, 256);
+            let chain = q
+                .build_desc_chain(&[d(0x10_0000, 16, R), d(0x20_0000, 16, R), d(0x30_0000, 1, W)])
+                .unwrap();
+            let mut req = Request::default();
+            let e = req.parse(chain, CAP, true).unwrap_err();
+            assert!(matches!(e, ParseError::ReadOnly(_)), "{e:?}");
+            assert_eq!(e.status(), VIRTIO_BLK_S_UNSUPP as u8);
+        }
+        header(&m, 0x10_0000, VIRTIO_BLK_T_IN, 0);
+        let q = MockSplitQueue::new(&m, 256);
+        let chain = q
+            .build_desc_chain(&[
+                d(0x10_0000, 16, R),
+                d(0x20_0000, 512, W),
+                d(0x30_0000, 1, W),
+            ])
+            .unwrap();
+        Request::default().parse(chain, CAP, true).unwrap();
     }
 
     #[test]
@@ -718,7 +759,7 @@ mod tests {
         let flag = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
         let chain = q.build_desc_chain(&[d(0x40_0000, 48, flag)]).unwrap();
         let mut req = Request::default();
-        req.parse(chain, CAP).unwrap();
+        req.parse(chain, CAP, false).unwrap();
         assert_eq!(req.kind(), RequestType::In);
         assert_eq!(req.data_len, 1024);
         assert_eq!(req.offset, 1024);

@@ -1,0 +1,458 @@
+//! VM tier: a real QEMU guest whose root disk is served by `vhost-mirror serve`.
+//!
+//! The guest (images/build.sh) is a busybox file server on an ext4 root filesystem. The test
+//! uploads files over HTTP (each one fdatasync'd + renamed + directory fsync'd in the guest),
+//! reads them back, halts the guest cleanly, stops the backend, and then checks the image file
+//! itself: `e2fsck -fn` must find a clean filesystem and `debugfs` must dump every uploaded
+//! file byte-exact.
+//!
+//! Processes, backend and temp dir come from the shared harness (`vhost_mirror_tests`): the
+//! backend is `<target>/debug/vhost-mirror serve`, or qemu-storage-daemon with
+//! `VHOST_MIRROR_TEST_BACKEND=qsd` (to check the test and the guest themselves).
+//!
+//! Environment:
+//! - `VHOST_MIRROR_VM_GUEST_DIR`: where images/build.sh builds the guest (default
+//!   `<target dir>/vm-guest`).
+//! - `VHOST_MIRROR_VM_ACCEL`: passed to boot.sh `--accel` (default `auto`).
+//! - `VHOST_MIRROR_KEEP_LOGS=1`: keep the test's temp dir (image, serial console, backend log).
+//!   On failure the tails of the serial console, QEMU and backend logs are printed either way.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use vhost_mirror_tests::{bin_dir, free_port, test_dir, Backend, BackendOpts, ChildGuard};
+
+const READY_MARKER: &str = "FILESERVER-READY";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+const HTTP_TIMEOUT: Duration = Duration::from_secs(120);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// On failure (panic), prints where the logs are and their last lines.
+struct FailureReport {
+    logs: Vec<(&'static str, PathBuf)>,
+    dir: PathBuf,
+    kept: bool,
+}
+
+impl Drop for FailureReport {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        eprintln!(
+            "==== vm test failed; temp dir {} ({})",
+            self.dir.display(),
+            if self.kept {
+                "kept"
+            } else {
+                "deleted; set VHOST_MIRROR_KEEP_LOGS=1 to keep it"
+            }
+        );
+        for (what, path) in &self.logs {
+            eprintln!("==== {what}: {} (last 40 lines)", path.display());
+            match fs::read(path) {
+                Ok(bytes) => {
+                    let text = String::from_utf8_lossy(&bytes);
+                    let lines: Vec<&str> = text.lines().collect();
+                    for line in &lines[lines.len().saturating_sub(40)..] {
+                        eprintln!("  {line}");
+                    }
+                }
+                Err(e) => eprintln!("  (cannot read: {e})"),
+            }
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .expect("tests crate has a parent dir")
+        .to_path_buf()
+}
+
+fn guest_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("VHOST_MIRROR_VM_GUEST_DIR") {
+        return PathBuf::from(p);
+    }
+    // <target>/debug -> <target>/vm-guest
+    let bin = bin_dir();
+    bin.parent().unwrap_or(&bin).join("vm-guest")
+}
+
+fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "VM test needs `{tool}` (Debian package {package}); run ci/setup.sh"
+    );
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn sha256_file(path: &Path) -> String {
+    let out = run_ok(Command::new("sha256sum").arg(path), "sha256sum");
+    out.split_whitespace()
+        .next()
+        .expect("sha256sum output")
+        .to_string()
+}
+
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("read /dev/urandom");
+    buf
+}
+
+struct HttpReply {
+    status: u16,
+    body: Vec<u8>,
+}
+
+impl HttpReply {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Minimal HTTP/1.0 client: one request per connection, reads until the server closes.
+fn http(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<HttpReply> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(HTTP_TIMEOUT))?;
+    s.set_write_timeout(Some(HTTP_TIMEOUT))?;
+    let head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    s.flush()?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let _ = s.shutdown(Shutdown::Both);
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no header end in {} bytes", resp.len())))?;
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let status_line = head.lines().next().unwrap_or("");
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+    Ok(HttpReply {
+        status,
+        body: resp[split + 4..].to_vec(),
+    })
+}
+
+/// Waits for `marker` in the serial log while both processes stay alive.
+fn wait_for_ready(serial: &Path, qemu: &mut ChildGuard, backend: &mut Backend) {
+    let start = Instant::now();
+    loop {
+        let log = fs::read(serial).unwrap_or_default();
+        let log = String::from_utf8_lossy(&log);
+        if log.contains(READY_MARKER) {
+            eprintln!(
+                "vm test: file server ready after {:.1} s",
+                start.elapsed().as_secs_f64()
+            );
+            return;
+        }
+        for marker in ["FILESERVER-FAILED", "INITRAMFS-FAILED", "Kernel panic"] {
+            assert!(
+                !log.contains(marker),
+                "guest reported {marker:?} on its console"
+            );
+        }
+        if let Some(status) = qemu.try_wait() {
+            panic!("QEMU exited ({status}) before {READY_MARKER}");
+        }
+        backend.assert_running();
+        assert!(
+            start.elapsed() < BOOT_TIMEOUT,
+            "no {READY_MARKER} within {BOOT_TIMEOUT:?}"
+        );
+        sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn vm_file_server_roundtrip() {
+    // Fail loudly (never skip) when the tools are missing.
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    require_tool("debugfs", "e2fsprogs");
+    require_tool("e2fsck", "e2fsprogs");
+    require_tool("sha256sum", "coreutils");
+
+    let root = workspace_root();
+    let images = root.join("images");
+
+    // 1. Guest (cached; build.sh is idempotent and fast when up to date).
+    let gdir = guest_dir();
+    let t = Instant::now();
+    run_ok(
+        Command::new("bash").arg(images.join("build.sh")).arg(&gdir),
+        "images/build.sh",
+    );
+    eprintln!(
+        "vm test: guest in {} ({:.1} s)",
+        gdir.display(),
+        t.elapsed().as_secs_f64()
+    );
+
+    let keep =
+        std::env::var_os("VHOST_MIRROR_KEEP_LOGS").is_some_and(|v| !v.is_empty() && v != "0");
+    let tmp = test_dir("vm");
+    let dir = tmp.path().to_path_buf();
+    let image = dir.join("disk.raw");
+    let serial = dir.join("serial.log");
+    let qemu_log = dir.join("qemu.log");
+    let tmp = if keep {
+        let kept = tmp.keep();
+        eprintln!("vm test: keeping {}", kept.display());
+        None
+    } else {
+        Some(tmp)
+    };
+    // Declared after tmp and before the process guards: dropped after the processes are
+    // killed and before the temp dir is removed.
+    let _report = FailureReport {
+        logs: vec![
+            ("serial console", serial.clone()),
+            ("boot.sh/QEMU output", qemu_log.clone()),
+        ],
+        dir: dir.clone(),
+        kept: keep,
+    };
+
+    run_ok(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(gdir.join("disk.raw"))
+            .arg(&image),
+        "copy disk.raw",
+    );
+
+    // 2. Backend, then the VM.
+    let mut backend = Backend::spawn(
+        &dir,
+        &image,
+        &BackendOpts {
+            num_queues: Some(1),
+            ..BackendOpts::default()
+        },
+    );
+    eprintln!(
+        "vm test: backend {:?} pid {} on {}",
+        backend.kind(),
+        backend.pid(),
+        backend.socket().display()
+    );
+    let port = free_port();
+    let accel = std::env::var("VHOST_MIRROR_VM_ACCEL").unwrap_or_else(|_| "auto".into());
+    let qemu_out = fs::File::create(&qemu_log).expect("create qemu log");
+    let qemu_err = qemu_out.try_clone().expect("clone log fd");
+    let t_boot = Instant::now();
+    let mut boot = Command::new("bash");
+    boot.arg(images.join("boot.sh"))
+        .args(["--dir".as_ref(), gdir.as_os_str()])
+        .args(["--socket".as_ref(), backend.socket().as_os_str()])
+        .args(["--http-port", &port.to_string()])
+        .args(["--num-queues", "1"])
+        .args(["--serial".as_ref(), serial.as_os_str()])
+        .args(["--accel", &accel])
+        .stdin(Stdio::null())
+        .stdout(qemu_out)
+        .stderr(qemu_err);
+    // boot.sh execs QEMU, so this PID is QEMU's.
+    let mut qemu = ChildGuard::spawn("qemu (images/boot.sh)", &mut boot);
+    eprintln!(
+        "vm test: QEMU pid {}, http port {port}, logs in {}",
+        qemu.pid(),
+        dir.display()
+    );
+
+    wait_for_ready(&serial, &mut qemu, &mut backend);
+    eprintln!("vm test: boot took {:.1} s", t_boot.elapsed().as_secs_f64());
+
+    // 3. Uploads.
+    let mut text = Vec::new();
+    for i in 0..200 {
+        writeln!(
+            text,
+            "line {i}: the quick brown fox jumps over the lazy dog"
+        )
+        .expect("write");
+    }
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        ("random-1m.bin", random_bytes(1 << 20)),
+        ("random-3k.bin", random_bytes(3 * 1024)),
+        ("odd-65549.bin", random_bytes(65_549)),
+        ("random-2m.bin", random_bytes(2 << 20)),
+        ("notes.txt", text),
+        ("empty", Vec::new()),
+    ];
+    let orig_dir = dir.join("orig");
+    fs::create_dir(&orig_dir).expect("mkdir orig");
+    let mut expected: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    for (name, data) in &files {
+        let local = orig_dir.join(name);
+        fs::write(&local, data).expect("write local copy");
+        let sum = sha256_file(&local);
+        let t = Instant::now();
+        let reply = http(port, "POST", &format!("/cgi-bin/upload?name={name}"), data)
+            .unwrap_or_else(|e| panic!("upload {name}: {e}"));
+        assert_eq!(reply.status, 200, "upload {name}: {}", reply.text());
+        assert_eq!(
+            reply.text().trim(),
+            format!("sha256={sum}"),
+            "upload {name}: sha256 in reply"
+        );
+        eprintln!(
+            "vm test: uploaded {name} ({} bytes) in {:.2} s",
+            data.len(),
+            t.elapsed().as_secs_f64()
+        );
+        expected.insert((*name).to_string(), (data.len(), sum));
+    }
+
+    // Bad names are rejected and store nothing.
+    for bad in [".hidden", "a%2Fb", "..", "sp%20ace", ""] {
+        let reply = http(
+            port,
+            "POST",
+            &format!("/cgi-bin/upload?name={bad}"),
+            b"nope",
+        )
+        .unwrap_or_else(|e| panic!("upload bad name {bad:?}: {e}"));
+        assert_eq!(
+            reply.status,
+            400,
+            "bad name {bad:?} must be rejected: {}",
+            reply.text()
+        );
+    }
+
+    // 4. Downloads: every file back, byte-exact.
+    for (name, data) in &files {
+        let reply = http(port, "GET", &format!("/files/{name}"), b"")
+            .unwrap_or_else(|e| panic!("download {name}: {e}"));
+        assert_eq!(reply.status, 200, "download {name}");
+        assert!(
+            reply.body == *data,
+            "download {name}: {} bytes differ from the {} uploaded",
+            reply.body.len(),
+            data.len()
+        );
+    }
+
+    // 5. Listing.
+    let reply = http(port, "GET", "/cgi-bin/list", b"").expect("list");
+    assert_eq!(reply.status, 200, "list");
+    let listed: BTreeMap<String, (usize, String)> = reply
+        .text()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 3, "listing line {l:?}");
+            (
+                f[0].to_string(),
+                (f[1].parse().expect("size in listing"), f[2].to_string()),
+            )
+        })
+        .collect();
+    assert_eq!(listed, expected, "listing");
+
+    // The guest's writes went through the backend (vhost-mirror's control socket only).
+    if let Some(c) = backend.counters() {
+        eprintln!("vm test: backend counters after uploads: {c:?}");
+        let uploaded: usize = files.iter().map(|(_, d)| d.len()).sum();
+        assert!(
+            c.writes > 0 && c.bytes_written >= uploaded as u64,
+            "backend saw {} bytes written, uploads were {uploaded} bytes: {c:?}",
+            c.bytes_written
+        );
+    }
+
+    // 6. Clean halt: QEMU exits by itself, then the backend stops on SIGTERM with status 0.
+    let reply = http(port, "GET", "/cgi-bin/halt", b"").expect("halt");
+    assert_eq!(reply.status, 200, "halt: {}", reply.text());
+    let status = qemu
+        .wait_timeout(EXIT_TIMEOUT)
+        .unwrap_or_else(|| panic!("QEMU still running {EXIT_TIMEOUT:?} after halt"));
+    assert!(status.success(), "QEMU exit status {status}");
+    let console =
+        String::from_utf8_lossy(&fs::read(&serial).expect("read serial log")).into_owned();
+    assert!(
+        console.contains("HALT: / is read-only"),
+        "guest did not remount / read-only before power-off"
+    );
+
+    let status = backend.terminate(Duration::from_secs(30));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "backend exit status after SIGTERM: {status}"
+    );
+
+    // 7. The image file itself: clean ext4, every file byte-exact.
+    run_ok(
+        Command::new("e2fsck").arg("-fn").arg(&image),
+        "e2fsck -fn on the image after halt",
+    );
+    let dump_dir = dir.join("dump");
+    fs::create_dir(&dump_dir).expect("mkdir dump");
+    for (name, data) in &files {
+        let out = dump_dir.join(name);
+        run_ok(
+            Command::new("debugfs")
+                .arg("-R")
+                .arg(format!("dump /srv/files/{name} {}", out.display()))
+                .arg(&image),
+            "debugfs dump",
+        );
+        let got = fs::read(&out)
+            .unwrap_or_else(|e| panic!("debugfs did not dump /srv/files/{name}: {e}"));
+        assert!(
+            got == *data,
+            "{name} in the image: {} bytes differ from the {} uploaded",
+            got.len(),
+            data.len()
+        );
+    }
+    eprintln!(
+        "vm test: all {} files intact in {}",
+        files.len(),
+        image.display()
+    );
+    drop(_report);
+    drop(tmp);
+}
