@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::replication::PeerLoss;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "vhost-mirror",
@@ -43,6 +45,19 @@ pub struct ServeArgs {
     /// Unix socket for `vhost-mirror status`.
     #[arg(long, value_name = "CTL")]
     pub control: Option<PathBuf>,
+    /// Replicate synchronously to the access node at ADDR (host:port).
+    #[arg(long, value_name = "ADDR")]
+    pub peer: Option<String>,
+    /// File holding the secret shared with the access node (required with --peer).
+    #[arg(long, value_name = "F")]
+    pub secret_file: Option<PathBuf>,
+    /// While the peer is unreachable: keep running on the local disk and record changes
+    /// (degrade), or hold guest writes until it is back (suspend).
+    #[arg(long, value_enum, default_value = "degrade", value_name = "MODE")]
+    pub on_peer_loss: PeerLoss,
+    /// Limit resync traffic to this many MiB/s (default: unlimited).
+    #[arg(long, value_name = "MiB/s")]
+    pub resync_rate: Option<u64>,
 }
 
 #[derive(Debug, Args)]

@@ -2,15 +2,27 @@
 
 use std::path::PathBuf;
 
+use mirror_proto::auth::{AuthError, Secret};
 use thiserror::Error;
 
 use crate::args::ServeArgs;
+use crate::replication::{MirrorConfig, PeerLoss};
 
 /// Most queues we accept (vhost-user-backend maps queues to threads with a u64 mask).
 pub const MAX_QUEUES: u16 = 64;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+#[derive(Debug, Error)]
 pub enum ConfigError {
+    #[error("--peer needs --secret-file (the link is always authenticated)")]
+    PeerWithoutSecret,
+    #[error("--secret-file, --on-peer-loss and --resync-rate need --peer")]
+    SecretWithoutPeer,
+    #[error("--readonly cannot be combined with --peer")]
+    ReadonlyPeer,
+    #[error("--resync-rate must be at least 1 MiB/s")]
+    ResyncRate,
+    #[error(transparent)]
+    Secret(#[from] AuthError),
     #[error("--num-queues must be between 1 and {MAX_QUEUES}, got {0}")]
     NumQueues(u16),
     #[error("--queue-size must be a power of two between 2 and 32768, got {0}")]
@@ -19,7 +31,7 @@ pub enum ConfigError {
     SamePaths,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub image: PathBuf,
     pub socket: PathBuf,
@@ -27,6 +39,7 @@ pub struct ServeConfig {
     pub queue_size: u16,
     pub readonly: bool,
     pub control: Option<PathBuf>,
+    pub mirror: Option<MirrorConfig>,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -42,6 +55,31 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.control.as_ref() == Some(&a.socket) {
             return Err(ConfigError::SamePaths);
         }
+        let mirror = match (a.peer, a.secret_file) {
+            (Some(peer), Some(secret)) => {
+                if a.readonly {
+                    return Err(ConfigError::ReadonlyPeer);
+                }
+                if a.resync_rate == Some(0) {
+                    return Err(ConfigError::ResyncRate);
+                }
+                Some(MirrorConfig {
+                    image: a.image.clone(),
+                    peer,
+                    secret: Secret::load(&secret)?,
+                    on_peer_loss: a.on_peer_loss,
+                    resync_rate: a.resync_rate.map(|r| r << 20),
+                })
+            }
+            (Some(_), None) => return Err(ConfigError::PeerWithoutSecret),
+            (None, Some(_)) => return Err(ConfigError::SecretWithoutPeer),
+            (None, None) => {
+                if a.resync_rate.is_some() || a.on_peer_loss != PeerLoss::Degrade {
+                    return Err(ConfigError::SecretWithoutPeer);
+                }
+                None
+            }
+        };
         Ok(ServeConfig {
             image: a.image,
             socket: a.socket,
@@ -49,6 +87,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             queue_size: a.queue_size,
             readonly: a.readonly,
             control: a.control,
+            mirror,
         })
     }
 }
@@ -65,31 +104,80 @@ mod tests {
             queue_size: 256,
             readonly: false,
             control: None,
+            peer: None,
+            secret_file: None,
+            on_peer_loss: PeerLoss::Degrade,
+            resync_rate: None,
         }
     }
 
     #[test]
     fn validates() {
         assert!(ServeConfig::try_from(args()).is_ok());
-        let a = ServeArgs {
-            num_queues: 0,
+        let err = |a| ServeConfig::try_from(a).unwrap_err();
+        assert!(matches!(
+            err(ServeArgs {
+                num_queues: 0,
+                ..args()
+            }),
+            ConfigError::NumQueues(0)
+        ));
+        assert!(matches!(
+            err(ServeArgs {
+                num_queues: 65,
+                ..args()
+            }),
+            ConfigError::NumQueues(65)
+        ));
+        assert!(matches!(
+            err(ServeArgs {
+                queue_size: 100,
+                ..args()
+            }),
+            ConfigError::QueueSize(100)
+        ));
+        assert!(matches!(
+            err(ServeArgs {
+                control: Some("s.sock".into()),
+                ..args()
+            }),
+            ConfigError::SamePaths
+        ));
+    }
+
+    #[test]
+    fn replication_flags() {
+        let err = |a| ServeConfig::try_from(a).unwrap_err();
+        assert!(matches!(
+            err(ServeArgs {
+                peer: Some("127.0.0.1:1".into()),
+                ..args()
+            }),
+            ConfigError::PeerWithoutSecret
+        ));
+        assert!(matches!(
+            err(ServeArgs {
+                secret_file: Some("s".into()),
+                ..args()
+            }),
+            ConfigError::SecretWithoutPeer
+        ));
+        let e = err(ServeArgs {
+            peer: Some("127.0.0.1:1".into()),
+            secret_file: Some("/nonexistent/secret".into()),
             ..args()
-        };
-        assert_eq!(ServeConfig::try_from(a), Err(ConfigError::NumQueues(0)));
-        let a = ServeArgs {
-            num_queues: 65,
+        });
+        assert!(format!("{e}: {:?}", e).contains("/nonexistent/secret"));
+        let d = tempfile::tempdir().unwrap();
+        let s = d.path().join("secret");
+        std::fs::write(&s, "k\n").unwrap();
+        let c = ServeConfig::try_from(ServeArgs {
+            peer: Some("127.0.0.1:1".into()),
+            secret_file: Some(s),
+            resync_rate: Some(10),
             ..args()
-        };
-        assert_eq!(ServeConfig::try_from(a), Err(ConfigError::NumQueues(65)));
-        let a = ServeArgs {
-            queue_size: 100,
-            ..args()
-        };
-        assert_eq!(ServeConfig::try_from(a), Err(ConfigError::QueueSize(100)));
-        let a = ServeArgs {
-            control: Some("s.sock".into()),
-            ..args()
-        };
-        assert_eq!(ServeConfig::try_from(a), Err(ConfigError::SamePaths));
+        })
+        .unwrap();
+        assert_eq!(c.mirror.unwrap().resync_rate, Some(10 << 20));
     }
 }

@@ -20,7 +20,8 @@ use vmm_sys_util::event::{
 
 use crate::blk_config::{off, read_config, DeviceModel, ID_BYTES};
 use crate::disk::RawImage;
-use crate::executor::{self, chain, IovecBuf, Target};
+use crate::executor::{self, chain, Deferred, IovecBuf, Target};
+use crate::replication::Mirror;
 use crate::request::{ParseError, Request};
 use crate::stats::QueueCounters;
 
@@ -30,7 +31,12 @@ use crate::stats::QueueCounters;
 pub struct QueueWorker {
     request: Request,
     iov: IovecBuf,
+    /// Requests whose local part is done and whose replica part is in flight.
+    deferred: Vec<Deferred>,
 }
+
+/// Most replicated requests a worker keeps in flight before it waits for their replies.
+const MAX_DEFERRED: usize = 128;
 
 /// Everything that outlives a single frontend connection.
 pub struct Device {
@@ -43,10 +49,17 @@ pub struct Device {
     /// Set on shutdown: workers stop taking new requests.
     pub stopping: AtomicBool,
     pub id: [u8; ID_BYTES],
+    /// Synchronous replication, when a peer is configured.
+    pub mirror: Option<Arc<Mirror>>,
 }
 
 impl Device {
-    pub fn new(disk: Arc<RawImage>, model: DeviceModel, id: [u8; ID_BYTES]) -> Self {
+    pub fn new(
+        disk: Arc<RawImage>,
+        model: DeviceModel,
+        id: [u8; ID_BYTES],
+        mirror: Option<Arc<Mirror>>,
+    ) -> Self {
         let n = usize::from(model.num_queues);
         Device {
             disk,
@@ -56,6 +69,7 @@ impl Device {
             writeback: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
             id,
+            mirror,
         }
     }
 
@@ -97,40 +111,93 @@ impl BlkBackend {
         if dev.stopping.load(Ordering::Acquire) {
             return Ok(false);
         }
-        let QueueWorker { request, iov } = &mut *worker;
+        let QueueWorker {
+            request,
+            iov,
+            deferred,
+        } = &mut *worker;
         let counters = &dev.counters[queue];
+        let mirror = dev.mirror.as_deref();
         let target = Target {
             disk: &dev.disk,
             writeback: dev.writeback.load(Ordering::Relaxed),
             id: &dev.id,
+            mirror,
         };
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
         let mut used_any = false;
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
-            let head = chain.head_index();
-            let completion =
-                match request.parse(chain, dev.model.capacity_sectors, dev.model.readonly) {
-                    Ok(()) => executor::execute(request, &mem, &target, iov, counters),
-                    Err(e) => {
-                        if e.status() == VIRTIO_BLK_S_UNSUPP as u8 {
-                            QueueCounters::add(&counters.unsupported, 1);
-                            debug!("queue {queue}: {e}");
-                        } else {
-                            QueueCounters::add(&counters.errors, 1);
-                            warn!("queue {queue}: bad request: {e}");
-                        }
-                        if matches!(e, ParseError::NoStatus) {
-                            warn!("queue {queue}: request {head} completed without status");
-                        }
-                        executor::complete(&mem, request, e.status(), 0)
-                    }
-                };
+        let mut add_used = |state: &mut vhost_user_backend::VringState<_>, head, len| {
+            used_any = true;
             state
                 .get_queue_mut()
-                .add_used(&*mem, head, completion.used_len)
-                .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
-            used_any = true;
+                .add_used(&*mem, head, len)
+                .map_err(|e| io::Error::other(format!("add_used: {e}")))
+        };
+        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+            let head = chain.head_index();
+            let parsed = request.parse(chain, dev.model.capacity_sectors, dev.model.readonly);
+            let completion = match (parsed, mirror) {
+                (Ok(()), Some(m)) if request.is_mirrored() => {
+                    // Take the range in the ordering table; if another queue holds an
+                    // overlapping one, finish our own in-flight requests before waiting.
+                    let token = match request.write_range() {
+                        Some((off, len)) => Some(match m.try_reserve(queue, off, len) {
+                            Some(t) => t,
+                            None => {
+                                for d in deferred.drain(..) {
+                                    let (h, l) = executor::finish_deferred(&mem, m, d);
+                                    add_used(&mut state, h, l)?;
+                                }
+                                m.reserve(queue, off, len)
+                            }
+                        }),
+                        None => None,
+                    };
+                    let (c, remote) =
+                        executor::execute_mirrored(request, &mem, &target, iov, counters, m, token);
+                    match remote {
+                        Some((remote, local_ok)) => {
+                            deferred.push(Deferred {
+                                head,
+                                completion: c,
+                                status_addr: request.status,
+                                remote,
+                                local_ok,
+                            });
+                            if deferred.len() >= MAX_DEFERRED {
+                                for d in deferred.drain(..) {
+                                    let (h, l) = executor::finish_deferred(&mem, m, d);
+                                    add_used(&mut state, h, l)?;
+                                }
+                            }
+                            continue;
+                        }
+                        None => c,
+                    }
+                }
+                (Ok(()), _) => executor::execute(request, &mem, &target, iov, counters),
+                (Err(e), _) => {
+                    if e.status() == VIRTIO_BLK_S_UNSUPP as u8 {
+                        QueueCounters::add(&counters.unsupported, 1);
+                        debug!("queue {queue}: {e}");
+                    } else {
+                        QueueCounters::add(&counters.errors, 1);
+                        warn!("queue {queue}: bad request: {e}");
+                    }
+                    if matches!(e, ParseError::NoStatus) {
+                        warn!("queue {queue}: request {head} completed without status");
+                    }
+                    executor::complete(&mem, request, e.status(), 0)
+                }
+            };
+            add_used(&mut state, head, completion.used_len)?;
+        }
+        if let Some(m) = mirror {
+            for d in deferred.drain(..) {
+                let (h, l) = executor::finish_deferred(&mem, m, d);
+                add_used(&mut state, h, l)?;
+            }
         }
         if used_any
             && state

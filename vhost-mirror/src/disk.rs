@@ -184,8 +184,7 @@ impl RawImage {
             })
     }
 
-    /// Reads into a plain buffer.
-    #[cfg(test)]
+    /// Reads into a plain buffer (resync).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
         use std::os::unix::fs::FileExt;
         self.check(offset, buf.len() as u64)?;

@@ -11,6 +11,8 @@ use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, Permissions};
 
 use crate::blk_config::ID_BYTES;
 use crate::disk::{DiskError, RawImage};
+use crate::replication::inflight::Token;
+use crate::replication::{Mirror, Remote, WriteOp};
 use crate::request::{Request, RequestType, Segment};
 use crate::stats::QueueCounters;
 
@@ -30,6 +32,39 @@ pub struct Target<'a> {
     /// completes.
     pub writeback: bool,
     pub id: &'a [u8; ID_BYTES],
+    /// The replica, to read from when a local read fails.
+    pub mirror: Option<&'a Mirror>,
+}
+
+/// A local read failed: serve it from the replica if it has the data.
+fn read_from_replica(
+    req: &Request,
+    mem: &GuestMemoryMmap,
+    target: &Target<'_>,
+    local: DiskError,
+) -> Result<(), DiskError> {
+    let Some(m) = target.mirror else {
+        return Err(local);
+    };
+    if !matches!(local, DiskError::Io { .. }) {
+        return Err(local);
+    }
+    let Some(data) = m.read_remote(req.offset, req.data_len) else {
+        return Err(local);
+    };
+    warn!(
+        "local read at offset {} failed ({}); served from the replica",
+        req.offset,
+        chain(&local)
+    );
+    let mut at = 0usize;
+    for seg in &req.data {
+        let n = seg.len as usize;
+        mem.write_slice(&data[at..at + n], seg.addr)
+            .map_err(|_| bad_buffer())?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// Result of one request: the status byte and how many bytes were written to guest memory
@@ -60,6 +95,126 @@ fn guest_iovecs(
     Ok(())
 }
 
+/// Copies `len` bytes starting `skip` bytes into the request's guest buffers to `out`.
+fn copy_from_guest(
+    mem: &GuestMemoryMmap,
+    data: &[Segment],
+    mut skip: u64,
+    len: usize,
+    out: &mut Vec<u8>,
+) {
+    let start = out.len();
+    out.resize(start + len, 0);
+    let mut at = start;
+    for seg in data {
+        if at == start + len {
+            break;
+        }
+        let seg_len = u64::from(seg.len);
+        if skip >= seg_len {
+            skip -= seg_len;
+            continue;
+        }
+        let n = ((seg_len - skip) as usize).min(start + len - at);
+        let addr = vm_memory::GuestAddress(seg.addr.0 + skip);
+        if mem.read_slice(&mut out[at..at + n], addr).is_err() {
+            // Validated at parse time; if memory went away the local write fails too.
+            warn!(
+                "guest buffer at {:#x} vanished while copying for the replica",
+                addr.0
+            );
+        }
+        at += n;
+        skip = 0;
+    }
+}
+
+/// The replicated part of a write-type request, waiting for the replica's answer.
+pub struct Deferred {
+    pub head: u16,
+    pub completion: Completion,
+    pub status_addr: Option<vm_memory::GuestAddress>,
+    pub remote: Remote,
+    pub local_ok: bool,
+}
+
+/// Executes a write-type request (OUT, DISCARD, WRITE_ZEROES) or FLUSH on a mirrored device:
+/// the request goes to the replica first (or is recorded as out of sync), then to the local
+/// image. The guest's completion waits for [`finish_deferred`].
+pub fn execute_mirrored(
+    req: &Request,
+    mem: &GuestMemoryMmap,
+    target: &Target<'_>,
+    iov: &mut IovecBuf,
+    counters: &QueueCounters,
+    mirror: &Mirror,
+    token: Option<Token>,
+) -> (Completion, Option<(Remote, bool)>) {
+    let remote = match (req.kind(), token) {
+        (RequestType::Flush, _) => Ok(mirror.start_flush()),
+        (RequestType::Out, Some(t)) => mirror.start_write(
+            t,
+            WriteOp::Write,
+            req.offset,
+            req.data_len,
+            |skip, len, out| copy_from_guest(mem, &req.data, skip, len, out),
+        ),
+        (RequestType::Discard | RequestType::WriteZeroes, Some(t)) => {
+            let r = req.ranges.first().copied();
+            match r {
+                Some(r) => {
+                    let op = if req.kind() == RequestType::Discard {
+                        WriteOp::Discard
+                    } else {
+                        WriteOp::WriteZeroes { unmap: r.unmap }
+                    };
+                    mirror.start_write(t, op, r.offset, r.len, |_, _, _| {})
+                }
+                None => {
+                    mirror.release(t);
+                    return (execute(req, mem, target, iov, counters), None);
+                }
+            }
+        }
+        (_, t) => {
+            if let Some(t) = t {
+                mirror.release(t);
+            }
+            return (execute(req, mem, target, iov, counters), None);
+        }
+    };
+    match remote {
+        Ok(remote) => {
+            let c = execute(req, mem, target, iov, counters);
+            let ok = c.status == VIRTIO_BLK_S_OK as u8;
+            (c, Some((remote, ok)))
+        }
+        Err(e) => {
+            QueueCounters::add(&counters.errors, 1);
+            warn!(
+                "{:?} at offset {} refused: {}",
+                req.kind(),
+                req.offset,
+                chain(&e)
+            );
+            (complete(mem, req, VIRTIO_BLK_S_IOERR as u8, 0), None)
+        }
+    }
+}
+
+/// Waits for the replica's part of a request; a failure that could not be recorded turns the
+/// guest's status into IOERR.
+pub fn finish_deferred(mem: &GuestMemoryMmap, mirror: &Mirror, d: Deferred) -> (u16, u32) {
+    let mut used = d.completion.used_len;
+    if !mirror.finish(d.remote, d.local_ok) && d.completion.status == VIRTIO_BLK_S_OK as u8 {
+        if let Some(addr) = d.status_addr {
+            let _ = mem.write_obj(VIRTIO_BLK_S_IOERR as u8, addr);
+        }
+        used = 1;
+    }
+    (d.head, used)
+}
+
 /// Executes `req` (already validated) and writes its status byte.
 pub fn execute(
     req: &Request,
@@ -77,10 +232,12 @@ pub fn execute(
             match guest_iovecs(mem, &req.data, Permissions::Write, &mut iov.0) {
                 // SAFETY: the iovecs point into guest memory regions mapped for the lifetime of
                 // `mem`, checked writable-sized by get_slices.
-                Ok(()) => unsafe { disk.read_vectored(&mut iov.0, req.offset) }.map(|()| {
-                    add(&counters.bytes_read, req.data_len);
-                    data_written = req.data_len as u32;
-                }),
+                Ok(()) => unsafe { disk.read_vectored(&mut iov.0, req.offset) }
+                    .or_else(|e| read_from_replica(req, mem, target, e))
+                    .map(|()| {
+                        add(&counters.bytes_read, req.data_len);
+                        data_written = req.data_len as u32;
+                    }),
                 Err(e) => {
                     warn!("guest buffer of a read is not in guest memory: {e}");
                     Err(bad_buffer())

@@ -144,6 +144,30 @@ impl Request {
         self.kind.unwrap_or(RequestType::Flush)
     }
 
+    /// Whether this request changes the image or needs the replica (write-type or FLUSH).
+    pub fn is_mirrored(&self) -> bool {
+        matches!(
+            self.kind,
+            Some(
+                RequestType::Out
+                    | RequestType::Discard
+                    | RequestType::WriteZeroes
+                    | RequestType::Flush
+            )
+        )
+    }
+
+    /// The byte range a write-type request changes (None for other requests).
+    pub fn write_range(&self) -> Option<(u64, u64)> {
+        match self.kind? {
+            RequestType::Out => Some((self.offset, self.data_len)),
+            RequestType::Discard | RequestType::WriteZeroes => {
+                self.ranges.first().map(|r| (r.offset, r.len))
+            }
+            _ => None,
+        }
+    }
+
     /// Parses `chain` into `self`. On error, `self.status` still says where the status byte
     /// goes (if the chain has one), so the caller can report the failure to the guest.
     pub fn parse<M>(

@@ -18,11 +18,13 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::blk_config::{DeviceModel, ID_BYTES, SECTOR_SIZE};
 use crate::config::ServeConfig;
-use mirror_proto::control::{self, Handler};
 use crate::device::{BlkBackend, Device};
 use crate::disk::{DiskError, RawImage};
 use crate::executor::chain;
+use crate::replication::out_of_sync::SyncStateError;
+use crate::replication::Mirror;
 use crate::stats;
+use mirror_proto::control::{self, Handler};
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -48,6 +50,10 @@ pub enum ServeError {
     Signals(#[source] io::Error),
     #[error("cannot start the vhost-user daemon: {0}")]
     Daemon(String),
+    #[error("replication metadata")]
+    Replication(#[from] SyncStateError),
+    #[error("cannot start the replication thread")]
+    Thread(#[source] io::Error),
 }
 
 /// Makes sure `path` can be bound: refuses a path a live server listens on or a non-socket,
@@ -105,7 +111,7 @@ struct ServerState {
 impl ServerState {
     fn status(&self) -> serde_json::Value {
         let c = stats::snapshot(&self.dev.counters);
-        json!({
+        let mut v = json!({
             "image": self.config.image.display().to_string(),
             "capacity_bytes": self.dev.model.capacity_sectors * SECTOR_SIZE,
             "num_queues": self.dev.model.num_queues,
@@ -125,7 +131,13 @@ impl ServerState {
             "bytes_written": c.bytes_written,
             "errors": c.errors,
             "unsupported": c.unsupported,
-        })
+        });
+        if let (Some(m), Some(obj)) = (&self.dev.mirror, v.as_object_mut()) {
+            if let serde_json::Value::Object(r) = m.status() {
+                obj.extend(r);
+            }
+        }
+        v
     }
 }
 
@@ -138,7 +150,16 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         queue_size: config.queue_size,
         readonly: config.readonly,
     };
-    let dev = Arc::new(Device::new(disk.clone(), model, device_id(&config.image)));
+    let mirror = match &config.mirror {
+        Some(mc) => Some(Mirror::new(mc.clone(), disk.clone())?),
+        None => None,
+    };
+    let dev = Arc::new(Device::new(
+        disk.clone(),
+        model,
+        device_id(&config.image),
+        mirror.clone(),
+    ));
 
     claim_socket_path(&config.socket)?;
     let control_listener = match &config.control {
@@ -172,6 +193,9 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         control::spawn_server(l, f).map_err(ServeError::Signals)?;
     }
     spawn_signal_handler(state.clone())?;
+    if let Some(m) = &mirror {
+        m.spawn_manager().map_err(ServeError::Thread)?;
+    }
 
     info!(
         "serving {} ({} bytes, {} queue(s) of {}, {}) on {}",
@@ -230,6 +254,9 @@ fn spawn_signal_handler(state: Arc<ServerState>) -> Result<(), ServeError> {
                         1
                     }
                 };
+                if let Some(m) = &state.dev.mirror {
+                    m.shutdown();
+                }
                 for p in std::iter::once(&state.config.socket).chain(state.config.control.iter()) {
                     if let Err(e) = std::fs::remove_file(p) {
                         warn!("cannot remove {}: {e}", p.display());

@@ -1,0 +1,463 @@
+//! One authenticated TCP connection to the replica in its data phase: many requests in flight,
+//! matched to replies by sequence number.
+//!
+//! Writers append encoded frames to one send buffer under a short lock; a sender thread writes
+//! whatever accumulated with one syscall (natural batching); a receiver thread completes the
+//! waiters. When the link dies, every range the replica may lack (requests without a reply,
+//! and writes since the replica's last completed flush) is handed to `on_down` before any
+//! waiter learns of the failure, so the caller can record them as out of sync first.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use mirror_proto::conn::{ConnError, FrameReader};
+use mirror_proto::frame::{self, AckStatus, Frame, MAX_DATA};
+
+/// A request that got no reply for this long kills the link.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// An idle link sends a Ping this often.
+pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What a request got back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Ack(AckStatus),
+    Data(Vec<u8>),
+}
+
+/// The link went down before the reply arrived.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkDown;
+
+/// Where one reply is delivered.
+#[derive(Debug, Default)]
+pub struct Waiter {
+    slot: Mutex<Option<Result<Reply, LinkDown>>>,
+    ready: Condvar,
+}
+
+impl Waiter {
+    fn complete(&self, r: Result<Reply, LinkDown>) {
+        let mut g = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        *g = Some(r);
+        drop(g);
+        self.ready.notify_all();
+    }
+
+    /// Blocks until the reply (or the link's death) arrives.
+    pub fn wait(&self) -> Result<Reply, LinkDown> {
+        let mut g = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = g.take() {
+                return r;
+            }
+            g = self.ready.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Link counters, kept across reconnects.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub write_acks: AtomicU64,
+    pub write_latency_ns: AtomicU64,
+    /// Exponentially weighted average write round trip, ns.
+    pub write_latency_ewma_ns: AtomicU64,
+}
+
+impl LinkStats {
+    fn record_write_latency(&self, d: Duration) {
+        let ns = d.as_nanos() as u64;
+        self.write_acks.fetch_add(1, Ordering::Relaxed);
+        self.write_latency_ns.fetch_add(ns, Ordering::Relaxed);
+        let old = self.write_latency_ewma_ns.load(Ordering::Relaxed);
+        let new = if old == 0 { ns } else { (old * 15 + ns) / 16 };
+        self.write_latency_ewma_ns.store(new, Ordering::Relaxed);
+    }
+
+    /// Average write round trip in microseconds (0 before the first write).
+    pub fn avg_write_latency_us(&self) -> u64 {
+        let n = self.write_acks.load(Ordering::Relaxed);
+        self.write_latency_ns
+            .load(Ordering::Relaxed)
+            .checked_div(n)
+            .unwrap_or(0)
+            / 1000
+    }
+}
+
+struct Pending {
+    waiter: Option<Arc<Waiter>>,
+    /// Byte range of a write-type request, to mark if the reply never comes.
+    range: Option<(u64, u64)>,
+    sent: Instant,
+    is_flush: bool,
+}
+
+struct Out {
+    buf: Vec<u8>,
+    next_seq: u64,
+    alive: bool,
+    pending: HashMap<u64, Pending>,
+    /// Writes sent since the last flush was sent: the replica has them only in its cache.
+    unflushed: Vec<(u64, u64)>,
+    /// Flushes in flight, oldest first, each with the writes it will make durable.
+    flushing: Vec<(u64, Vec<(u64, u64)>)>,
+    last_send: Instant,
+}
+
+/// Called with the ranges the replica may lack, when the link dies.
+pub type OnDown = Box<dyn Fn(&[(u64, u64)], &str) + Send + Sync>;
+
+pub struct Link {
+    out: Mutex<Out>,
+    wake_sender: Condvar,
+    stream: TcpStream,
+    stats: Arc<LinkStats>,
+    on_down: OnDown,
+    dead: Mutex<Option<String>>,
+    died: Condvar,
+}
+
+/// A request of the data phase.
+pub enum Request<'a> {
+    Discard {
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    },
+    Flush,
+    Read {
+        offset: u64,
+        len: u32,
+    },
+    SyncStart {
+        full: bool,
+        bytes: u64,
+    },
+    SyncDone {
+        generation: u64,
+    },
+    Write {
+        offset: u64,
+        data: &'a [u8],
+        resync: bool,
+    },
+}
+
+impl Link {
+    /// Starts the sender and receiver threads on an authenticated, attached stream.
+    pub fn start(
+        stream: TcpStream,
+        reader: FrameReader<TcpStream>,
+        stats: Arc<LinkStats>,
+        on_down: OnDown,
+    ) -> std::io::Result<Arc<Link>> {
+        stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let link = Arc::new(Link {
+            out: Mutex::new(Out {
+                buf: Vec::with_capacity(1 << 20),
+                next_seq: 1,
+                alive: true,
+                pending: HashMap::new(),
+                unflushed: Vec::new(),
+                flushing: Vec::new(),
+                last_send: Instant::now(),
+            }),
+            wake_sender: Condvar::new(),
+            stream: stream.try_clone()?,
+            stats,
+            on_down,
+            dead: Mutex::new(None),
+            died: Condvar::new(),
+        });
+        let l = link.clone();
+        std::thread::Builder::new()
+            .name("link-send".into())
+            .spawn(move || l.send_loop(stream))?;
+        let l = link.clone();
+        std::thread::Builder::new()
+            .name("link-recv".into())
+            .spawn(move || l.recv_loop(reader))?;
+        Ok(link)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Out> {
+        self.out.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.lock().alive
+    }
+
+    /// Queues a write whose data `fill` appends to the send buffer (one copy, straight from
+    /// its source). `len` must be at most [`MAX_DATA`].
+    pub fn send_write_with(
+        &self,
+        offset: u64,
+        len: u64,
+        resync: bool,
+        fill: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<Arc<Waiter>, LinkDown> {
+        debug_assert!(len as usize <= MAX_DATA);
+        let mut g = self.lock();
+        if !g.alive {
+            return Err(LinkDown);
+        }
+        let seq = g.next_seq;
+        g.next_seq += 1;
+        let start = frame::begin_write(&mut g.buf, seq, offset);
+        fill(&mut g.buf);
+        frame::finish_write(&mut g.buf, start, resync);
+        push_range(&mut g.unflushed, offset, len);
+        let w = Arc::new(Waiter::default());
+        g.pending.insert(
+            seq,
+            Pending {
+                waiter: Some(w.clone()),
+                range: Some((offset, len)),
+                sent: Instant::now(),
+                is_flush: false,
+            },
+        );
+        drop(g);
+        self.wake_sender.notify_one();
+        Ok(w)
+    }
+
+    /// Queues a request.
+    pub fn send(&self, req: Request<'_>) -> Result<Arc<Waiter>, LinkDown> {
+        let (frame, range) = match req {
+            Request::Discard { offset, len } => {
+                (Frame::Discard { offset, len }, Some((offset, len)))
+            }
+            Request::WriteZeroes { offset, len, unmap } => (
+                Frame::WriteZeroes { offset, len, unmap },
+                Some((offset, len)),
+            ),
+            Request::Flush => (Frame::Flush, None),
+            Request::Read { offset, len } => (Frame::Read { offset, len }, None),
+            Request::SyncStart { full, bytes } => (Frame::SyncStart { full, bytes }, None),
+            Request::SyncDone { generation } => (Frame::SyncDone { generation }, None),
+            Request::Write {
+                offset,
+                data,
+                resync,
+            } => (
+                Frame::Write {
+                    offset,
+                    resync,
+                    data,
+                },
+                Some((offset, data.len() as u64)),
+            ),
+        };
+        let is_flush = matches!(frame, Frame::Flush);
+        let mut g = self.lock();
+        if !g.alive {
+            return Err(LinkDown);
+        }
+        let seq = g.next_seq;
+        g.next_seq += 1;
+        frame::encode(seq, &frame, &mut g.buf);
+        if let Some((o, l)) = range {
+            push_range(&mut g.unflushed, o, l);
+        }
+        if is_flush {
+            let covered = std::mem::take(&mut g.unflushed);
+            g.flushing.push((seq, covered));
+        }
+        let w = Arc::new(Waiter::default());
+        g.pending.insert(
+            seq,
+            Pending {
+                waiter: Some(w.clone()),
+                range,
+                sent: Instant::now(),
+                is_flush,
+            },
+        );
+        drop(g);
+        self.wake_sender.notify_one();
+        Ok(w)
+    }
+
+    /// Sends Goodbye (after the caller made sure nothing is in flight) and closes.
+    pub fn goodbye(&self) {
+        let mut g = self.lock();
+        if g.alive {
+            frame::encode(0, &Frame::Goodbye, &mut g.buf);
+        }
+        drop(g);
+        self.wake_sender.notify_one();
+        // Give the sender a moment to put it on the wire.
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < deadline && !self.lock().buf.is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Tears the link down (idempotent): marks what the replica may lack, fails every waiter.
+    pub fn fail(&self, reason: &str) {
+        let mut g = self.lock();
+        if !g.alive {
+            return;
+        }
+        g.alive = false;
+        let pending: Vec<Pending> = g.pending.drain().map(|(_, p)| p).collect();
+        let mut ranges: Vec<(u64, u64)> = pending.iter().filter_map(|p| p.range).collect();
+        ranges.append(&mut g.unflushed);
+        for (_, mut r) in g.flushing.drain(..) {
+            ranges.append(&mut r);
+        }
+        g.buf.clear();
+        drop(g);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        warn!("replication link down: {reason}");
+        (self.on_down)(&ranges, reason);
+        for p in pending {
+            if let Some(w) = p.waiter {
+                w.complete(Err(LinkDown));
+            }
+        }
+        *self.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_owned());
+        self.died.notify_all();
+        self.wake_sender.notify_all();
+    }
+
+    /// Blocks until the link is dead; returns why.
+    pub fn wait_dead(&self) -> String {
+        let mut g = self.dead.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(r) = g.as_ref() {
+                return r.clone();
+            }
+            g = self.died.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    fn send_loop(self: Arc<Self>, mut stream: TcpStream) {
+        let mut spare = Vec::with_capacity(1 << 20);
+        loop {
+            let mut g = self.lock();
+            while g.alive && g.buf.is_empty() {
+                let idle = g.last_send.elapsed();
+                if idle >= PING_INTERVAL {
+                    let seq = g.next_seq;
+                    g.next_seq += 1;
+                    let nanos = idle.as_nanos() as u64;
+                    frame::encode(seq, &Frame::Ping { nanos }, &mut g.buf);
+                    g.pending.insert(
+                        seq,
+                        Pending {
+                            waiter: None,
+                            range: None,
+                            sent: Instant::now(),
+                            is_flush: false,
+                        },
+                    );
+                    break;
+                }
+                g = self
+                    .wake_sender
+                    .wait_timeout(g, PING_INTERVAL - idle)
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|p| p.into_inner().0);
+            }
+            if !g.alive {
+                return;
+            }
+            std::mem::swap(&mut g.buf, &mut spare);
+            g.last_send = Instant::now();
+            drop(g);
+            if let Err(e) = stream.write_all(&spare) {
+                self.fail(&format!("send failed: {e}"));
+                return;
+            }
+            self.stats
+                .bytes_sent
+                .fetch_add(spare.len() as u64, Ordering::Relaxed);
+            spare.clear();
+            if spare.capacity() > 8 << 20 {
+                spare.shrink_to(1 << 20);
+            }
+        }
+    }
+
+    fn recv_loop(self: Arc<Self>, mut reader: FrameReader<TcpStream>) {
+        let reason = loop {
+            let d = match reader.read_frame() {
+                Ok(d) => d,
+                Err(e) if e.is_timeout() => {
+                    let g = self.lock();
+                    if !g.alive {
+                        return;
+                    }
+                    let stuck = g.pending.values().any(|p| p.sent.elapsed() > REPLY_TIMEOUT);
+                    drop(g);
+                    if stuck {
+                        break format!("no reply from the replica for {REPLY_TIMEOUT:?}");
+                    }
+                    continue;
+                }
+                Err(ConnError::Closed) => break "replica closed the connection".to_owned(),
+                Err(e) => break mirror_proto::conn::error_chain(&e),
+            };
+            self.stats
+                .bytes_received
+                .fetch_add(d.consumed as u64, Ordering::Relaxed);
+            let seq = d.seq;
+            let reply = match d.frame {
+                Frame::Ack { status } => Reply::Ack(status),
+                Frame::ReadData { data } => Reply::Data(data.to_vec()),
+                Frame::Pong { .. } => Reply::Ack(AckStatus::Ok),
+                Frame::Refuse { reason, .. } => break format!("replica refused: {reason}"),
+                other => break format!("unexpected {} frame from the replica", other.name()),
+            };
+            let mut g = self.lock();
+            let Some(p) = g.pending.remove(&seq) else {
+                drop(g);
+                break format!("reply for unknown request {seq}");
+            };
+            if p.is_flush {
+                // The flush made every write sent before it durable: drop those ranges.
+                if let Some(i) = g.flushing.iter().position(|(s, _)| *s == seq) {
+                    g.flushing.drain(..=i);
+                }
+            }
+            drop(g);
+            if p.range.is_some() && reply == Reply::Ack(AckStatus::Ok) {
+                self.stats.record_write_latency(p.sent.elapsed());
+            }
+            if let Some(w) = p.waiter {
+                w.complete(Ok(reply));
+            }
+        };
+        if self.is_alive() {
+            info!("replication link: {reason}");
+        }
+        self.fail(&reason);
+    }
+}
+
+/// Appends a range, merging it with the last one when they touch.
+fn push_range(v: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
+    if let Some(last) = v.last_mut() {
+        if last.0 + last.1 == offset {
+            last.1 += len;
+            return;
+        }
+    }
+    v.push((offset, len));
+}

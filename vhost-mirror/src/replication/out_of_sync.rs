@@ -1,0 +1,235 @@
+//! What the replica may be missing: the persistent out-of-sync bitmap and the generation
+//! bookkeeping that goes with it (`IMG.meta`, `IMG.bitmap`).
+//!
+//! Rule: the first time a region is marked while the bitmap is clear, the primary starts a new
+//! generation and remembers the old one as the bitmap's base (the generation the replica has).
+//! A mark is durable before the write it covers is issued.
+
+use std::path::{Path, PathBuf};
+
+use log::{info, warn};
+use mirror_proto::auth::random_id;
+use mirror_proto::bitmap::{Bitmap, REGION_SIZE};
+use mirror_proto::frame::{DiskState, NodeInfo, Role};
+use mirror_proto::generation::push_history;
+use mirror_proto::meta::{self, BitmapFile, Meta, MetaError, META_FORMAT};
+use thiserror::Error;
+
+pub const MAX_HISTORY: usize = 16;
+
+#[derive(Debug, Error)]
+pub enum SyncStateError {
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("cannot create an identifier")]
+    Random(#[source] mirror_proto::auth::AuthError),
+    #[error("{path} describes an image of {recorded} bytes, but the image has {actual} bytes")]
+    SizeChanged {
+        path: PathBuf,
+        recorded: u64,
+        actual: u64,
+    },
+    #[error("{0} is a secondary's image (run `access-node promote` first, or remove its .meta to start afresh)")]
+    NotPrimary(PathBuf),
+}
+
+/// The primary's replication state for one image.
+#[derive(Debug)]
+pub struct SyncState {
+    image: PathBuf,
+    size: u64,
+    pub meta: Meta,
+    pub bitmap: Bitmap,
+    file: BitmapFile,
+    scratch: Vec<usize>,
+}
+
+impl SyncState {
+    /// Loads (or creates) the metadata and bitmap beside `image`.
+    pub fn open(image: &Path, size: u64) -> Result<Self, SyncStateError> {
+        let meta = match meta::load(image)? {
+            Some(m) => {
+                if m.size != size {
+                    return Err(SyncStateError::SizeChanged {
+                        path: meta::meta_path(image),
+                        recorded: m.size,
+                        actual: size,
+                    });
+                }
+                if m.role != Role::Primary {
+                    return Err(SyncStateError::NotPrimary(image.to_owned()));
+                }
+                m
+            }
+            None => {
+                let m = Meta {
+                    format: META_FORMAT,
+                    node_id: random_id().map_err(SyncStateError::Random)?,
+                    size,
+                    role: Role::Primary,
+                    disk_state: DiskState::UpToDate,
+                    generation: random_id().map_err(SyncStateError::Random)?,
+                    bitmap_generation: 0,
+                    history: Vec::new(),
+                };
+                meta::save(image, &m)?;
+                info!(
+                    "created {} (generation {:016x})",
+                    meta::meta_path(image).display(),
+                    m.generation
+                );
+                m
+            }
+        };
+        let had_bitmap = meta::bitmap_path(image).exists();
+        let (file, mut bitmap) = BitmapFile::open_or_create(image, size)?;
+        if !had_bitmap && meta.bitmap_generation != 0 {
+            warn!(
+                "bitmap of {} is missing: every region is out of sync",
+                image.display()
+            );
+            bitmap.set_all();
+            file.persist_all(&bitmap)?;
+        }
+        Ok(SyncState {
+            image: image.to_owned(),
+            size,
+            meta,
+            bitmap,
+            file,
+            scratch: Vec::new(),
+        })
+    }
+
+    pub fn out_of_sync_bytes(&self) -> u64 {
+        self.bitmap.bytes(self.size)
+    }
+
+    /// Our side of the handshake.
+    pub fn node_info(&self, flags: u32) -> NodeInfo {
+        NodeInfo {
+            node_id: self.meta.node_id,
+            size: self.size,
+            role: Role::Primary,
+            disk_state: self.meta.disk_state,
+            generation: self.meta.generation,
+            bitmap_generation: self.meta.bitmap_generation,
+            history: self.meta.history.clone(),
+            flags,
+        }
+    }
+
+    /// Marks a byte range out of sync, durably. Starts a new generation if the bitmap was
+    /// clear (the replica had everything until now).
+    pub fn mark(&mut self, offset: u64, len: u64) -> Result<(), SyncStateError> {
+        let was_clear = self.bitmap.is_clear();
+        self.scratch.clear();
+        self.bitmap.set_range(offset, len, &mut self.scratch);
+        if self.scratch.is_empty() {
+            return Ok(());
+        }
+        if was_clear {
+            self.new_generation_for_bitmap(self.meta.generation)?;
+        }
+        self.file.persist_words(&self.bitmap, &self.scratch)?;
+        Ok(())
+    }
+
+    /// Marks everything out of sync relative to the replica's generation (full sync).
+    pub fn mark_all(&mut self, replica_generation: u64) -> Result<(), SyncStateError> {
+        self.bitmap.set_all();
+        if self.meta.bitmap_generation != replica_generation {
+            self.new_generation_for_bitmap(replica_generation)?;
+        }
+        self.file.persist_all(&self.bitmap)?;
+        Ok(())
+    }
+
+    fn new_generation_for_bitmap(&mut self, base: u64) -> Result<(), SyncStateError> {
+        let old = self.meta.generation;
+        push_history(&mut self.meta.history, old, MAX_HISTORY);
+        self.meta.generation = random_id().map_err(SyncStateError::Random)?;
+        self.meta.bitmap_generation = base;
+        meta::save(&self.image, &self.meta)?;
+        info!(
+            "new generation {:016x} (replica may lack writes since {:016x})",
+            self.meta.generation, base
+        );
+        Ok(())
+    }
+
+    /// Clears the regions of a copied range (persisted lazily by [`SyncState::persist`]).
+    pub fn clear_regions(&mut self, first: u64, count: u64) {
+        for r in first..first + count {
+            self.bitmap.clear(r);
+        }
+    }
+
+    pub fn persist(&self) -> Result<(), SyncStateError> {
+        Ok(self.file.persist_all(&self.bitmap)?)
+    }
+
+    /// The replica caught up: the bitmap is clear and has no base generation any more.
+    pub fn resync_finished(&mut self) -> Result<(), SyncStateError> {
+        self.persist()?;
+        if self.meta.bitmap_generation != 0 {
+            self.meta.bitmap_generation = 0;
+            meta::save(&self.image, &self.meta)?;
+        }
+        Ok(())
+    }
+}
+
+/// Byte range of regions `[first, first + count)`, clamped to the image.
+pub fn region_bytes(first: u64, count: u64, size: u64) -> (u64, u64) {
+    let start = first * REGION_SIZE;
+    let end = ((first + count) * REGION_SIZE).min(size);
+    (start, end.saturating_sub(start))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_mark_starts_a_generation_and_survives_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let size = 64 * REGION_SIZE;
+        let mut s = SyncState::open(&img, size).unwrap();
+        let g0 = s.meta.generation;
+        s.mark(REGION_SIZE * 3, 10).unwrap();
+        let g1 = s.meta.generation;
+        assert_ne!(g0, g1);
+        assert_eq!(s.meta.bitmap_generation, g0);
+        assert_eq!(s.meta.history, vec![g0]);
+        s.mark(REGION_SIZE * 5, 10).unwrap();
+        assert_eq!(
+            s.meta.generation, g1,
+            "no new generation while the bitmap is dirty"
+        );
+        assert_eq!(s.out_of_sync_bytes(), 2 * REGION_SIZE);
+        drop(s);
+        let mut s = SyncState::open(&img, size).unwrap();
+        assert_eq!(s.meta.generation, g1);
+        assert_eq!(s.bitmap.count(), 2);
+        s.clear_regions(3, 1);
+        s.clear_regions(5, 1);
+        s.resync_finished().unwrap();
+        drop(s);
+        let s = SyncState::open(&img, size).unwrap();
+        assert!(s.bitmap.is_clear());
+        assert_eq!(s.meta.bitmap_generation, 0);
+    }
+
+    #[test]
+    fn size_change_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        SyncState::open(&img, 1 << 20).unwrap();
+        assert!(matches!(
+            SyncState::open(&img, 2 << 20),
+            Err(SyncStateError::SizeChanged { .. })
+        ));
+    }
+}

@@ -1,0 +1,299 @@
+//! The connection manager: keeps trying to reach the replica, authenticates, compares
+//! generations, hands the link to the write path and runs resync; on a disconnect it starts
+//! over with backoff. "What happens on a disconnect" starts here and in `link.rs` (`fail`).
+
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use log::{info, warn};
+use mirror_proto::auth;
+use mirror_proto::conn::{self, error_chain, ConnError, FrameReader};
+use mirror_proto::frame::{DiskState, Frame, NodeInfo, RefuseCode};
+use mirror_proto::generation::{decide, SyncDecision};
+use thiserror::Error;
+
+use super::link::Link;
+use super::{resync, Mirror, PeerState};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Error)]
+pub enum HandshakeError {
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error("cannot connect to {addr}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("link I/O")]
+    Conn(#[from] ConnError),
+    #[error("authentication failed: {0}")]
+    Auth(String),
+    #[error("refused by the replica: {reason}")]
+    Refused { code: RefuseCode, reason: String },
+    #[error("replica image is {replica} bytes, ours is {ours} bytes")]
+    SizeMismatch { replica: u64, ours: u64 },
+    #[error("cannot make a nonce")]
+    Nonce(#[source] auth::AuthError),
+}
+
+/// Runs forever (until the process exits).
+pub fn run(m: Arc<Mirror>) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        if m.stopping.load(Ordering::Relaxed) {
+            return;
+        }
+        match connect(&m) {
+            Ok((stream, reader, replica)) => {
+                backoff = BACKOFF_MIN;
+                serve_link(&m, stream, reader, replica);
+            }
+            Err(e) => {
+                let msg = error_chain(&e);
+                let (state, wait) = match &e {
+                    HandshakeError::Auth(_) => (PeerState::AuthFailed, BACKOFF_MAX),
+                    HandshakeError::Refused {
+                        code: RefuseCode::AuthFailed,
+                        ..
+                    } => (PeerState::AuthFailed, BACKOFF_MAX),
+                    HandshakeError::Refused {
+                        code: RefuseCode::SplitBrain,
+                        ..
+                    } => (PeerState::SplitBrain, BACKOFF_MAX),
+                    HandshakeError::Refused { .. } | HandshakeError::SizeMismatch { .. } => {
+                        (PeerState::Refused, BACKOFF_MAX)
+                    }
+                    _ => (PeerState::Disconnected, backoff),
+                };
+                let (prev_state, prev_reason) = {
+                    let s = m.status_lock();
+                    (s.state, s.reason.clone())
+                };
+                if state != prev_state || prev_reason.as_deref() != Some(msg.as_str()) {
+                    if state == PeerState::Disconnected {
+                        info!("replica {} not reachable (retrying): {msg}", m.cfg.peer);
+                    } else {
+                        warn!("replica {}: {msg}", m.cfg.peer);
+                    }
+                }
+                m.set_peer(state, Some(msg));
+                std::thread::sleep(wait);
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// Connects, authenticates both ways, and exchanges node information.
+fn connect(m: &Mirror) -> Result<(TcpStream, FrameReader<TcpStream>, NodeInfo), HandshakeError> {
+    let addr = m
+        .cfg
+        .peer
+        .to_socket_addrs()
+        .map_err(|_| HandshakeError::Resolve(m.cfg.peer.clone()))?
+        .next()
+        .ok_or_else(|| HandshakeError::Resolve(m.cfg.peer.clone()))?;
+    let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|source| {
+        HandshakeError::Connect {
+            addr: m.cfg.peer.clone(),
+            source,
+        }
+    })?;
+    let io = |e| HandshakeError::Conn(ConnError::Io(e));
+    stream.set_nodelay(true).map_err(io)?;
+    stream
+        .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(io)?;
+    let mut reader = FrameReader::new(stream.try_clone().map_err(io)?);
+    let secret = &m.cfg.secret;
+
+    let pn = auth::nonce().map_err(HandshakeError::Nonce)?;
+    conn::send(&mut stream, 0, &Frame::Hello { nonce: pn })?;
+    let rn = match reader.read_frame()?.frame {
+        Frame::Challenge { nonce, mac } => {
+            if !secret.verify_replica(&pn, &nonce, &mac) {
+                let _ = conn::send(
+                    &mut stream,
+                    0,
+                    &Frame::Refuse {
+                        code: RefuseCode::AuthFailed,
+                        reason: "replica could not prove the shared secret",
+                    },
+                );
+                return Err(HandshakeError::Auth(
+                    "the replica does not know the shared secret".into(),
+                ));
+            }
+            nonce
+        }
+        Frame::Refuse { code, reason } => return Err(refused(code, reason)),
+        f => return Err(ConnError::Unexpected(f.name()).into()),
+    };
+    conn::send(
+        &mut stream,
+        0,
+        &Frame::Auth {
+            mac: secret.primary_proof(&pn, &rn),
+        },
+    )?;
+    match reader.read_frame()?.frame {
+        Frame::AuthOk => {}
+        Frame::Refuse { code, reason } => return Err(refused(code, reason)),
+        f => return Err(ConnError::Unexpected(f.name()).into()),
+    }
+    let ours = m.sync_state().node_info(0);
+    conn::send(&mut stream, 0, &Frame::Attach(ours.clone()))?;
+    let replica = match reader.read_frame()?.frame {
+        Frame::Attached(info) => info,
+        Frame::Refuse { code, reason } => return Err(refused(code, reason)),
+        f => return Err(ConnError::Unexpected(f.name()).into()),
+    };
+    if replica.size != 0 && replica.size != ours.size {
+        let reason = format!(
+            "replica image is {} bytes, primary image is {} bytes",
+            replica.size, ours.size
+        );
+        let _ = conn::send(
+            &mut stream,
+            0,
+            &Frame::Refuse {
+                code: RefuseCode::SizeMismatch,
+                reason: &reason,
+            },
+        );
+        return Err(HandshakeError::SizeMismatch {
+            replica: replica.size,
+            ours: ours.size,
+        });
+    }
+    Ok((stream, reader, replica))
+}
+
+fn refused(code: RefuseCode, reason: &str) -> HandshakeError {
+    match code {
+        RefuseCode::AuthFailed => HandshakeError::Auth(format!("replica says: {reason}")),
+        _ => HandshakeError::Refused {
+            code,
+            reason: reason.to_owned(),
+        },
+    }
+}
+
+/// Decides what the attached replica needs, then runs the link until it dies.
+fn serve_link(
+    m: &Arc<Mirror>,
+    mut stream: TcpStream,
+    reader: FrameReader<TcpStream>,
+    replica: NodeInfo,
+) {
+    let ours = m.sync_state().node_info(0);
+    let decision = decide(&ours, &replica);
+    info!(
+        "replica {} attached: generation {:016x} ({}), ours {:016x}: {:?}",
+        m.cfg.peer,
+        replica.generation,
+        replica.disk_state.as_str(),
+        ours.generation,
+        decision
+    );
+    {
+        let mut s = m.status_lock();
+        s.peer_generation = Some(replica.generation);
+        s.peer_disk = Some(replica.disk_state);
+    }
+    let mut refuse = |code, state, reason: String| {
+        let _ = conn::send(
+            &mut stream,
+            0,
+            &Frame::Refuse {
+                code,
+                reason: &reason,
+            },
+        );
+        warn!("replica {}: {reason}", m.cfg.peer);
+        m.set_peer(state, Some(reason));
+        std::thread::sleep(BACKOFF_MAX);
+    };
+    match decision {
+        SyncDecision::SplitBrain => {
+            return refuse(
+                RefuseCode::SplitBrain,
+                PeerState::SplitBrain,
+                format!(
+                    "split brain: both sides wrote since they last agreed (ours {:016x}, replica {:016x}); nothing overwritten",
+                    ours.generation, replica.generation
+                ),
+            )
+        }
+        SyncDecision::PeerNewer => {
+            return refuse(
+                RefuseCode::Other,
+                PeerState::Refused,
+                format!(
+                    "the replica has newer data (generation {:016x}) than this primary ({:016x}); not overwriting it",
+                    replica.generation, ours.generation
+                ),
+            )
+        }
+        _ => {}
+    }
+    let mm = m.clone();
+    let on_down = Box::new(move |ranges: &[(u64, u64)], reason: &str| {
+        for &(o, l) in ranges {
+            if let Err(e) = mm.mark(o, l) {
+                log::error!("cannot record out-of-sync range: {}", error_chain(&e));
+            }
+        }
+        mm.set_peer(PeerState::Disconnected, Some(reason.to_owned()));
+        mm.notify_changed();
+    });
+    let link = match stream
+        .try_clone()
+        .and_then(|s| Link::start(s, reader, m.stats.clone(), on_down))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            warn!("cannot start the link: {e}");
+            return;
+        }
+    };
+    if decision == SyncDecision::Full {
+        if let Err(e) = m.sync_state().mark_all(replica.generation) {
+            log::error!("cannot record a full sync: {}", error_chain(&e));
+            link.fail("cannot record a full sync");
+            return;
+        }
+    }
+    m.set_peer(PeerState::Connected, None);
+    if decision == SyncDecision::InSync && m.sync_state().bitmap.is_clear() {
+        m.status_lock().peer_disk = Some(DiskState::UpToDate);
+    }
+    m.publish(Some(link.clone()));
+    info!("replicating to {}", m.cfg.peer);
+    // Copy whatever is out of sync (also regions marked while we were connecting), then watch.
+    let full = decision == SyncDecision::Full;
+    let mut first = true;
+    while link.is_alive() {
+        if !m.sync_state().bitmap.is_clear() {
+            if let Err(e) = resync::run(m, &link, full && first) {
+                warn!("resync stopped: {}", error_chain(&e));
+            }
+            first = false;
+        } else {
+            m.wait_changed();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let reason = link.wait_dead();
+    m.publish(None);
+    m.status_lock().resyncing = false;
+    info!("replica {} detached: {reason}", m.cfg.peer);
+}
