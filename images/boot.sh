@@ -4,16 +4,25 @@
 #
 #   images/boot.sh --dir OUTDIR --socket SOCK --http-port PORT [--num-queues N] [--mem 256M]
 #                  [--smp N] [--serial LOGFILE] [--accel auto|tcg|kvm] [--extra-append STR]
+#                  [--firmware]
 #
 # The guest's HTTP server (port 80) is forwarded to 127.0.0.1:PORT on the host (loopback only).
 # Without --serial the serial console goes to stdout (interactive: Ctrl-A x quits QEMU).
 # The last step execs qemu-system-x86_64, so the caller's child PID is QEMU's PID.
 #
-# Why direct kernel boot (-kernel/-initrd) instead of firmware boot from the disk:
-# booting an MBR + syslinux disk through SeaBIOS stalled right after "Booting from 0000:7c00"
-# when the disk was qemu-storage-daemon's vhost-user-blk export (7.2 and 10.0.2; the same disk
-# booted fine as a plain -drive if=virtio). Direct kernel boot works and still puts the whole
-# root filesystem on the vhost-user-blk disk. See /work/shared/ENVIRONMENT.md.
+# Why direct kernel boot (-kernel/-initrd) by default: it is the fast path, and the whole root
+# filesystem is still on the vhost-user-blk disk. Firmware boot through SeaBIOS works only with a
+# boot loader that never runs code the backend read into memory where code already ran: under
+# TCG, QEMU does not see the backend's writes to guest RAM and keeps its stale translation, so a
+# syslinux/DOS-style MBR that chainloads the partition boot sector to 0x7c00 re-runs the MBR and
+# hangs after "Booting from 0000:7c00" (any backend, qemu-storage-daemon too). Details and
+# evidence: images/README.md, "Why direct kernel boot, and firmware boot".
+#
+# --firmware: boot from the disk instead, as a real VM does (no -kernel/-initrd/-append):
+# SeaBIOS -> MBR -> GRUB -> /boot/vmlinuz on /dev/vda1. The backend must serve (a copy of)
+# OUTDIR/boot-disk.raw, made by `images/build.sh --firmware OUTDIR`; the kernel command line is
+# built into that disk, so --extra-append is refused. GRUB's boot.img copies core.img with the
+# CPU and GRUB reads files through its own buffers, so it avoids the stale-translation trap.
 #
 # --accel auto (default): TCG unless a short probe boot (-accel kvm, kernel flag vmprobe=1,
 # no disk, 20 s timeout) prints VM-PROBE-OK. The result is cached in OUTDIR/kvm-probe.result.
@@ -22,11 +31,11 @@ set -euo pipefail
 
 die() { echo "boot.sh: $*" >&2; exit 1; }
 usage() {
-    sed -n '5,6p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '5,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
-DIR= SOCK= PORT= QUEUES=1 MEM=256M SMP=1 SERIAL= ACCEL=auto EXTRA=
+DIR= SOCK= PORT= QUEUES=1 MEM=256M SMP=1 SERIAL= ACCEL=auto EXTRA= FIRMWARE=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --dir) DIR=${2:?}; shift 2 ;;
@@ -38,6 +47,7 @@ while [ $# -gt 0 ]; do
         --serial) SERIAL=${2:?}; shift 2 ;;
         --accel) ACCEL=${2:?}; shift 2 ;;
         --extra-append) EXTRA=${2?}; shift 2 ;;
+        --firmware) FIRMWARE=1; shift ;;
         -h|--help) usage ;;
         *) echo "boot.sh: unknown argument $1" >&2; usage ;;
     esac
@@ -46,6 +56,8 @@ done
 case "$PORT" in *[!0-9]*|"") die "--http-port must be a number" ;; esac
 case "$QUEUES" in *[!0-9]*|""|0) die "--num-queues must be a positive number" ;; esac
 case "$ACCEL" in auto|tcg|kvm) ;; *) die "--accel must be auto, tcg or kvm" ;; esac
+[ "$FIRMWARE" = 0 ] || [ -z "$EXTRA" ] \
+    || die "--extra-append does not work with --firmware (the command line is in boot-disk.raw)"
 
 QEMU=${QEMU:-qemu-system-x86_64}
 command -v "$QEMU" >/dev/null 2>&1 \
@@ -97,6 +109,11 @@ else
 fi
 
 APPEND="console=ttyS0 root=/dev/vda rw panic=-1 ${EXTRA}"
+if [ "$FIRMWARE" = 1 ]; then
+    kernel_args=()  # SeaBIOS boots the disk (bootindex=1): MBR -> GRUB -> /boot/vmlinuz
+else
+    kernel_args=(-kernel "$DIR/vmlinuz" -initrd "$DIR/initrd.img" -append "$APPEND")
+fi
 
 # restrict=on: the guest reaches nothing outside; only the loopback hostfwd is open.
 # vhost-user needs guest RAM the backend can map: a shared memfd backend.
@@ -113,5 +130,4 @@ exec "$QEMU" \
     -device "vhost-user-blk-pci,chardev=disk0,num-queues=$QUEUES,bootindex=1" \
     -netdev "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:$PORT-:80" \
     -device virtio-net-pci,netdev=n0 \
-    -kernel "$DIR/vmlinuz" -initrd "$DIR/initrd.img" \
-    -append "$APPEND"
+    "${kernel_args[@]}"

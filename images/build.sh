@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
 # Builds the file-server guest VM for the vhost-mirror VM tests, from Debian's packages only.
 #
-#   images/build.sh OUTDIR
+#   images/build.sh [--firmware] OUTDIR
 #
 # Produces:
 #   OUTDIR/vmlinuz     Debian's cloud kernel (linux-image-cloud-amd64's real package)
-#   OUTDIR/initrd.img  busybox initramfs: loads the virtio modules, mounts /dev/vda (ext4),
-#                      switch_roots into it. Kernel flag vmprobe=1 prints VM-PROBE-OK and
-#                      powers off at once (used by boot.sh to probe whether KVM works).
+#   OUTDIR/initrd.img  busybox initramfs: loads the virtio modules, mounts the root device
+#                      (kernel flag root=, default /dev/vda; ext4), switch_roots into it.
+#                      Kernel flag vmprobe=1 prints VM-PROBE-OK and powers off at once (used by
+#                      boot.sh to probe whether KVM works).
 #   OUTDIR/disk.raw    sparse raw disk (default 256 MiB, env DISK_SIZE), whole-disk ext4
 #                      holding the root filesystem: busybox + an HTTP file server (see README.md).
+# With --firmware, also:
+#   OUTDIR/boot-disk.raw  sparse raw disk (DISK_SIZE) for firmware boot (boot.sh --firmware):
+#                      MBR with GRUB's boot.img, GRUB core.img in the gap after the MBR, one
+#                      ext4 partition (1 MiB..end, /dev/vda1) with the same root filesystem plus
+#                      /boot/vmlinuz and /boot/initrd.img. GRUB (grub-pc-bin + grub-common,
+#                      apt-get download + dpkg -x like the kernel) loads them from there.
+#                      Why GRUB and not syslinux/extlinux: README.md, "Why direct kernel boot,
+#                      and firmware boot".
 #
 # Downloaded .deb files are cached in $VHOST_MIRROR_CACHE (default OUTDIR/cache), so a second
 # run downloads nothing. The script is idempotent: every output carries a stamp (hash of its
@@ -20,7 +29,9 @@ set -euo pipefail
 die() { echo "build.sh: $*" >&2; exit 1; }
 log() { echo "build.sh: $*" >&2; }
 
-[ $# -eq 1 ] || die "usage: $0 OUTDIR"
+FIRMWARE=0
+if [ "${1:-}" = --firmware ]; then FIRMWARE=1; shift; fi
+[ $# -eq 1 ] || die "usage: $0 [--firmware] OUTDIR"
 OUT=$1
 DISK_SIZE=${DISK_SIZE:-256M}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -209,16 +220,22 @@ for m in $(cat /etc/modules.order); do
     insmod "/lib/modules/$m.ko" || rescue "insmod $m"
 done
 
+# root=/dev/vda (direct kernel boot, whole-disk ext4) or /dev/vda1 (boot-disk.raw).
+root=/dev/vda
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in root=/dev/*) root=${arg#root=} ;; esac
+done
+
 i=0
-while [ ! -b /dev/vda ]; do
+while [ ! -b "$root" ]; do
     i=$((i + 1))
-    [ $i -gt 300 ] && rescue "no /dev/vda after 30 s"
+    [ $i -gt 300 ] && rescue "no $root after 30 s"
     sleep 0.1
 done
 
 mkdir -p /newroot
-mount -t ext4 -o rw /dev/vda /newroot || rescue "mount /dev/vda"
-[ -x /newroot/sbin/init ] || rescue "no /sbin/init on /dev/vda"
+mount -t ext4 -o rw "$root" /newroot || rescue "mount $root"
+[ -x /newroot/sbin/init ] || rescue "no /sbin/init on $root"
 umount /proc /sys
 mount --move /dev /newroot/dev 2>/dev/null || umount /dev
 exec switch_root /newroot /sbin/init
@@ -391,4 +408,91 @@ else
     log "disk.raw: $DISK_SIZE ext4, $(du -k "$OUT/disk.raw" | cut -f1) KiB allocated"
 fi
 
-log "done: $OUT/{vmlinuz,initrd.img,disk.raw}"
+# ---- 5. boot-disk.raw (--firmware: MBR + GRUB + ext4 partition) -------------------------
+# SeaBIOS reads the MBR to 0x7c00 and runs it. The boot chain must never execute code that was
+# read by the vhost-user backend into guest memory where code already ran (under TCG, QEMU keeps
+# the stale translation: README.md, "Why direct kernel boot, and firmware boot"). An MBR that chainloads a partition
+# boot sector to 0x7c00 (syslinux's mbr.bin + ldlinux.bss / extlinux) does exactly that and
+# hangs. GRUB's boot.img loads core.img through a buffer at 0x70000 and copies it with the CPU,
+# and GRUB reads files through its own buffers, so nothing read by the backend is run in place.
+GRUB_EMBED_CFG='serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
+echo "GRUB: booting /boot/vmlinuz from (hd0,msdos1)"
+set root=(hd0,msdos1)
+linux /boot/vmlinuz console=ttyS0 root=/dev/vda1 rw panic=-1
+initrd /boot/initrd.img
+boot
+echo "GRUB-FAILED: could not boot /boot/vmlinuz"
+halt'
+GRUB_MODULES="biosdisk part_msdos ext2 linux boot serial terminal echo halt"
+PART_START=2048  # sectors: the partition starts at 1 MiB; GRUB's core.img lives before it
+
+# MBR partition table (bytes 440..511): disk id, one bootable Linux partition (LBA only).
+write_mbr_table() { # IMAGE START_SECTOR SECTORS
+    local img=$1 start=$2 count=$3
+    # le32 N: N as 4 little-endian bytes, written as printf escapes (NUL-safe).
+    le32() { local h; h=$(printf '%08x' "$1"); printf '\\x%s' "${h:6:2}" "${h:4:2}" "${h:2:2}" "${h:0:2}"; }
+    {
+        printf '\x56\x4d\x49\x52\x00\x00'          # disk identifier "VMIR", 2 reserved bytes
+        printf '\x80\xfe\xff\xff\x83\xfe\xff\xff'  # active, CHS unused, type 83, CHS unused
+        printf "$(le32 "$start")$(le32 "$count")"  # LBA start, number of sectors
+        head -c 48 /dev/zero                       # partitions 2-4: empty
+        printf '\x55\xaa'
+    } | dd of="$img" bs=1 seek=440 conv=notrunc status=none
+}
+
+if [ "$FIRMWARE" = 1 ]; then
+    GPDEB=$(fetch_deb grub-pc-bin)
+    GCDEB=$(fetch_deb grub-common)
+    st=$(stamp_for boot-disk "$DISK_SIZE" "$KVER" "$(basename "$GPDEB")" "$(basename "$GCDEB")")
+    if up_to_date "$OUT/boot-disk.raw" "$st"; then
+        log "boot-disk.raw up to date"
+    else
+        GPDIR=$(extract "$GPDEB")
+        GCDIR=$(extract "$GCDEB")
+        GRUB_LIB="$GPDIR/usr/lib/grub/i386-pc"
+        MKIMAGE="$GCDIR/usr/bin/grub-mkimage"
+        [ -f "$GRUB_LIB/boot.img" ] || die "no usr/lib/grub/i386-pc/boot.img in $GPDEB"
+        [ -x "$MKIMAGE" ] || die "no usr/bin/grub-mkimage in $GCDEB"
+        if command -v ldd >/dev/null && ldd "$MKIMAGE" | grep -q 'not found'; then
+            die "grub-mkimage (from $GCDEB) misses libraries: $(ldd "$MKIMAGE" | grep 'not found' | tr -s ' \t\n' ' ')"
+        fi
+        rm -rf "$WORK/grub"
+        mkdir -p "$WORK/grub"
+        printf '%s\n' "$GRUB_EMBED_CFG" >"$WORK/grub/embed.cfg"
+        # For i386-pc, grub-mkimage puts diskboot.img first, its blocklist already saying
+        # "the rest starts at sector 2": core.img belongs at sector 1, boot.img's default.
+        # shellcheck disable=SC2086
+        "$MKIMAGE" -d "$GRUB_LIB" -O i386-pc -o "$WORK/grub/core.img" \
+            -c "$WORK/grub/embed.cfg" -p '(hd0,msdos1)/boot/grub' $GRUB_MODULES \
+            || die "grub-mkimage failed"
+        core_sectors=$(( ($(stat -c %s "$WORK/grub/core.img") + 511) / 512 ))
+        [ "$core_sectors" -lt "$PART_START" ] \
+            || die "GRUB core.img ($core_sectors sectors) does not fit before the partition"
+
+        rm -rf "$WORK/bootroot"
+        mkdir -p "$WORK/bootroot/boot"
+        write_rootfs "$WORK/bootroot"
+        cp "$OUT/vmlinuz" "$WORK/bootroot/boot/vmlinuz"
+        cp "$OUT/initrd.img" "$WORK/bootroot/boot/initrd.img"
+
+        img="$OUT/boot-disk.raw.tmp"
+        rm -f "$img"
+        truncate -s "$DISK_SIZE" "$img"
+        total=$(( $(stat -c %s "$img") / 512 ))
+        part_sectors=$(( (total - PART_START) / 8 * 8 ))  # whole 4 KiB blocks
+        [ "$part_sectors" -gt 65536 ] || die "DISK_SIZE $DISK_SIZE too small for boot-disk.raw"
+        mke2fs -q -F -t ext4 -L fileserver -E "root_owner=0:0,offset=$((PART_START * 512))" \
+            -d "$WORK/bootroot" "$img" "$((part_sectors / 2))k" || die "mke2fs (boot-disk) failed"
+        dd if="$GRUB_LIB/boot.img" of="$img" bs=440 count=1 conv=notrunc status=none
+        dd if="$WORK/grub/core.img" of="$img" bs=512 seek=1 conv=notrunc status=none
+        write_mbr_table "$img" "$PART_START" "$part_sectors"
+        mv "$img" "$OUT/boot-disk.raw"
+        record_stamp "$OUT/boot-disk.raw" "$st"
+        log "boot-disk.raw: $DISK_SIZE, MBR + GRUB ($(basename "$GPDEB" .deb)) + ext4 /dev/vda1, $(du -k "$OUT/boot-disk.raw" | cut -f1) KiB allocated"
+    fi
+    log "done: $OUT/{vmlinuz,initrd.img,disk.raw,boot-disk.raw}"
+else
+    log "done: $OUT/{vmlinuz,initrd.img,disk.raw}"
+fi
