@@ -1,6 +1,7 @@
 //! Shared by `vhost-mirror` and `access-node`: the replication wire protocol (a pure codec),
 //! authentication, generation comparison, the out-of-sync bitmap, and the metadata files.
 
+pub mod activity_log;
 pub mod auth;
 pub mod bitmap;
 pub mod conn;

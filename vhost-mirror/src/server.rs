@@ -246,6 +246,9 @@ fn spawn_signal_handler(state: Arc<ServerState>) -> Result<(), ServeError> {
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 info!("signal {sig}: finishing in-flight requests");
+                if let Some(m) = &state.dev.mirror {
+                    m.begin_shutdown();
+                }
                 let guards = state.dev.quiesce();
                 let code = match state.dev.disk.flush() {
                     Ok(()) => 0,

@@ -9,6 +9,7 @@
 //! | `out_of_sync.rs` | the persistent bitmap and the generation bookkeeping |
 //! | `inflight.rs` | the ordering rule for overlapping writes |
 
+pub mod activity_log;
 pub mod inflight;
 pub mod link;
 pub mod out_of_sync;
@@ -27,6 +28,7 @@ use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::disk::RawImage;
+use activity_log::ActivityLog;
 use inflight::{Inflight, Owner, Token};
 use link::{Link, LinkDown, LinkStats, Reply, Waiter};
 use out_of_sync::{SyncState, SyncStateError};
@@ -35,6 +37,10 @@ use out_of_sync::{SyncState, SyncStateError};
 pub enum MirrorError {
     #[error("cannot record out-of-sync regions")]
     Record(#[source] SyncStateError),
+    #[error("shutting down while waiting for the peer (--on-peer-loss suspend)")]
+    ShuttingDown,
+    #[error("cannot record the write in the activity log")]
+    ActivityLog(#[source] mirror_proto::activity_log::AlError),
 }
 
 /// What to do with guest writes while the peer is unreachable.
@@ -96,6 +102,8 @@ pub struct Remote {
     token: Option<Token>,
     waiters: Vec<Arc<Waiter>>,
     range: (u64, u64),
+    /// The range's extents are pinned in the activity log.
+    al_pinned: bool,
 }
 
 /// The replication state of one served image, shared by all queue workers.
@@ -108,6 +116,7 @@ pub struct Mirror {
     changed: Condvar,
     changed_lock: Mutex<()>,
     inflight: Inflight,
+    activity_log: ActivityLog,
     status: Mutex<PeerStatus>,
     stats: Arc<LinkStats>,
     resync_total: AtomicU64,
@@ -124,7 +133,22 @@ pub enum WriteOp {
 
 impl Mirror {
     pub fn new(cfg: MirrorConfig, disk: Arc<RawImage>) -> Result<Arc<Self>, SyncStateError> {
-        let sync = SyncState::open(&cfg.image, disk.size())?;
+        let mut sync = SyncState::open(&cfg.image, disk.size())?;
+        let (activity_log, hot) =
+            ActivityLog::open(&cfg.image).map_err(SyncStateError::ActivityLog)?;
+        if !hot.is_empty() {
+            // The last run ended without a clean shutdown: writes to these extents may have
+            // reached only one side.
+            for &e in &hot {
+                let ext = mirror_proto::activity_log::EXTENT_SIZE;
+                sync.mark(e * ext, ext.min(disk.size().saturating_sub(e * ext)))?;
+            }
+            log::warn!(
+                "unclean shutdown: {} hot extent(s) of the activity log marked out of sync",
+                hot.len()
+            );
+            activity_log.clear().map_err(SyncStateError::ActivityLog)?;
+        }
         Ok(Arc::new(Mirror {
             cfg,
             disk,
@@ -133,6 +157,7 @@ impl Mirror {
             changed: Condvar::new(),
             changed_lock: Mutex::new(()),
             inflight: Inflight::default(),
+            activity_log,
             status: Mutex::new(PeerStatus {
                 state: PeerState::Connecting,
                 reason: None,
@@ -235,7 +260,23 @@ impl Mirror {
             token: Some(token),
             waiters: Vec::new(),
             range: (offset, len),
+            al_pinned: false,
         };
+        // Hot before the local write is issued (a crash leaves it recorded).
+        match self.activity_log.begin(offset, len) {
+            Ok(true) => remote.al_pinned = true,
+            // Too large for the log: the bitmap covers it (resynced later).
+            Ok(false) => {
+                if let Err(e) = self.mark(offset, len) {
+                    self.abandon(remote);
+                    return Err(e);
+                }
+            }
+            Err(e) => {
+                self.abandon(remote);
+                return Err(MirrorError::ActivityLog(e));
+            }
+        }
         loop {
             if let Some(link) = self.current_link() {
                 let sent = match op {
@@ -287,6 +328,10 @@ impl Mirror {
                         }
                         return Ok(remote);
                     }
+                    if self.stopping.load(Ordering::Relaxed) {
+                        self.abandon(remote);
+                        return Err(MirrorError::ShuttingDown);
+                    }
                     self.wait_changed();
                 }
             }
@@ -301,6 +346,9 @@ impl Mirror {
         if let Some(t) = remote.token.take() {
             self.inflight.release(t);
         }
+        if remote.al_pinned {
+            self.activity_log.end(remote.range.0, remote.range.1);
+        }
     }
 
     /// Starts a flush on the replica (None: no replica to flush).
@@ -309,6 +357,7 @@ impl Mirror {
             token: None,
             waiters: Vec::new(),
             range: (0, 0),
+            al_pinned: false,
         };
         loop {
             if let Some(link) = self.current_link() {
@@ -317,10 +366,10 @@ impl Mirror {
                     return remote;
                 }
             }
-            match self.cfg.on_peer_loss {
-                PeerLoss::Degrade => return remote,
-                PeerLoss::Suspend => self.wait_changed(),
+            if self.cfg.on_peer_loss == PeerLoss::Degrade || self.stopping.load(Ordering::Relaxed) {
+                return remote;
             }
+            self.wait_changed();
         }
     }
 
@@ -367,6 +416,9 @@ impl Mirror {
         if let Some(t) = remote.token.take() {
             self.inflight.release(t);
         }
+        if remote.al_pinned {
+            self.activity_log.end(offset, len);
+        }
         if failed.is_some() && self.cfg.on_peer_loss == PeerLoss::Suspend && len > 0 {
             // Hold the guest until the replica has this range again.
             while !self.stopping.load(Ordering::Relaxed)
@@ -405,15 +457,25 @@ impl Mirror {
         Some(out)
     }
 
-    /// On shutdown: flush the replica and say goodbye.
-    pub fn shutdown(&self) {
+    /// First step of a shutdown: nothing waits for the peer any more.
+    pub fn begin_shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
+        self.notify_changed();
+    }
+
+    /// Last step of a shutdown (no request in flight): flush the replica and say goodbye.
+    pub fn shutdown(&self) {
+        self.begin_shutdown();
         if let Some(link) = self.current_link() {
             if let Ok(w) = link.send(link::Request::Flush) {
                 let _ = w.wait();
             }
             link.goodbye();
             link.fail("shutting down");
+        }
+        // Nothing is in flight any more: no extent can differ because of a crash.
+        if let Err(e) = self.activity_log.clear() {
+            error!("{}", crate::executor::chain(&e));
         }
     }
 

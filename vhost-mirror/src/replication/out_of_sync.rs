@@ -29,6 +29,8 @@ pub enum SyncStateError {
         recorded: u64,
         actual: u64,
     },
+    #[error(transparent)]
+    ActivityLog(#[from] mirror_proto::activity_log::AlError),
     #[error("{0} is a secondary's image (run `access-node promote` first, or remove its .meta to start afresh)")]
     NotPrimary(PathBuf),
 }
@@ -119,16 +121,16 @@ impl SyncState {
         }
     }
 
-    /// Marks a byte range out of sync, durably. Starts a new generation if the bitmap was
-    /// clear (the replica had everything until now).
+    /// Marks a byte range out of sync, durably. Starts a new generation if the bitmap has no
+    /// base generation yet (the replica had everything until now); after a promotion the base
+    /// is the old primary's generation already.
     pub fn mark(&mut self, offset: u64, len: u64) -> Result<(), SyncStateError> {
-        let was_clear = self.bitmap.is_clear();
         self.scratch.clear();
         self.bitmap.set_range(offset, len, &mut self.scratch);
         if self.scratch.is_empty() {
             return Ok(());
         }
-        if was_clear {
+        if self.meta.bitmap_generation == 0 {
             self.new_generation_for_bitmap(self.meta.generation)?;
         }
         self.file.persist_words(&self.bitmap, &self.scratch)?;

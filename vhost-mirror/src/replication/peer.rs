@@ -53,8 +53,16 @@ pub fn run(m: Arc<Mirror>) {
         }
         match connect(&m) {
             Ok((stream, reader, replica)) => {
-                backoff = BACKOFF_MIN;
+                let attached = std::time::Instant::now();
                 serve_link(&m, stream, reader, replica);
+                // A link that dies right away (a replica out of space, say) is retried with
+                // growing delays; one that lived a while is retried at once.
+                if attached.elapsed() > Duration::from_secs(10) {
+                    backoff = BACKOFF_MIN;
+                } else {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
             }
             Err(e) => {
                 let msg = error_chain(&e);

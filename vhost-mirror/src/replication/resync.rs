@@ -161,11 +161,21 @@ fn copy_all(
             m.inflight.release(token);
             break Err(ResyncError::Read(e));
         }
-        let waiter = match link.send(link::Request::Write {
-            offset,
-            data,
-            resync: true,
-        }) {
+        // All-zero regions (sparse parts of the image) travel as a 24-byte WriteZeroes.
+        let req = if data.iter().all(|b| *b == 0) {
+            link::Request::WriteZeroes {
+                offset,
+                len,
+                unmap: true,
+            }
+        } else {
+            link::Request::Write {
+                offset,
+                data,
+                resync: true,
+            }
+        };
+        let waiter = match link.send(req) {
             Ok(w) => w,
             Err(_) => {
                 m.inflight.release(token);
