@@ -1,1 +1,56 @@
-fn main() {}
+//! access-node: the replica server of vhost-mirror. Keeps a standby copy of a VM disk, fed
+//! synchronously over TCP by the primary's `vhost-mirror`.
+
+mod args;
+mod cache;
+mod config;
+mod replica;
+mod server;
+mod session;
+mod status;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use mirror_proto::control;
+
+use crate::args::{Cli, Command};
+use crate::config::ServeConfig;
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Serve(a) => ServeConfig::try_from(a)
+            .map_err(Into::into)
+            .and_then(|c| server::run(c).map_err(Into::into)),
+        Command::Status(a) => control::query_status(&a.control)
+            .map(|v| {
+                if a.json {
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                } else {
+                    print!("{}", control::render_table(&v));
+                }
+            })
+            .map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("access-node: error: {}", chain(&*e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its sources on one line.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,145 @@
+//! Validated configuration of `access-node serve`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mirror_proto::auth::{AuthError, Secret};
+use thiserror::Error;
+
+use crate::args::ServeArgs;
+
+/// How long a connecting peer may take for each handshake step.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An attached primary that sends nothing (not even a Ping) for this long is dropped.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest accepted --cache-mb (1 TiB of cache is certainly a typo).
+pub const MAX_CACHE_MB: u64 = 1 << 20;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("--listen {addr:?} is not an address like 127.0.0.1:7800")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
+    #[error(transparent)]
+    Secret(#[from] AuthError),
+    #[error("--cache-mb must be at most {MAX_CACHE_MB}, got {0}")]
+    CacheSize(u64),
+    #[error("--control and --image must be different paths")]
+    SamePaths,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub image: PathBuf,
+    pub listen: SocketAddr,
+    pub secret: Secret,
+    pub control: Option<PathBuf>,
+    pub cache_bytes: u64,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl TryFrom<ServeArgs> for ServeConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: ServeArgs) -> Result<Self, Self::Error> {
+        let listen = a
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|source| ConfigError::Listen {
+                addr: a.listen.clone(),
+                source,
+            })?;
+        if a.cache_mb > MAX_CACHE_MB {
+            return Err(ConfigError::CacheSize(a.cache_mb));
+        }
+        if a.control.as_ref() == Some(&a.image) {
+            return Err(ConfigError::SamePaths);
+        }
+        let secret = Secret::load(&a.secret_file)?;
+        Ok(ServeConfig {
+            image: a.image,
+            listen,
+            secret,
+            control: a.control,
+            cache_bytes: a.cache_mb << 20,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            idle_timeout: IDLE_TIMEOUT,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(dir: &std::path::Path) -> ServeArgs {
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "s3cret\n").unwrap();
+        ServeArgs {
+            image: dir.join("a.img"),
+            listen: "127.0.0.1:7800".into(),
+            secret_file: secret,
+            control: None,
+            cache_mb: 64,
+        }
+    }
+
+    #[test]
+    fn validates() {
+        let d = tempfile::tempdir().unwrap();
+        let c = ServeConfig::try_from(args(d.path())).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:7800".parse().unwrap());
+        assert_eq!(c.cache_bytes, 64 << 20);
+
+        let a = ServeArgs {
+            listen: "localhost".into(),
+            ..args(d.path())
+        };
+        let e = ServeConfig::try_from(a).unwrap_err();
+        assert!(e.to_string().contains("localhost"), "{e}");
+
+        let a = ServeArgs {
+            cache_mb: MAX_CACHE_MB + 1,
+            ..args(d.path())
+        };
+        assert!(matches!(
+            ServeConfig::try_from(a),
+            Err(ConfigError::CacheSize(_))
+        ));
+
+        let a = args(d.path());
+        let a = ServeArgs {
+            control: Some(a.image.clone()),
+            ..a
+        };
+        assert!(matches!(
+            ServeConfig::try_from(a),
+            Err(ConfigError::SamePaths)
+        ));
+    }
+
+    #[test]
+    fn missing_or_empty_secret_names_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let a = ServeArgs {
+            secret_file: d.path().join("nope"),
+            ..args(d.path())
+        };
+        let e = ServeConfig::try_from(a).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+
+        let empty = d.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        let a = ServeArgs {
+            secret_file: empty,
+            ..args(d.path())
+        };
+        let e = ServeConfig::try_from(a).unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+    }
+}

@@ -1,0 +1,678 @@
+//! The real server, in process, on 127.0.0.1 and a temp dir, driven by a fake primary built on
+//! mirror-proto's codec.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use mirror_proto::auth::{self, Secret};
+use mirror_proto::conn::FrameReader;
+use mirror_proto::frame::{
+    self, AckStatus, DiskState, Frame, NodeInfo, RefuseCode, Role, MAGIC, MAX_DATA,
+};
+use mirror_proto::{control, meta};
+use serde_json::Value;
+
+use super::*;
+use crate::config::ServeConfig;
+
+const SECRET: &[u8] = b"correct horse battery staple";
+const MIB: u64 = 1 << 20;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    image: PathBuf,
+    control: PathBuf,
+    addr: SocketAddr,
+}
+
+impl Fixture {
+    fn start() -> Self {
+        Self::start_with(|_| {})
+    }
+
+    /// Starts a server; `prepare` gets the image path before the server opens it.
+    fn start_with(prepare: impl FnOnce(&std::path::Path)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("replica.img");
+        let control = dir.path().join("ctl");
+        prepare(&image);
+        let config = ServeConfig {
+            image: image.clone(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            secret: Secret::from_bytes(SECRET).unwrap(),
+            control: Some(control.clone()),
+            cache_bytes: MIB,
+            handshake_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(1),
+        };
+        let server = Server::bind(config).unwrap();
+        let addr = server.local_addr().unwrap();
+        std::thread::spawn(move || server.accept_loop());
+        Fixture {
+            _dir: dir,
+            image,
+            control,
+            addr,
+        }
+    }
+
+    fn status(&self) -> Value {
+        control::query_status(&self.control).unwrap()
+    }
+
+    /// Polls the status until `f` holds (the server updates it after the client sees a reply).
+    fn wait_status(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let v = self.status();
+            if f(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn primary(&self) -> Primary {
+        Primary::connect(self.addr)
+    }
+
+    /// A primary through the whole handshake.
+    fn attach(&self, size: u64) -> (Primary, NodeInfo) {
+        let mut p = self.primary();
+        let info = p.handshake(SECRET, size).unwrap();
+        (p, info)
+    }
+}
+
+/// A reply, copied out of the reader's buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reply {
+    Challenge([u8; 32], [u8; 32]),
+    AuthOk,
+    Refuse(RefuseCode, String),
+    Attached(NodeInfo),
+    Ack(AckStatus),
+    Data(Vec<u8>),
+    Pong(u64),
+    Other(String),
+}
+
+struct Primary {
+    stream: TcpStream,
+    reader: FrameReader<TcpStream>,
+    seq: u64,
+}
+
+fn node(size: u64) -> NodeInfo {
+    NodeInfo {
+        node_id: 0x1111,
+        size,
+        role: Role::Primary,
+        disk_state: DiskState::UpToDate,
+        generation: 0xabc,
+        bitmap_generation: 0,
+        history: vec![],
+        flags: 0,
+    }
+}
+
+impl Primary {
+    fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_nodelay(true).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        Primary {
+            reader: FrameReader::new(stream.try_clone().unwrap()),
+            stream,
+            seq: 0,
+        }
+    }
+
+    /// Sends a frame, returns its sequence number.
+    fn send(&mut self, f: &Frame<'_>) -> u64 {
+        self.seq += 1;
+        let mut b = Vec::new();
+        frame::encode(self.seq, f, &mut b);
+        self.stream.write_all(&b).unwrap();
+        self.seq
+    }
+
+    fn recv(&mut self) -> (u64, Reply) {
+        let d = self.reader.read_frame().unwrap();
+        let r = match d.frame {
+            Frame::Challenge { nonce, mac } => Reply::Challenge(nonce, mac),
+            Frame::AuthOk => Reply::AuthOk,
+            Frame::Refuse { code, reason } => Reply::Refuse(code, reason.to_owned()),
+            Frame::Attached(n) => Reply::Attached(n),
+            Frame::Ack { status } => Reply::Ack(status),
+            Frame::ReadData { data } => Reply::Data(data.to_vec()),
+            Frame::Pong { nanos } => Reply::Pong(nanos),
+            f => Reply::Other(f.name().to_owned()),
+        };
+        (d.seq, r)
+    }
+
+    /// One request, one reply with the same sequence number.
+    fn call(&mut self, f: &Frame<'_>) -> Reply {
+        let seq = self.send(f);
+        let (s, r) = self.recv();
+        assert_eq!(s, seq, "reply to {f:?}");
+        r
+    }
+
+    /// The primary's side of the handshake; Err: the replica refused.
+    fn handshake(&mut self, secret: &[u8], size: u64) -> Result<NodeInfo, (RefuseCode, String)> {
+        let secret = Secret::from_bytes(secret).unwrap();
+        let pn = auth::nonce().unwrap();
+        let (rn, mac) = match self.call(&Frame::Hello { nonce: pn }) {
+            Reply::Challenge(rn, mac) => (rn, mac),
+            Reply::Refuse(c, r) => return Err((c, r)),
+            r => panic!("{r:?}"),
+        };
+        if !secret.verify_replica(&pn, &rn, &mac) {
+            // What a real primary does: refuse, close.
+            self.send(&Frame::Refuse {
+                code: RefuseCode::AuthFailed,
+                reason: "replica proof wrong",
+            });
+            return Err((RefuseCode::AuthFailed, "replica proof wrong".into()));
+        }
+        match self.call(&Frame::Auth {
+            mac: secret.primary_proof(&pn, &rn),
+        }) {
+            Reply::AuthOk => {}
+            Reply::Refuse(c, r) => return Err((c, r)),
+            r => panic!("{r:?}"),
+        }
+        match self.call(&Frame::Attach(node(size))) {
+            Reply::Attached(n) => Ok(n),
+            Reply::Refuse(c, r) => Err((c, r)),
+            r => panic!("{r:?}"),
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) -> Reply {
+        self.call(&Frame::Write {
+            offset,
+            resync: false,
+            data,
+        })
+    }
+
+    fn read(&mut self, offset: u64, len: u32) -> Vec<u8> {
+        match self.call(&Frame::Read { offset, len }) {
+            Reply::Data(d) => d,
+            r => panic!("{r:?}"),
+        }
+    }
+
+    /// True if the replica closed the connection (EOF or reset) within the read timeout.
+    fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 256];
+        loop {
+            match self.stream.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue, // e.g. a Refuse before the close
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn handshake_writes_flush_and_read_back() {
+    let f = Fixture::start();
+    assert_eq!(f.status()["capacity_bytes"], 0);
+    let (mut p, info) = f.attach(8 * MIB);
+    assert_eq!(info.size, 8 * MIB);
+    assert_eq!(info.role, Role::Secondary);
+    assert_eq!(info.disk_state, DiskState::Inconsistent);
+    assert_eq!(info.generation, 0);
+    assert_eq!(info.bitmap_generation, 0);
+    assert_ne!(info.node_id, 0);
+    assert_eq!(std::fs::metadata(&f.image).unwrap().len(), 8 * MIB);
+
+    // Pipelined writes (one of MAX_DATA), answered in order with matching sequence numbers.
+    let writes: Vec<(u64, Vec<u8>)> = vec![
+        (0, pattern(1, 4096)),
+        (MIB - 100, pattern(2, 300)),
+        (3 * MIB, pattern(3, MAX_DATA)),
+        (8 * MIB - 512, pattern(4, 512)),
+    ];
+    let seqs: Vec<u64> = writes
+        .iter()
+        .map(|(o, d)| {
+            p.send(&Frame::Write {
+                offset: *o,
+                resync: false,
+                data: d,
+            })
+        })
+        .collect();
+    let flush = p.send(&Frame::Flush);
+    for s in seqs.iter().chain([&flush]) {
+        assert_eq!(p.recv(), (*s, Reply::Ack(AckStatus::Ok)));
+    }
+
+    let file = std::fs::read(&f.image).unwrap();
+    for (o, d) in &writes {
+        assert_eq!(&file[*o as usize..*o as usize + d.len()], &d[..]);
+        assert_eq!(p.read(*o, d.len() as u32), *d, "read at {o}");
+    }
+    // Read again: served from the cache now, still the same.
+    assert_eq!(p.read(8 * MIB - 512, 512), writes[3].1);
+    assert!(matches!(
+        p.call(&Frame::Ping { nanos: 42 }),
+        Reply::Pong(42)
+    ));
+
+    let v = f.status();
+    assert_eq!(v["peer_state"], "connected");
+    assert_eq!(v["peer"], p.stream.local_addr().unwrap().to_string());
+    assert_eq!(v["role"], "secondary");
+    assert_eq!(v["disk_state"], "inconsistent");
+    assert_eq!(v["capacity_bytes"], 8 * MIB);
+    assert_eq!(v["writes"], 4);
+    assert_eq!(v["flushes"], 1);
+    assert_eq!(v["reads"], 5);
+    assert_eq!(v["bytes_written"], 4096 + 300 + MAX_DATA as u64 + 512);
+    assert_eq!(v["errors"], 0);
+    assert!(v["cache_hits"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["cache_misses"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["cache_bytes"].as_u64().unwrap() <= MIB);
+    assert_eq!(v["cache_capacity_bytes"], MIB);
+    assert!(v["bytes_received"].as_u64().unwrap() > MAX_DATA as u64);
+    assert!(v["bytes_sent"].as_u64().unwrap() > MAX_DATA as u64);
+
+    p.send(&Frame::Goodbye);
+    assert!(p.is_closed());
+    let v = f.wait_status("disconnected", |v| v["peer_state"] == "disconnected");
+    assert_eq!(v["peer_reason"], Value::Null);
+    assert_eq!(v["peer"], Value::Null);
+    // The next primary finds the same replica.
+    let (_p2, info2) = f.attach(8 * MIB);
+    assert_eq!(info2.node_id, info.node_id);
+}
+
+#[test]
+fn discard_and_write_zeroes_through_the_cache() {
+    let f = Fixture::start();
+    let (mut p, _) = f.attach(MIB);
+    let data = pattern(9, 256 * 1024);
+    assert_eq!(p.write(0, &data), Reply::Ack(AckStatus::Ok));
+    assert_eq!(p.read(0, data.len() as u32), data); // now cached
+    assert_eq!(
+        p.call(&Frame::Discard {
+            offset: 4096,
+            len: 8192
+        }),
+        Reply::Ack(AckStatus::Ok)
+    );
+    assert_eq!(
+        p.call(&Frame::WriteZeroes {
+            offset: 100_000,
+            len: 1000,
+            unmap: false
+        }),
+        Reply::Ack(AckStatus::Ok)
+    );
+    let back = p.read(0, data.len() as u32);
+    let mut want = data.clone();
+    want[4096..12288].fill(0);
+    want[100_000..101_000].fill(0);
+    assert_eq!(back, want);
+    assert_eq!(&std::fs::read(&f.image).unwrap()[..want.len()], &want[..]);
+    let v = f.status();
+    assert_eq!(
+        (v["discards"].as_u64(), v["write_zeroes"].as_u64()),
+        (Some(1), Some(1))
+    );
+}
+
+#[test]
+fn out_of_range_requests_are_acked_and_the_link_stays() {
+    let f = Fixture::start();
+    let (mut p, _) = f.attach(MIB);
+    assert_eq!(p.write(MIB - 1, &[1, 2]), Reply::Ack(AckStatus::OutOfRange));
+    assert_eq!(
+        p.call(&Frame::Discard {
+            offset: u64::MAX,
+            len: 2
+        }),
+        Reply::Ack(AckStatus::OutOfRange)
+    );
+    assert_eq!(
+        p.call(&Frame::Read {
+            offset: MIB,
+            len: 1
+        }),
+        Reply::Ack(AckStatus::OutOfRange)
+    );
+    assert_eq!(p.write(0, &[1, 2]), Reply::Ack(AckStatus::Ok));
+    assert_eq!(f.status()["errors"], 3);
+}
+
+#[test]
+fn wrong_secret_is_refused_and_shown() {
+    let f = Fixture::start();
+    // A primary with the wrong secret rejects the replica's proof first...
+    let mut p = f.primary();
+    let e = p.handshake(b"wrong", MIB).unwrap_err();
+    assert_eq!(e.0, RefuseCode::AuthFailed);
+    let v = f.wait_status("auth-failed", |v| v["peer_state"] == "auth-failed");
+    assert!(v["peer_reason"].is_string(), "{v}");
+
+    // ... and one that sends a wrong proof anyway gets Refuse(auth-failed) and is closed.
+    let mut p = f.primary();
+    let pn = auth::nonce().unwrap();
+    let Reply::Challenge(rn, _) = p.call(&Frame::Hello { nonce: pn }) else {
+        panic!()
+    };
+    let bad = Secret::from_bytes(b"wrong")
+        .unwrap()
+        .primary_proof(&pn, &rn);
+    match p.call(&Frame::Auth { mac: bad }) {
+        Reply::Refuse(RefuseCode::AuthFailed, r) => assert_eq!(r, "wrong secret"),
+        r => panic!("{r:?}"),
+    }
+    assert!(p.is_closed());
+    let v = f.status();
+    assert_eq!(v["peer_state"], "auth-failed");
+    assert!(
+        v["peer_reason"].as_str().unwrap().contains("wrong secret"),
+        "{v}"
+    );
+    // The right secret still works.
+    let (_p, _) = f.attach(MIB);
+    assert_eq!(f.status()["peer_state"], "connected");
+}
+
+#[test]
+fn size_mismatch_is_refused_and_the_image_untouched() {
+    let f = Fixture::start_with(|img| {
+        std::fs::write(img, pattern(5, 65536)).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(img)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    });
+    let before = std::fs::metadata(&f.image).unwrap().modified().unwrap();
+    assert_eq!(f.status()["capacity_bytes"], 65536);
+    let mut p = f.primary();
+    let (code, reason) = p.handshake(SECRET, MIB).unwrap_err();
+    assert_eq!(code, RefuseCode::SizeMismatch);
+    assert!(
+        reason.contains("65536") && reason.contains(&MIB.to_string()),
+        "{reason}"
+    );
+    assert!(reason.contains("replica.img"), "{reason}");
+    assert!(p.is_closed());
+    assert_eq!(std::fs::read(&f.image).unwrap(), pattern(5, 65536));
+    assert_eq!(
+        std::fs::metadata(&f.image).unwrap().modified().unwrap(),
+        before
+    );
+    assert!(!meta::meta_path(&f.image).exists());
+    let v = f.status();
+    assert_eq!(v["peer_state"], "refused");
+    assert!(v["peer_reason"].as_str().unwrap().contains("65536"));
+    // The right size is accepted: existing content without metadata is unknown content.
+    let (_p, info) = f.attach(65536);
+    assert_eq!(
+        (info.generation, info.disk_state),
+        (0, DiskState::Inconsistent)
+    );
+    assert_eq!(std::fs::read(&f.image).unwrap(), pattern(5, 65536));
+}
+
+#[test]
+fn second_primary_is_refused_busy() {
+    let f = Fixture::start();
+    let (mut a, _) = f.attach(MIB);
+    let mut b = f.primary();
+    let (code, reason) = b.handshake(SECRET, MIB).unwrap_err();
+    assert_eq!(code, RefuseCode::Busy);
+    assert!(reason.contains("busy"), "{reason}");
+    // An unauthenticated peer does not learn who is attached.
+    assert!(!reason.contains("127.0.0.1"), "{reason}");
+    assert!(b.is_closed());
+    // The attached one is unaffected.
+    assert_eq!(a.write(0, &[1; 512]), Reply::Ack(AckStatus::Ok));
+    assert_eq!(f.status()["peer_state"], "connected");
+    // Once it leaves, another can attach.
+    a.send(&Frame::Goodbye);
+    assert!(a.is_closed());
+    f.wait_status("slot free", |v| v["peer_state"] == "disconnected");
+    let (mut c, _) = f.attach(MIB);
+    assert_eq!(c.read(0, 512), vec![1; 512]);
+}
+
+/// Sends `bytes` on a fresh connection (after a Hello if `after_hello`), expects the server to
+/// close it.
+fn expect_dropped(f: &Fixture, bytes: &[u8], shutdown: bool) {
+    let mut p = f.primary();
+    p.stream.write_all(bytes).unwrap();
+    if shutdown {
+        p.stream.shutdown(Shutdown::Write).unwrap();
+    }
+    assert!(p.is_closed(), "connection not dropped after {bytes:02x?}");
+}
+
+fn oversized_header() -> Vec<u8> {
+    let mut h = Vec::new();
+    frame::encode(1, &Frame::Flush, &mut h);
+    h[16..20].copy_from_slice(&u32::MAX.to_le_bytes());
+    let crc = crc32c(&h[..20]);
+    h[20..24].copy_from_slice(&crc.to_le_bytes());
+    h
+}
+
+/// CRC32C (Castagnoli), bitwise: the test needs it only for a handful of header bytes.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for b in data {
+        crc ^= u32::from(*b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[test]
+fn protocol_violations_drop_only_that_connection() {
+    let f = Fixture::start();
+    // Before the handshake.
+    expect_dropped(&f, b"GET / HTTP/1.1\r\n\r\n", false);
+    let mut bad_crc = Vec::new();
+    frame::encode(1, &Frame::Hello { nonce: [0; 32] }, &mut bad_crc);
+    bad_crc[10] ^= 1;
+    expect_dropped(&f, &bad_crc, false);
+    let mut truncated = Vec::new();
+    frame::encode(1, &Frame::Hello { nonce: [0; 32] }, &mut truncated);
+    truncated.truncate(30);
+    expect_dropped(&f, &truncated, true);
+    expect_dropped(&f, &MAGIC[..2], true);
+    expect_dropped(&f, &oversized_header(), false);
+    // A data frame where Hello belongs: refused as a protocol error, then closed.
+    let mut p = f.primary();
+    match p.call(&Frame::Flush) {
+        Reply::Refuse(RefuseCode::Protocol, r) => assert!(r.contains("Hello"), "{r}"),
+        r => panic!("{r:?}"),
+    }
+    assert!(p.is_closed());
+
+    // During the data phase: garbage, a corrupted write, an oversized length, a wrong kind.
+    let mut corrupt = Vec::new();
+    frame::encode(
+        5,
+        &Frame::Write {
+            offset: 0,
+            resync: false,
+            data: &[7; 100],
+        },
+        &mut corrupt,
+    );
+    let last = corrupt.len() - 1;
+    corrupt[last] ^= 0xff;
+    let mut attach_again = Vec::new();
+    frame::encode(9, &Frame::Attach(node(MIB)), &mut attach_again);
+    for bad in [
+        b"\0\0garbage".to_vec(),
+        corrupt,
+        oversized_header(),
+        attach_again,
+    ] {
+        let (mut p, _) = f.attach(MIB);
+        assert_eq!(p.write(0, &[1; 16]), Reply::Ack(AckStatus::Ok));
+        p.stream.write_all(&bad).unwrap();
+        assert!(p.is_closed(), "not dropped after {:02x?}", &bad[..8]);
+        let v = f.wait_status("dropped", |v| v["peer_state"] == "disconnected");
+        assert!(v["peer_reason"].is_string(), "{v}");
+    }
+    // A truncated frame then EOF while attached.
+    let (mut p, _) = f.attach(MIB);
+    let mut w = Vec::new();
+    frame::encode(
+        3,
+        &Frame::Write {
+            offset: 0,
+            resync: false,
+            data: &[2; 1000],
+        },
+        &mut w,
+    );
+    p.stream.write_all(&w[..500]).unwrap();
+    p.stream.shutdown(Shutdown::Write).unwrap();
+    assert!(p.is_closed());
+    f.wait_status("dropped", |v| v["peer_state"] == "disconnected");
+
+    // The server still serves a proper primary, and none of the bad writes landed.
+    let (mut p, _) = f.attach(MIB);
+    assert_eq!(p.read(0, 16), vec![1; 16]);
+}
+
+#[test]
+fn silent_primary_is_dropped_after_the_idle_timeout() {
+    let f = Fixture::start();
+    let (mut p, _) = f.attach(MIB);
+    // Pings keep it alive past the timeout (1 s in these tests).
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(p.call(&Frame::Ping { nanos: 1 }), Reply::Pong(1));
+    }
+    let v = f.wait_status("idle drop", |v| v["peer_state"] == "disconnected");
+    assert!(
+        v["peer_reason"]
+            .as_str()
+            .unwrap()
+            .contains("nothing received"),
+        "{v}"
+    );
+    assert!(p.is_closed());
+    f.attach(MIB);
+
+    // A client that connects and says nothing does not keep a primary out, and is dropped
+    // after the handshake timeout (2 s in these tests).
+    let mut silent = f.primary();
+    let f2 = Fixture::start();
+    let _silent2 = f2.primary();
+    f2.attach(MIB);
+    assert!(silent.is_closed());
+}
+
+#[test]
+fn resync_updates_metadata_on_disk() {
+    let f = Fixture::start();
+    let (mut p, _) = f.attach(MIB);
+    assert_eq!(
+        p.call(&Frame::SyncStart {
+            full: true,
+            bytes: MIB
+        }),
+        Reply::Ack(AckStatus::Ok)
+    );
+    let m = meta::load(&f.image).unwrap().unwrap();
+    assert_eq!(m.disk_state, DiskState::Inconsistent);
+    let v = f.status();
+    assert_eq!(v["resyncing"], true);
+    assert_eq!(v["out_of_sync_bytes"], MIB);
+    let chunk = pattern(3, 256 * 1024);
+    for i in 0..3u64 {
+        let r = p.call(&Frame::Write {
+            offset: i * chunk.len() as u64,
+            resync: true,
+            data: &chunk,
+        });
+        assert_eq!(r, Reply::Ack(AckStatus::Ok));
+    }
+    let v = f.status();
+    assert_eq!(v["resync_done_bytes"], 3 * 256 * 1024);
+    assert_eq!(v["out_of_sync_bytes"], 256 * 1024);
+    // A guest write in between does not count as resync progress.
+    assert_eq!(p.write(0, &[1; 512]), Reply::Ack(AckStatus::Ok));
+    assert_eq!(f.status()["resync_done_bytes"], 3 * 256 * 1024);
+    assert_eq!(
+        p.call(&Frame::SyncDone { generation: 0x77 }),
+        Reply::Ack(AckStatus::Ok)
+    );
+    let m = meta::load(&f.image).unwrap().unwrap();
+    assert_eq!((m.generation, m.disk_state), (0x77, DiskState::UpToDate));
+    let text = std::fs::read_to_string(meta::meta_path(&f.image)).unwrap();
+    assert!(text.contains("up-to-date"), "{text}");
+    let v = f.status();
+    assert_eq!(v["resyncing"], false);
+    assert_eq!(v["out_of_sync_bytes"], 0);
+    assert_eq!(v["disk_state"], "up-to-date");
+    assert_eq!(v["generation"], 0x77);
+
+    // A second resync moves the old generation into the history, seen by the next primary.
+    p.call(&Frame::SyncStart {
+        full: false,
+        bytes: 0,
+    });
+    assert_eq!(f.status()["disk_state"], "inconsistent");
+    p.call(&Frame::SyncDone { generation: 0x88 });
+    p.send(&Frame::Goodbye);
+    assert!(p.is_closed());
+    f.wait_status("detached", |v| v["peer_state"] == "disconnected");
+    let (_p, info) = f.attach(MIB);
+    assert_eq!(info.generation, 0x88);
+    assert_eq!(info.disk_state, DiskState::UpToDate);
+    assert_eq!(info.history, vec![0x77]);
+}
+
+#[test]
+fn primary_refusing_after_attach_is_shown() {
+    let f = Fixture::start();
+    let (mut p, _) = f.attach(MIB);
+    p.send(&Frame::Refuse {
+        code: RefuseCode::SplitBrain,
+        reason: "both sides wrote",
+    });
+    assert!(p.is_closed());
+    let v = f.wait_status("refused", |v| v["peer_state"] == "refused");
+    assert_eq!(v["peer_reason"], "both sides wrote");
+}

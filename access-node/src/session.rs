@@ -1,0 +1,471 @@
+//! One connection from a primary: the handshake of PROTOCOL.md (authenticate, refuse a second
+//! primary, check or create the image), then the data phase: requests applied one at a time in
+//! arrival order, replies coalesced into one write whenever the input runs dry.
+
+use std::io::{self, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use log::{debug, error, info, warn};
+use mirror_proto::auth::{self, AuthError};
+use mirror_proto::conn::{ConnError, FrameReader};
+use mirror_proto::frame::{self, AckStatus, Frame, FrameError, NodeInfo, RefuseCode};
+use thiserror::Error;
+
+use crate::chain;
+use crate::replica::ReplicaError;
+use crate::server::{lock, Node, SlotGuard};
+use crate::status::{Counters, PeerState};
+
+/// Replies are written once this much is pending, even if more requests are buffered.
+const OUT_HIGH_WATER: usize = 256 * 1024;
+
+#[derive(Debug, Error)]
+pub enum SessionError {
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("nothing received for {} s", .0.as_secs())]
+    Timeout(Duration),
+    #[error("link I/O failed")]
+    Io(#[source] io::Error),
+    #[error("protocol violation")]
+    Frame(#[source] FrameError),
+    #[error("peer sent {got} where {expected} was expected")]
+    Unexpected {
+        got: &'static str,
+        expected: &'static str,
+        /// Sequence number of the offending frame (the Refuse that answers it carries it).
+        seq: u64,
+    },
+    #[error("cannot make a nonce")]
+    Nonce(#[source] AuthError),
+}
+
+/// A handshake frame, copied out of the reader's buffer.
+enum Hs {
+    Hello([u8; 32]),
+    Auth([u8; 32]),
+    Attach(NodeInfo),
+    Refuse(RefuseCode, String),
+    Goodbye,
+    Other(&'static str),
+}
+
+/// How an attached primary's session ended without an error.
+enum End {
+    Goodbye,
+    Refused(RefuseCode, String),
+}
+
+struct Session<'n> {
+    stream: &'n TcpStream,
+    reader: FrameReader<&'n TcpStream>,
+    out: Vec<u8>,
+    node: &'n Node,
+    peer: SocketAddr,
+}
+
+/// Serves one connection to its end; logs one line for how it ended.
+pub fn serve(stream: TcpStream, peer: SocketAddr, node: &Node) {
+    debug!("connection from {peer}");
+    let mut s = Session {
+        stream: &stream,
+        reader: FrameReader::new(&stream),
+        out: Vec::with_capacity(64 * 1024),
+        node,
+        peer,
+    };
+    let guard = match s.handshake() {
+        Ok(Some(g)) => g,
+        Ok(None) => return,
+        Err(e) => {
+            s.refuse_unexpected(&e);
+            warn!(
+                "connection from {peer} dropped during the handshake: {}",
+                chain(&e)
+            );
+            return;
+        }
+    };
+    let result = s.data_phase();
+    // Whatever happened, what the primary had acknowledged is made durable before another
+    // primary can attach.
+    if let Err(e) = lock(&node.replica).flush() {
+        error!("fdatasync after {peer} detached failed: {}", chain(&e));
+    }
+    let status = &node.status;
+    match result {
+        Ok(End::Goodbye) => {
+            info!("primary {peer} detached cleanly");
+            status.detached(None);
+        }
+        Ok(End::Refused(code, reason)) => {
+            warn!("primary {peer} refused this node ({code:?}): {reason}");
+            status.detached(None);
+            status.attempt_failed(refusal_state(code), reason);
+        }
+        Err(e) => {
+            s.refuse_unexpected(&e);
+            let why = chain(&e);
+            warn!("primary {peer} dropped: {why}");
+            status.detached(Some(why));
+        }
+    }
+    drop(guard);
+}
+
+fn refusal_state(code: RefuseCode) -> PeerState {
+    if code == RefuseCode::AuthFailed {
+        PeerState::AuthFailed
+    } else {
+        PeerState::Refused
+    }
+}
+
+fn conn_error(e: ConnError, timeout: Duration) -> SessionError {
+    if e.is_timeout() {
+        return SessionError::Timeout(timeout);
+    }
+    match e {
+        ConnError::Closed => SessionError::Closed,
+        ConnError::Io(e) => SessionError::Io(e),
+        ConnError::Frame(f) => SessionError::Frame(f),
+        ConnError::Unexpected(got) => SessionError::Unexpected {
+            got,
+            expected: "another frame",
+            seq: 0,
+        },
+    }
+}
+
+impl<'n> Session<'n> {
+    fn set_timeouts(&self, t: Duration) -> Result<(), SessionError> {
+        self.stream
+            .set_read_timeout(Some(t))
+            .and_then(|()| self.stream.set_write_timeout(Some(t)))
+            .map_err(SessionError::Io)
+    }
+
+    fn read_hs(&mut self) -> Result<(u64, Hs), SessionError> {
+        let d = self
+            .reader
+            .read_frame()
+            .map_err(|e| conn_error(e, self.node.handshake_timeout))?;
+        Counters::add(&self.node.status.counters.bytes_received, d.consumed as u64);
+        let hs = match d.frame {
+            Frame::Hello { nonce } => Hs::Hello(nonce),
+            Frame::Auth { mac } => Hs::Auth(mac),
+            Frame::Attach(n) => Hs::Attach(n),
+            Frame::Refuse { code, reason } => Hs::Refuse(code, reason.to_owned()),
+            Frame::Goodbye => Hs::Goodbye,
+            ref f => Hs::Other(f.name()),
+        };
+        Ok((d.seq, hs))
+    }
+
+    /// Appends a reply to the output buffer.
+    fn push(&mut self, seq: u64, f: &Frame<'_>) {
+        frame::encode(seq, f, &mut self.out);
+    }
+
+    /// Writes the pending replies.
+    fn flush_out(&mut self) -> Result<(), SessionError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.stream;
+        w.write_all(&self.out).map_err(SessionError::Io)?;
+        Counters::add(&self.node.status.counters.bytes_sent, self.out.len() as u64);
+        self.out.clear();
+        Ok(())
+    }
+
+    fn send(&mut self, seq: u64, f: &Frame<'_>) -> Result<(), SessionError> {
+        self.push(seq, f);
+        self.flush_out()
+    }
+
+    /// Refuses the connection (best effort: it is closed right after).
+    fn refuse(&mut self, seq: u64, code: RefuseCode, reason: &str) {
+        if let Err(e) = self.send(seq, &Frame::Refuse { code, reason }) {
+            debug!("cannot send Refuse to {}: {}", self.peer, chain(&e));
+        }
+    }
+
+    /// Tells a peer that sent the wrong frame why it is dropped.
+    fn refuse_unexpected(&mut self, e: &SessionError) {
+        if let SessionError::Unexpected { seq, .. } = e {
+            self.out.clear();
+            self.refuse(*seq, RefuseCode::Protocol, &e.to_string());
+        }
+    }
+
+    fn expect(seq: u64, got: Hs, expected: &'static str) -> SessionError {
+        let got = match got {
+            Hs::Hello(_) => "Hello",
+            Hs::Auth(_) => "Auth",
+            Hs::Attach(_) => "Attach",
+            Hs::Refuse(..) => "Refuse",
+            Hs::Goodbye => "Goodbye",
+            Hs::Other(name) => name,
+        };
+        SessionError::Unexpected { got, expected, seq }
+    }
+
+    /// Refuses a second primary. The wire reason does not name the attached primary: this
+    /// peer has not authenticated (yet).
+    fn refuse_busy(&mut self, seq: u64, holder: SocketAddr) {
+        let reason = "busy: another primary is attached";
+        info!("refused {}: {reason} ({holder})", self.peer);
+        self.node
+            .status
+            .attempt_failed(PeerState::Refused, format!("{}: {reason}", self.peer));
+        self.refuse(seq, RefuseCode::Busy, reason);
+    }
+
+    /// Hello, Challenge, Auth, AuthOk, Attach, Attached. `Ok(None)`: refused (logged).
+    fn handshake(&mut self) -> Result<Option<SlotGuard<'n>>, SessionError> {
+        let node = self.node;
+        let peer = self.peer;
+        self.stream.set_nodelay(true).map_err(SessionError::Io)?;
+        self.set_timeouts(node.handshake_timeout)?;
+
+        let (seq, pn) = match self.read_hs()? {
+            (seq, Hs::Hello(n)) => (seq, n),
+            (seq, other) => return Err(Self::expect(seq, other, "Hello")),
+        };
+        if let Some(holder) = node.slot.holder() {
+            self.refuse_busy(seq, holder);
+            return Ok(None);
+        }
+        let rn = auth::nonce().map_err(SessionError::Nonce)?;
+        let mac = node.secret.replica_proof(&pn, &rn);
+        self.send(seq, &Frame::Challenge { nonce: rn, mac })?;
+
+        let seq = match self.read_hs()? {
+            (seq, Hs::Auth(mac)) if node.secret.verify_primary(&pn, &rn, &mac) => seq,
+            (seq, Hs::Auth(_)) => {
+                let reason = "wrong secret";
+                warn!("refused {peer}: authentication failed ({reason})");
+                node.status
+                    .attempt_failed(PeerState::AuthFailed, format!("{peer}: {reason}"));
+                self.refuse(seq, RefuseCode::AuthFailed, reason);
+                return Ok(None);
+            }
+            (_, Hs::Refuse(code, reason)) => {
+                warn!("{peer} refused this node ({code:?}): {reason}");
+                node.status
+                    .attempt_failed(refusal_state(code), format!("{peer}: {reason}"));
+                return Ok(None);
+            }
+            (seq, other) => return Err(Self::expect(seq, other, "Auth")),
+        };
+        let guard = match node.slot.try_claim(peer) {
+            Ok(g) => g,
+            Err(holder) => {
+                self.refuse_busy(seq, holder);
+                return Ok(None);
+            }
+        };
+        self.send(seq, &Frame::AuthOk)?;
+
+        let (seq, primary) = match self.read_hs()? {
+            (seq, Hs::Attach(n)) => (seq, n),
+            (_, Hs::Goodbye) => {
+                info!("{peer} left after authenticating");
+                return Ok(None);
+            }
+            (seq, other) => return Err(Self::expect(seq, other, "Attach")),
+        };
+        let attached = lock(&node.replica).attach(primary.size);
+        match attached {
+            Ok(info) => {
+                self.send(seq, &Frame::Attached(info.clone()))?;
+                node.status.attached(peer);
+                info!(
+                    "primary {peer} attached: node {:016x}, {} bytes, generation {:016x}; \
+                     replica generation {:016x}, {}",
+                    primary.node_id,
+                    primary.size,
+                    primary.generation,
+                    info.generation,
+                    info.disk_state.as_str()
+                );
+                Ok(Some(guard))
+            }
+            Err(e) => {
+                let (code, reason) = match &e {
+                    ReplicaError::SizeMismatch { .. } => (RefuseCode::SizeMismatch, e.to_string()),
+                    _ => (RefuseCode::Other, chain(&e)),
+                };
+                error!("refused primary {peer}: {reason}");
+                node.status
+                    .attempt_failed(PeerState::Refused, reason.clone());
+                self.refuse(seq, code, &reason);
+                Ok(None)
+            }
+        }
+    }
+
+    /// Applies requests until the primary leaves or the link fails.
+    fn data_phase(&mut self) -> Result<End, SessionError> {
+        let node = self.node;
+        self.set_timeouts(node.idle_timeout)?;
+        let mut logged = Logged::default();
+        let mut rbuf = Vec::new();
+        loop {
+            let d = match self.reader.read_frame() {
+                Ok(d) => d,
+                Err(e) => {
+                    // Replies already computed still go out if the link allows.
+                    let _ = flush_pending(self.stream, &mut self.out, node);
+                    return Err(conn_error(e, node.idle_timeout));
+                }
+            };
+            Counters::add(&node.status.counters.bytes_received, d.consumed as u64);
+            match d.frame {
+                Frame::Goodbye => {
+                    flush_pending(self.stream, &mut self.out, node)?;
+                    return Ok(End::Goodbye);
+                }
+                Frame::Refuse { code, reason } => {
+                    let reason = reason.to_owned();
+                    flush_pending(self.stream, &mut self.out, node)?;
+                    return Ok(End::Refused(code, reason));
+                }
+                f => apply(d.seq, f, &mut self.out, node, &mut logged, &mut rbuf)?,
+            }
+            if !self.reader.has_frame() || self.out.len() >= OUT_HIGH_WATER {
+                self.flush_out()?;
+            }
+        }
+    }
+}
+
+fn flush_pending(stream: &TcpStream, out: &mut Vec<u8>, node: &Node) -> Result<(), SessionError> {
+    if out.is_empty() {
+        return Ok(());
+    }
+    let mut w = stream;
+    w.write_all(out).map_err(SessionError::Io)?;
+    Counters::add(&node.status.counters.bytes_sent, out.len() as u64);
+    out.clear();
+    Ok(())
+}
+
+/// Which kinds of failure were logged on this connection (each is logged once, then counted).
+#[derive(Default)]
+struct Logged {
+    no_space: bool,
+    io_error: bool,
+    out_of_range: bool,
+}
+
+/// Applies one data-phase request and appends its reply to `out`.
+fn apply(
+    seq: u64,
+    f: Frame<'_>,
+    out: &mut Vec<u8>,
+    node: &Node,
+    logged: &mut Logged,
+    rbuf: &mut Vec<u8>,
+) -> Result<(), SessionError> {
+    let status = &node.status;
+    let c = &status.counters;
+    let result = match f {
+        Frame::Write {
+            offset,
+            resync,
+            data,
+        } => {
+            let start = Instant::now();
+            let r = lock(&node.replica).write(offset, data);
+            Counters::add(&c.write_nanos, start.elapsed().as_nanos() as u64);
+            Counters::add(&c.writes, 1);
+            if r.is_ok() {
+                Counters::add(&c.bytes_written, data.len() as u64);
+                if resync {
+                    status.resync_progress(data.len() as u64);
+                }
+            }
+            r
+        }
+        Frame::Discard { offset, len } => {
+            Counters::add(&c.discards, 1);
+            lock(&node.replica).discard(offset, len)
+        }
+        Frame::WriteZeroes { offset, len, unmap } => {
+            Counters::add(&c.write_zeroes, 1);
+            lock(&node.replica).write_zeroes(offset, len, unmap)
+        }
+        Frame::Flush => {
+            Counters::add(&c.flushes, 1);
+            lock(&node.replica).flush()
+        }
+        Frame::Read { offset, len } => {
+            Counters::add(&c.reads, 1);
+            rbuf.resize(len as usize, 0);
+            match lock(&node.replica).read(offset, rbuf) {
+                Ok(()) => {
+                    Counters::add(&c.bytes_read, u64::from(len));
+                    frame::encode(seq, &Frame::ReadData { data: rbuf }, out);
+                    return Ok(());
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Frame::SyncStart { full, bytes } => {
+            let r = lock(&node.replica).sync_start();
+            if r.is_ok() {
+                status.sync_started(bytes);
+                info!(
+                    "{} resync started: {bytes} bytes to copy; replica inconsistent until it ends",
+                    if full { "full" } else { "partial" }
+                );
+            }
+            r
+        }
+        Frame::SyncDone { generation } => {
+            let r = lock(&node.replica).sync_done(generation);
+            if r.is_ok() {
+                status.sync_done();
+                info!("resync done: replica up to date at generation {generation:016x}");
+            }
+            r
+        }
+        Frame::Ping { nanos } => {
+            frame::encode(seq, &Frame::Pong { nanos }, out);
+            return Ok(());
+        }
+        other => {
+            return Err(SessionError::Unexpected {
+                got: other.name(),
+                expected: "a request",
+                seq,
+            })
+        }
+    };
+    let ack = match result {
+        Ok(()) => AckStatus::Ok,
+        Err(e) => {
+            Counters::add(&c.errors, 1);
+            let ack = e.ack_status();
+            let first = match ack {
+                AckStatus::NoSpace => !std::mem::replace(&mut logged.no_space, true),
+                AckStatus::OutOfRange => !std::mem::replace(&mut logged.out_of_range, true),
+                _ => !std::mem::replace(&mut logged.io_error, true),
+            };
+            if first {
+                error!(
+                    "image {}: {} (answered {ack:?}); further such errors on this connection \
+                     are only counted",
+                    status.image().display(),
+                    chain(&e)
+                );
+            }
+            ack
+        }
+    };
+    frame::encode(seq, &Frame::Ack { status: ack }, out);
+    Ok(())
+}
