@@ -151,6 +151,7 @@ impl Replica {
             bitmap_generation: 0,
             history: m.map_or_else(Vec::new, |m| m.history.clone()),
             flags: 0,
+            hot: Vec::new(),
         }
     }
 

@@ -119,6 +119,7 @@ fn node(size: u64) -> NodeInfo {
         bitmap_generation: 0,
         history: vec![],
         flags: 0,
+        hot: vec![],
     }
 }
 

@@ -176,6 +176,7 @@ impl Primary {
             bitmap_generation: 0,
             history: vec![],
             flags: 0,
+            hot: vec![],
         }));
         match p.reader.read_frame().unwrap().frame {
             Frame::Attached(n) => assert_eq!(n.size, size),

@@ -168,11 +168,19 @@ pub struct NodeInfo {
     pub bitmap_generation: u64,
     /// Earlier generations, newest first, at most [`MAX_HISTORY`].
     pub history: Vec<u64>,
-    /// Bit 0: the sender asks the receiver to discard its own changes (split-brain resolution).
+    /// Bit 0: the sender's own changes may be discarded (split-brain resolution).
     pub flags: u32,
+    /// Activity-log extents (of `activity_log::EXTENT_SIZE` bytes) the sender may have written
+    /// without its peer (left hot by a crash), at most [`MAX_HOT`].
+    pub hot: Vec<u64>,
 }
 
-pub const NODE_FLAG_DISCARD_PEER_DATA: u32 = 1;
+/// Most hot extents a NodeInfo carries.
+pub const MAX_HOT: usize = crate::activity_log::MAX_EXTENTS;
+
+/// NodeInfo flag: the sender's data may be overwritten (it was started with
+/// `--discard-my-data`).
+pub const NODE_FLAG_DISCARD_MY_DATA: u32 = 1;
 
 /// One protocol message; `data` and `reason` borrow from the decoded buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -361,6 +369,11 @@ fn put_node(out: &mut Vec<u8>, n: &NodeInfo) {
     out.extend_from_slice(&(h.len() as u16).to_le_bytes());
     for g in h {
         out.extend_from_slice(&g.to_le_bytes());
+    }
+    let hot = &n.hot[..n.hot.len().min(MAX_HOT)];
+    out.extend_from_slice(&(hot.len() as u16).to_le_bytes());
+    for e in hot {
+        out.extend_from_slice(&e.to_le_bytes());
     }
 }
 
@@ -614,6 +627,14 @@ fn get_node(c: &mut Cur<'_>) -> Result<NodeInfo, FrameError> {
     for _ in 0..n {
         history.push(c.u64()?);
     }
+    let n = usize::from(c.u16()?);
+    if n > MAX_HOT {
+        return Err(c.bad("too many hot extents"));
+    }
+    let mut hot = Vec::with_capacity(n);
+    for _ in 0..n {
+        hot.push(c.u64()?);
+    }
     Ok(NodeInfo {
         node_id,
         size,
@@ -623,6 +644,7 @@ fn get_node(c: &mut Cur<'_>) -> Result<NodeInfo, FrameError> {
         bitmap_generation,
         history,
         flags,
+        hot,
     })
 }
 
@@ -741,7 +763,8 @@ mod tests {
             generation: 0xdead_beef,
             bitmap_generation: 42,
             history: vec![1, 2, 3],
-            flags: NODE_FLAG_DISCARD_PEER_DATA,
+            flags: NODE_FLAG_DISCARD_MY_DATA,
+            hot: vec![4, 9],
         }
     }
 

@@ -5,7 +5,7 @@
 //! generation whenever it writes something its peer may not have (the first out-of-sync bit),
 //! so two equal generations mean identical data (the patent's timestamp comparison).
 
-use crate::frame::{DiskState, NodeInfo, Role, NODE_FLAG_DISCARD_PEER_DATA};
+use crate::frame::{DiskState, NodeInfo, Role, NODE_FLAG_DISCARD_MY_DATA};
 
 /// What the primary must do with a replica that just attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,19 +38,18 @@ pub fn decide(primary: &NodeInfo, replica: &NodeInfo) -> SyncDecision {
         // An older state of ours, but the bitmap does not reach back that far.
         return SyncDecision::Full;
     }
+    let replica_discards = replica.flags & NODE_FLAG_DISCARD_MY_DATA != 0;
     if replica.history.contains(&primary.generation) {
-        return if primary.flags & NODE_FLAG_DISCARD_PEER_DATA != 0 {
+        return if replica_discards {
             SyncDecision::Full
         } else {
             SyncDecision::PeerNewer
         };
     }
     // Unrelated histories. A replica that was never a primary holds nothing of its own: copy.
-    // One that was promoted and wrote is a split brain, unless an operator said whose data goes.
-    if replica.role == Role::Primary
-        && replica.flags & NODE_FLAG_DISCARD_PEER_DATA == 0
-        && primary.flags & NODE_FLAG_DISCARD_PEER_DATA == 0
-    {
+    // One that was a primary and wrote on its own is a split brain, unless its operator said
+    // its data may go (`access-node serve --discard-my-data`).
+    if replica.role == Role::Primary && !replica_discards {
         SyncDecision::SplitBrain
     } else {
         SyncDecision::Full
@@ -81,6 +80,7 @@ mod tests {
             bitmap_generation,
             history,
             flags: 0,
+            hot: vec![],
         }
     }
 
@@ -135,9 +135,9 @@ mod tests {
         let p = node(Role::Primary, 5, 0, vec![4]);
         let r = node(Role::Secondary, 7, 0, vec![6, 5]);
         assert_eq!(decide(&p, &r), SyncDecision::PeerNewer);
-        let p = NodeInfo {
-            flags: NODE_FLAG_DISCARD_PEER_DATA,
-            ..p
+        let r = NodeInfo {
+            flags: NODE_FLAG_DISCARD_MY_DATA,
+            ..r
         };
         assert_eq!(decide(&p, &r), SyncDecision::Full);
     }
@@ -149,10 +149,22 @@ mod tests {
         let r = node(Role::Primary, 9, 5, vec![5]);
         assert_eq!(decide(&p, &r), SyncDecision::SplitBrain);
         let r2 = NodeInfo {
-            flags: NODE_FLAG_DISCARD_PEER_DATA,
+            flags: NODE_FLAG_DISCARD_MY_DATA,
             ..r.clone()
         };
         assert_eq!(decide(&p, &r2), SyncDecision::Full);
+    }
+
+    #[test]
+    fn failback_to_the_crashed_old_primary_is_partial() {
+        // The replica (generation 5) was promoted: generation 6, bitmap relative to 5.
+        let p = node(Role::Primary, 6, 5, vec![5, 4]);
+        // The old primary comes back as an access node, still at 5 and still "primary".
+        let old = node(Role::Primary, 5, 0, vec![4]);
+        assert_eq!(decide(&p, &old), SyncDecision::Partial);
+        // Had it written on its own after the split (generation 7 from 5): split brain.
+        let diverged = node(Role::Primary, 7, 5, vec![5, 4]);
+        assert_eq!(decide(&p, &diverged), SyncDecision::SplitBrain);
     }
 
     #[test]

@@ -118,6 +118,7 @@ impl SyncState {
             bitmap_generation: self.meta.bitmap_generation,
             history: self.meta.history.clone(),
             flags,
+            hot: Vec::new(),
         }
     }
 
