@@ -203,6 +203,15 @@ fn wait_for_ready(serial: &Path, qemu: &mut ChildGuard, backend: &mut Backend) {
     }
 }
 
+/// The guest disk the VM boots from through the firmware (SeaBIOS -> GRUB -> Linux), as a real
+/// VM does: an MBR, GRUB, and the root filesystem in a partition starting at 1 MiB.
+const GUEST_DISK: &str = "boot-disk.raw";
+
+/// The root filesystem inside a guest disk image, as e2fsprogs names it.
+fn root_fs(image: &Path) -> String {
+    format!("{}?offset=1048576", image.display())
+}
+
 #[test]
 fn vm_file_server_roundtrip() {
     // Fail loudly (never skip) when the tools are missing.
@@ -218,7 +227,10 @@ fn vm_file_server_roundtrip() {
     let gdir = guest_dir();
     let t = Instant::now();
     run_ok(
-        Command::new("bash").arg(images.join("build.sh")).arg(&gdir),
+        Command::new("bash")
+            .arg(images.join("build.sh"))
+            .arg("--firmware")
+            .arg(&gdir),
         "images/build.sh",
     );
     eprintln!(
@@ -255,9 +267,9 @@ fn vm_file_server_roundtrip() {
     run_ok(
         Command::new("cp")
             .arg("--sparse=always")
-            .arg(gdir.join("disk.raw"))
+            .arg(gdir.join(GUEST_DISK))
             .arg(&image),
-        "copy disk.raw",
+        "copy the guest disk",
     );
 
     // 2. Backend, then the VM.
@@ -288,6 +300,7 @@ fn vm_file_server_roundtrip() {
         .args(["--num-queues", "1"])
         .args(["--serial".as_ref(), serial.as_os_str()])
         .args(["--accel", &accel])
+        .arg("--firmware")
         .stdin(Stdio::null())
         .stdout(qemu_out)
         .stderr(qemu_err);
@@ -425,7 +438,7 @@ fn vm_file_server_roundtrip() {
 
     // 7. The image file itself: clean ext4, every file byte-exact.
     run_ok(
-        Command::new("e2fsck").arg("-fn").arg(&image),
+        Command::new("e2fsck").arg("-fn").arg(root_fs(&image)),
         "e2fsck -fn on the image after halt",
     );
     let dump_dir = dir.join("dump");
@@ -436,7 +449,7 @@ fn vm_file_server_roundtrip() {
             Command::new("debugfs")
                 .arg("-R")
                 .arg(format!("dump /srv/files/{name} {}", out.display()))
-                .arg(&image),
+                .arg(root_fs(&image)),
             "debugfs dump",
         );
         let got = fs::read(&out)

@@ -279,6 +279,27 @@ fn serve_link(
             link.fail("cannot record a full sync");
             return;
         }
+    } else if !replica.hot.is_empty() {
+        // The replica was a primary that crashed: its hot extents may hold writes we never
+        // saw. Ours are the truth now; copy them over theirs.
+        let ext = mirror_proto::activity_log::EXTENT_SIZE;
+        let size = m.disk.size();
+        let mut s = m.sync_state();
+        for &e in &replica.hot {
+            let off = e.saturating_mul(ext);
+            if off < size {
+                if let Err(err) = s.mark(off, ext.min(size - off)) {
+                    log::error!("cannot record hot extents: {}", error_chain(&err));
+                    drop(s);
+                    link.fail("cannot record the replica's hot extents");
+                    return;
+                }
+            }
+        }
+        info!(
+            "replica reports {} hot extent(s) from its time as primary: resyncing them",
+            replica.hot.len()
+        );
     }
     m.set_peer(PeerState::Connected, None);
     if decision == SyncDecision::InSync && m.sync_state().bitmap.is_clear() {
