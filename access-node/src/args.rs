@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -21,7 +21,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the status of a running `serve` (through its --control socket).
     Status(StatusArgs),
-    // `Promote` (make this replica the primary after a failover) comes here.
+    /// Make this replica the primary after a failover: fence the old primary, start a new
+    /// generation, and release the image for `vhost-mirror` to serve.
+    Promote(PromoteArgs),
 }
 
 #[derive(Debug, Args)]
@@ -41,6 +43,18 @@ pub struct ServeArgs {
     /// Read cache size in MiB (0 disables the cache).
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub cache_mb: u64,
+    /// Split-brain resolution: this node's own changes may be overwritten by the primary
+    /// (a full sync). Applies until one resync finishes.
+    #[arg(long)]
+    pub discard_my_data: bool,
+    /// Run CMD (with `sh -c`) once when an attached primary has been silent for
+    /// --primary-timeout seconds. Env: ACCESS_NODE_IMAGE, ACCESS_NODE_CONTROL,
+    /// ACCESS_NODE_LAST_PRIMARY.
+    #[arg(long, value_name = "CMD")]
+    pub on_primary_loss: Option<String>,
+    /// Seconds without a frame from the primary before --on-primary-loss runs [default: 10].
+    #[arg(long, value_name = "SECS", requires = "on_primary_loss")]
+    pub primary_timeout: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -51,6 +65,20 @@ pub struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("target").required(true).args(["control", "image"])))]
+pub struct PromoteArgs {
+    /// The --control socket of the running `access-node serve` of the replica.
+    #[arg(long, value_name = "CTL")]
+    pub control: Option<PathBuf>,
+    /// The replica image, when no access node serves it.
+    #[arg(long, value_name = "IMG")]
+    pub image: Option<PathBuf>,
+    /// Promote even a replica whose data is not up to date (e.g. initial sync unfinished).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[cfg(test)]
@@ -74,6 +102,8 @@ mod tests {
             Command::Serve(a) => {
                 assert_eq!(a.cache_mb, 64);
                 assert_eq!(a.control, None);
+                assert!(!a.discard_my_data);
+                assert_eq!((a.on_primary_loss, a.primary_timeout), (None, None));
             }
             c => panic!("{c:?}"),
         }
@@ -96,5 +126,64 @@ mod tests {
             c.command,
             Command::Status(StatusArgs { json: true, .. })
         ));
+    }
+
+    #[test]
+    fn primary_timeout_needs_a_command() {
+        let base = [
+            "access-node",
+            "serve",
+            "--image",
+            "a.img",
+            "--listen",
+            "127.0.0.1:7800",
+            "--secret-file",
+            "s",
+        ];
+        let e = Cli::try_parse_from(base.iter().chain(&["--primary-timeout", "3"])).unwrap_err();
+        assert!(e.to_string().contains("--on-primary-loss"), "{e}");
+        let c = Cli::try_parse_from(base.iter().chain(&[
+            "--on-primary-loss",
+            "touch x",
+            "--primary-timeout",
+            "3",
+            "--discard-my-data",
+        ]))
+        .unwrap();
+        match c.command {
+            Command::Serve(a) => {
+                assert_eq!(a.on_primary_loss.as_deref(), Some("touch x"));
+                assert_eq!(a.primary_timeout, Some(3));
+                assert!(a.discard_my_data);
+            }
+            c => panic!("{c:?}"),
+        }
+    }
+
+    #[test]
+    fn promote_takes_exactly_one_of_control_and_image() {
+        let c = Cli::try_parse_from(["access-node", "promote", "--control", "c"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Promote(PromoteArgs {
+                control: Some(_),
+                image: None,
+                force: false
+            })
+        ));
+        let c = Cli::try_parse_from(["access-node", "promote", "--image", "i", "--force"]).unwrap();
+        assert!(matches!(
+            c.command,
+            Command::Promote(PromoteArgs {
+                image: Some(_),
+                force: true,
+                ..
+            })
+        ));
+        assert!(Cli::try_parse_from(["access-node", "promote"]).is_err());
+        assert!(
+            Cli::try_parse_from(["access-node", "promote", "--control", "c", "--image", "i"])
+                .is_err()
+        );
     }
 }

@@ -15,6 +15,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest accepted --cache-mb (1 TiB of cache is certainly a typo).
 pub const MAX_CACHE_MB: u64 = 1 << 20;
+/// --primary-timeout when --on-primary-loss is given without it.
+pub const DEFAULT_PRIMARY_TIMEOUT: u64 = 10;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -30,6 +32,17 @@ pub enum ConfigError {
     CacheSize(u64),
     #[error("--control and --image must be different paths")]
     SamePaths,
+    #[error("--primary-timeout must be at least 1 second")]
+    PrimaryTimeout,
+    #[error("--on-primary-loss needs a command")]
+    EmptyCommand,
+}
+
+/// `--on-primary-loss CMD --primary-timeout SECS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PrimaryLoss {
+    pub command: String,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +54,8 @@ pub struct ServeConfig {
     pub cache_bytes: u64,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
+    pub discard_my_data: bool,
+    pub primary_loss: Option<PrimaryLoss>,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -60,6 +75,23 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.control.as_ref() == Some(&a.image) {
             return Err(ConfigError::SamePaths);
         }
+        let primary_loss = match a.on_primary_loss {
+            Some(command) => {
+                if command.trim().is_empty() {
+                    return Err(ConfigError::EmptyCommand);
+                }
+                let secs = a.primary_timeout.unwrap_or(DEFAULT_PRIMARY_TIMEOUT);
+                if secs == 0 {
+                    return Err(ConfigError::PrimaryTimeout);
+                }
+                Some(PrimaryLoss {
+                    command,
+                    timeout: Duration::from_secs(secs),
+                })
+            }
+            // clap refuses --primary-timeout without --on-primary-loss already.
+            None => None,
+        };
         let secret = Secret::load(&a.secret_file)?;
         Ok(ServeConfig {
             image: a.image,
@@ -69,6 +101,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
             cache_bytes: a.cache_mb << 20,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
+            discard_my_data: a.discard_my_data,
+            primary_loss,
         })
     }
 }
@@ -86,6 +120,9 @@ mod tests {
             secret_file: secret,
             control: None,
             cache_mb: 64,
+            discard_my_data: false,
+            on_primary_loss: None,
+            primary_timeout: None,
         }
     }
 
@@ -120,6 +157,44 @@ mod tests {
         assert!(matches!(
             ServeConfig::try_from(a),
             Err(ConfigError::SamePaths)
+        ));
+    }
+
+    #[test]
+    fn primary_loss_hook() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(
+            ServeConfig::try_from(args(d.path())).unwrap().primary_loss,
+            None
+        );
+        let a = ServeArgs {
+            on_primary_loss: Some("touch x".into()),
+            ..args(d.path())
+        };
+        let c = ServeConfig::try_from(a).unwrap();
+        assert_eq!(
+            c.primary_loss,
+            Some(PrimaryLoss {
+                command: "touch x".into(),
+                timeout: Duration::from_secs(DEFAULT_PRIMARY_TIMEOUT)
+            })
+        );
+        let a = ServeArgs {
+            on_primary_loss: Some("touch x".into()),
+            primary_timeout: Some(0),
+            ..args(d.path())
+        };
+        assert!(matches!(
+            ServeConfig::try_from(a),
+            Err(ConfigError::PrimaryTimeout)
+        ));
+        let a = ServeArgs {
+            on_primary_loss: Some(" ".into()),
+            ..args(d.path())
+        };
+        assert!(matches!(
+            ServeConfig::try_from(a),
+            Err(ConfigError::EmptyCommand)
         ));
     }
 

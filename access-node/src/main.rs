@@ -4,10 +4,12 @@
 mod args;
 mod cache;
 mod config;
+mod promote;
 mod replica;
 mod server;
 mod session;
 mod status;
+mod watchdog;
 
 use std::process::ExitCode;
 
@@ -32,6 +34,9 @@ fn main() -> ExitCode {
                     print!("{}", control::render_table(&v));
                 }
             })
+            .map_err(Into::into),
+        Command::Promote(a) => promote::run(a)
+            .map(|line| println!("{line}"))
             .map_err(Into::into),
     };
     match result {

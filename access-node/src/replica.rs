@@ -2,7 +2,9 @@
 //!
 //! Knows nothing about the network. Every operation checks its range against the image size;
 //! the cache is invalidated before a change is acknowledged, so reads never see stale data.
-//! Metadata changes (SyncStart, SyncDone, creation) are saved crash-safely before they return.
+//! Metadata changes (SyncStart, SyncDone, creation, promotion) are saved crash-safely before
+//! they return. A promotion fences the replica: from then on it refuses every request and has
+//! let go of the image.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -12,10 +14,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use log::{info, warn};
+use mirror_proto::activity_log::{self, AlError};
 use mirror_proto::auth::{self, AuthError};
-use mirror_proto::frame::{AckStatus, DiskState, NodeInfo, Role, MAX_HISTORY};
+use mirror_proto::bitmap::Bitmap;
+use mirror_proto::frame::{
+    AckStatus, DiskState, NodeInfo, Role, MAX_HISTORY, NODE_FLAG_DISCARD_MY_DATA,
+};
 use mirror_proto::generation;
-use mirror_proto::meta::{self, Meta, MetaError, META_FORMAT};
+use mirror_proto::meta::{self, BitmapFile, Meta, MetaError, META_FORMAT};
 use thiserror::Error;
 
 use crate::cache::ReadCache;
@@ -61,8 +67,18 @@ pub enum ReplicaError {
     },
     #[error(transparent)]
     Meta(#[from] MetaError),
+    #[error(transparent)]
+    ActivityLog(#[from] AlError),
     #[error("cannot create a node id")]
     NodeId(#[source] AuthError),
+    #[error("cannot create a generation id")]
+    Generation(#[source] AuthError),
+    #[error("this node was promoted: it serves no primary any more")]
+    Fenced,
+    #[error("no image {path} to promote")]
+    NothingToPromote { path: PathBuf },
+    #[error("refusing to promote {path}: its data is {state}; --force promotes it anyway")]
+    NotUpToDate { path: PathBuf, state: &'static str },
 }
 
 impl ReplicaError {
@@ -70,6 +86,7 @@ impl ReplicaError {
     pub fn ack_status(&self) -> AckStatus {
         match self {
             ReplicaError::OutOfRange { .. } => AckStatus::OutOfRange,
+            ReplicaError::Fenced => AckStatus::Fenced,
             ReplicaError::Io { source, .. } if is_no_space(source) => AckStatus::NoSpace,
             _ => AckStatus::IoError,
         }
@@ -99,6 +116,21 @@ pub struct Replica {
     meta: Option<Meta>,
     cache: ReadCache,
     status: Arc<Status>,
+    /// Promoted: every request is refused, the image is closed.
+    fenced: bool,
+    /// Announce NODE_FLAG_DISCARD_MY_DATA (until a resync finished).
+    discard_my_data: bool,
+}
+
+/// What [`Replica::promote`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Promotion {
+    pub previous_generation: u64,
+    pub generation: u64,
+    /// The metadata already said primary (and up to date): nothing was changed.
+    pub already_primary: bool,
+    /// The data was not up to date (`--force`).
+    pub forced: bool,
 }
 
 impl Replica {
@@ -117,6 +149,8 @@ impl Replica {
             meta,
             cache: ReadCache::new(cache_bytes),
             status,
+            fenced: false,
+            discard_my_data: false,
         };
         r.publish();
         Ok(r)
@@ -124,6 +158,20 @@ impl Replica {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Whether Attached carries NODE_FLAG_DISCARD_MY_DATA (`serve --discard-my-data`).
+    pub fn set_discard_my_data(&mut self, on: bool) {
+        self.discard_my_data = on;
+    }
+
+    /// The data path after a promotion: refused.
+    fn live(&self) -> Result<(), ReplicaError> {
+        if self.fenced {
+            Err(ReplicaError::Fenced)
+        } else {
+            Ok(())
+        }
     }
 
     /// Image size in bytes (0: no image yet).
@@ -139,7 +187,7 @@ impl Replica {
         self.status.set_disk(role, state, generation, self.size());
     }
 
-    /// This node's state, as sent in Attached.
+    /// This node's state, as sent in Attached (without the hot extents: see [`Self::attach`]).
     pub fn node_info(&self) -> NodeInfo {
         let m = self.meta.as_ref();
         NodeInfo {
@@ -150,14 +198,26 @@ impl Replica {
             generation: m.map_or(0, |m| m.generation),
             bitmap_generation: 0,
             history: m.map_or_else(Vec::new, |m| m.history.clone()),
-            flags: 0,
+            flags: if self.discard_my_data {
+                NODE_FLAG_DISCARD_MY_DATA
+            } else {
+                0
+            },
             hot: Vec::new(),
         }
     }
 
+    /// Extents the activity log beside the image lists (non-empty when the image belonged to a
+    /// primary that stopped uncleanly).
+    pub fn hot_extents(&self) -> Result<Vec<u64>, ReplicaError> {
+        Ok(activity_log::read(&self.path)?)
+    }
+
     /// A primary with a disk of `size` bytes attaches: checks an existing image's size (without
     /// changing anything if it differs), or creates the image sparse; makes sure metadata exists.
+    /// The answer lists the activity log's hot extents.
     pub fn attach(&mut self, size: u64) -> Result<NodeInfo, ReplicaError> {
+        self.live()?;
         if size == 0 {
             return Err(ReplicaError::EmptyPrimary);
         }
@@ -223,7 +283,9 @@ impl Replica {
             self.meta = Some(m);
         }
         self.publish();
-        Ok(self.node_info())
+        let mut info = self.node_info();
+        info.hot = self.hot_extents()?;
+        Ok(info)
     }
 
     fn image(&self) -> Result<&Image, ReplicaError> {
@@ -235,6 +297,7 @@ impl Replica {
     }
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), ReplicaError> {
+        self.live()?;
         self.check(offset, data.len() as u64)?;
         self.invalidate(offset, data.len() as u64);
         self.image()?
@@ -254,12 +317,19 @@ impl Replica {
 
     /// Zeroes a range, deallocating it if `unmap`.
     pub fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> Result<(), ReplicaError> {
+        self.live()?;
         self.check(offset, len)?;
         if len == 0 {
             return Ok(());
         }
         self.invalidate(offset, len);
         zero_range(&self.image()?.file, offset, len, unmap)
+    }
+
+    /// A primary's Flush: refused once promoted.
+    pub fn flush_request(&self) -> Result<(), ReplicaError> {
+        self.live()?;
+        self.flush()
     }
 
     /// Makes every completed write durable (fdatasync).
@@ -276,6 +346,7 @@ impl Replica {
 
     /// Reads through the cache.
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), ReplicaError> {
+        self.live()?;
         // Borrows only the image field, so the cache stays available.
         let img = check_range(self.image.as_ref(), offset, buf.len() as u64)?;
         let (file, size) = (&img.file, img.size);
@@ -315,21 +386,151 @@ impl Replica {
 
     /// A resync starts: the image is inconsistent until SyncDone.
     pub fn sync_start(&mut self) -> Result<(), ReplicaError> {
+        self.live()?;
         self.update_meta(|m| m.disk_state = DiskState::Inconsistent)
     }
 
     /// A resync finished: every write of `generation` is in the image; make that durable, then
-    /// record it.
+    /// record it. The node is a secondary from now on (also a former primary: its data is the
+    /// primary's now), so its activity log and `--discard-my-data` no longer mean anything.
     pub fn sync_done(&mut self, new_generation: u64) -> Result<(), ReplicaError> {
+        self.live()?;
         self.flush()?;
+        let was_primary = self.meta.as_ref().is_some_and(|m| m.role == Role::Primary);
         self.update_meta(|m| {
             if m.generation != new_generation {
                 generation::push_history(&mut m.history, m.generation, MAX_HISTORY);
             }
             m.generation = new_generation;
             m.disk_state = DiskState::UpToDate;
+            m.role = Role::Secondary;
+            m.bitmap_generation = 0;
+        })?;
+        if was_primary {
+            info!(
+                "{} was a primary's image: it is a secondary now",
+                self.path.display()
+            );
+        }
+        // After the metadata: a crash in between leaves hot extents that only get copied again.
+        activity_log::clear(&self.path)?;
+        if std::mem::take(&mut self.discard_my_data) {
+            info!("--discard-my-data served its purpose: later attaches keep this node's data");
+        }
+        Ok(())
+    }
+
+    /// Makes this replica the primary's image: refuses unless its data is up to date (or
+    /// `force`); makes the image durable; writes a clear bitmap and an empty activity log for
+    /// `vhost-mirror`; then records, durably, a new generation whose bitmap is relative to the
+    /// old one (so the old primary, back at that generation, gets a partial resync), role
+    /// primary. An image already recorded as an up-to-date primary is left as it is. Either
+    /// way the replica is fenced and lets go of the image (the file lock is released). On an
+    /// error the metadata is unchanged and the replica goes on serving.
+    pub fn promote(&mut self, force: bool) -> Result<Promotion, ReplicaError> {
+        self.live()?;
+        let Some(img) = &self.image else {
+            return Err(ReplicaError::NothingToPromote {
+                path: self.path.clone(),
+            });
+        };
+        let size = file_size(&img.file).map_err(|source| ReplicaError::Open {
+            path: self.path.clone(),
+            source,
+        })?;
+        let (up_to_date, state) = match &self.meta {
+            None => (false, "of unknown content (no metadata)"),
+            Some(m) if m.size != size => (false, "of unknown content (metadata for another size)"),
+            Some(m) => match m.disk_state {
+                DiskState::UpToDate => (true, "up to date"),
+                DiskState::Inconsistent => (false, "inconsistent (a sync did not finish)"),
+                DiskState::Outdated => (false, "outdated"),
+            },
+        };
+        if !up_to_date && !force {
+            return Err(ReplicaError::NotUpToDate {
+                path: self.path.clone(),
+                state,
+            });
+        }
+        self.flush()?;
+        let old = self.meta.clone();
+        if let Some(m) = old
+            .as_ref()
+            .filter(|m| up_to_date && m.role == Role::Primary)
+        {
+            let g = m.generation;
+            self.release();
+            return Ok(Promotion {
+                previous_generation: g,
+                generation: g,
+                already_primary: true,
+                forced: false,
+            });
+        }
+        let previous = old.as_ref().map_or(0, |m| m.generation);
+        let mut m = match old {
+            Some(m) => m,
+            None => Meta {
+                format: META_FORMAT,
+                node_id: auth::random_id().map_err(ReplicaError::NodeId)?,
+                size,
+                role: Role::Secondary,
+                disk_state: DiskState::Inconsistent,
+                generation: 0,
+                bitmap_generation: 0,
+                history: Vec::new(),
+            },
+        };
+        // Meaningless while the metadata says secondary: a crash before it is saved leaves
+        // nothing wrong.
+        write_clear_bitmap(&self.path, size)?;
+        activity_log::clear(&self.path)?;
+        generation::push_history(&mut m.history, previous, MAX_HISTORY);
+        m.generation = auth::random_id().map_err(ReplicaError::Generation)?;
+        // Only data that is exactly the old generation's may claim "the old generation plus
+        // what the bitmap lists"; a forced image is a mix, so any peer gets a full sync.
+        m.bitmap_generation = if up_to_date { previous } else { 0 };
+        m.role = Role::Primary;
+        m.disk_state = DiskState::UpToDate;
+        m.size = size;
+        meta::save(&self.path, &m)?;
+        let generation = m.generation;
+        self.meta = Some(m);
+        self.release();
+        Ok(Promotion {
+            previous_generation: previous,
+            generation,
+            already_primary: false,
+            forced: !up_to_date,
         })
     }
+
+    /// Fences the replica and closes the image (which releases its lock).
+    fn release(&mut self) {
+        self.fenced = true;
+        self.publish();
+        self.image = None;
+        self.cache = ReadCache::new(0);
+        self.status
+            .counters
+            .cache_bytes
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Makes `IMG.bitmap` an all-clear bitmap for `size` bytes; one for another size is replaced.
+fn write_clear_bitmap(image: &Path, size: u64) -> Result<(), MetaError> {
+    let file = match BitmapFile::open_or_create(image, size) {
+        Ok((f, _)) => f,
+        Err(MetaError::BadBitmap { path, .. }) => {
+            warn!("replacing {}: it is not for this image", path.display());
+            std::fs::remove_file(&path).map_err(|source| MetaError::Write { path, source })?;
+            BitmapFile::open_or_create(image, size)?.0
+        }
+        Err(e) => return Err(e),
+    };
+    file.persist_all(&Bitmap::new(size))
 }
 
 /// The image, if `offset..offset + len` lies inside it.

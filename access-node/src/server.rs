@@ -1,20 +1,21 @@
 //! `access-node serve`: opens the replica, listens for the primary, runs one thread per
 //! connection with at most one primary attached at a time, answers the control socket, and
-//! shuts down cleanly on SIGTERM/SIGINT.
+//! shuts down cleanly on SIGTERM/SIGINT, or after a promotion (`promote` on the control
+//! socket: fence the primary, promote the image, reply, exit 0).
 
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use mirror_proto::auth::Secret;
-use mirror_proto::control::{self, Handler};
-use serde_json::json;
+use mirror_proto::control::{self, AfterReply, Handler};
+use serde_json::{json, Value};
 use thiserror::Error;
 
 use crate::chain;
@@ -22,6 +23,7 @@ use crate::config::ServeConfig;
 use crate::replica::{Replica, ReplicaError};
 use crate::session;
 use crate::status::Status;
+use crate::watchdog;
 
 /// Most connections (attached or still in their handshake) served at once; more are closed
 /// right away, so a flood of connections cannot exhaust threads.
@@ -59,16 +61,34 @@ pub enum ServeError {
     Signals(#[source] io::Error),
 }
 
+/// Why the slot cannot be taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimError {
+    /// Another primary holds it.
+    Busy(SocketAddr),
+    /// This node was promoted: no primary any more.
+    Fenced,
+}
+
 /// Locks a mutex, also after a panic in another thread (the data stays usable: every
 /// operation on it is complete or returned an error).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+#[derive(Debug)]
+struct Holder {
+    peer: SocketAddr,
+    /// A clone of the connection, to cut it off when the node is promoted.
+    stream: TcpStream,
+}
+
 /// The one place a primary can be attached.
 #[derive(Debug, Default)]
 pub struct Slot {
-    holder: Mutex<Option<SocketAddr>>,
+    holder: Mutex<Option<Holder>>,
+    /// Set by a promotion: the slot is never taken again.
+    fenced: AtomicBool,
 }
 
 /// Holds the slot; releases it when dropped.
@@ -80,19 +100,43 @@ pub struct SlotGuard<'a> {
 impl Slot {
     /// The attached primary, if any.
     pub fn holder(&self) -> Option<SocketAddr> {
-        *lock(&self.holder)
+        lock(&self.holder).as_ref().map(|h| h.peer)
     }
 
-    /// Takes the slot for `peer`, or says who holds it.
-    pub fn try_claim(&self, peer: SocketAddr) -> Result<SlotGuard<'_>, SocketAddr> {
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
+    /// Takes the slot for `peer` (`stream`: a clone of its connection), or says why not.
+    pub fn try_claim(
+        &self,
+        peer: SocketAddr,
+        stream: TcpStream,
+    ) -> Result<SlotGuard<'_>, ClaimError> {
         let mut h = lock(&self.holder);
-        match *h {
-            Some(other) => Err(other),
+        // Checked under the lock: either `fence` sees this holder, or this sees the fence.
+        if self.is_fenced() {
+            return Err(ClaimError::Fenced);
+        }
+        match &*h {
+            Some(other) => Err(ClaimError::Busy(other.peer)),
             None => {
-                *h = Some(peer);
+                *h = Some(Holder { peer, stream });
                 Ok(SlotGuard { slot: self })
             }
         }
+    }
+
+    /// Refuses every primary from now on and cuts off the one holding the slot (its session
+    /// ends at its next read); returns who that was.
+    pub fn fence(&self) -> Option<SocketAddr> {
+        let h = lock(&self.holder);
+        self.fenced.store(true, Ordering::Release);
+        let h = h.as_ref()?;
+        if let Err(e) = h.stream.shutdown(Shutdown::Both) {
+            debug!("cutting off {}: {e}", h.peer);
+        }
+        Some(h.peer)
     }
 }
 
@@ -112,6 +156,72 @@ pub struct Node {
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     live: AtomicUsize,
+    /// Set (and signalled) when the server should stop: after a promotion.
+    stop: (Mutex<bool>, Condvar),
+}
+
+impl Node {
+    /// Tells [`Server::serve`] to return.
+    pub fn request_stop(&self) {
+        *lock(&self.stop.0) = true;
+        self.stop.1.notify_all();
+    }
+
+    fn wait_stop(&self) {
+        let mut stopped = lock(&self.stop.0);
+        while !*stopped {
+            stopped = self
+                .stop
+                .1
+                .wait(stopped)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Promotes the replica (the `promote` control command): fences the attached primary and
+    /// any later one, promotes the image and lets go of it. The caller stops the server once
+    /// the reply is out.
+    pub fn promote(&self, force: bool) -> Result<Value, ReplicaError> {
+        // The replica lock waits for the request being applied; none starts while it is held.
+        let mut replica = lock(&self.replica);
+        let p = replica.promote(force)?;
+        let cut = self.slot.fence();
+        // The client waits for the lock on this path: make it independent of our directory.
+        let path = replica.path();
+        let image = std::fs::canonicalize(path)
+            .unwrap_or_else(|_| path.to_owned())
+            .display()
+            .to_string();
+        drop(replica);
+        let cut = match cut {
+            Some(peer) => format!("{peer} cut off"),
+            None => "none attached".to_owned(),
+        };
+        if p.already_primary {
+            info!(
+                "promote: already primary (generation {:016x}); old primary fenced ({cut}); \
+                 image {image} released",
+                p.generation
+            );
+        } else {
+            if p.forced {
+                warn!("promoting {image} by force: its data was not up to date");
+            }
+            info!(
+                "promoted: generation {:016x} -> {:016x}; old primary fenced ({cut}); \
+                 image {image} released",
+                p.previous_generation, p.generation
+            );
+        }
+        Ok(json!({
+            "promoted": true,
+            "generation": p.generation,
+            "previous_generation": p.previous_generation,
+            "already_primary": p.already_primary,
+            "forced": p.forced,
+            "image": image,
+        }))
+    }
 }
 
 /// A bound, not yet serving, server.
@@ -122,10 +232,18 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens (and locks) the replica, binds the TCP listener and the control socket.
+    /// Opens (and locks) the replica, binds the TCP listener and the control socket, starts
+    /// the --on-primary-loss watchdog.
     pub fn bind(config: ServeConfig) -> Result<Self, ServeError> {
         let status = Arc::new(Status::new(config.image.clone(), config.cache_bytes));
-        let replica = Replica::open(&config.image, config.cache_bytes, status.clone())?;
+        let mut replica = Replica::open(&config.image, config.cache_bytes, status.clone())?;
+        if config.discard_my_data {
+            replica.set_discard_my_data(true);
+            warn!(
+                "--discard-my-data: this node's own changes may be overwritten by the primary \
+                 (full sync) until a resync finishes"
+            );
+        }
         let listener = TcpListener::bind(config.listen).map_err(|source| ServeError::Listen {
             addr: config.listen,
             source,
@@ -156,6 +274,16 @@ impl Server {
                 info.generation,
                 info.disk_state.as_str()
             );
+            match replica.hot_extents() {
+                Ok(hot) if !hot.is_empty() => warn!(
+                    "{} lists {} hot extent(s): this image belonged to a primary that stopped \
+                     uncleanly; the next primary resyncs them",
+                    mirror_proto::activity_log::al_path(&config.image).display(),
+                    hot.len()
+                ),
+                Ok(_) => {}
+                Err(e) => warn!("{}", chain(&e)),
+            }
         }
         let node = Arc::new(Node {
             replica: Mutex::new(replica),
@@ -165,13 +293,33 @@ impl Server {
             handshake_timeout: config.handshake_timeout,
             idle_timeout: config.idle_timeout,
             live: AtomicUsize::new(0),
+            stop: (Mutex::new(false), Condvar::new()),
         });
         if let Some(l) = control_listener {
+            let n = node.clone();
             let f: Handler = Arc::new(move |cmd| match cmd {
                 "status" => status.to_json(),
+                "promote" | "promote force" => {
+                    n.promote(cmd == "promote force").unwrap_or_else(|e| {
+                        let msg = chain(&e);
+                        warn!("promote refused: {msg}");
+                        json!({ "error": msg })
+                    })
+                }
                 other => json!({ "error": format!("unknown command {other:?}") }),
             });
-            control::spawn_server(l, f).map_err(ServeError::Thread)?;
+            let n = node.clone();
+            // The process stops only once the client has its answer.
+            let after: AfterReply = Arc::new(move |_, reply| {
+                if reply.get("promoted").and_then(Value::as_bool) == Some(true) {
+                    n.request_stop();
+                }
+            });
+            control::spawn_server_then(l, f, after).map_err(ServeError::Thread)?;
+        }
+        if let Some(pl) = config.primary_loss {
+            watchdog::spawn(node.clone(), pl, config.control.clone())
+                .map_err(ServeError::Thread)?;
         }
         Ok(Server {
             listener,
@@ -182,6 +330,24 @@ impl Server {
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    /// Serves until the node is promoted, then removes the control socket (the process exits
+    /// on a signal).
+    pub fn serve(self) -> Result<(), ServeError> {
+        let node = self.node.clone();
+        let control = self.control.clone();
+        std::thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || self.accept_loop())
+            .map_err(ServeError::Thread)?;
+        node.wait_stop();
+        if let Some(p) = &control {
+            if let Err(e) = std::fs::remove_file(p) {
+                warn!("cannot remove {}: {e}", p.display());
+            }
+        }
+        Ok(())
     }
 
     /// Accepts connections until the process exits.
@@ -225,7 +391,7 @@ impl Server {
     }
 }
 
-/// Runs the server until a signal stops the process.
+/// Runs the server until a signal stops the process, or a promotion (then returns Ok).
 pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     ignore_sigxfsz();
     let server = Server::bind(config)?;
@@ -235,7 +401,8 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         source,
     })?;
     info!("listening on {addr}");
-    server.accept_loop();
+    server.serve()?;
+    info!("stopped after the promotion");
     Ok(())
 }
 

@@ -3,28 +3,41 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
+use mirror_proto::activity_log::{self, AlFile};
 use mirror_proto::auth::{self, Secret};
 use mirror_proto::conn::FrameReader;
 use mirror_proto::frame::{
     self, AckStatus, DiskState, Frame, NodeInfo, RefuseCode, Role, MAGIC, MAX_DATA,
+    NODE_FLAG_DISCARD_MY_DATA,
 };
+use mirror_proto::meta::{BitmapFile, Meta, META_FORMAT};
 use mirror_proto::{control, meta};
 use serde_json::Value;
 
 use super::*;
-use crate::config::ServeConfig;
+use crate::config::{PrimaryLoss, ServeConfig};
 
 const SECRET: &[u8] = b"correct horse battery staple";
 const MIB: u64 = 1 << 20;
 
 struct Fixture {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     image: PathBuf,
     control: PathBuf,
     addr: SocketAddr,
+    /// Gets a message when `Server::serve` returned (the process would exit 0 then).
+    done: mpsc::Receiver<()>,
+    node: Arc<Node>,
+}
+
+#[derive(Default)]
+struct Opts {
+    discard_my_data: bool,
+    primary_loss: Option<PrimaryLoss>,
 }
 
 impl Fixture {
@@ -33,8 +46,16 @@ impl Fixture {
     }
 
     /// Starts a server; `prepare` gets the image path before the server opens it.
-    fn start_with(prepare: impl FnOnce(&std::path::Path)) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+    fn start_with(prepare: impl FnOnce(&Path)) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), prepare, Opts::default())
+    }
+
+    fn start_opts(opts: Opts) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), |_| {}, opts)
+    }
+
+    /// Starts a server on `dir/replica.img`, control socket `dir/ctl`.
+    fn start_in(dir: tempfile::TempDir, prepare: impl FnOnce(&Path), opts: Opts) -> Self {
         let image = dir.path().join("replica.img");
         let control = dir.path().join("ctl");
         prepare(&image);
@@ -46,16 +67,30 @@ impl Fixture {
             cache_bytes: MIB,
             handshake_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(1),
+            discard_my_data: opts.discard_my_data,
+            primary_loss: opts.primary_loss,
         };
         let server = Server::bind(config).unwrap();
         let addr = server.local_addr().unwrap();
-        std::thread::spawn(move || server.accept_loop());
+        let node = server.node.clone();
+        let (tx, done) = mpsc::channel();
+        std::thread::spawn(move || {
+            server.serve().unwrap();
+            let _ = tx.send(());
+        });
         Fixture {
-            _dir: dir,
+            dir,
             image,
             control,
             addr,
+            done,
+            node,
         }
+    }
+
+    /// Promotes through the control socket.
+    fn promote(&self, command: &str) -> Result<Value, control::ControlError> {
+        control::request(&self.control, command)
     }
 
     fn status(&self) -> Value {
@@ -670,10 +705,328 @@ fn primary_refusing_after_attach_is_shown() {
     let f = Fixture::start();
     let (mut p, _) = f.attach(MIB);
     p.send(&Frame::Refuse {
-        code: RefuseCode::SplitBrain,
-        reason: "both sides wrote",
+        code: RefuseCode::Other,
+        reason: "the replica has newer data",
     });
     assert!(p.is_closed());
     let v = f.wait_status("refused", |v| v["peer_state"] == "refused");
-    assert_eq!(v["peer_reason"], "both sides wrote");
+    assert_eq!(v["peer_reason"], "the replica has newer data");
+}
+
+#[test]
+fn split_brain_refusal_is_shown_with_both_generations() {
+    let f = Fixture::start();
+    assert_eq!(f.status()["peer_generation"], Value::Null);
+    let (mut p, _) = f.attach(MIB);
+    sync(&mut p, 0x55);
+    p.send(&Frame::Refuse {
+        code: RefuseCode::SplitBrain,
+        reason: "split brain: both sides wrote since they last agreed",
+    });
+    assert!(p.is_closed());
+    let v = f.wait_status("split-brain", |v| v["peer_state"] == "split-brain");
+    assert_eq!(
+        v["peer_reason"],
+        "split brain: both sides wrote since they last agreed"
+    );
+    assert_eq!(v["generation"], 0x55);
+    assert_eq!(v["peer_generation"], node(MIB).generation);
+    let t = control::render_table(&v);
+    assert!(
+        t.contains("split-brain") && t.contains("peer generation 0000000000000abc"),
+        "{t}"
+    );
+}
+
+/// SyncStart, SyncDone(generation): the replica is up to date at `generation`.
+fn sync(p: &mut Primary, generation: u64) {
+    let r = p.call(&Frame::SyncStart {
+        full: true,
+        bytes: 0,
+    });
+    assert_eq!(r, Reply::Ack(AckStatus::Ok));
+    assert_eq!(
+        p.call(&Frame::SyncDone { generation }),
+        Reply::Ack(AckStatus::Ok)
+    );
+}
+
+/// Whether another process (or descriptor) could lock the image now.
+fn unlocked(image: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(image).unwrap();
+    // SAFETY: flock on a descriptor we own; the lock goes with it when `f` is dropped.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+fn meta_of(image: &Path) -> Meta {
+    meta::load(image).unwrap().unwrap()
+}
+
+fn wait_done(f: &Fixture) {
+    f.done
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the server did not stop after the promotion");
+}
+
+/// An image of `size` bytes with metadata, a bitmap with bits set and an activity log listing
+/// `hot`, as an old primary's image looks.
+fn old_image(image: &Path, size: u64, m: &Meta, hot: &[u64]) {
+    std::fs::File::create(image).unwrap().set_len(size).unwrap();
+    meta::save(image, m).unwrap();
+    let (bf, mut b) = BitmapFile::open_or_create(image, size).unwrap();
+    b.set_all();
+    bf.persist_all(&b).unwrap();
+    if !hot.is_empty() {
+        let (mut al, _) = AlFile::open(image).unwrap();
+        al.commit(hot).unwrap();
+    }
+}
+
+fn meta_with(role: Role, disk_state: DiskState, generation: u64) -> Meta {
+    Meta {
+        format: META_FORMAT,
+        node_id: 0x99,
+        size: MIB,
+        role,
+        disk_state,
+        generation,
+        bitmap_generation: 0,
+        history: vec![0x11],
+    }
+}
+
+#[test]
+fn promote_refuses_an_inconsistent_replica_unless_forced() {
+    let f = Fixture::start();
+    let (mut p, info) = f.attach(MIB);
+    assert_eq!(info.disk_state, DiskState::Inconsistent);
+    let before = std::fs::read(meta::meta_path(&f.image)).unwrap();
+    let e = f.promote("promote").unwrap_err().to_string();
+    assert!(
+        e.contains("inconsistent") && e.contains("--force") && !e.contains('\n'),
+        "{e}"
+    );
+    // Nothing happened: the primary goes on, the metadata is the same.
+    assert_eq!(p.write(0, &[3; 512]), Reply::Ack(AckStatus::Ok));
+    assert_eq!(std::fs::read(meta::meta_path(&f.image)).unwrap(), before);
+    assert_eq!(f.status()["peer_state"], "connected");
+    assert!(f.done.try_recv().is_err());
+
+    let v = f.promote("promote force").unwrap();
+    assert_eq!(v["promoted"], true);
+    assert_eq!(v["forced"], true);
+    assert_eq!(v["previous_generation"], 0);
+    assert!(p.is_closed());
+    wait_done(&f);
+    assert!(unlocked(&f.image));
+    let m = meta_of(&f.image);
+    assert_eq!((m.role, m.disk_state), (Role::Primary, DiskState::UpToDate));
+    assert_eq!(Some(m.generation), v["generation"].as_u64());
+    assert_ne!(m.generation, 0);
+    // A forced image is no known generation plus a bitmap: every peer gets a full sync.
+    assert_eq!(m.bitmap_generation, 0);
+    assert!(m.history.is_empty());
+    assert_eq!(&std::fs::read(&f.image).unwrap()[..512], &[3; 512]);
+}
+
+#[test]
+fn promote_fences_the_primary_and_prepares_the_image_for_vhost_mirror() {
+    // A replica that once was a primary: a stale bitmap full of bits and an old activity log.
+    let old = meta_with(Role::Secondary, DiskState::UpToDate, 0x77);
+    let f = Fixture::start_in(
+        tempfile::tempdir().unwrap(),
+        |img| old_image(img, MIB, &old, &[0]),
+        Opts::default(),
+    );
+    let (mut p, _) = f.attach(MIB);
+    sync(&mut p, 0x77);
+    assert_eq!(p.write(4096, &[9; 4096]), Reply::Ack(AckStatus::Ok));
+    // Pipelined behind the promotion: whatever is not applied before it never is.
+    let v = f.promote("promote").unwrap();
+    assert_eq!(v["promoted"], true);
+    assert_eq!(v["already_primary"], false);
+    assert_eq!(v["previous_generation"], 0x77);
+    let new = v["generation"].as_u64().unwrap();
+    assert_ne!(new, 0x77);
+    assert!(v["image"].as_str().unwrap().ends_with("replica.img"), "{v}");
+    // The primary is cut off, the server stops, the image is free.
+    assert!(p.is_closed());
+    wait_done(&f);
+    assert!(!f.control.exists());
+    assert!(unlocked(&f.image));
+    let m = meta_of(&f.image);
+    assert_eq!(m.role, Role::Primary);
+    assert_eq!(m.disk_state, DiskState::UpToDate);
+    assert_eq!(m.generation, new);
+    assert_eq!(m.bitmap_generation, 0x77);
+    assert_eq!(m.history, vec![0x77, 0x11]);
+    assert_eq!(m.node_id, 0x99);
+    let (_, b) = BitmapFile::open_or_create(&f.image, MIB).unwrap();
+    assert!(b.is_clear());
+    assert!(activity_log::read(&f.image).unwrap().is_empty());
+    assert_eq!(&std::fs::read(&f.image).unwrap()[4096..8192], &[9; 4096]);
+    // No primary gets in any more (until the process exits, which it would now).
+    let mut q = f.primary();
+    let (code, reason) = q.handshake(SECRET, MIB).unwrap_err();
+    assert_eq!(code, RefuseCode::Fenced);
+    assert!(reason.contains("promoted"), "{reason}");
+    // (What status said last; the socket is gone.)
+    let v = f.node.status.to_json();
+    assert_eq!(v["role"], "primary");
+    assert_eq!(v["generation"], new);
+
+    // Promoting again (a new access node on the same image) changes nothing.
+    let Fixture { dir, image, .. } = f;
+    let before = std::fs::read(meta::meta_path(&image)).unwrap();
+    let f = Fixture::start_in(dir, |_| {}, Opts::default());
+    let v = f.promote("promote").unwrap();
+    assert_eq!(v["already_primary"], true);
+    assert_eq!(v["generation"], new);
+    assert_eq!(v["previous_generation"], new);
+    wait_done(&f);
+    assert!(unlocked(&f.image));
+    assert_eq!(std::fs::read(meta::meta_path(&f.image)).unwrap(), before);
+}
+
+#[test]
+fn writes_after_the_promotion_are_refused() {
+    // The replica alone, without cutting the connection: requests are answered Fenced.
+    let f = Fixture::start();
+    let (mut p, _) = f.attach(MIB);
+    sync(&mut p, 0x10);
+    let promoted = lock(&f.node.replica).promote(false).unwrap();
+    assert_eq!(promoted.previous_generation, 0x10);
+    assert_eq!(p.write(0, &[1; 512]), Reply::Ack(AckStatus::Fenced));
+    assert_eq!(p.call(&Frame::Flush), Reply::Ack(AckStatus::Fenced));
+    assert_eq!(
+        p.call(&Frame::Read {
+            offset: 0,
+            len: 512
+        }),
+        Reply::Ack(AckStatus::Fenced)
+    );
+    assert_eq!(
+        p.call(&Frame::SyncStart {
+            full: true,
+            bytes: 0
+        }),
+        Reply::Ack(AckStatus::Fenced)
+    );
+    assert_eq!(std::fs::read(&f.image).unwrap()[..512], [0; 512]);
+    assert_eq!(meta_of(&f.image).generation, promoted.generation);
+    assert!(unlocked(&f.image));
+}
+
+#[test]
+fn attached_reports_hot_extents_and_discard_my_data_until_a_resync() {
+    // The image of a primary that crashed: role primary, hot extents in its activity log.
+    let old = meta_with(Role::Primary, DiskState::UpToDate, 0x42);
+    let f = Fixture::start_in(
+        tempfile::tempdir().unwrap(),
+        |img| old_image(img, MIB, &old, &[0, 3]),
+        Opts {
+            discard_my_data: true,
+            ..Opts::default()
+        },
+    );
+    let (mut p, info) = f.attach(MIB);
+    assert_eq!(info.hot, vec![0, 3]);
+    assert_eq!(
+        info.flags & NODE_FLAG_DISCARD_MY_DATA,
+        NODE_FLAG_DISCARD_MY_DATA
+    );
+    assert_eq!((info.role, info.generation), (Role::Primary, 0x42));
+    sync(&mut p, 0x43);
+    let m = meta_of(&f.image);
+    assert_eq!((m.role, m.generation), (Role::Secondary, 0x43));
+    assert_eq!(m.disk_state, DiskState::UpToDate);
+    assert_eq!(m.history, vec![0x42, 0x11]);
+    assert!(activity_log::read(&f.image).unwrap().is_empty());
+    assert_eq!(f.status()["role"], "secondary");
+    p.send(&Frame::Goodbye);
+    assert!(p.is_closed());
+    f.wait_status("detached", |v| v["peer_state"] == "disconnected");
+    // The next primary sees a plain secondary.
+    let (_p, info) = f.attach(MIB);
+    assert!(info.hot.is_empty());
+    assert_eq!(info.flags, 0);
+    assert_eq!((info.role, info.generation), (Role::Secondary, 0x43));
+}
+
+#[test]
+fn a_normal_replica_reports_no_hot_extents_and_no_flags() {
+    let f = Fixture::start();
+    let (_p, info) = f.attach(MIB);
+    assert!(info.hot.is_empty());
+    assert_eq!(info.flags, 0);
+}
+
+/// Lines of a file (none if it does not exist).
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().map(str::to_owned).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn on_primary_loss_runs_once_per_attach_after_the_primary_went_silent() {
+    let out = tempfile::tempdir().unwrap();
+    let log = out.path().join("fired");
+    let command = format!(
+        "echo \"$ACCESS_NODE_IMAGE|$ACCESS_NODE_CONTROL|$ACCESS_NODE_LAST_PRIMARY\" >> '{}'",
+        log.display()
+    );
+    let f = Fixture::start_opts(Opts {
+        primary_loss: Some(PrimaryLoss {
+            command,
+            timeout: Duration::from_secs(1),
+        }),
+        ..Opts::default()
+    });
+    assert_eq!(f.status()["last_primary_activity_secs_ago"], Value::Null);
+    // No primary yet: nothing to lose.
+    std::thread::sleep(Duration::from_millis(1300));
+    assert!(lines(&log).is_empty());
+
+    // Pings keep a primary alive.
+    let (mut p, _) = f.attach(MIB);
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(p.call(&Frame::Ping { nanos: 1 }), Reply::Pong(1));
+    }
+    assert!(lines(&log).is_empty(), "fired while pings flowed");
+    assert_eq!(f.status()["last_primary_activity_secs_ago"], 0);
+    let me = p.stream.local_addr().unwrap();
+
+    // Silent (then dropped by the idle timeout): the command runs, once.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lines(&log).is_empty() {
+        assert!(Instant::now() < deadline, "the command did not run");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let want = format!("{}|{}|{me}", f.image.display(), f.control.display());
+    assert_eq!(lines(&log), vec![want.clone()]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(lines(&log).len(), 1, "ran twice for one attach");
+    assert!(
+        f.status()["last_primary_activity_secs_ago"]
+            .as_u64()
+            .unwrap()
+            >= 1
+    );
+
+    // A new attach re-arms it.
+    let (p2, _) = f.attach(MIB);
+    let me2 = p2.stream.local_addr().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while lines(&log).len() < 2 {
+        assert!(Instant::now() < deadline, "not re-armed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        lines(&log)[1].ends_with(&me2.to_string()),
+        "{:?}",
+        lines(&log)
+    );
 }

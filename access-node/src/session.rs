@@ -9,12 +9,14 @@ use std::time::{Duration, Instant};
 use log::{debug, error, info, warn};
 use mirror_proto::auth::{self, AuthError};
 use mirror_proto::conn::{ConnError, FrameReader};
-use mirror_proto::frame::{self, AckStatus, Frame, FrameError, NodeInfo, RefuseCode};
+use mirror_proto::frame::{
+    self, AckStatus, Frame, FrameError, NodeInfo, RefuseCode, NODE_FLAG_DISCARD_MY_DATA,
+};
 use thiserror::Error;
 
 use crate::chain;
 use crate::replica::ReplicaError;
-use crate::server::{lock, Node, SlotGuard};
+use crate::server::{lock, ClaimError, Node, SlotGuard};
 use crate::status::{Counters, PeerState};
 
 /// Replies are written once this much is pending, even if more requests are buffered.
@@ -94,15 +96,28 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, node: &Node) {
         error!("fdatasync after {peer} detached failed: {}", chain(&e));
     }
     let status = &node.status;
+    if node.slot.is_fenced() {
+        // The promotion logged it; the connection was cut, whatever the session saw.
+        debug!(
+            "primary {peer} cut off: {result:?}",
+            result = result.as_ref().err()
+        );
+        status.detached(Some(format!("{peer} fenced: this node was promoted")));
+        drop(guard);
+        return;
+    }
     match result {
         Ok(End::Goodbye) => {
             info!("primary {peer} detached cleanly");
             status.detached(None);
         }
         Ok(End::Refused(code, reason)) => {
-            warn!("primary {peer} refused this node ({code:?}): {reason}");
-            status.detached(None);
-            status.attempt_failed(refusal_state(code), reason);
+            let line = format!("primary {peer} refused this node ({code:?}): {reason}");
+            if status.refused_by_primary(refusal_state(code), reason) {
+                warn!("{line}");
+            } else {
+                debug!("{line} (again)");
+            }
         }
         Err(e) => {
             s.refuse_unexpected(&e);
@@ -115,12 +130,14 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, node: &Node) {
 }
 
 fn refusal_state(code: RefuseCode) -> PeerState {
-    if code == RefuseCode::AuthFailed {
-        PeerState::AuthFailed
-    } else {
-        PeerState::Refused
+    match code {
+        RefuseCode::AuthFailed => PeerState::AuthFailed,
+        RefuseCode::SplitBrain => PeerState::SplitBrain,
+        _ => PeerState::Refused,
     }
 }
+
+const FENCED_REASON: &str = "this node was promoted: it accepts no primary";
 
 fn conn_error(e: ConnError, timeout: Duration) -> SessionError {
     if e.is_timeout() {
@@ -212,6 +229,12 @@ impl<'n> Session<'n> {
         SessionError::Unexpected { got, expected, seq }
     }
 
+    /// Refuses any primary once this node was promoted.
+    fn refuse_fenced(&mut self, seq: u64) {
+        info!("refused {}: {FENCED_REASON}", self.peer);
+        self.refuse(seq, RefuseCode::Fenced, FENCED_REASON);
+    }
+
     /// Refuses a second primary. The wire reason does not name the attached primary: this
     /// peer has not authenticated (yet).
     fn refuse_busy(&mut self, seq: u64, holder: SocketAddr) {
@@ -234,6 +257,10 @@ impl<'n> Session<'n> {
             (seq, Hs::Hello(n)) => (seq, n),
             (seq, other) => return Err(Self::expect(seq, other, "Hello")),
         };
+        if node.slot.is_fenced() {
+            self.refuse_fenced(seq);
+            return Ok(None);
+        }
         if let Some(holder) = node.slot.holder() {
             self.refuse_busy(seq, holder);
             return Ok(None);
@@ -260,10 +287,15 @@ impl<'n> Session<'n> {
             }
             (seq, other) => return Err(Self::expect(seq, other, "Auth")),
         };
-        let guard = match node.slot.try_claim(peer) {
+        let clone = self.stream.try_clone().map_err(SessionError::Io)?;
+        let guard = match node.slot.try_claim(peer, clone) {
             Ok(g) => g,
-            Err(holder) => {
+            Err(ClaimError::Busy(holder)) => {
                 self.refuse_busy(seq, holder);
+                return Ok(None);
+            }
+            Err(ClaimError::Fenced) => {
+                self.refuse_fenced(seq);
                 return Ok(None);
             }
         };
@@ -277,18 +309,31 @@ impl<'n> Session<'n> {
             }
             (seq, other) => return Err(Self::expect(seq, other, "Attach")),
         };
+        node.status.primary_generation(primary.generation);
         let attached = lock(&node.replica).attach(primary.size);
         match attached {
             Ok(info) => {
-                self.send(seq, &Frame::Attached(info.clone()))?;
+                // Before the reply: a primary that sees Attached finds the status updated.
                 node.status.attached(peer);
+                if let Err(e) = self.send(seq, &Frame::Attached(info.clone())) {
+                    node.status.detached(Some(chain(&e)));
+                    return Err(e);
+                }
+                let mut notes = String::new();
+                if !info.hot.is_empty() {
+                    notes.push_str(&format!("; {} hot extent(s) reported", info.hot.len()));
+                }
+                if info.flags & NODE_FLAG_DISCARD_MY_DATA != 0 {
+                    notes.push_str("; this node's data may be discarded");
+                }
                 info!(
                     "primary {peer} attached: node {:016x}, {} bytes, generation {:016x}; \
-                     replica generation {:016x}, {}",
+                     replica generation {:016x}, {}, {}{notes}",
                     primary.node_id,
                     primary.size,
                     primary.generation,
                     info.generation,
+                    info.role.as_str(),
                     info.disk_state.as_str()
                 );
                 Ok(Some(guard))
@@ -296,6 +341,7 @@ impl<'n> Session<'n> {
             Err(e) => {
                 let (code, reason) = match &e {
                     ReplicaError::SizeMismatch { .. } => (RefuseCode::SizeMismatch, e.to_string()),
+                    ReplicaError::Fenced => (RefuseCode::Fenced, FENCED_REASON.to_owned()),
                     _ => (RefuseCode::Other, chain(&e)),
                 };
                 error!("refused primary {peer}: {reason}");
@@ -323,6 +369,7 @@ impl<'n> Session<'n> {
                 }
             };
             Counters::add(&node.status.counters.bytes_received, d.consumed as u64);
+            node.status.primary_activity();
             match d.frame {
                 Frame::Goodbye => {
                     flush_pending(self.stream, &mut self.out, node)?;
@@ -400,7 +447,7 @@ fn apply(
         }
         Frame::Flush => {
             Counters::add(&c.flushes, 1);
-            lock(&node.replica).flush()
+            lock(&node.replica).flush_request()
         }
         Frame::Read { offset, len } => {
             Counters::add(&c.reads, 1);
@@ -429,7 +476,10 @@ fn apply(
             let r = lock(&node.replica).sync_done(generation);
             if r.is_ok() {
                 status.sync_done();
-                info!("resync done: replica up to date at generation {generation:016x}");
+                info!(
+                    "resync done: replica up to date at generation {generation:016x}, \
+                     role secondary"
+                );
             }
             r
         }
@@ -451,6 +501,8 @@ fn apply(
             Counters::add(&c.errors, 1);
             let ack = e.ack_status();
             let first = match ack {
+                // The promotion logged it.
+                AckStatus::Fenced => false,
                 AckStatus::NoSpace => !std::mem::replace(&mut logged.no_space, true),
                 AckStatus::OutOfRange => !std::mem::replace(&mut logged.out_of_range, true),
                 _ => !std::mem::replace(&mut logged.io_error, true),

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use mirror_proto::frame::{DiskState, Role};
 use serde_json::{json, Value};
@@ -17,6 +18,8 @@ pub enum PeerState {
     Disconnected,
     AuthFailed,
     Refused,
+    /// The primary refused this node: both sides wrote since they last agreed.
+    SplitBrain,
 }
 
 impl PeerState {
@@ -26,6 +29,7 @@ impl PeerState {
             PeerState::Disconnected => "disconnected",
             PeerState::AuthFailed => "auth-failed",
             PeerState::Refused => "refused",
+            PeerState::SplitBrain => "split-brain",
         }
     }
 }
@@ -75,6 +79,13 @@ struct Peer {
     /// Outcome of the most recent connection when none is attached.
     last: PeerState,
     reason: Option<String>,
+    /// Generation in the Attach of the latest primary that got that far.
+    generation: Option<u64>,
+    /// The latest primary that attached.
+    last_primary: Option<SocketAddr>,
+    /// How the latest attached primary refused this node, if it did (a primary retries every
+    /// few seconds: the same refusal is logged once).
+    refusal: Option<(PeerState, String)>,
 }
 
 #[derive(Debug)]
@@ -84,6 +95,12 @@ pub struct Status {
     pub counters: Counters,
     disk: Mutex<Disk>,
     peer: Mutex<Peer>,
+    epoch: Instant,
+    /// When a frame last came from an attached primary: nanoseconds since `epoch`, plus 1
+    /// (0: never). Updated on the data path, hence an atomic.
+    last_activity: AtomicU64,
+    /// Primaries attached so far.
+    attaches: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -106,7 +123,13 @@ impl Status {
                 attached: None,
                 last: PeerState::Disconnected,
                 reason: None,
+                generation: None,
+                last_primary: None,
+                refusal: None,
             }),
+            epoch: Instant::now(),
+            last_activity: AtomicU64::new(0),
+            attaches: AtomicU64::new(0),
         }
     }
 
@@ -129,8 +152,11 @@ impl Status {
     pub fn attached(&self, peer: SocketAddr) {
         let mut p = lock(&self.peer);
         p.attached = Some(peer);
+        p.last_primary = Some(peer);
         p.last = PeerState::Connected;
         p.reason = None;
+        self.primary_activity();
+        self.attaches.fetch_add(1, Ordering::AcqRel);
         let c = &self.counters;
         c.out_of_sync_bytes.store(0, Ordering::Relaxed);
         c.resync_done_bytes.store(0, Ordering::Relaxed);
@@ -143,8 +169,23 @@ impl Status {
         p.attached = None;
         p.last = PeerState::Disconnected;
         p.reason = reason;
+        p.refusal = None;
         let c = &self.counters;
         c.resyncing.store(false, Ordering::Relaxed);
+    }
+
+    /// The attached primary refused this node (split brain, ...) and left. Returns false if
+    /// the previous primary to attach had refused it in the same words.
+    pub fn refused_by_primary(&self, state: PeerState, reason: String) -> bool {
+        let mut p = lock(&self.peer);
+        p.attached = None;
+        p.last = state;
+        p.reason = Some(reason.clone());
+        let refusal = Some((state, reason));
+        let new = p.refusal != refusal;
+        p.refusal = refusal;
+        self.counters.resyncing.store(false, Ordering::Relaxed);
+        new
     }
 
     /// A connection attempt ended without attaching (wrong secret, refused, ...).
@@ -152,6 +193,43 @@ impl Status {
         let mut p = lock(&self.peer);
         p.last = state;
         p.reason = Some(reason);
+    }
+
+    /// A connecting primary announced its generation (in Attach).
+    pub fn primary_generation(&self, generation: u64) {
+        lock(&self.peer).generation = Some(generation);
+    }
+
+    /// A frame came from the attached primary.
+    pub fn primary_activity(&self) {
+        let n = self
+            .epoch
+            .elapsed()
+            .as_nanos()
+            .min(u128::from(u64::MAX - 1)) as u64;
+        self.last_activity.store(n + 1, Ordering::Relaxed);
+    }
+
+    /// How long ago a frame came from a primary (None: no primary attached yet).
+    pub fn primary_idle(&self) -> Option<Duration> {
+        match self.last_activity.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_nanos(n - 1)),
+            ),
+        }
+    }
+
+    /// Primaries attached so far.
+    pub fn attaches(&self) -> u64 {
+        self.attaches.load(Ordering::Acquire)
+    }
+
+    /// The latest primary that attached.
+    pub fn last_primary(&self) -> Option<SocketAddr> {
+        lock(&self.peer).last_primary
     }
 
     pub fn sync_started(&self, bytes: u64) {
@@ -198,6 +276,8 @@ impl Status {
             "resync_done_bytes": l(&c.resync_done_bytes),
             "resyncing": c.resyncing.load(Ordering::Relaxed),
             "generation": d.generation,
+            "peer_generation": p.generation,
+            "last_primary_activity_secs_ago": self.primary_idle().map(|d| d.as_secs()),
             "link_write_latency_us": latency_us,
             "bytes_sent": l(&c.bytes_sent),
             "bytes_received": l(&c.bytes_received),
@@ -237,6 +317,8 @@ mod tests {
             "resync_done_bytes",
             "resyncing",
             "generation",
+            "peer_generation",
+            "last_primary_activity_secs_ago",
             "link_write_latency_us",
             "bytes_sent",
             "bytes_received",
@@ -262,6 +344,8 @@ mod tests {
         assert_eq!(v["peer_state"], "disconnected");
         assert_eq!(v["peer"], Value::Null);
         assert_eq!(v["peer_reason"], Value::Null);
+        assert_eq!(v["peer_generation"], Value::Null);
+        assert_eq!(v["last_primary_activity_secs_ago"], Value::Null);
         assert_eq!(v["image"], "/x/r.img");
         assert_eq!(v["cache_capacity_bytes"], 1 << 20);
         // The table renderer understands it.
@@ -287,6 +371,35 @@ mod tests {
         let v = s.to_json();
         assert_eq!(v["peer_state"], "disconnected");
         assert_eq!(v["peer"], Value::Null);
+        s.primary_generation(0xabc);
+        s.attached(a);
+        assert!(s.refused_by_primary(PeerState::SplitBrain, "both wrote".into()));
+        s.attached(a);
+        assert!(!s.refused_by_primary(PeerState::SplitBrain, "both wrote".into()));
+        let v = s.to_json();
+        assert_eq!(v["peer_state"], "split-brain");
+        assert_eq!(v["peer_generation"], 0xabc);
+        assert_eq!(s.last_primary(), Some(a));
+        let t = mirror_proto::control::render_table(&v);
+        assert!(
+            t.contains("split-brain") && t.contains("peer generation"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn primary_activity_is_tracked_from_the_first_attach() {
+        let s = Status::new("i".into(), 0);
+        assert_eq!((s.primary_idle(), s.attaches()), (None, 0));
+        s.attached("127.0.0.1:5".parse().unwrap());
+        assert_eq!(s.attaches(), 1);
+        assert!(s.primary_idle().unwrap() < Duration::from_secs(1));
+        assert_eq!(s.to_json()["last_primary_activity_secs_ago"], 0);
+        s.detached(None);
+        assert!(
+            s.primary_idle().is_some(),
+            "still counts after the primary left"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The `access-node` binary: command-line errors, a file-size limit answered with Ack NoSpace
-//! (RLIMIT_FSIZE set only in the child), status through the CLI, SIGTERM.
+//! (RLIMIT_FSIZE set only in the child), status through the CLI, SIGTERM, promotion (through a
+//! running node and directly), the --on-primary-loss hook.
 
 // Test code (like `allow-unwrap-in-tests` in clippy.toml, which covers only #[test] functions,
 // not the helpers of an integration test): a panic is how a failure is reported.
@@ -15,7 +16,10 @@ use std::time::{Duration, Instant};
 
 use mirror_proto::auth::{self, Secret};
 use mirror_proto::conn::FrameReader;
-use mirror_proto::frame::{self, AckStatus, DiskState, Frame, NodeInfo, Role};
+use mirror_proto::frame::{
+    self, AckStatus, DiskState, Frame, NodeInfo, Role, NODE_FLAG_DISCARD_MY_DATA,
+};
+use mirror_proto::meta::{self, BitmapFile, Meta, META_FORMAT};
 
 const BIN: &str = env!("CARGO_BIN_EXE_access-node");
 const SECRET: &str = "s3cret";
@@ -67,9 +71,15 @@ impl Drop for Serve {
 impl Serve {
     /// Starts serve on 127.0.0.1:0 and waits for "listening on ADDR".
     fn start(d: &Dir, fsize_limit: Option<u64>) -> Self {
+        Self::start_args(d, fsize_limit, &[])
+    }
+
+    /// Same, with more arguments for serve.
+    fn start_args(d: &Dir, fsize_limit: Option<u64>, extra: &[&str]) -> Self {
         let mut cmd = Command::new(BIN);
         cmd.args(["serve", "--image", &d.s("r.img"), "--listen", "127.0.0.1:0"])
             .args(["--secret-file", &d.s("secret"), "--control", &d.s("ctl")])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -142,6 +152,8 @@ struct Primary {
     stream: TcpStream,
     reader: FrameReader<TcpStream>,
     seq: u64,
+    /// The replica's Attached.
+    info: Option<NodeInfo>,
 }
 
 impl Primary {
@@ -154,6 +166,7 @@ impl Primary {
             reader: FrameReader::new(stream.try_clone().unwrap()),
             stream,
             seq: 0,
+            info: None,
         };
         let secret = Secret::from_bytes(SECRET.as_bytes()).unwrap();
         let pn = auth::nonce().unwrap();
@@ -179,10 +192,37 @@ impl Primary {
             hot: vec![],
         }));
         match p.reader.read_frame().unwrap().frame {
-            Frame::Attached(n) => assert_eq!(n.size, size),
+            Frame::Attached(n) => {
+                assert_eq!(n.size, size);
+                p.info = Some(n);
+            }
             f => panic!("{f:?}"),
         }
         p
+    }
+
+    /// SyncStart, SyncDone: the replica is up to date at `generation`.
+    fn sync(&mut self, generation: u64) {
+        let start = Frame::SyncStart {
+            full: true,
+            bytes: 0,
+        };
+        assert_eq!(self.ack(&start), AckStatus::Ok);
+        assert_eq!(self.ack(&Frame::SyncDone { generation }), AckStatus::Ok);
+    }
+
+    /// True if the replica closed the connection within the read timeout.
+    fn is_closed(&mut self) -> bool {
+        use std::io::Read;
+        let mut b = [0u8; 256];
+        loop {
+            match self.stream.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
     }
 
     fn send(&mut self, f: &Frame<'_>) -> u64 {
@@ -381,4 +421,212 @@ fn port_zero_reports_the_real_port() {
     let v = status_json(&d.path("ctl"));
     assert_eq!(v["capacity_bytes"], 0);
     assert_eq!(v["peer_state"], "disconnected");
+}
+
+/// Whether the image could be locked now (no process holds it).
+fn unlocked(image: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(image).unwrap();
+    // SAFETY: flock on a descriptor we own; the lock goes with it when `f` is dropped.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A replica image of 1 MiB with metadata, plus a stale bitmap with every bit set and an
+/// activity log with hot extents (as if it had been a primary once).
+fn replica_image(d: &Dir, disk_state: DiskState, generation: u64) {
+    let img = d.path("r.img");
+    std::fs::File::create(&img).unwrap().set_len(MIB).unwrap();
+    let m = Meta {
+        format: META_FORMAT,
+        node_id: 7,
+        size: MIB,
+        role: Role::Secondary,
+        disk_state,
+        generation,
+        bitmap_generation: 0,
+        history: vec![],
+    };
+    meta::save(&img, &m).unwrap();
+    let (f, mut b) = BitmapFile::open_or_create(&img, MIB).unwrap();
+    b.set_all();
+    f.persist_all(&b).unwrap();
+    let (mut al, _) = mirror_proto::activity_log::AlFile::open(&img).unwrap();
+    al.commit(&[0]).unwrap();
+}
+
+fn check_promoted(img: &Path, previous: u64) -> Meta {
+    let m = meta::load(img).unwrap().unwrap();
+    assert_eq!((m.role, m.disk_state), (Role::Primary, DiskState::UpToDate));
+    assert_ne!(m.generation, previous);
+    assert_eq!(m.bitmap_generation, previous);
+    assert_eq!(m.history, vec![previous]);
+    let (_, b) = BitmapFile::open_or_create(img, MIB).unwrap();
+    assert!(b.is_clear(), "the bitmap is not clear");
+    assert!(mirror_proto::activity_log::read(img).unwrap().is_empty());
+    m
+}
+
+#[test]
+fn promote_image_directly_then_again() {
+    let d = Dir::new();
+    replica_image(&d, DiskState::UpToDate, 5);
+    let o = run(&["promote", "--image", &d.s("r.img")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let m = check_promoted(&d.path("r.img"), 5);
+    let out = stdout(&o);
+    assert!(
+        out.contains("promoted") && out.contains(&format!("{:016x}", m.generation)),
+        "{out}"
+    );
+
+    let before = std::fs::read(meta::meta_path(&d.path("r.img"))).unwrap();
+    let o = run(&["promote", "--image", &d.s("r.img")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("already primary"), "{}", stdout(&o));
+    assert_eq!(
+        std::fs::read(meta::meta_path(&d.path("r.img"))).unwrap(),
+        before
+    );
+
+    let o = run(&["promote", "--image", &d.s("missing.img")]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("missing.img"), "{}", stderr(&o));
+}
+
+#[test]
+fn promote_refuses_an_inconsistent_replica_unless_forced() {
+    let d = Dir::new();
+    replica_image(&d, DiskState::Inconsistent, 5);
+    let before = std::fs::read(meta::meta_path(&d.path("r.img"))).unwrap();
+    let o = run(&["promote", "--image", &d.s("r.img")]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("inconsistent") && e.contains("--force"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    assert_eq!(
+        std::fs::read(meta::meta_path(&d.path("r.img"))).unwrap(),
+        before
+    );
+
+    let o = run(&["promote", "--image", &d.s("r.img"), "--force"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("forced"), "{}", stdout(&o));
+    let m = meta::load(&d.path("r.img")).unwrap().unwrap();
+    assert_eq!((m.role, m.disk_state), (Role::Primary, DiskState::UpToDate));
+    assert_eq!(m.bitmap_generation, 0);
+}
+
+#[test]
+fn promote_through_the_running_node_fences_the_primary_and_releases_the_image() {
+    let d = Dir::new();
+    let mut s = Serve::start(&d, None);
+    // A plain image held by a running node cannot be promoted behind its back.
+    let o = run(&["promote", "--image", &d.s("r.img")]);
+    assert!(!o.status.success());
+    let mut p = Primary::attach(s.addr, MIB);
+    let o = run(&["promote", "--image", &d.s("r.img")]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(
+        e.contains("in use by a running access node") && e.contains("--control"),
+        "{e}"
+    );
+    // Not up to date yet (the initial sync did not finish).
+    let o = run(&["promote", "--control", &d.s("ctl")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("inconsistent"), "{}", stderr(&o));
+    assert_eq!(p.write(0, 4096), AckStatus::Ok);
+    p.sync(9);
+
+    let o = run(&["promote", "--control", &d.s("ctl")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Safe to boot as soon as the command returned.
+    assert!(unlocked(&d.path("r.img")));
+    assert!(stdout(&o).contains("promoted"), "{}", stdout(&o));
+    let m = meta::load(&d.path("r.img")).unwrap().unwrap();
+    assert_eq!((m.role, m.bitmap_generation), (Role::Primary, 9));
+    assert!(p.is_closed());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "serve did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(st.code(), Some(0), "{:#?}", s.drain());
+    assert!(!d.path("ctl").exists());
+    assert!(
+        TcpStream::connect(s.addr).is_err(),
+        "a primary can still connect"
+    );
+    let log = s.drain().join("\n");
+    assert!(log.contains("promoted: generation"), "{log}");
+    assert!(log.contains("old primary fenced"), "{log}");
+    // The image is a primary's now.
+    let o = run(&["promote", "--image", &d.s("r.img")]);
+    assert!(stdout(&o).contains("already primary"), "{}", stdout(&o));
+}
+
+#[test]
+fn discard_my_data_is_announced_and_warned_about() {
+    let d = Dir::new();
+    let s = Serve::start_args(&d, None, &["--discard-my-data"]);
+    // Logged before "listening on".
+    assert!(
+        s.log
+            .iter()
+            .any(|l| l.contains("WARN") && l.contains("--discard-my-data")),
+        "{:#?}",
+        s.log
+    );
+    let p = Primary::attach(s.addr, MIB);
+    let info = p.info.as_ref().unwrap();
+    assert_eq!(
+        info.flags & NODE_FLAG_DISCARD_MY_DATA,
+        NODE_FLAG_DISCARD_MY_DATA
+    );
+}
+
+#[test]
+fn on_primary_loss_runs_the_command_when_the_primary_goes_silent() {
+    let d = Dir::new();
+    let o = run(&[
+        "serve",
+        "--image",
+        &d.s("r.img"),
+        "--listen",
+        "127.0.0.1:0",
+        "--secret-file",
+        &d.s("secret"),
+        "--primary-timeout",
+        "1",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--on-primary-loss"), "{}", stderr(&o));
+
+    let fired = d.path("fired");
+    let cmd = format!("touch '{}'", fired.display());
+    let mut s = Serve::start_args(
+        &d,
+        None,
+        &["--on-primary-loss", &cmd, "--primary-timeout", "1"],
+    );
+    let mut p = Primary::attach(s.addr, MIB);
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(p.ack(&Frame::Flush), AckStatus::Ok);
+    }
+    assert!(!fired.exists(), "ran while the primary was talking");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !fired.exists() {
+        assert!(Instant::now() < deadline, "the command did not run");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.wait_line("primary silent for 1 s");
+    s.wait_line("exited 0");
 }

@@ -43,17 +43,33 @@ pub enum ControlError {
 /// `{"error": ...}`.
 pub type Handler = Arc<dyn Fn(&str) -> Value + Send + Sync>;
 
+/// Runs after a reply was written (or writing it failed), with the command and the reply;
+/// e.g. to stop the process once the client has its answer.
+pub type AfterReply = Arc<dyn Fn(&str, &Value) + Send + Sync>;
+
 const MAX_REQUEST: u64 = 256;
+/// How long [`request`] waits for a reply.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves status requests on `listener` until the process exits.
 pub fn spawn_server(listener: UnixListener, handler: Handler) -> io::Result<()> {
+    spawn_server_then(listener, handler, Arc::new(|_, _| {}))
+}
+
+/// Like [`spawn_server`]; `after` runs once each reply is out. Connections are served one at a
+/// time, in order.
+pub fn spawn_server_then(
+    listener: UnixListener,
+    handler: Handler,
+    after: AfterReply,
+) -> io::Result<()> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
-                        if let Err(e) = handle(stream, &handler) {
+                        if let Err(e) = handle(stream, &handler, &after) {
                             debug!("control connection: {e}");
                         }
                     }
@@ -67,16 +83,20 @@ pub fn spawn_server(listener: UnixListener, handler: Handler) -> io::Result<()> 
         .map(|_| ())
 }
 
-fn handle(stream: UnixStream, handler: &Handler) -> io::Result<()> {
+fn handle(stream: UnixStream, handler: &Handler, after: &AfterReply) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut raw = Vec::new();
     BufReader::new((&stream).take(MAX_REQUEST)).read_until(b'\n', &mut raw)?;
     let line = String::from_utf8_lossy(&raw);
-    let reply = handler(line.trim());
+    let command = line.trim();
+    let reply = handler(command);
     let mut w = &stream;
-    w.write_all(reply.to_string().as_bytes())?;
-    w.write_all(b"\n")
+    let written = w
+        .write_all(reply.to_string().as_bytes())
+        .and_then(|()| w.write_all(b"\n"));
+    after(command, &reply);
+    written
 }
 
 /// Asks the server at `path` for its status document.
@@ -86,6 +106,15 @@ pub fn query_status(path: &Path) -> Result<Value, ControlError> {
 
 /// Sends one command and returns the reply; a reply with an `error` key is an error.
 pub fn request(path: &Path, command: &str) -> Result<Value, ControlError> {
+    request_timeout(path, command, REQUEST_TIMEOUT)
+}
+
+/// [`request`] for a command that may take longer than [`REQUEST_TIMEOUT`] to answer.
+pub fn request_timeout(
+    path: &Path,
+    command: &str,
+    timeout: Duration,
+) -> Result<Value, ControlError> {
     let mut s = UnixStream::connect(path).map_err(|source| ControlError::Connect {
         path: path.to_owned(),
         source,
@@ -94,8 +123,7 @@ pub fn request(path: &Path, command: &str) -> Result<Value, ControlError> {
         path: path.to_owned(),
         source,
     };
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(io_err)?;
+    s.set_read_timeout(Some(timeout)).map_err(io_err)?;
     s.write_all(format!("{command}\n").as_bytes())
         .map_err(io_err)?;
     let mut buf = String::new();
@@ -153,7 +181,7 @@ pub fn render_table(v: &Value) -> String {
     let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
     let b = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
     let mut out = String::new();
-    let mut row = |k: &str, val: String| out.push_str(&format!("{k:<13} {val}\n"));
+    let mut row = |k: &str, val: String| out.push_str(&format!("{k:<15} {val}\n"));
     if has("role") {
         row("role", s("role"));
     }
@@ -186,6 +214,9 @@ pub fn render_table(v: &Value) -> String {
     }
     if has("generation") {
         row("generation", format!("{:016x}", u("generation")));
+    }
+    if has("peer_generation") {
+        row("peer generation", format!("{:016x}", u("peer_generation")));
     }
     if has("peer_state") {
         let mut p = s("peer_state");
@@ -325,6 +356,39 @@ mod tests {
         assert!(t.contains("refused"));
         assert!(t.contains("size mismatch"));
         assert!(t.contains("25.0%"), "{t}");
+    }
+
+    #[test]
+    fn after_reply_runs_once_the_reply_is_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("ctl");
+        let l = UnixListener::bind(&p).unwrap();
+        let h: Handler = Arc::new(|cmd| serde_json::json!({ "echo": cmd }));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tx = std::sync::Mutex::new(tx);
+        let after: AfterReply = Arc::new(move |cmd, reply| {
+            let _ = tx
+                .lock()
+                .unwrap()
+                .send((cmd.to_owned(), reply["echo"].clone()));
+        });
+        spawn_server_then(l, h, after).unwrap();
+        let v = request_timeout(&p, "promote force", Duration::from_secs(1)).unwrap();
+        assert_eq!(v["echo"], "promote force");
+        let (cmd, echoed) = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            (cmd.as_str(), echoed.as_str()),
+            ("promote force", Some("promote force"))
+        );
+    }
+
+    #[test]
+    fn table_shows_both_generations() {
+        let t = render_table(&serde_json::json!({"generation": 10u64, "peer_generation": 11u64}));
+        assert!(t.contains("generation      000000000000000a"), "{t}");
+        assert!(t.contains("peer generation 000000000000000b"), "{t}");
+        let t = render_table(&serde_json::json!({"generation": 10u64, "peer_generation": null}));
+        assert!(!t.contains("peer generation"), "{t}");
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! * [`Client`] / [`ClientQueue`]: a vhost-user-blk client built on libblkio's Rust crate.
 //! * [`raw::RawClient`]: a minimal client on `virtio-driver` that bypasses libblkio's own checks
 //!   (e.g. it can send writes to a read-only device) and shows the negotiated feature bits.
+//! * [`AccessNode`]: a running `access-node serve` (the replica) on a loopback port, with
+//!   [`wait_in_sync`], [`secret_file`], [`compare_files`] for the replication tests.
 //! * Data patterns: [`fill_pattern`] / [`check_pattern`] produce offset-dependent data, so a
 //!   misplaced, torn or lost write shows up as a mismatch at a precise device offset.
 
@@ -717,6 +719,387 @@ impl Drop for Backend {
                 eprintln!("{l}");
             }
             eprintln!("---- end of backend log ----");
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Replication: access-node, secrets, sync state, file comparison
+// ------------------------------------------------------------------------------------------------
+
+/// Size of one out-of-sync bitmap region (resync copies whole regions).
+pub const REGION: u64 = 64 * 1024;
+
+/// Writes a secret file (mode 0600) holding `content` and returns its path.
+pub fn secret_file(dir: &Path, content: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(format!("secret-{}", unique_id()));
+    std::fs::write(&p, content).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+        .unwrap_or_else(|e| panic!("chmod {}: {e}", p.display()));
+    p
+}
+
+impl BackendOpts {
+    /// Options for a replicating vhost-mirror: `--peer 127.0.0.1:PORT --secret-file F`.
+    pub fn mirrored(port: u16, secret: &Path) -> BackendOpts {
+        BackendOpts {
+            extra_args: vec![
+                "--peer".into(),
+                format!("127.0.0.1:{port}"),
+                "--secret-file".into(),
+                secret.display().to_string(),
+            ],
+            ..BackendOpts::default()
+        }
+    }
+}
+
+/// Options for [`AccessNode::spawn`].
+#[derive(Clone, Debug, Default)]
+pub struct AccessNodeOpts {
+    /// `--cache-mb N` (None: the node's default).
+    pub cache_mb: Option<u64>,
+    /// Run the node with `RLIMIT_FSIZE` set to this many bytes (a "full disk": writes beyond
+    /// this file offset fail with EFBIG).
+    pub fsize_limit: Option<u64>,
+    /// Use this control socket path instead of a fresh unique one in the test dir.
+    pub control: Option<PathBuf>,
+    /// Extra arguments appended to the command line.
+    pub extra_args: Vec<String>,
+    /// Extra environment variables (e.g. `RUST_LOG`, `LD_PRELOAD` for fault injection).
+    pub env: Vec<(String, String)>,
+}
+
+/// A running `access-node serve` on 127.0.0.1:`port`, with a control socket and a log file in
+/// the test dir; killed when dropped (the tail of its log is printed if the test panics).
+pub struct AccessNode {
+    child: ChildGuard,
+    image: PathBuf,
+    port: u16,
+    control: PathBuf,
+    log: PathBuf,
+}
+
+impl AccessNode {
+    /// Starts the node and waits until it listens (its log says "listening on", and the
+    /// control socket exists). Panics with the log if it exits or times out first.
+    pub fn spawn(
+        dir: &Path,
+        image: &Path,
+        port: u16,
+        secret: &Path,
+        opts: &AccessNodeOpts,
+    ) -> AccessNode {
+        let id = unique_id();
+        let control = opts
+            .control
+            .clone()
+            .unwrap_or_else(|| dir.join(format!("an-control-{id}.sock")));
+        let log = dir.join(format!("access-node-{id}.log"));
+        let logf = File::create(&log).expect("create access-node log");
+        let mut cmd = Command::new(bin_path("access-node"));
+        cmd.arg("serve")
+            .arg("--image")
+            .arg(image)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--secret-file")
+            .arg(secret)
+            .arg("--control")
+            .arg(&control);
+        if let Some(n) = opts.cache_mb {
+            cmd.arg("--cache-mb").arg(n.to_string());
+        }
+        cmd.args(&opts.extra_args);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
+        if let Some(limit) = opts.fsize_limit {
+            // SAFETY: the closure only calls setrlimit(2), which is async-signal-safe, on a
+            // stack value; it runs in the child between fork and exec and touches nothing else.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let r = libc::rlimit {
+                        rlim_cur: limit,
+                        rlim_max: limit,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("dup log fd"))
+            .stderr(logf);
+        let old_ctl = file_id(&control);
+        let mut n = AccessNode {
+            child: ChildGuard::spawn("access-node", &mut cmd),
+            image: image.to_path_buf(),
+            port,
+            control,
+            log,
+        };
+        let ok = wait_until(TIMEOUT, || {
+            let ctl = file_id(&n.control);
+            (n.log().contains("listening on") && ctl.is_some() && ctl != old_ctl)
+                || !n.child.is_running()
+        });
+        if let Some(st) = n.child.try_wait() {
+            panic!(
+                "access-node exited ({st}) before listening on port {port}; log:\n{}",
+                n.log()
+            );
+        }
+        assert!(
+            ok,
+            "access-node not listening on port {port} within {TIMEOUT:?}; log:\n{}",
+            n.log()
+        );
+        n
+    }
+
+    pub fn image(&self) -> &Path {
+        &self.image
+    }
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    /// "127.0.0.1:PORT".
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+    pub fn control(&self) -> &Path {
+        &self.control
+    }
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+    /// Everything the node wrote to stdout/stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+    pub fn child(&mut self) -> &mut ChildGuard {
+        &mut self.child
+    }
+    pub fn is_running(&mut self) -> bool {
+        self.child.is_running()
+    }
+    /// Panics with the log if the node has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(st) = self.child.try_wait() {
+            panic!(
+                "access-node exited unexpectedly ({st}); log:\n{}",
+                self.log()
+            );
+        }
+    }
+    /// SIGTERM and wait (see [`ChildGuard::terminate`]).
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        self.child.terminate(timeout)
+    }
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) -> ExitStatus {
+        self.child.kill()
+    }
+
+    /// `access-node status --control CTL [extra]`; panics unless it exits 0.
+    pub fn status_cmd(&self, extra: &[&str]) -> String {
+        let out = run_with_timeout(
+            Command::new(bin_path("access-node"))
+                .arg("status")
+                .arg("--control")
+                .arg(&self.control)
+                .args(extra),
+            TIMEOUT,
+        );
+        assert!(
+            out.status.success(),
+            "access-node status {extra:?} failed ({}): stderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("status output is UTF-8")
+    }
+
+    /// `access-node status --control CTL --json`, parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let s = self.status_cmd(&["--json"]);
+        serde_json::from_str(&s)
+            .unwrap_or_else(|e| panic!("access-node status --json: {e}; output:\n{s}"))
+    }
+}
+
+impl Drop for AccessNode {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            print_log_tail("access-node", &self.log);
+        }
+    }
+}
+
+fn print_log_tail(what: &str, log: &Path) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(40).collect();
+    eprintln!(
+        "---- {what} log {} (last {} lines) ----",
+        log.display(),
+        tail.len()
+    );
+    for l in tail.iter().rev() {
+        eprintln!("{l}");
+    }
+    eprintln!("---- end of {what} log ----");
+}
+
+/// A string field of a status document ("" if missing or not a string).
+pub fn status_str<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
+    v.get(key).and_then(serde_json::Value::as_str).unwrap_or("")
+}
+
+/// A numeric field of a status document; panics (with the document) if missing.
+pub fn status_u64(v: &serde_json::Value, key: &str) -> u64 {
+    v.get(key)
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or_else(|| panic!("status lacks numeric {key:?}: {v}"))
+}
+
+/// Whether a vhost-mirror status document says the replica is in sync: peer connected, the
+/// replica up to date, nothing out of sync, no resync running.
+pub fn is_in_sync(v: &serde_json::Value) -> bool {
+    status_str(v, "peer_state") == "connected"
+        && status_str(v, "peer_disk_state") == "up-to-date"
+        && v.get("out_of_sync_bytes")
+            .and_then(serde_json::Value::as_u64)
+            == Some(0)
+        && v.get("resyncing").and_then(serde_json::Value::as_bool) == Some(false)
+}
+
+/// Polls `vhost-mirror status --json` until `pred` holds; `Ok(status)` then, `Err(last status)`
+/// on timeout. Also fails early if the backend exits.
+pub fn wait_status(
+    b: &mut Backend,
+    timeout: Duration,
+    mut pred: impl FnMut(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value, serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        b.assert_running();
+        let s = b.status_json();
+        if pred(&s) {
+            return Ok(s);
+        }
+        if Instant::now() >= deadline {
+            return Err(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls `access-node status --json` until `pred` holds (see [`wait_status`]).
+pub fn wait_node_status(
+    n: &mut AccessNode,
+    timeout: Duration,
+    mut pred: impl FnMut(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value, serde_json::Value> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        n.assert_running();
+        let s = n.status_json();
+        if pred(&s) {
+            return Ok(s);
+        }
+        if Instant::now() >= deadline {
+            return Err(s);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until vhost-mirror reports the replica in sync ([`is_in_sync`]); returns that status.
+/// Panics with the last status document (and the log tail, via [`Backend`]'s drop) on timeout.
+pub fn wait_in_sync(b: &mut Backend, timeout: Duration) -> serde_json::Value {
+    let start = Instant::now();
+    match wait_status(b, timeout, is_in_sync) {
+        Ok(s) => {
+            eprintln!("in sync after {:?}", start.elapsed());
+            s
+        }
+        Err(s) => panic!(
+            "replica not in sync within {timeout:?}; last vhost-mirror status:\n{}",
+            serde_json::to_string_pretty(&s).unwrap_or_default()
+        ),
+    }
+}
+
+/// Compares two files byte for byte (in 1 MiB chunks); the error names the sizes or the first
+/// differing offset (and how many 64 KiB regions differ).
+pub fn compare_files(a: &Path, b: &Path) -> Result<(), String> {
+    let mut fa = File::open(a).map_err(|e| format!("open {}: {e}", a.display()))?;
+    let mut fb = File::open(b).map_err(|e| format!("open {}: {e}", b.display()))?;
+    let la = fa.metadata().map_err(|e| e.to_string())?.len();
+    let lb = fb.metadata().map_err(|e| e.to_string())?.len();
+    if la != lb {
+        return Err(format!(
+            "{} has {la} bytes, {} has {lb} bytes",
+            a.display(),
+            b.display()
+        ));
+    }
+    let mut ba = vec![0u8; 1 << 20];
+    let mut bb = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    let mut first: Option<u64> = None;
+    let mut regions = 0u64;
+    while off < la {
+        let n = usize::try_from((la - off).min(1 << 20)).expect("usize");
+        fa.read_exact(&mut ba[..n])
+            .map_err(|e| format!("read {}: {e}", a.display()))?;
+        fb.read_exact(&mut bb[..n])
+            .map_err(|e| format!("read {}: {e}", b.display()))?;
+        if ba[..n] != bb[..n] {
+            let r = usize::try_from(REGION).expect("usize");
+            for (i, (ca, cb)) in ba[..n].chunks(r).zip(bb[..n].chunks(r)).enumerate() {
+                if ca != cb {
+                    regions += 1;
+                    if first.is_none() {
+                        let j = ca
+                            .iter()
+                            .zip(cb)
+                            .position(|(x, y)| x != y)
+                            .expect("chunks differ");
+                        first = Some(off + (i * r + j) as u64);
+                    }
+                }
+            }
+        }
+        off += n as u64;
+    }
+    match first {
+        None => Ok(()),
+        Some(f) => {
+            let fu = usize::try_from(f - f % 8).expect("usize");
+            let word = |p: &Path| {
+                read_file_range(p, fu as u64, 8)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            };
+            Err(format!(
+                "{} and {} differ: first at offset {f:#x} (region {}), {regions} region(s) of \
+                 64 KiB differ; bytes at {fu:#x}: {} vs {}",
+                a.display(),
+                b.display(),
+                f / REGION,
+                word(a),
+                word(b)
+            ))
         }
     }
 }
@@ -1493,3 +1876,5 @@ mod tests {
         assert!(d.join("deps").is_dir(), "{} has no deps/", d.display());
     }
 }
+
+pub mod vm;

@@ -1,0 +1,366 @@
+//! Shared by the QEMU tiers (`tests/tests/vm.rs`, `tests/tests/failover.rs`): the guest image,
+//! booting it, a minimal HTTP client for its file server, and failure reports.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use crate::{bin_dir, Backend, ChildGuard};
+
+pub const READY_MARKER: &str = "FILESERVER-READY";
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(120);
+pub const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// On failure (panic), prints where the logs are and their last lines.
+pub struct FailureReport {
+    pub logs: Vec<(&'static str, PathBuf)>,
+    pub dir: PathBuf,
+    pub kept: bool,
+}
+
+impl Drop for FailureReport {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        eprintln!(
+            "==== test failed; temp dir {} ({})",
+            self.dir.display(),
+            if self.kept {
+                "kept"
+            } else {
+                "deleted; set VHOST_MIRROR_KEEP_LOGS=1 to keep it"
+            }
+        );
+        for (what, path) in &self.logs {
+            eprintln!("==== {what}: {} (last 40 lines)", path.display());
+            match fs::read(path) {
+                Ok(bytes) => {
+                    let text = String::from_utf8_lossy(&bytes);
+                    let lines: Vec<&str> = text.lines().collect();
+                    for line in &lines[lines.len().saturating_sub(40)..] {
+                        eprintln!("  {line}");
+                    }
+                }
+                Err(e) => eprintln!("  (cannot read: {e})"),
+            }
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .parent()
+        .expect("tests crate has a parent dir")
+        .to_path_buf()
+}
+
+pub fn guest_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("VHOST_MIRROR_VM_GUEST_DIR") {
+        return PathBuf::from(p);
+    }
+    // <target>/debug -> <target>/vm-guest
+    let bin = bin_dir();
+    bin.parent().unwrap_or(&bin).join("vm-guest")
+}
+
+pub fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "VM test needs `{tool}` (Debian package {package}); run ci/setup.sh"
+    );
+}
+
+pub fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    let out = run_ok(Command::new("sha256sum").arg(path), "sha256sum");
+    out.split_whitespace()
+        .next()
+        .expect("sha256sum output")
+        .to_string()
+}
+
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; n];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut buf))
+        .expect("read /dev/urandom");
+    buf
+}
+
+pub struct HttpReply {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+impl HttpReply {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Minimal HTTP/1.0 client: one request per connection, reads until the server closes.
+pub fn http(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<HttpReply> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(HTTP_TIMEOUT))?;
+    s.set_write_timeout(Some(HTTP_TIMEOUT))?;
+    let head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    s.flush()?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let _ = s.shutdown(Shutdown::Both);
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| std::io::Error::other(format!("no header end in {} bytes", resp.len())))?;
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let status_line = head.lines().next().unwrap_or("");
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {status_line:?}")))?;
+    Ok(HttpReply {
+        status,
+        body: resp[split + 4..].to_vec(),
+    })
+}
+
+/// Waits for `marker` in the serial log while both processes stay alive.
+pub fn wait_for_ready(serial: &Path, qemu: &mut ChildGuard, backend: &mut Backend) {
+    let start = Instant::now();
+    loop {
+        let log = fs::read(serial).unwrap_or_default();
+        let log = String::from_utf8_lossy(&log);
+        if log.contains(READY_MARKER) {
+            eprintln!(
+                "vm test: file server ready after {:.1} s",
+                start.elapsed().as_secs_f64()
+            );
+            return;
+        }
+        for marker in ["FILESERVER-FAILED", "INITRAMFS-FAILED", "Kernel panic"] {
+            assert!(
+                !log.contains(marker),
+                "guest reported {marker:?} on its console"
+            );
+        }
+        if let Some(status) = qemu.try_wait() {
+            panic!("QEMU exited ({status}) before {READY_MARKER}");
+        }
+        backend.assert_running();
+        assert!(
+            start.elapsed() < BOOT_TIMEOUT,
+            "no {READY_MARKER} within {BOOT_TIMEOUT:?}"
+        );
+        sleep(Duration::from_millis(200));
+    }
+}
+
+/// The guest disk the VM boots from through the firmware (SeaBIOS -> GRUB -> Linux), as a real
+/// VM does: an MBR, GRUB, and the root filesystem in a partition starting at 1 MiB.
+pub const GUEST_DISK: &str = "boot-disk.raw";
+
+/// The root filesystem inside a guest disk image, as e2fsprogs names it.
+pub fn root_fs(image: &Path) -> String {
+    format!("{}?offset=1048576", image.display())
+}
+
+/// Builds the guest (cached: build.sh is idempotent and fast when up to date) and returns its
+/// directory.
+pub fn build_guest() -> PathBuf {
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    let gdir = guest_dir();
+    let t = Instant::now();
+    run_ok(
+        Command::new("bash")
+            .arg(workspace_root().join("images/build.sh"))
+            .arg("--firmware")
+            .arg(&gdir),
+        "images/build.sh",
+    );
+    eprintln!(
+        "guest in {} ({:.1} s)",
+        gdir.display(),
+        t.elapsed().as_secs_f64()
+    );
+    gdir
+}
+
+/// The `images/boot.sh` command booting the guest from its disk (firmware boot) on `socket`,
+/// with the file server on 127.0.0.1:`port` and the console in `serial`.
+pub fn boot_command(guest: &Path, socket: &Path, port: u16, serial: &Path) -> Vec<String> {
+    let accel = std::env::var("VHOST_MIRROR_VM_ACCEL").unwrap_or_else(|_| "auto".into());
+    vec![
+        "bash".into(),
+        workspace_root()
+            .join("images/boot.sh")
+            .display()
+            .to_string(),
+        "--firmware".into(),
+        "--dir".into(),
+        guest.display().to_string(),
+        "--socket".into(),
+        socket.display().to_string(),
+        "--http-port".into(),
+        port.to_string(),
+        "--serial".into(),
+        serial.display().to_string(),
+        "--accel".into(),
+        accel,
+    ]
+}
+
+/// Waits until the guest's file server answers on `port`; panics if `proc` exits first.
+pub fn wait_http(port: u16, proc: &mut ChildGuard, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if let Ok(r) = http(port, "GET", "/cgi-bin/list", b"") {
+            if r.status == 200 {
+                return start.elapsed();
+            }
+        }
+        if let Some(status) = proc.try_wait() {
+            panic!(
+                "{} exited ({status}) before the file server answered",
+                proc.name()
+            );
+        }
+        assert!(
+            start.elapsed() < timeout,
+            "file server on port {port} not up within {timeout:?}"
+        );
+        sleep(Duration::from_millis(100));
+    }
+}
+
+/// A process started in its own process group; the whole group is killed on drop (for
+/// scripts such as images/failover.sh that start children of their own).
+pub struct GroupGuard {
+    child: Child,
+    name: String,
+}
+
+impl GroupGuard {
+    pub fn spawn(name: &str, cmd: &mut Command) -> GroupGuard {
+        cmd.process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        GroupGuard {
+            child,
+            name: name.to_owned(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the leader to exit.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            if start.elapsed() >= timeout {
+                return None;
+            }
+            sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        let pgid = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) on the process group we created; no memory is passed.
+        unsafe {
+            libc::kill(-pgid, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Kills a process with SIGKILL by PID (one we started).
+pub fn sigkill(pid: u32) {
+    // SAFETY: kill(2) on a PID we started; no memory is passed.
+    unsafe {
+        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+/// Compares two files; returns the first differing offset.
+pub fn first_difference(a: &Path, b: &Path) -> Option<u64> {
+    let mut fa = fs::File::open(a).expect("open a");
+    let mut fb = fs::File::open(b).expect("open b");
+    let (mut ba, mut bb) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    let mut off = 0u64;
+    loop {
+        let na = read_full(&mut fa, &mut ba);
+        let nb = read_full(&mut fb, &mut bb);
+        if na != nb || ba[..na] != bb[..nb] {
+            let i = ba[..na.min(nb)]
+                .iter()
+                .zip(&bb[..na.min(nb)])
+                .position(|(x, y)| x != y)
+                .unwrap_or(na.min(nb));
+            return Some(off + i as u64);
+        }
+        if na == 0 {
+            return None;
+        }
+        off += na as u64;
+    }
+}
+
+fn read_full(f: &mut fs::File, buf: &mut [u8]) -> usize {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+    n
+}
