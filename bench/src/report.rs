@@ -1,0 +1,570 @@
+//! Medians, ratios and targets, rendered as JSON and Markdown.
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Value};
+
+use crate::client::{Op, Workload};
+use crate::systems::{System, ALL_SYSTEMS};
+use crate::{util, Results, RunStats};
+
+pub struct Report {
+    pub json: Value,
+    pub markdown: String,
+}
+
+struct Target {
+    name: String,
+    value: String,
+    /// `None`: could not be evaluated (a system or measurement was not run).
+    met: Option<bool>,
+}
+
+fn sys_index(s: System) -> usize {
+    ALL_SYSTEMS.iter().position(|&x| x == s).unwrap_or(0)
+}
+
+fn fmt_rate(wl: &Workload, r: &RunStats) -> String {
+    if wl.shows_bandwidth() {
+        format!("{:.0} MiB/s", r.mib_s)
+    } else if r.iops >= 10_000.0 {
+        format!("{:.1}k IOPS", r.iops / 1000.0)
+    } else {
+        format!("{:.0} IOPS", r.iops)
+    }
+}
+
+fn fmt_us(x: f64) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else if x >= 1000.0 {
+        format!("{:.0}", x)
+    } else {
+        format!("{:.1}", x)
+    }
+}
+
+fn fmt_ratio(x: Option<f64>) -> String {
+    x.map_or("-".into(), |v| format!("{v:.2}"))
+}
+
+fn mark(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "n/a",
+    }
+}
+
+pub fn build(
+    systems: &[System],
+    workloads: &[&'static Workload],
+    res: &Results,
+    config: Value,
+    envinfo: Value,
+) -> Report {
+    let med = |wi: usize, s: System| -> Option<RunStats> {
+        res.cells
+            .get(&(wi, sys_index(s)))
+            .and_then(|v| RunStats::median(v))
+    };
+    let thr = |wi: usize, s: System| med(wi, s).map(|r| r.mib_s);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    let wl_index = |name: &str| workloads.iter().position(|w| w.name == name);
+    let rtt = util::median(&res.rtt_us);
+
+    // ---------------------------------------------------------------- results and ratios
+    let mut results = Vec::new();
+    for (wi, wl) in workloads.iter().enumerate() {
+        for &s in systems {
+            let rounds = res.cells.get(&(wi, sys_index(s)));
+            results.push(json!({
+                "workload": wl.name,
+                "system": s.name(),
+                "median": med(wi, s).map(RunStats::to_json),
+                "rounds": rounds.map(|v| v.iter().map(|r| r.to_json()).collect::<Vec<_>>()),
+            }));
+        }
+    }
+    let mut ratios = Vec::new();
+    let mut ratio_rows = Vec::new();
+    for (wi, wl) in workloads.iter().enumerate() {
+        let qu = thr(wi, System::QemuMirrorUnix);
+        let qt = thr(wi, System::QemuMirrorTcp);
+        let (best, best_name) = match (qu, qt) {
+            (Some(u), Some(t)) if t > u => (Some(t), "tcp"),
+            (Some(u), _) => (Some(u), "unix"),
+            (None, Some(t)) => (Some(t), "tcp"),
+            (None, None) => (None, "-"),
+        };
+        let mirror = thr(wi, System::Mirror);
+        let r = (
+            ratio(thr(wi, System::Local), thr(wi, System::Qsd)),
+            ratio(mirror, best),
+            ratio(mirror, qu),
+            ratio(mirror, qt),
+            ratio(mirror, thr(wi, System::Local)),
+        );
+        ratios.push(json!({
+            "workload": wl.name,
+            "local/qsd": r.0,
+            "mirror/qemu-mirror": r.1,
+            "qemu-mirror_faster_transport": best_name,
+            "mirror/qemu-mirror-unix": r.2,
+            "mirror/qemu-mirror-tcp": r.3,
+            "mirror/local": r.4,
+        }));
+        ratio_rows.push((wl.name, r, best_name));
+    }
+
+    // ---------------------------------------------------------------- targets
+    let mut targets: Vec<Target> = Vec::new();
+    for (name, r, _) in &ratio_rows {
+        targets.push(Target {
+            name: format!("local/qsd >= 1.0 on {name}"),
+            value: fmt_ratio(r.0),
+            met: r.0.map(|v| v >= 1.0),
+        });
+    }
+    for (wname, min) in [("randwrite-4k-qd32", 1.5), ("seqwrite-1m-qd4", 1.2)] {
+        let r = ratio_rows.iter().find(|x| x.0 == wname);
+        let v = r.and_then(|x| x.1 .1);
+        targets.push(Target {
+            name: format!("mirror/qemu-mirror >= {min} on {wname}"),
+            value: match r {
+                Some(x) if v.is_some() => format!("{} (vs qemu-mirror-{})", fmt_ratio(v), x.2),
+                _ => "-".into(),
+            },
+            met: v.map(|v| v >= min),
+        });
+    }
+    {
+        let v = ratio_rows
+            .iter()
+            .find(|x| x.0 == "randwrite-4k-qd32")
+            .and_then(|x| x.1 .4);
+        targets.push(Target {
+            name: "mirror/local >= 0.5 on randwrite-4k-qd32".into(),
+            value: fmt_ratio(v),
+            met: v.map(|v| v >= 0.5),
+        });
+    }
+    let mut qd1 = Value::Null;
+    {
+        let wi = wl_index("randwrite-4k-qd1");
+        let m = wi.and_then(|i| med(i, System::Mirror));
+        let l = wi.and_then(|i| med(i, System::Local));
+        match (m, l, rtt) {
+            (Some(m), Some(l), Some(rtt)) => {
+                let d = m.mean_us - l.mean_us;
+                let d50 = m.p50_us - l.p50_us;
+                qd1 = json!({
+                    "mirror_mean_us": m.mean_us, "local_mean_us": l.mean_us, "diff_mean_us": d,
+                    "mirror_p50_us": m.p50_us, "local_p50_us": l.p50_us, "diff_p50_us": d50,
+                    "rtt_us": rtt, "two_rtt_us": 2.0 * rtt,
+                });
+                targets.push(Target {
+                    name: "mirror QD1 write latency <= local QD1 + 2 RTT (means)".into(),
+                    value: format!(
+                        "+{:.1} us vs 2 RTT = {:.1} us (p50: +{:.1} us)",
+                        d,
+                        2.0 * rtt,
+                        d50
+                    ),
+                    met: Some(d <= 2.0 * rtt),
+                });
+            }
+            _ => targets.push(Target {
+                name: "mirror QD1 write latency <= local QD1 + 2 RTT (means)".into(),
+                value: "-".into(),
+                met: None,
+            }),
+        }
+    }
+    let resync_rate = res
+        .resync
+        .as_ref()
+        .and_then(|r| r.get("median_mib_s"))
+        .and_then(Value::as_f64);
+    let nbd_rate = res
+        .nbdcopy
+        .as_ref()
+        .and_then(|r| r.get("median_mib_s"))
+        .and_then(Value::as_f64);
+    {
+        let r = ratio(resync_rate, nbd_rate);
+        targets.push(Target {
+            name: "resync >= 0.8 x nbdcopy".into(),
+            value: match (resync_rate, nbd_rate) {
+                (Some(a), Some(b)) => format!("{:.2} ({a:.0} vs {b:.0} MiB/s)", a / b),
+                (Some(a), None) => format!(
+                    "{a:.0} MiB/s; nbdcopy: {}",
+                    res.nbdcopy
+                        .as_ref()
+                        .and_then(|n| n.get("reason"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("not measured")
+                ),
+                _ => "-".into(),
+            },
+            met: r.map(|v| v >= 0.8),
+        });
+    }
+    {
+        let vm = res.rss.as_ref().and_then(|r| r.get("vhost_mirror"));
+        let p = vm
+            .and_then(|v| v.get("max_private_mib"))
+            .and_then(Value::as_f64);
+        let shm = vm
+            .and_then(|v| v.get("max_rss_shmem_mib"))
+            .and_then(Value::as_f64);
+        let flat = vm.and_then(|v| v.get("flat")).and_then(Value::as_bool);
+        let growth = vm
+            .and_then(|v| v.get("growth_mib"))
+            .and_then(Value::as_f64);
+        targets.push(Target {
+            name: "vhost-mirror RSS <= 64 MiB + buffers".into(),
+            value: match (p, shm) {
+                (Some(p), Some(s)) => format!("{p:.1} MiB own + {s:.1} MiB guest buffers (shmem)"),
+                _ => "-".into(),
+            },
+            met: p.map(|p| p <= 64.0),
+        });
+        targets.push(Target {
+            name: "vhost-mirror RSS flat under load".into(),
+            value: growth.map_or("-".into(), |g| {
+                format!("last third vs first third peak: {g:+.1} MiB")
+            }),
+            met: flat,
+        });
+    }
+
+    // ---------------------------------------------------------------- JSON
+    let json = json!({
+        "benchmark": "vhost-mirror issue 5",
+        "started": res.started,
+        "wall_secs": res.wall_secs,
+        "config": config,
+        "environment": envinfo,
+        "systems": systems.iter().map(|s| json!({"name": s.name(), "description": s.describe()})).collect::<Vec<_>>(),
+        "workloads": workloads.iter().map(|w| json!({
+            "name": w.name, "op": if w.op == Op::Read {"read"} else {"write"}, "bs": w.bs,
+            "qd": w.qd, "sequential": w.seq, "flush_every": w.flush_every, "queues": w.queues,
+            "unit": if w.shows_bandwidth() {"MiB/s"} else {"IOPS"},
+        })).collect::<Vec<_>>(),
+        "rtt_us": {"rounds": res.rtt_us, "median": rtt},
+        "results": results,
+        "ratios": ratios,
+        "qd1_write_latency": qd1,
+        "resync": res.resync,
+        "nbdcopy": res.nbdcopy,
+        "rss": res.rss,
+        "perf": res.perf,
+        "targets": targets.iter().map(|t| json!({"target": t.name, "value": t.value, "met": t.met})).collect::<Vec<_>>(),
+    });
+
+    // ---------------------------------------------------------------- Markdown
+    let mut md = String::new();
+    let cfgv = &json["config"];
+    let _ = writeln!(md, "# vhost-mirror benchmark\n");
+    let _ = writeln!(
+        md,
+        "Mode **{}**: {} round(s) x {} s per run (after {} s warm-up), interleaved (round -> \
+         workload -> system); {} MiB images in the page cache; medians over rounds. Client: \
+         libblkio virtio-blk-vhost-user. Wall time {:.0} s.\n",
+        cfgv["mode"].as_str().unwrap_or("?"),
+        cfgv["rounds"],
+        cfgv["secs_per_run"],
+        cfgv["warmup_secs"],
+        cfgv["image_mib"],
+        res.wall_secs
+    );
+    let e = &json["environment"];
+    let _ = writeln!(
+        md,
+        "Machine: {} CPUs ({}), kernel {}; {}; {}.\n",
+        e["cpus"],
+        e["cpu_model"].as_str().unwrap_or("?"),
+        e["kernel"].as_str().unwrap_or("?"),
+        e["qemu_storage_daemon"].as_str().unwrap_or("qemu-storage-daemon ?"),
+        e["vhost_mirror"].as_str().unwrap_or("vhost-mirror ?"),
+    );
+
+    let header = |md: &mut String, first: &str| {
+        let _ = write!(md, "| {first} |");
+        for s in systems {
+            let _ = write!(md, " {} |", s.name());
+        }
+        let _ = write!(md, "\n| --- |");
+        for _ in systems {
+            let _ = write!(md, " ---: |");
+        }
+        md.push('\n');
+    };
+    let _ = writeln!(
+        md,
+        "## Throughput and latency\n\nIOPS (4 KiB) or MiB/s (1 MiB), then p50 / p99 latency in us.\n"
+    );
+    header(&mut md, "workload");
+    for (wi, wl) in workloads.iter().enumerate() {
+        let _ = write!(md, "| {} |", wl.name);
+        for &s in systems {
+            match med(wi, s) {
+                Some(r) => {
+                    let _ = write!(
+                        md,
+                        " {} · {} / {} |",
+                        fmt_rate(wl, &r),
+                        fmt_us(r.p50_us),
+                        fmt_us(r.p99_us)
+                    );
+                }
+                None => md.push_str(" - |"),
+            }
+        }
+        md.push('\n');
+    }
+    let _ = writeln!(md, "\n## Mean latency (us)\n");
+    header(&mut md, "workload");
+    for (wi, wl) in workloads.iter().enumerate() {
+        let _ = write!(md, "| {} |", wl.name);
+        for &s in systems {
+            let cell = med(wi, s).map_or("-".into(), |r| {
+                let mut c = fmt_us(r.mean_us);
+                if let Some(f) = r.flush_mean_us {
+                    let _ = write!(c, " (flush {})", fmt_us(f));
+                }
+                c
+            });
+            let _ = write!(md, " {cell} |");
+        }
+        md.push('\n');
+    }
+    let _ = writeln!(
+        md,
+        "\n## CPU seconds per GiB moved\n\nutime+stime of the backend processes (mirror: \
+         vhost-mirror + access-node; qemu-mirror: qemu-storage-daemon + qemu-nbd) per GiB read or \
+         written by the client.\n"
+    );
+    header(&mut md, "workload");
+    for (wi, wl) in workloads.iter().enumerate() {
+        let _ = write!(md, "| {} |", wl.name);
+        for &s in systems {
+            let cell = med(wi, s).map_or("-".into(), |r| format!("{:.2}", r.cpu_s_per_gib));
+            let _ = write!(md, " {cell} |");
+        }
+        md.push('\n');
+    }
+    let _ = writeln!(
+        md,
+        "\n## Ratios (median throughput)\n\nqemu-mirror = the faster of its unix-socket and \
+         loopback-TCP NBD targets, per workload.\n\n| workload | local/qsd | mirror/qemu-mirror | \
+         (faster) | mirror/qemu-mirror-unix | mirror/qemu-mirror-tcp | mirror/local |\n| --- | ---: \
+         | ---: | --- | ---: | ---: | ---: |"
+    );
+    for (name, r, best) in &ratio_rows {
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {best} | {} | {} | {} |",
+            fmt_ratio(r.0),
+            fmt_ratio(r.1),
+            fmt_ratio(r.2),
+            fmt_ratio(r.3),
+            fmt_ratio(r.4)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nLoopback TCP round trip (1 byte ping-pong, TCP_NODELAY): median {} us over rounds {:?}.",
+        rtt.map_or("-".into(), |r| format!("{r:.1}")),
+        res.rtt_us
+            .iter()
+            .map(|r| (r * 10.0).round() / 10.0)
+            .collect::<Vec<_>>()
+    );
+    if let Some(d) = qd1.as_object() {
+        let g = |k: &str| d.get(k).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        let _ = writeln!(
+            md,
+            "QD1 4k write: mirror mean {:.1} us, local mean {:.1} us: replication adds {:.1} us \
+             (p50: {:.1} us) against 2 RTT = {:.1} us.",
+            g("mirror_mean_us"),
+            g("local_mean_us"),
+            g("diff_mean_us"),
+            g("diff_p50_us"),
+            g("two_rtt_us")
+        );
+    }
+
+    if let Some(r) = &res.resync {
+        let _ = writeln!(md, "\n## Resync\n");
+        let _ = writeln!(
+            md,
+            "{} MiB image, {} of {} regions of 64 KiB ({} MiB, random data, random places) \
+             written while access-node was stopped, then access-node restarted. {}\n",
+            r["image_bytes"].as_u64().unwrap_or(0) >> 20,
+            r["changed_regions"],
+            r["regions"],
+            (r["changed_regions"].as_u64().unwrap_or(0) * 65536) >> 20,
+            r["measure"].as_str().unwrap_or("")
+        );
+        let _ = writeln!(md, "| run | resynced MiB | s (reconnect -> in sync) | MiB/s | vhost-mirror's log: MiB/s | s from restart |\n| ---: | ---: | ---: | ---: | ---: | ---: |");
+        if let Some(its) = r["iterations"].as_array() {
+            for (i, it) in its.iter().enumerate() {
+                let _ = writeln!(
+                    md,
+                    "| {} | {:.1} | {:.3} | {:.0} | {} | {:.2} |",
+                    i + 1,
+                    it["resync_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                    it["secs_reconnect_to_in_sync"].as_f64().unwrap_or(f64::NAN),
+                    it["mib_s"].as_f64().unwrap_or(f64::NAN),
+                    it["log_mib_s"]
+                        .as_f64()
+                        .map_or("-".into(), |v| format!("{v:.0}")),
+                    it["secs_restart_to_in_sync"].as_f64().unwrap_or(f64::NAN),
+                );
+            }
+        }
+        let ini = &r["initial_full_sync"];
+        let _ = writeln!(
+            md,
+            "\nMedian resync: {} MiB/s. (Initial full sync of the fresh replica: {} MiB in {:.2} s = {:.0} MiB/s.)",
+            resync_rate.map_or("-".into(), |v| format!("{v:.0}")),
+            ini["bytes"].as_u64().unwrap_or(0) >> 20,
+            ini["secs"].as_f64().unwrap_or(f64::NAN),
+            ini["mib_s"].as_f64().unwrap_or(f64::NAN)
+        );
+        if let Some(n) = &res.nbdcopy {
+            if n["available"].as_bool() == Some(true) {
+                let _ = writeln!(
+                    md,
+                    "\nnbdcopy ({}): {} MiB, runs {:?} MiB/s, median {} MiB/s. Method: {}",
+                    n["version"].as_str().unwrap_or("?"),
+                    n["bytes"].as_u64().unwrap_or(0) >> 20,
+                    n["runs_mib_s"]
+                        .as_array()
+                        .map(|a| a
+                            .iter()
+                            .map(|x| x.as_f64().unwrap_or(0.0).round())
+                            .collect::<Vec<_>>())
+                        .unwrap_or_default(),
+                    nbd_rate.map_or("-".into(), |v| format!("{v:.0}")),
+                    n["method"].as_str().unwrap_or("")
+                );
+            } else {
+                let _ = writeln!(
+                    md,
+                    "\nnbdcopy not measured: {}",
+                    n["reason"].as_str().unwrap_or("?")
+                );
+            }
+        }
+    }
+    if let Some(r) = &res.rss {
+        let _ = writeln!(
+            md,
+            "\n## Resident memory\n\n{:.0} s of rotating load ({}), {} samples. \"own\" = VmRSS - \
+             RssShmem; RssShmem is the guest memory (the client's I/O buffers) mapped into the \
+             process.\n\n| process | idle VmRSS | max VmRSS | max RssShmem | max own | own: first third peak | own: last third peak | flat |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+            r["secs"].as_f64().unwrap_or(0.0),
+            r["load"]
+                .as_array()
+                .map(|a| a
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default(),
+            r["samples"]
+        );
+        for k in ["vhost_mirror", "access_node"] {
+            let p = &r[k];
+            let f = |x: &str| p[x].as_f64().map_or("-".into(), |v| format!("{v:.1} MiB"));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                p["process"].as_str().unwrap_or(k),
+                f("idle_vm_rss_mib"),
+                f("max_vm_rss_mib"),
+                f("max_rss_shmem_mib"),
+                f("max_private_mib"),
+                f("max_private_first_third_mib"),
+                f("max_private_last_third_mib"),
+                if p["flat"].as_bool() == Some(true) {
+                    "yes"
+                } else {
+                    "no"
+                }
+            );
+        }
+    }
+
+    let _ = writeln!(md, "\n## Targets\n\n| target | value | |\n| --- | --- | --- |");
+    for t in &targets {
+        let _ = writeln!(md, "| {} | {} | {} |", t.name, t.value, mark(t.met));
+    }
+    let met = targets.iter().filter(|t| t.met == Some(true)).count();
+    let missed = targets.iter().filter(|t| t.met == Some(false)).count();
+    let _ = writeln!(
+        md,
+        "\n{met} met, {missed} missed, {} not evaluated.",
+        targets.len() - met - missed
+    );
+
+    if let Some(p) = &res.perf {
+        if let Some(sys) = p["systems"].as_object() {
+            let _ = writeln!(
+                md,
+                "\n## Profile (perf record -g, {}, self time, top symbols)\n",
+                p["workload"].as_str().unwrap_or("?")
+            );
+            for (s, v) in sys {
+                for who in ["vhost-mirror", "access-node"] {
+                    if let Some(top) = v[who]["top"].as_array() {
+                        let _ = writeln!(
+                            md,
+                            "**{s} / {who}** ({:.0} IOPS while profiled):\n",
+                            v["iops"].as_f64().unwrap_or(0.0)
+                        );
+                        for t in top.iter().take(12) {
+                            let _ = writeln!(
+                                md,
+                                "- {:5.2}% `{}`",
+                                t["pct"].as_f64().unwrap_or(0.0),
+                                t["symbol"].as_str().unwrap_or("")
+                            );
+                        }
+                        md.push('\n');
+                    }
+                }
+            }
+        }
+    }
+
+    let _ = writeln!(md, "\n## Systems\n");
+    for s in systems {
+        let _ = writeln!(md, "- **{}**: {}", s.name(), s.describe());
+    }
+    let _ = writeln!(md, "\n## Workloads\n");
+    for w in workloads {
+        let _ = writeln!(
+            md,
+            "- **{}**: {} {} KiB, {}, QD {} per queue, {} queue(s){}",
+            w.name,
+            if w.op == Op::Read { "read" } else { "write" },
+            w.bs / 1024,
+            if w.seq { "sequential" } else { "random offsets" },
+            w.qd,
+            w.queues,
+            if w.flush_every > 0 {
+                format!(", a flush after every {} writes", w.flush_every)
+            } else {
+                String::new()
+            }
+        );
+    }
+    Report { json, markdown: md }
+}
