@@ -177,7 +177,8 @@ impl Client {
             }
         };
         let nq = i32::try_from(queues).ctx(|| "queues".to_string())?;
-        b.set_i32("num-queues", nq).map_err(berr("set num-queues"))?;
+        b.set_i32("num-queues", nq)
+            .map_err(berr("set num-queues"))?;
         b.set_i32("queue-size", QUEUE_SIZE)
             .map_err(berr("set queue-size"))?;
         let capacity = b.get_u64("capacity").map_err(berr("get capacity"))?;
@@ -369,11 +370,10 @@ fn drive(
     let mut in_flight = 0usize;
     let mut cursor = (blocks / 2 * seed) % blocks;
     let mut writes_since_flush = 0usize;
-    let expected = usize::try_from(
-        (t_end - t_start).as_secs_f64() as u64 * 300_000 * wl.qd.min(4) as u64,
-    )
-    .unwrap_or(1 << 20)
-    .min(1 << 24);
+    let expected =
+        usize::try_from((t_end - t_start).as_secs_f64() as u64 * 300_000 * wl.qd.min(4) as u64)
+            .unwrap_or(1 << 20)
+            .min(1 << 24);
     let mut m = Measure {
         lat_ns: Vec::with_capacity(expected),
         ..Measure::default()

@@ -223,7 +223,11 @@ fn resolve(args: &Args, bin_dir: &Path) -> Result<Config> {
                 }
             }
             // Keep the canonical order (table columns).
-            ALL_SYSTEMS.iter().copied().filter(|s| v.contains(s)).collect()
+            ALL_SYSTEMS
+                .iter()
+                .copied()
+                .filter(|s| v.contains(s))
+                .collect()
         }
     };
     let workloads: Vec<&'static Workload> = match &args.workloads {
@@ -232,7 +236,10 @@ fn resolve(args: &Args, bin_dir: &Path) -> Result<Config> {
             for w in list {
                 if client::workload(w.trim()).is_none() {
                     let names: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
-                    return Err(format!("unknown workload {w:?} (known: {})", names.join(", ")));
+                    return Err(format!(
+                        "unknown workload {w:?} (known: {})",
+                        names.join(", ")
+                    ));
                 }
             }
             WORKLOADS
@@ -275,7 +282,12 @@ fn resolve(args: &Args, bin_dir: &Path) -> Result<Config> {
         resync: !args.no_resync,
         rss: !args.no_rss,
         perf: args.perf,
-        rtt_count: if smoke { args.rtt_count.min(2000) } else { args.rtt_count }.max(10),
+        rtt_count: if smoke {
+            args.rtt_count.min(2000)
+        } else {
+            args.rtt_count
+        }
+        .max(10),
         resync_iterations: rounds,
     })
 }
@@ -317,7 +329,10 @@ fn real_main(args: Args) -> Result<()> {
         }
     }
     std::fs::create_dir_all(&cfg.out).ctx(|| format!("create {}", cfg.out.display()))?;
-    let work = args.work_dir.clone().unwrap_or_else(|| cfg.out.join("work"));
+    let work = args
+        .work_dir
+        .clone()
+        .unwrap_or_else(|| cfg.out.join("work"));
     prepare_work_dir(&work)?;
     let run_dir = std::env::temp_dir().join(format!("vmbench-{}", std::process::id()));
     std::fs::create_dir_all(&run_dir).ctx(|| format!("create {}", run_dir.display()))?;
@@ -333,11 +348,17 @@ fn real_main(args: Args) -> Result<()> {
     let est = runs * (cfg.secs + cfg.warmup + 2.0)
         + (cfg.rounds * 2 * cfg.systems.len()) as f64 * if cfg.smoke { 5.0 } else { 60.0 }
         + if cfg.rss { cfg.rss_secs * 1.5 } else { 0.0 }
-        + if cfg.resync { cfg.rounds as f64 * 60.0 + 120.0 } else { 0.0 }
+        + if cfg.resync {
+            cfg.rounds as f64 * 60.0 + 120.0
+        } else {
+            0.0
+        }
         + if cfg.perf { 120.0 } else { 0.0 };
-    watchdog(Duration::from_secs_f64(
-        if cfg.smoke { 90.0_f64.max(est) } else { est * 2.0 + 600.0 },
-    ));
+    watchdog(Duration::from_secs_f64(if cfg.smoke {
+        90.0_f64.max(est)
+    } else {
+        est * 2.0 + 600.0
+    }));
 
     eprintln!(
         "bench: {} mode: {} round(s), {:.2}s per run (+{:.2}s warm-up), {} MiB images, systems \
@@ -347,7 +368,11 @@ fn real_main(args: Args) -> Result<()> {
         cfg.secs,
         cfg.warmup,
         cfg.image_bytes >> 20,
-        cfg.systems.iter().map(|s| s.name()).collect::<Vec<_>>().join(","),
+        cfg.systems
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join(","),
         cfg.workloads.len(),
         cfg.out.display(),
         work.display()
@@ -391,7 +416,8 @@ fn real_main(args: Args) -> Result<()> {
     let json_path = cfg.out.join("bench.json");
     let md_path = cfg.out.join("bench.md");
     let json_text = serde_json::to_string_pretty(&rep.json).ctx(|| "serialize".to_string())?;
-    std::fs::write(&json_path, json_text + "\n").ctx(|| format!("write {}", json_path.display()))?;
+    std::fs::write(&json_path, json_text + "\n")
+        .ctx(|| format!("write {}", json_path.display()))?;
     std::fs::write(&md_path, &rep.markdown).ctx(|| format!("write {}", md_path.display()))?;
     println!("{}", rep.markdown);
     println!(
@@ -447,14 +473,12 @@ fn environment_info(bin_dir: &Path) -> Value {
             .filter(|(st, _, _)| st.success())
             .map(|(_, out, _)| out.lines().next().unwrap_or("").trim().to_string())
     };
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|x| x.trim().to_string())
-        });
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("model name"))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|x| x.trim().to_string())
+    });
     json!({
         "kernel": first_line("uname", &["-r"]),
         "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
@@ -627,12 +651,15 @@ fn measure_run(
     warmup: Duration,
     secs: Duration,
 ) -> Result<client::Measure> {
-    let mut c = Client::connect(&inst.socket, wl.queues, wl.bs * wl.qd, Duration::from_secs(10))
-        .map_err(|e| format!("{}: {e}", inst.system.name()))?;
-    let pids = inst.pids();
-    let cpu = move || -> Result<u64> { pids.iter().map(|&p| util::cpu_ticks(p)).sum() };
+    let mut c = Client::connect(
+        &inst.socket,
+        wl.queues,
+        wl.bs * wl.qd,
+        Duration::from_secs(10),
+    )
+    .map_err(|e| format!("{}: {e}", inst.system.name()))?;
     let m = c
-        .run(wl, warmup, secs, &cpu, &mut || {})
+        .run(wl, warmup, secs, &|| inst.cpu_ticks(), &mut || {})
         .map_err(|e| format!("{} {}: {e}", inst.system.name(), wl.name))?;
     drop(c);
     inst.check_running()?;
@@ -678,7 +705,12 @@ fn profile(cfg: &Config, env: &Env) -> Result<Value> {
         }
         std::thread::sleep(Duration::from_millis(300));
         inst.ensure_ready(env.sync_timeout)?;
-        let m = measure_run(&mut inst, wl, Duration::from_millis(200), Duration::from_secs_f64(secs))?;
+        let m = measure_run(
+            &mut inst,
+            wl,
+            Duration::from_millis(200),
+            Duration::from_secs_f64(secs),
+        )?;
         let st = RunStats::from_measure(&m);
         let mut sys_out = serde_json::Map::new();
         sys_out.insert("iops".into(), json!(st.iops));

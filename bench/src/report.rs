@@ -222,9 +222,7 @@ pub fn build(
             .and_then(|v| v.get("max_rss_shmem_mib"))
             .and_then(Value::as_f64);
         let flat = vm.and_then(|v| v.get("flat")).and_then(Value::as_bool);
-        let growth = vm
-            .and_then(|v| v.get("growth_mib"))
-            .and_then(Value::as_f64);
+        let growth = vm.and_then(|v| v.get("growth_mib")).and_then(Value::as_f64);
         targets.push(Target {
             name: "vhost-mirror RSS <= 64 MiB + buffers".into(),
             value: match (p, shm) {
@@ -289,7 +287,9 @@ pub fn build(
         e["cpus"],
         e["cpu_model"].as_str().unwrap_or("?"),
         e["kernel"].as_str().unwrap_or("?"),
-        e["qemu_storage_daemon"].as_str().unwrap_or("qemu-storage-daemon ?"),
+        e["qemu_storage_daemon"]
+            .as_str()
+            .unwrap_or("qemu-storage-daemon ?"),
         e["vhost_mirror"].as_str().unwrap_or("vhost-mirror ?"),
     );
 
@@ -502,7 +502,10 @@ pub fn build(
         }
     }
 
-    let _ = writeln!(md, "\n## Targets\n\n| target | value | |\n| --- | --- | --- |");
+    let _ = writeln!(
+        md,
+        "\n## Targets\n\n| target | value | |\n| --- | --- | --- |"
+    );
     for t in &targets {
         let _ = writeln!(md, "| {} | {} | {} |", t.name, t.value, mark(t.met));
     }
@@ -556,7 +559,11 @@ pub fn build(
             w.name,
             if w.op == Op::Read { "read" } else { "write" },
             w.bs / 1024,
-            if w.seq { "sequential" } else { "random offsets" },
+            if w.seq {
+                "sequential"
+            } else {
+                "random offsets"
+            },
             w.qd,
             w.queues,
             if w.flush_every > 0 {

@@ -61,7 +61,9 @@ impl Pair {
                 return Ok(st);
             }
             if Instant::now() >= deadline {
-                return Err(format!("timed out after {timeout:?} waiting for {what}; status: {st}"));
+                return Err(format!(
+                    "timed out after {timeout:?} waiting for {what}; status: {st}"
+                ));
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -73,10 +75,6 @@ impl Pair {
 
     pub fn node_pid(&self) -> Option<u32> {
         self.node.as_ref().map(ChildGuard::pid)
-    }
-
-    pub fn socket(&self) -> &std::path::Path {
-        &self.socket
     }
 
     pub fn stop(mut self) {
@@ -91,7 +89,10 @@ impl Pair {
 
 /// Parses vhost-mirror's "resync finished: N bytes in X.XXs" log line (the last one in `log`).
 fn parse_resync_log(log: &str) -> Option<(u64, f64)> {
-    let line = log.lines().rev().find(|l| l.contains("resync finished: "))?;
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("resync finished: "))?;
     let rest = &line[line.find("resync finished: ")? + "resync finished: ".len()..];
     let mut it = rest.split_whitespace();
     let bytes: u64 = it.next()?.parse().ok()?;
@@ -150,9 +151,11 @@ pub fn measure(env: &Env, size: u64, iterations: usize) -> Result<(Value, Pair)>
         if let Some(mut n) = pair.node.take() {
             n.terminate(Duration::from_secs(30));
         }
-        pair.wait_status("the primary to see the replica gone", Duration::from_secs(30), |v| {
-            status_str(v, "peer_state") != "connected"
-        })?;
+        pair.wait_status(
+            "the primary to see the replica gone",
+            Duration::from_secs(30),
+            |v| status_str(v, "peer_state") != "connected",
+        )?;
         // 10% of the regions, chosen at random, get random data.
         let mut rng = Rng::new(0x1000 + it as u64);
         let mut idx: Vec<u64> = (0..regions).collect();
@@ -163,7 +166,12 @@ pub fn measure(env: &Env, size: u64, iterations: usize) -> Result<(Value, Pair)>
         let mut offs: Vec<u64> = idx[..changed as usize].iter().map(|r| r * REGION).collect();
         offs.sort_unstable();
         {
-            let mut c = Client::connect(&pair.socket, 1, 8 * REGION as usize, Duration::from_secs(10))?;
+            let mut c = Client::connect(
+                &pair.socket,
+                1,
+                8 * REGION as usize,
+                Duration::from_secs(10),
+            )?;
             c.write_offsets(&offs, REGION as usize, 8, 0xd1ff + it as u64)?;
         }
         let st = pair.status()?;
@@ -190,7 +198,10 @@ pub fn measure(env: &Env, size: u64, iterations: usize) -> Result<(Value, Pair)>
                 break st;
             }
             if now >= deadline {
-                return Err(format!("resync did not finish within {:?}; status: {st}", env.sync_timeout));
+                return Err(format!(
+                    "resync did not finish within {:?}; status: {st}",
+                    env.sync_timeout
+                ));
             }
             std::thread::sleep(Duration::from_millis(1));
         };
@@ -257,7 +268,9 @@ pub fn measure(env: &Env, size: u64, iterations: usize) -> Result<(Value, Pair)>
 /// on loopback TCP, `iterations` times. `None` (with the reason) if nbdcopy is not installed.
 pub fn nbdcopy(env: &Env, bytes: u64, iterations: usize) -> Result<Value> {
     if !util::in_path("nbdcopy") {
-        return Ok(json!({"available": false, "reason": "nbdcopy not found (apt-get install libnbd-bin)"}));
+        return Ok(
+            json!({"available": false, "reason": "nbdcopy not found (apt-get install libnbd-bin)"}),
+        );
     }
     let dir = env.work.join("nbdcopy");
     std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
@@ -328,7 +341,9 @@ pub fn rss(pair: &mut Pair, secs: f64, segment: f64) -> Result<Value> {
         "randwrite-4k-qd32-flush32",
     ];
     let vm_pid = pair.vm_pid();
-    let node_pid = pair.node_pid().ctx(|| "access-node is not running".to_string())?;
+    let node_pid = pair
+        .node_pid()
+        .ctx(|| "access-node is not running".to_string())?;
     let idle_vm = util::mem(vm_pid)?;
     let idle_node = util::mem(node_pid)?;
     let mut samples: Vec<(f64, Mem, Mem)> = Vec::new();
@@ -375,7 +390,10 @@ pub fn rss(pair: &mut Pair, secs: f64, segment: f64) -> Result<Value> {
     };
     let vm_priv = |s: &(f64, Mem, Mem)| s.1.private();
     let node_priv = |s: &(f64, Mem, Mem)| s.2.private();
-    let summary = |who: &str, idle: Mem, f: &dyn Fn(&(f64, Mem, Mem)) -> u64, g: &dyn Fn(&(f64, Mem, Mem)) -> Mem| {
+    let summary = |who: &str,
+                   idle: Mem,
+                   f: &dyn Fn(&(f64, Mem, Mem)) -> u64,
+                   g: &dyn Fn(&(f64, Mem, Mem)) -> Mem| {
         let growth = max_of(last, f) as i64 - max_of(first, f) as i64;
         json!({
             "process": who,

@@ -225,7 +225,6 @@ pub struct Instance {
     pub socket: PathBuf,
     /// vhost-mirror's control socket (local, mirror).
     pub control: Option<PathBuf>,
-    pub node_control: Option<PathBuf>,
     qmp: Option<Qmp>,
     procs: Vec<ChildGuard>,
     /// Image files to fdatasync between runs.
@@ -242,10 +241,6 @@ impl Instance {
             .iter()
             .find(|p| p.name() == name)
             .map(ChildGuard::pid)
-    }
-
-    pub fn proc_mut(&mut self, name: &str) -> Option<&mut ChildGuard> {
-        self.procs.iter_mut().find(|p| p.name() == name)
     }
 
     /// Sum of utime+stime ticks of all processes of this system.
@@ -427,7 +422,10 @@ pub fn spawn_access_node(
         || {
             c.check_running()?;
             let text = std::fs::read_to_string(&log).unwrap_or_default();
-            Ok(text.get(already..).is_some_and(|t| t.contains("listening on")) && control.exists())
+            Ok(text
+                .get(already..)
+                .is_some_and(|t| t.contains("listening on"))
+                && control.exists())
         },
     )
     .map_err(|e| format!("{e}{}", c.log_tail()))?;
@@ -541,7 +539,6 @@ pub fn start(env: &Env, s: System, nq: usize) -> Result<Instance> {
                 system: s,
                 socket,
                 control: None,
-                node_control: None,
                 qmp: None,
                 procs: vec![c],
                 files: vec![image],
@@ -553,7 +550,6 @@ pub fn start(env: &Env, s: System, nq: usize) -> Result<Instance> {
                 system: s,
                 socket,
                 control: Some(control),
-                node_control: None,
                 qmp: None,
                 procs: vec![c],
                 files: vec![image],
@@ -562,13 +558,12 @@ pub fn start(env: &Env, s: System, nq: usize) -> Result<Instance> {
         System::Mirror => {
             let replica = dir.join("replica.img");
             let port = util::free_port()?;
-            let (node, node_ctl) = spawn_access_node(env, tag, &replica, port)?;
+            let (node, _) = spawn_access_node(env, tag, &replica, port)?;
             let (c, socket, control) = spawn_vhost_mirror(env, tag, &image, nq, Some(port))?;
             Instance {
                 system: s,
                 socket,
                 control: Some(control),
-                node_control: Some(node_ctl),
                 qmp: None,
                 procs: vec![c, node],
                 files: vec![image, replica],
@@ -594,7 +589,6 @@ pub fn start(env: &Env, s: System, nq: usize) -> Result<Instance> {
                 system: s,
                 socket,
                 control: None,
-                node_control: None,
                 qmp: Some(qmp),
                 procs: vec![c, nbd],
                 files: vec![image, target],

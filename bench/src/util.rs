@@ -183,12 +183,24 @@ impl Drop for ChildGuard {
 }
 
 /// Runs `cmd` to completion (output captured), killing it after `timeout`.
-pub fn run_capture(name: &str, cmd: &mut Command, timeout: Duration) -> Result<(ExitStatus, String, String)> {
+pub fn run_capture(
+    name: &str,
+    cmd: &mut Command,
+    timeout: Duration,
+) -> Result<(ExitStatus, String, String)> {
     use std::io::Read;
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut g = ChildGuard::spawn(name, cmd, None)?;
-    let mut out = g.child.stdout.take().ctx(|| "stdout not piped".to_string())?;
-    let mut err = g.child.stderr.take().ctx(|| "stderr not piped".to_string())?;
+    let mut out = g
+        .child
+        .stdout
+        .take()
+        .ctx(|| "stdout not piped".to_string())?;
+    let mut err = g
+        .child
+        .stderr
+        .take()
+        .ctx(|| "stderr not piped".to_string())?;
     let t_out = std::thread::spawn(move || {
         let mut s = Vec::new();
         let _ = out.read_to_end(&mut s);
@@ -362,7 +374,8 @@ pub fn write_random_file(path: &Path, size: u64, seed: u64) -> Result<()> {
 /// Creates (or truncates to) a sparse file of `size` bytes.
 pub fn sparse_file(path: &Path, size: u64) -> Result<()> {
     let f = File::create(path).ctx(|| format!("create {}", path.display()))?;
-    f.set_len(size).ctx(|| format!("truncate {}", path.display()))
+    f.set_len(size)
+        .ctx(|| format!("truncate {}", path.display()))
 }
 
 // ------------------------------------------------------------------------------------------------

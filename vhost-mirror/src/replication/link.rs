@@ -263,7 +263,7 @@ impl Link {
                 Some((offset, data.len() as u64)),
             ),
         };
-        let is_flush = matches!(frame, Frame::Flush);
+        let is_flush = matches!(frame, Frame::Flush | Frame::SyncDone { .. });
         let mut g = self.lock();
         if !g.alive {
             return Err(LinkDown);
@@ -431,6 +431,13 @@ impl Link {
                 break format!("reply for unknown request {seq}");
             };
             if p.is_flush {
+                if reply != Reply::Ack(AckStatus::Ok) {
+                    // What this flush covered is not durable on the replica: fail the link,
+                    // which marks it (and everything else unconfirmed) out of sync first.
+                    g.pending.insert(seq, p);
+                    drop(g);
+                    break format!("the replica could not flush: {reply:?}");
+                }
                 // The flush made every write sent before it durable: drop those ranges.
                 if let Some(i) = g.flushing.iter().position(|(s, _)| *s == seq) {
                     g.flushing.drain(..=i);

@@ -261,6 +261,9 @@ fn serve_link(
             }
         }
         mm.set_peer(PeerState::Disconnected, Some(reason.to_owned()));
+        if !mm.sync_state().bitmap.is_clear() {
+            mm.status_lock().peer_disk = Some(DiskState::Outdated);
+        }
         mm.notify_changed();
     });
     let link = match stream

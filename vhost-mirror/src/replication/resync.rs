@@ -209,6 +209,17 @@ fn copy_all(
             // Hold the average at `rate` bytes per second.
             let due = Duration::from_secs_f64(sent_bytes as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
+                // Free the ranges in flight first: guest writes to them must not wait out the
+                // pause.
+                let mut err = None;
+                while let Some(f) = window.pop_front() {
+                    if let Err(e) = complete(m, f) {
+                        err = Some(e);
+                    }
+                }
+                if let Some(e) = err {
+                    break Err(e);
+                }
                 std::thread::sleep(wait);
             }
         }
