@@ -147,15 +147,32 @@ pub fn measure(env: &Env, size: u64, iterations: usize) -> Result<(Value, Pair)>
     let changed = (regions / 10).max(1);
     let mut iters = Vec::new();
     for it in 0..iterations {
+        // The guest flushes (a replica only counts as having what it flushed: ranges it has
+        // not flushed yet are out of sync when it goes away), then the replica is stopped.
+        {
+            let mut c = Client::connect(&pair.socket, 1, REGION as usize, Duration::from_secs(10))?;
+            c.write_offsets(&[], REGION as usize, 1, 0)?;
+        }
+        let oos_flushed = status_u64(&pair.status()?, "out_of_sync_bytes");
         // Stop the replica, and wait until the primary noticed.
         if let Some(mut n) = pair.node.take() {
             n.terminate(Duration::from_secs(30));
         }
-        pair.wait_status(
+        let st = pair.wait_status(
             "the primary to see the replica gone",
             Duration::from_secs(30),
             |v| status_str(v, "peer_state") != "connected",
         )?;
+        let oos_stopped = status_u64(&st, "out_of_sync_bytes");
+        if oos_flushed + oos_stopped > 0 {
+            eprintln!(
+                "bench: resync {}: NOTE: {} MiB out of sync after the guest's flush, {} MiB after \
+                 the replica stopped (before any write)",
+                it + 1,
+                oos_flushed >> 20,
+                oos_stopped >> 20
+            );
+        }
         // 10% of the regions, chosen at random, get random data.
         let mut rng = Rng::new(0x1000 + it as u64);
         let mut idx: Vec<u64> = (0..regions).collect();
@@ -230,6 +247,7 @@ pub fn measure(env: &Env, size: u64, iterations: usize) -> Result<(Value, Pair)>
             "changed_regions": changed,
             "changed_bytes": changed * REGION,
             "out_of_sync_bytes": oos,
+            "out_of_sync_bytes_before_writes": oos_stopped,
             "resync_bytes": bytes,
             "secs_reconnect_to_in_sync": secs,
             "secs_restart_to_in_sync": (t_done - t_restart).as_secs_f64(),

@@ -56,8 +56,8 @@ pub fn spawn_server(listener: UnixListener, handler: Handler) -> io::Result<()> 
     spawn_server_then(listener, handler, Arc::new(|_, _| {}))
 }
 
-/// Like [`spawn_server`]; `after` runs once each reply is out. Connections are served one at a
-/// time, in order.
+/// Like [`spawn_server`]; `after` runs once each reply is out. Each connection is served by a
+/// thread of its own.
 pub fn spawn_server_then(
     listener: UnixListener,
     handler: Handler,
@@ -69,8 +69,17 @@ pub fn spawn_server_then(
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
-                        if let Err(e) = handle(stream, &handler, &after) {
-                            debug!("control connection: {e}");
+                        // One thread per request: a silent client cannot delay the others.
+                        let (h, a) = (handler.clone(), after.clone());
+                        let spawned = std::thread::Builder::new()
+                            .name("control-conn".into())
+                            .spawn(move || {
+                                if let Err(e) = handle(stream, &h, &a) {
+                                    debug!("control connection: {e}");
+                                }
+                            });
+                        if let Err(e) = spawned {
+                            warn!("control socket: cannot start a thread: {e}");
                         }
                     }
                     Err(e) => {

@@ -312,13 +312,19 @@ fn serve_link(
     info!("replicating to {}", m.cfg.peer);
     // Copy whatever is out of sync (also regions marked while we were connecting), then watch.
     let full = decision == SyncDecision::Full;
-    let mut first = true;
+    // Any replica not already at our generation gets a resync, even one with nothing to copy:
+    // its SyncDone records our generation there (and makes a returning old primary a
+    // secondary).
+    let mut need_sync = decision != SyncDecision::InSync;
     while link.is_alive() {
-        if !m.sync_state().bitmap.is_clear() {
-            if let Err(e) = resync::run(m, &link, full && first) {
-                warn!("resync stopped: {}", error_chain(&e));
+        if need_sync || !m.sync_state().bitmap.is_clear() {
+            match resync::run(m, &link, full && need_sync) {
+                Ok(()) => need_sync = false,
+                Err(e) => {
+                    warn!("resync stopped: {}", error_chain(&e));
+                    std::thread::sleep(Duration::from_millis(500));
+                }
             }
-            first = false;
         } else {
             m.wait_changed();
             std::thread::sleep(Duration::from_millis(50));
