@@ -625,43 +625,13 @@ fn file_size(file: &File) -> io::Result<u64> {
     }
 }
 
-/// Zeroes a range with fallocate (punching a hole if `unmap`), writing zeros where the
-/// filesystem supports neither mode. Same approach as vhost-mirror's disk engine.
+/// Zeroes a range (fallocate, or zeros written where the filesystem cannot).
 fn zero_range(file: &File, offset: u64, len: u64, unmap: bool) -> Result<(), ReplicaError> {
-    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    let zero = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
-    let modes = if unmap { [punch, zero] } else { [zero, punch] };
-    for mode in modes {
-        // SAFETY: fallocate on our own descriptor; the caller checked the range.
-        let r = unsafe { libc::fallocate(file.as_raw_fd(), mode, offset as i64, len as i64) };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if !matches!(
-            e.raw_os_error(),
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
-        ) {
-            return Err(ReplicaError::Io {
-                op: "fallocate",
-                offset,
-                source: e,
-            });
-        }
-    }
-    let zeros = vec![0u8; (1 << 20).min(len) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], offset + done)
-            .map_err(|source| ReplicaError::Io {
-                op: "write",
-                offset: offset + done,
-                source,
-            })?;
-        done += n as u64;
-    }
-    Ok(())
+    mirror_proto::sys::zero_range(file, offset, len, unmap).map_err(|source| ReplicaError::Io {
+        op: "zero range",
+        offset,
+        source,
+    })
 }
 
 #[cfg(test)]

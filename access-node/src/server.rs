@@ -5,9 +5,8 @@
 
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -39,16 +38,8 @@ pub enum ServeError {
         #[source]
         source: io::Error,
     },
-    #[error("control socket {0} is in use by a running server")]
-    SocketInUse(PathBuf),
-    #[error("control socket path {0} exists and is not a socket")]
-    NotASocket(PathBuf),
-    #[error("cannot prepare control socket path {path}")]
-    SocketPath {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error("control socket")]
+    Socket(#[from] mirror_proto::sys::SocketPathError),
     #[error("cannot listen on control socket {path}")]
     ControlListen {
         path: PathBuf,
@@ -250,7 +241,7 @@ impl Server {
         })?;
         let control_listener = match &config.control {
             Some(p) => {
-                claim_socket_path(p)?;
+                mirror_proto::sys::claim_socket_path(p)?;
                 Some(
                     UnixListener::bind(p).map_err(|source| ServeError::ControlListen {
                         path: p.clone(),
@@ -412,38 +403,6 @@ fn ignore_sigxfsz() {
     // SAFETY: installs SIG_IGN for SIGXFSZ before any other thread exists; no handler code runs.
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-    }
-}
-
-/// Makes sure `path` can be bound: refuses a path a live server listens on or a non-socket,
-/// removes a stale socket left by a crashed server. (Same rules as vhost-mirror's sockets.)
-fn claim_socket_path(path: &Path) -> Result<(), ServeError> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(ServeError::SocketPath {
-                path: path.to_owned(),
-                source,
-            })
-        }
-    };
-    if !meta.file_type().is_socket() {
-        return Err(ServeError::NotASocket(path.to_owned()));
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(ServeError::SocketInUse(path.to_owned())),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            warn!("removing stale socket {}", path.display());
-            std::fs::remove_file(path).map_err(|source| ServeError::SocketPath {
-                path: path.to_owned(),
-                source,
-            })
-        }
-        Err(source) => Err(ServeError::SocketPath {
-            path: path.to_owned(),
-            source,
-        }),
     }
 }
 

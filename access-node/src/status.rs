@@ -11,28 +11,7 @@ use std::time::{Duration, Instant};
 use mirror_proto::frame::{DiskState, Role};
 use serde_json::{json, Value};
 
-/// The link to the primary as the status reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PeerState {
-    Connected,
-    Disconnected,
-    AuthFailed,
-    Refused,
-    /// The primary refused this node: both sides wrote since they last agreed.
-    SplitBrain,
-}
-
-impl PeerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PeerState::Connected => "connected",
-            PeerState::Disconnected => "disconnected",
-            PeerState::AuthFailed => "auth-failed",
-            PeerState::Refused => "refused",
-            PeerState::SplitBrain => "split-brain",
-        }
-    }
-}
+pub use mirror_proto::control::PeerState;
 
 /// Request counters (one primary at a time, so plain atomics).
 #[derive(Debug, Default)]

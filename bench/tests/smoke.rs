@@ -2,7 +2,7 @@
 //! JSON and Markdown files exist and hold a row for every workload and system (never a speed).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const SYSTEMS: &[&str] = &[
@@ -60,10 +60,16 @@ fn smoke_run_writes_a_table_row_for_every_workload_and_system() {
         .tempdir()
         .expect("temp dir");
     let t0 = Instant::now();
+    // The bench's output goes to a file (shown on failure), not through the test harness.
+    let log_path = out.path().join("bench-smoke.log");
+    let log = std::fs::File::create(&log_path).expect("create log");
     let mut child = Command::new(&bench)
         .arg("--smoke")
         .arg("--out")
         .arg(out.path())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("dup log"))
+        .stderr(log)
         .spawn()
         .expect("start bench --smoke");
     // The bench has its own watchdog; this one only guards against a hung test.
@@ -75,12 +81,20 @@ fn smoke_run_writes_a_table_row_for_every_workload_and_system() {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("bench --smoke still running after 240 s");
+            panic!(
+                "bench --smoke still running after 240 s; its output:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     };
     eprintln!("bench --smoke took {:.1}s", t0.elapsed().as_secs_f64());
-    assert!(status.success(), "bench --smoke failed: {status}");
+    let output = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(
+        status.success(),
+        "bench --smoke failed: {status}; its output:\n{output}"
+    );
+    eprintln!("{output}");
 
     let json_path = out.path().join("bench.json");
     let md_path = out.path().join("bench.md");

@@ -26,17 +26,7 @@ impl ConnError {
     }
 }
 
-/// An error with its sources, on one line (for logs and status).
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use crate::sys::error_chain;
 
 /// Reads whole frames from a stream, with one buffer reused for every frame.
 pub struct FrameReader<R> {

@@ -39,6 +39,32 @@ pub enum ControlError {
     Refused { path: PathBuf, message: String },
 }
 
+/// The state of the replication link, as both programs' status documents report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    /// Trying to reach the peer (the primary, before the first attempt ended).
+    Connecting,
+    Connected,
+    Disconnected,
+    AuthFailed,
+    Refused,
+    /// Both sides wrote since they last agreed; nothing is overwritten.
+    SplitBrain,
+}
+
+impl PeerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerState::Connecting => "connecting",
+            PeerState::Connected => "connected",
+            PeerState::Disconnected => "disconnected",
+            PeerState::AuthFailed => "auth-failed",
+            PeerState::Refused => "refused",
+            PeerState::SplitBrain => "split-brain",
+        }
+    }
+}
+
 /// Answers a command line (e.g. `status`) with a JSON document; unknown commands should answer
 /// `{"error": ...}`.
 pub type Handler = Arc<dyn Fn(&str) -> Value + Send + Sync>;

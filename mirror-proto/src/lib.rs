@@ -9,3 +9,4 @@ pub mod control;
 pub mod frame;
 pub mod generation;
 pub mod meta;
+pub mod sys;

@@ -20,7 +20,9 @@ use vmm_sys_util::event::{
 
 use crate::blk_config::{off, read_config, DeviceModel, ID_BYTES};
 use crate::disk::RawImage;
-use crate::executor::{self, chain, Deferred, IovecBuf, Target};
+use mirror_proto::sys::error_chain as chain;
+
+use crate::executor::{self, Deferred, IovecBuf, Target};
 use crate::replication::Mirror;
 use crate::request::{ParseError, Request};
 use crate::stats::QueueCounters;

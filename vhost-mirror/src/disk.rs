@@ -171,7 +171,8 @@ impl RawImage {
         })
     }
 
-    /// Writes a plain buffer (used by tests and by resync).
+    /// Writes a plain buffer (tests).
+    #[cfg(test)]
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
         use std::os::unix::fs::FileExt;
         self.check_writable(offset, buf.len() as u64)?;
@@ -222,48 +223,13 @@ impl RawImage {
     }
 
     fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
-        if len == 0 {
-            return Ok(());
-        }
-        let fd = self.file.as_raw_fd();
-        let modes = if unmap {
-            [
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-            ]
-        } else {
-            [
-                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            ]
-        };
-        for mode in modes {
-            // SAFETY: fallocate on our own descriptor; the range is inside the image.
-            let r = unsafe { libc::fallocate(fd, mode, offset as i64, len as i64) };
-            if r == 0 {
-                return Ok(());
+        mirror_proto::sys::zero_range(&self.file, offset, len, unmap).map_err(|source| {
+            DiskError::Io {
+                op: "zero range",
+                offset,
+                source,
             }
-            let e = io::Error::last_os_error();
-            if !matches!(
-                e.raw_os_error(),
-                Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS)
-            ) {
-                return Err(DiskError::Io {
-                    op: "fallocate",
-                    offset,
-                    source: e,
-                });
-            }
-        }
-        // The filesystem cannot do it: write zeros.
-        let zeros = vec![0u8; 1 << 20];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(zeros.len() as u64) as usize;
-            self.write_at(&zeros[..n], offset + done)?;
-            done += n as u64;
-        }
-        Ok(())
+        })
     }
 }
 

@@ -9,6 +9,8 @@ use log::{debug, warn};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
 use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, Permissions};
 
+use mirror_proto::sys::error_chain as chain;
+
 use crate::blk_config::ID_BYTES;
 use crate::disk::{DiskError, RawImage};
 use crate::replication::inflight::Token;
@@ -346,16 +348,4 @@ fn bad_buffer() -> DiskError {
         offset: 0,
         source: std::io::Error::from_raw_os_error(libc::EFAULT),
     }
-}
-
-/// An error with its sources, on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -18,7 +18,7 @@ use mirror_proto::control;
 
 use crate::args::{Cli, Command};
 use crate::config::ServeConfig;
-use crate::executor::chain;
+use mirror_proto::sys::error_chain as chain;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();

@@ -2,8 +2,8 @@
 //! disconnects, and shuts down cleanly on SIGTERM/SIGINT.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,26 +20,18 @@ use crate::blk_config::{DeviceModel, ID_BYTES, SECTOR_SIZE};
 use crate::config::ServeConfig;
 use crate::device::{BlkBackend, Device};
 use crate::disk::{DiskError, RawImage};
-use crate::executor::chain;
 use crate::replication::out_of_sync::SyncStateError;
 use crate::replication::Mirror;
 use crate::stats;
 use mirror_proto::control::{self, Handler};
+use mirror_proto::sys::error_chain as chain;
 
 #[derive(Debug, Error)]
 pub enum ServeError {
     #[error(transparent)]
     Disk(#[from] DiskError),
-    #[error("socket path {0} is in use by a running server")]
-    SocketInUse(PathBuf),
-    #[error("socket path {0} exists and is not a socket")]
-    NotASocket(PathBuf),
-    #[error("cannot prepare socket path {path}")]
-    SocketPath {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Socket(#[from] mirror_proto::sys::SocketPathError),
     #[error("cannot listen on {path}")]
     Listen {
         path: PathBuf,
@@ -54,38 +46,6 @@ pub enum ServeError {
     Replication(#[from] SyncStateError),
     #[error("cannot start the replication thread")]
     Thread(#[source] io::Error),
-}
-
-/// Makes sure `path` can be bound: refuses a path a live server listens on or a non-socket,
-/// removes a stale socket left by a crashed server.
-pub fn claim_socket_path(path: &Path) -> Result<(), ServeError> {
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(source) => {
-            return Err(ServeError::SocketPath {
-                path: path.to_owned(),
-                source,
-            })
-        }
-    };
-    if !meta.file_type().is_socket() {
-        return Err(ServeError::NotASocket(path.to_owned()));
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(ServeError::SocketInUse(path.to_owned())),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            warn!("removing stale socket {}", path.display());
-            std::fs::remove_file(path).map_err(|source| ServeError::SocketPath {
-                path: path.to_owned(),
-                source,
-            })
-        }
-        Err(source) => Err(ServeError::SocketPath {
-            path: path.to_owned(),
-            source,
-        }),
-    }
 }
 
 /// The ID string GET_ID returns: stable for an image file (device and inode numbers).
@@ -161,10 +121,10 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         mirror.clone(),
     ));
 
-    claim_socket_path(&config.socket)?;
+    mirror_proto::sys::claim_socket_path(&config.socket)?;
     let control_listener = match &config.control {
         Some(p) => {
-            claim_socket_path(p)?;
+            mirror_proto::sys::claim_socket_path(p)?;
             Some(UnixListener::bind(p).map_err(|source| ServeError::Listen {
                 path: p.clone(),
                 source,

@@ -62,29 +62,7 @@ pub struct MirrorConfig {
     pub resync_rate: Option<u64>,
 }
 
-/// The link's state as status reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PeerState {
-    Connecting,
-    Connected,
-    Disconnected,
-    AuthFailed,
-    Refused,
-    SplitBrain,
-}
-
-impl PeerState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PeerState::Connecting => "connecting",
-            PeerState::Connected => "connected",
-            PeerState::Disconnected => "disconnected",
-            PeerState::AuthFailed => "auth-failed",
-            PeerState::Refused => "refused",
-            PeerState::SplitBrain => "split-brain",
-        }
-    }
-}
+pub use mirror_proto::control::PeerState;
 
 #[derive(Debug)]
 struct PeerStatus {
@@ -398,7 +376,7 @@ impl Mirror {
             if !reason.is_empty() && len > 0 {
                 // The replica refused this write (e.g. out of space): it is outdated now.
                 if let Err(e) = self.mark(offset, len) {
-                    error!("{}", crate::executor::chain(&e));
+                    error!("{}", mirror_proto::sys::error_chain(&e));
                     ok = false;
                 }
                 if let Some(link) = self.current_link() {
@@ -409,7 +387,7 @@ impl Mirror {
         }
         if !local_ok && sent && len > 0 {
             if let Err(e) = self.mark(offset, len) {
-                error!("{}", crate::executor::chain(&e));
+                error!("{}", mirror_proto::sys::error_chain(&e));
                 ok = false;
             }
         }
@@ -475,7 +453,7 @@ impl Mirror {
         }
         // Nothing is in flight any more: no extent can differ because of a crash.
         if let Err(e) = self.activity_log.clear() {
-            error!("{}", crate::executor::chain(&e));
+            error!("{}", mirror_proto::sys::error_chain(&e));
         }
     }
 
