@@ -97,6 +97,7 @@ upload photo.jpg 1200000
 bold "== 4. host A dies: QEMU and vhost-mirror killed with SIGKILL"
 kill -9 "$qemu_a" "$vm_a"
 t_kill=$(date +%s%N)
+wait "$qemu_a" "$vm_a" 2>/dev/null || true
 sleep 0.5
 
 bold "== 5. fail over on host B: promote the replica, boot the standby VM from it"

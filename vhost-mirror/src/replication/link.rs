@@ -95,6 +95,8 @@ impl LinkStats {
 
 struct Pending {
     waiter: Option<Arc<Waiter>>,
+    /// A guest write: its round trip counts toward the link's write latency.
+    measure: bool,
     /// Byte range of a write-type request, to mark if the reply never comes.
     range: Option<(u64, u64)>,
     sent: Instant,
@@ -226,6 +228,7 @@ impl Link {
             seq,
             Pending {
                 waiter: Some(w.clone()),
+                measure: true,
                 range: Some((offset, len)),
                 sent: Instant::now(),
                 is_flush: false,
@@ -283,6 +286,7 @@ impl Link {
             seq,
             Pending {
                 waiter: Some(w.clone()),
+                measure: false,
                 range,
                 sent: Instant::now(),
                 is_flush,
@@ -362,6 +366,7 @@ impl Link {
                         seq,
                         Pending {
                             waiter: None,
+                            measure: false,
                             range: None,
                             sent: Instant::now(),
                             is_flush: false,
@@ -444,7 +449,7 @@ impl Link {
                 }
             }
             drop(g);
-            if p.range.is_some() && reply == Reply::Ack(AckStatus::Ok) {
+            if p.measure && reply == Reply::Ack(AckStatus::Ok) {
                 self.stats.record_write_latency(p.sent.elapsed());
             }
             if let Some(w) = p.waiter {
