@@ -571,13 +571,7 @@ fn run_all(cfg: &Config, env: &Env) -> Result<Results> {
     let secs = Duration::from_secs_f64(cfg.secs);
     let warmup = Duration::from_secs_f64(cfg.warmup);
     for round in 0..cfg.rounds {
-        let rtt = tcp_rtt_us(cfg.rtt_count)?;
-        eprintln!(
-            "bench: round {}/{}: loopback TCP RTT {rtt:.1} us",
-            round + 1,
-            cfg.rounds
-        );
-        res.rtt_us.push(rtt);
+        eprintln!("bench: round {}/{}", round + 1, cfg.rounds);
         for (nq, wls) in &groups {
             let mut insts: Vec<Instance> = Vec::new();
             for &s in &cfg.systems {
@@ -585,6 +579,11 @@ fn run_all(cfg: &Config, env: &Env) -> Result<Results> {
                 insts.push(systems::start(env, s, *nq)?);
             }
             for &(wi, wl) in wls {
+                // The loopback RTT moves with the machine's state (on a VM: whether a wakeup
+                // crosses vCPUs), so it is sampled next to every workload, not once.
+                let rtt = tcp_rtt_us(cfg.rtt_count)?;
+                eprintln!("bench:   loopback TCP RTT {rtt:.1} us");
+                res.rtt_us.push(rtt);
                 let n = insts.len();
                 for k in 0..n {
                     let si = (k + round + wi) % n;

@@ -253,7 +253,7 @@ pub fn build(
             "qd": w.qd, "sequential": w.seq, "flush_every": w.flush_every, "queues": w.queues,
             "unit": if w.shows_bandwidth() {"MiB/s"} else {"IOPS"},
         })).collect::<Vec<_>>(),
-        "rtt_us": {"rounds": res.rtt_us, "median": rtt},
+        "rtt_us": {"samples": res.rtt_us, "median": rtt},
         "results": results,
         "ratios": ratios,
         "qd1_write_latency": qd1,
@@ -378,7 +378,8 @@ pub fn build(
     }
     let _ = writeln!(
         md,
-        "\nLoopback TCP round trip (1 byte ping-pong, TCP_NODELAY): median {} us over rounds {:?}.",
+        "\nLoopback TCP round trip (1 byte ping-pong, TCP_NODELAY, measured before every \
+         workload of every round): median {} us of {:?}.",
         rtt.map_or("-".into(), |r| format!("{r:.1}")),
         res.rtt_us
             .iter()

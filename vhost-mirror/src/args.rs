@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// Serve the image read-only (VIRTIO_BLK_F_RO).
     #[arg(long)]
     pub readonly: bool,
+    /// After draining its ring, a queue worker watches it this many microseconds for new
+    /// requests before it sleeps (0: sleep at once). Trades CPU for latency.
+    #[arg(long, default_value_t = 32, value_name = "US")]
+    pub poll_us: u64,
     /// Unix socket for `vhost-mirror status`.
     #[arg(long, value_name = "CTL")]
     pub control: Option<PathBuf>,

@@ -21,6 +21,8 @@ pub enum ConfigError {
     ReadonlyPeer,
     #[error("--resync-rate must be at least 1 MiB/s")]
     ResyncRate,
+    #[error("--poll-us must be at most 1000, got {0}")]
+    PollUs(u64),
     #[error(transparent)]
     Secret(#[from] AuthError),
     #[error("--num-queues must be between 1 and {MAX_QUEUES}, got {0}")]
@@ -40,6 +42,7 @@ pub struct ServeConfig {
     pub readonly: bool,
     pub control: Option<PathBuf>,
     pub mirror: Option<MirrorConfig>,
+    pub poll: std::time::Duration,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -54,6 +57,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
         }
         if a.control.as_ref() == Some(&a.socket) {
             return Err(ConfigError::SamePaths);
+        }
+        if a.poll_us > 1000 {
+            return Err(ConfigError::PollUs(a.poll_us));
         }
         let mirror = match (a.peer, a.secret_file) {
             (Some(peer), Some(secret)) => {
@@ -88,6 +94,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             readonly: a.readonly,
             control: a.control,
             mirror,
+            poll: std::time::Duration::from_micros(a.poll_us),
         })
     }
 }
@@ -103,6 +110,7 @@ mod tests {
             num_queues: 1,
             queue_size: 256,
             readonly: false,
+            poll_us: 32,
             control: None,
             peer: None,
             secret_file: None,

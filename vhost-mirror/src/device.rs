@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use log::{debug, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -22,9 +22,10 @@ use crate::blk_config::{off, read_config, DeviceModel, ID_BYTES};
 use crate::disk::RawImage;
 use mirror_proto::sys::error_chain as chain;
 
-use crate::executor::{self, Deferred, IovecBuf, Target};
+use crate::executor::{self, Completion, Deferred, IovecBuf, Target};
+use crate::flusher::Flusher;
 use crate::replication::Mirror;
-use crate::request::{ParseError, Request};
+use crate::request::{ParseError, Request, RequestType};
 use crate::stats::QueueCounters;
 
 /// State of one queue worker, kept across connections. Its mutex is taken only by that
@@ -50,9 +51,13 @@ pub struct Device {
     pub writeback: AtomicBool,
     /// Set on shutdown: workers stop taking new requests.
     pub stopping: AtomicBool,
+    /// How long a worker keeps looking at its ring for new requests before it sleeps.
+    pub poll: std::time::Duration,
     pub id: [u8; ID_BYTES],
     /// Synchronous replication, when a peer is configured.
     pub mirror: Option<Arc<Mirror>>,
+    /// Runs the fdatasync of guest FLUSH requests in the background.
+    pub flusher: Flusher,
 }
 
 impl Device {
@@ -61,6 +66,7 @@ impl Device {
         model: DeviceModel,
         id: [u8; ID_BYTES],
         mirror: Option<Arc<Mirror>>,
+        flusher: Flusher,
     ) -> Self {
         let n = usize::from(model.num_queues);
         Device {
@@ -70,8 +76,10 @@ impl Device {
             workers: (0..n).map(|_| Mutex::new(QueueWorker::default())).collect(),
             writeback: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
+            poll: std::time::Duration::ZERO,
             id,
             mirror,
+            flusher,
         }
     }
 
@@ -136,69 +144,117 @@ impl BlkBackend {
                 .add_used(&*mem, head, len)
                 .map_err(|e| io::Error::other(format!("add_used: {e}")))
         };
-        while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
-            let head = chain.head_index();
-            let parsed = request.parse(chain, dev.model.capacity_sectors, dev.model.readonly);
-            let completion = match (parsed, mirror) {
-                (Ok(()), Some(m)) if request.is_mirrored() => {
-                    // Take the range in the ordering table; if another queue holds an
-                    // overlapping one, finish our own in-flight requests before waiting.
-                    let token = match request.write_range() {
-                        Some((off, len)) => Some(match m.try_reserve(queue, off, len) {
-                            Some(t) => t,
-                            None => {
-                                for d in deferred.drain(..) {
-                                    let (h, l) = executor::finish_deferred(&mem, m, d);
-                                    add_used(&mut state, h, l)?;
-                                }
-                                m.reserve(queue, off, len)
-                            }
-                        }),
-                        None => None,
-                    };
-                    let (c, remote) =
-                        executor::execute_mirrored(request, &mem, &target, iov, counters, m, token);
-                    match remote {
-                        Some((remote, local_ok)) => {
-                            deferred.push(Deferred {
-                                head,
-                                completion: c,
-                                status_addr: request.status,
-                                remote,
-                                local_ok,
-                            });
-                            if deferred.len() >= MAX_DEFERRED {
-                                for d in deferred.drain(..) {
-                                    let (h, l) = executor::finish_deferred(&mem, m, d);
-                                    add_used(&mut state, h, l)?;
-                                }
-                            }
-                            continue;
+        loop {
+            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+                let head = chain.head_index();
+                let parsed = request.parse(chain, dev.model.capacity_sectors, dev.model.readonly);
+                let completion = match (parsed, mirror) {
+                    (Ok(()), _) if request.kind() == RequestType::Flush => {
+                        // Local fdatasync in the background, the replica's flush on the link;
+                        // the requests behind this one go on meanwhile.
+                        QueueCounters::add(&counters.flushes, 1);
+                        let remote = mirror.map(|m| m.start_flush());
+                        deferred.push(Deferred {
+                            head,
+                            completion: Completion {
+                                status: VIRTIO_BLK_S_OK as u8,
+                                used_len: 1,
+                            },
+                            status_addr: request.status,
+                            remote,
+                            local_ok: true,
+                            flush: Some(dev.flusher.submit()),
+                        });
+                        if deferred.len() >= MAX_DEFERRED {
+                            let d = deferred.remove(0);
+                            let (h, l) = executor::finish_deferred(&mem, mirror, counters, d);
+                            add_used(&mut state, h, l)?;
                         }
-                        None => c,
+                        continue;
                     }
+                    (Ok(()), Some(m)) if request.is_mirrored() => {
+                        // Take the range in the ordering table; if another queue holds an
+                        // overlapping one, finish our own in-flight requests before waiting.
+                        let token = match request.write_range() {
+                            Some((off, len)) => Some(match m.try_reserve(queue, off, len) {
+                                Some(t) => t,
+                                None => {
+                                    for d in deferred.drain(..) {
+                                        let (h, l) =
+                                            executor::finish_deferred(&mem, mirror, counters, d);
+                                        add_used(&mut state, h, l)?;
+                                    }
+                                    m.reserve(queue, off, len)
+                                }
+                            }),
+                            None => None,
+                        };
+                        let (c, remote) = executor::execute_mirrored(
+                            request, &mem, &target, iov, counters, m, token,
+                        );
+                        match remote {
+                            Some((remote, local_ok)) => {
+                                deferred.push(Deferred {
+                                    head,
+                                    completion: c,
+                                    status_addr: request.status,
+                                    remote: Some(remote),
+                                    local_ok,
+                                    flush: None,
+                                });
+                                if deferred.len() >= MAX_DEFERRED {
+                                    let d = deferred.remove(0);
+                                    let (h, l) =
+                                        executor::finish_deferred(&mem, mirror, counters, d);
+                                    add_used(&mut state, h, l)?;
+                                }
+                                continue;
+                            }
+                            None => c,
+                        }
+                    }
+                    (Ok(()), _) => executor::execute(request, &mem, &target, iov, counters),
+                    (Err(e), _) => {
+                        if e.status() == VIRTIO_BLK_S_UNSUPP as u8 {
+                            QueueCounters::add(&counters.unsupported, 1);
+                            debug!("queue {queue}: {e}");
+                        } else {
+                            QueueCounters::add(&counters.errors, 1);
+                            warn!("queue {queue}: bad request: {e}");
+                        }
+                        if matches!(e, ParseError::NoStatus) {
+                            warn!("queue {queue}: request {head} completed without status");
+                        }
+                        executor::complete(&mem, request, e.status(), 0)
+                    }
+                };
+                add_used(&mut state, head, completion.used_len)?;
+            }
+            if deferred.is_empty() {
+                break;
+            }
+            // Nothing new from the guest: complete the oldest deferred request (waiting for its
+            // fdatasync or the replica's ack) and every other one already done, tell the guest, and look at the
+            // ring again, so new requests go out while older ones are still in flight.
+            let d = deferred.remove(0);
+            let (h, l) = executor::finish_deferred(&mem, mirror, counters, d);
+            add_used(&mut state, h, l)?;
+            let mut k = 0;
+            while k < deferred.len() {
+                if deferred[k].is_ready(mirror) {
+                    let d = deferred.remove(k);
+                    let (h, l) = executor::finish_deferred(&mem, mirror, counters, d);
+                    add_used(&mut state, h, l)?;
+                } else {
+                    k += 1;
                 }
-                (Ok(()), _) => executor::execute(request, &mem, &target, iov, counters),
-                (Err(e), _) => {
-                    if e.status() == VIRTIO_BLK_S_UNSUPP as u8 {
-                        QueueCounters::add(&counters.unsupported, 1);
-                        debug!("queue {queue}: {e}");
-                    } else {
-                        QueueCounters::add(&counters.errors, 1);
-                        warn!("queue {queue}: bad request: {e}");
-                    }
-                    if matches!(e, ParseError::NoStatus) {
-                        warn!("queue {queue}: request {head} completed without status");
-                    }
-                    executor::complete(&mem, request, e.status(), 0)
-                }
-            };
-            add_used(&mut state, head, completion.used_len)?;
-        }
-        if let Some(m) = mirror {
-            for d in deferred.drain(..) {
-                let (h, l) = executor::finish_deferred(&mem, m, d);
-                add_used(&mut state, h, l)?;
+            }
+            if state
+                .get_queue_mut()
+                .needs_notification(&*mem)
+                .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?
+            {
+                state.signal_used_queue()?;
             }
         }
         if used_any
@@ -210,6 +266,32 @@ impl BlkBackend {
             state.signal_used_queue()?;
         }
         Ok(used_any)
+    }
+}
+
+impl BlkBackend {
+    /// Spins for up to `dev.poll` waiting for the guest to add a request: true if it did.
+    /// Saves the wake-up (and its latency) of a sleeping worker when requests follow closely.
+    fn poll_ring(&self, vring: &VringRwLock) -> bool {
+        let poll = self.dev.poll;
+        if poll.is_zero() {
+            return false;
+        }
+        let mem = self.mem.memory();
+        let start = std::time::Instant::now();
+        while start.elapsed() < poll && !self.dev.stopping.load(Ordering::Relaxed) {
+            {
+                let state = vring.get_ref();
+                let q = state.get_queue();
+                if let Ok(avail) = q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire) {
+                    if avail != std::num::Wrapping(q.next_avail()) {
+                        return true;
+                    }
+                }
+            }
+            std::hint::spin_loop();
+        }
+        false
     }
 }
 
@@ -299,24 +381,31 @@ impl VhostUserBackend for BlkBackend {
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             return Err(io::Error::other(format!("unknown event {device_event}")));
         };
-        if self.event_idx.load(Ordering::Relaxed) {
-            // Disable notifications while draining, re-enable, and drain again if the guest
-            // added requests in between (the EVENT_IDX protocol).
-            loop {
-                vring
-                    .disable_notification()
-                    .map_err(|e| io::Error::other(format!("disable_notification: {e}")))?;
-                self.process_queue(thread_id, vring)?;
-                if !vring
-                    .enable_notification()
-                    .map_err(|e| io::Error::other(format!("enable_notification: {e}")))?
-                    || self.dev.stopping.load(Ordering::Acquire)
-                {
-                    break;
+        loop {
+            if self.event_idx.load(Ordering::Relaxed) {
+                // Disable notifications while draining, re-enable, and drain again if the
+                // guest added requests in between (the EVENT_IDX protocol).
+                loop {
+                    vring
+                        .disable_notification()
+                        .map_err(|e| io::Error::other(format!("disable_notification: {e}")))?;
+                    self.process_queue(thread_id, vring)?;
+                    if !vring
+                        .enable_notification()
+                        .map_err(|e| io::Error::other(format!("enable_notification: {e}")))?
+                        || self.dev.stopping.load(Ordering::Acquire)
+                    {
+                        break;
+                    }
                 }
+            } else {
+                self.process_queue(thread_id, vring)?;
             }
-        } else {
-            self.process_queue(thread_id, vring)?;
+            // A short poll before sleeping (--poll-us): the next request often comes within
+            // microseconds; catching it here saves a wake-up.
+            if !self.poll_ring(vring) {
+                break;
+            }
         }
         Ok(())
     }

@@ -136,11 +136,25 @@ pub struct Deferred {
     pub head: u16,
     pub completion: Completion,
     pub status_addr: Option<vm_memory::GuestAddress>,
-    pub remote: Remote,
+    /// The replica's part, when mirrored.
+    pub remote: Option<Remote>,
     pub local_ok: bool,
+    /// A FLUSH's local fdatasync, running in the background.
+    pub flush: Option<std::sync::Arc<crate::flusher::FlushTicket>>,
 }
 
-/// Executes a write-type request (OUT, DISCARD, WRITE_ZEROES) or FLUSH on a mirrored device:
+impl Deferred {
+    /// Whether [`finish_deferred`] will not block.
+    pub fn is_ready(&self, mirror: Option<&Mirror>) -> bool {
+        self.flush.as_ref().is_none_or(|f| f.is_done())
+            && match (&self.remote, mirror) {
+                (Some(r), Some(m)) => m.is_answered(r),
+                _ => true,
+            }
+    }
+}
+
+/// Executes a write-type request (OUT, DISCARD, WRITE_ZEROES) on a mirrored device:
 /// the request goes to the replica first (or is recorded as out of sync), then to the local
 /// image. The guest's completion waits for [`finish_deferred`].
 pub fn execute_mirrored(
@@ -153,7 +167,6 @@ pub fn execute_mirrored(
     token: Option<Token>,
 ) -> (Completion, Option<(Remote, bool)>) {
     let remote = match (req.kind(), token) {
-        (RequestType::Flush, _) => Ok(mirror.start_flush()),
         (RequestType::Out, Some(t)) => mirror.start_write(
             t,
             WriteOp::Write,
@@ -204,17 +217,41 @@ pub fn execute_mirrored(
     }
 }
 
-/// Waits for the replica's part of a request; a failure that could not be recorded turns the
-/// guest's status into IOERR.
-pub fn finish_deferred(mem: &GuestMemoryMmap, mirror: &Mirror, d: Deferred) -> (u16, u32) {
-    let mut used = d.completion.used_len;
-    if !mirror.finish(d.remote, d.local_ok) && d.completion.status == VIRTIO_BLK_S_OK as u8 {
+/// Waits for the background parts of a request (the local fdatasync of a FLUSH, the
+/// replica's ack); a failure turns the guest's status into IOERR. Returns the used-ring entry.
+pub fn finish_deferred(
+    mem: &GuestMemoryMmap,
+    mirror: Option<&Mirror>,
+    counters: &QueueCounters,
+    d: Deferred,
+) -> (u16, u32) {
+    let mut ok = d.completion.status == VIRTIO_BLK_S_OK as u8;
+    let mut fresh_failure = false;
+    if let Some(f) = &d.flush {
+        if f.wait().is_err() && ok {
+            ok = false;
+            fresh_failure = true;
+        }
+    }
+    if let (Some(remote), Some(m)) = (d.remote, mirror) {
+        if !m.finish(remote, d.local_ok) && ok {
+            fresh_failure = true;
+        }
+    }
+    if fresh_failure {
+        QueueCounters::add(&counters.errors, 1);
         if let Some(addr) = d.status_addr {
             let _ = mem.write_obj(VIRTIO_BLK_S_IOERR as u8, addr);
         }
-        used = 1;
+        return (d.head, 1);
     }
-    (d.head, used)
+    if d.flush.is_some() {
+        // A FLUSH's status is written only now that its outcome is known.
+        if let Some(addr) = d.status_addr {
+            let _ = mem.write_obj(VIRTIO_BLK_S_OK as u8, addr);
+        }
+    }
+    (d.head, d.completion.used_len)
 }
 
 /// Executes `req` (already validated) and writes its status byte.

@@ -6,6 +6,7 @@ mod config;
 mod device;
 mod disk;
 mod executor;
+mod flusher;
 mod replication;
 mod request;
 mod server;

@@ -20,6 +20,7 @@ use crate::blk_config::{DeviceModel, ID_BYTES, SECTOR_SIZE};
 use crate::config::ServeConfig;
 use crate::device::{BlkBackend, Device};
 use crate::disk::{DiskError, RawImage};
+use crate::flusher::Flusher;
 use crate::replication::out_of_sync::SyncStateError;
 use crate::replication::Mirror;
 use crate::stats;
@@ -44,7 +45,7 @@ pub enum ServeError {
     Daemon(String),
     #[error("replication metadata")]
     Replication(#[from] SyncStateError),
-    #[error("cannot start the replication thread")]
+    #[error("cannot start a thread")]
     Thread(#[source] io::Error),
 }
 
@@ -114,12 +115,16 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         Some(mc) => Some(Mirror::new(mc.clone(), disk.clone())?),
         None => None,
     };
-    let dev = Arc::new(Device::new(
+    let flusher = Flusher::start(disk.clone()).map_err(ServeError::Thread)?;
+    let mut device = Device::new(
         disk.clone(),
         model,
         device_id(&config.image),
         mirror.clone(),
-    ));
+        flusher,
+    );
+    device.poll = config.poll;
+    let dev = Arc::new(device);
 
     mirror_proto::sys::claim_socket_path(&config.socket)?;
     let control_listener = match &config.control {

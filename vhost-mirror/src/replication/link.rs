@@ -37,25 +37,46 @@ pub struct LinkDown;
 /// Where one reply is delivered.
 #[derive(Debug, Default)]
 pub struct Waiter {
-    slot: Mutex<Option<Result<Reply, LinkDown>>>,
+    slot: Mutex<WaiterSlot>,
     ready: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct WaiterSlot {
+    reply: Option<Result<Reply, LinkDown>>,
+    /// Someone sleeps in `wait` (only then does `complete` need a wake-up syscall).
+    sleeping: bool,
 }
 
 impl Waiter {
     fn complete(&self, r: Result<Reply, LinkDown>) {
         let mut g = self.slot.lock().unwrap_or_else(|p| p.into_inner());
-        *g = Some(r);
+        g.reply = Some(r);
+        let wake = g.sleeping;
         drop(g);
-        self.ready.notify_all();
+        if wake {
+            self.ready.notify_all();
+        }
+    }
+
+    /// Whether the reply (or the link's death) has arrived: `wait` will not block.
+    pub fn is_ready(&self) -> bool {
+        self.slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reply
+            .is_some()
     }
 
     /// Blocks until the reply (or the link's death) arrives.
     pub fn wait(&self) -> Result<Reply, LinkDown> {
         let mut g = self.slot.lock().unwrap_or_else(|p| p.into_inner());
         loop {
-            if let Some(r) = g.take() {
+            if let Some(r) = g.reply.take() {
+                g.sleeping = false;
                 return r;
             }
+            g.sleeping = true;
             g = self.ready.wait(g).unwrap_or_else(|p| p.into_inner());
         }
     }
@@ -219,6 +240,7 @@ impl Link {
         }
         let seq = g.next_seq;
         g.next_seq += 1;
+        let was_empty = g.buf.is_empty();
         let start = frame::begin_write(&mut g.buf, seq, offset);
         fill(&mut g.buf);
         frame::finish_write(&mut g.buf, start, resync);
@@ -235,7 +257,10 @@ impl Link {
             },
         );
         drop(g);
-        self.wake_sender.notify_one();
+        // The sender only ever sleeps on an empty buffer.
+        if was_empty {
+            self.wake_sender.notify_one();
+        }
         Ok(w)
     }
 
@@ -273,6 +298,7 @@ impl Link {
         }
         let seq = g.next_seq;
         g.next_seq += 1;
+        let was_empty = g.buf.is_empty();
         frame::encode(seq, &frame, &mut g.buf);
         if let Some((o, l)) = range {
             push_range(&mut g.unflushed, o, l);
@@ -293,7 +319,9 @@ impl Link {
             },
         );
         drop(g);
-        self.wake_sender.notify_one();
+        if was_empty {
+            self.wake_sender.notify_one();
+        }
         Ok(w)
     }
 

@@ -351,6 +351,12 @@ impl Mirror {
         }
     }
 
+    /// Whether every reply of `remote` has arrived ([`Mirror::finish`] will not wait for the
+    /// replica).
+    pub fn is_answered(&self, remote: &Remote) -> bool {
+        remote.waiters.iter().all(|w| w.is_ready())
+    }
+
     /// Waits for the replica's replies, records failures, releases the range. `local_ok`:
     /// whether the local part succeeded (if not, the copies may differ: the range is marked).
     /// Returns false if the request must fail for the guest (its range could not be recorded).
