@@ -685,6 +685,9 @@ fn profile(cfg: &Config, env: &Env) -> Result<Value> {
                 continue;
             };
             let data = cfg.out.join(format!("perf-{}-{who}.data", s.name()));
+            // perf keeps the previous file as .old: start clean instead.
+            let _ = std::fs::remove_file(&data);
+            let _ = std::fs::remove_file(data.with_extension("data.old"));
             let log = env.work.join(format!("perf-{}-{who}.log", s.name()));
             let g = ChildGuard::spawn(
                 "perf",
