@@ -1,6 +1,8 @@
 //! VM tier: a real QEMU guest whose root disk is served by `vhost-mirror serve`.
 //!
-//! The guest (images/build.sh) is a busybox file server on an ext4 root filesystem. The test
+//! The guest (images/build.sh --firmware) boots from its disk as a real VM does (SeaBIOS, GRUB,
+//! then Linux from an ext4 partition, every read through vhost-mirror) and runs a busybox file
+//! server on that ext4 root filesystem. The test
 //! uploads files over HTTP (each one fdatasync'd + renamed + directory fsync'd in the guest),
 //! reads them back, halts the guest cleanly, stops the backend, and then checks the image file
 //! itself: `e2fsck -fn` must find a clean filesystem and `debugfs` must dump every uploaded
@@ -34,24 +36,8 @@ fn vm_file_server_roundtrip() {
     require_tool("e2fsck", "e2fsprogs");
     require_tool("sha256sum", "coreutils");
 
-    let root = workspace_root();
-    let images = root.join("images");
-
     // 1. Guest (cached; build.sh is idempotent and fast when up to date).
-    let gdir = guest_dir();
-    let t = Instant::now();
-    run_ok(
-        Command::new("bash")
-            .arg(images.join("build.sh"))
-            .arg("--firmware")
-            .arg(&gdir),
-        "images/build.sh",
-    );
-    eprintln!(
-        "vm test: guest in {} ({:.1} s)",
-        gdir.display(),
-        t.elapsed().as_secs_f64()
-    );
+    let gdir = build_guest();
 
     let keep =
         std::env::var_os("VHOST_MIRROR_KEEP_LOGS").is_some_and(|v| !v.is_empty() && v != "0");
@@ -102,19 +88,12 @@ fn vm_file_server_roundtrip() {
         backend.socket().display()
     );
     let port = free_port();
-    let accel = std::env::var("VHOST_MIRROR_VM_ACCEL").unwrap_or_else(|_| "auto".into());
     let qemu_out = fs::File::create(&qemu_log).expect("create qemu log");
     let qemu_err = qemu_out.try_clone().expect("clone log fd");
     let t_boot = Instant::now();
-    let mut boot = Command::new("bash");
-    boot.arg(images.join("boot.sh"))
-        .args(["--dir".as_ref(), gdir.as_os_str()])
-        .args(["--socket".as_ref(), backend.socket().as_os_str()])
-        .args(["--http-port", &port.to_string()])
-        .args(["--num-queues", "1"])
-        .args(["--serial".as_ref(), serial.as_os_str()])
-        .args(["--accel", &accel])
-        .arg("--firmware")
+    let cmd = boot_command(&gdir, backend.socket(), port, &serial);
+    let mut boot = Command::new(&cmd[0]);
+    boot.args(&cmd[1..])
         .stdin(Stdio::null())
         .stdout(qemu_out)
         .stderr(qemu_err);

@@ -145,7 +145,11 @@ impl BlkBackend {
                 .map_err(|e| io::Error::other(format!("add_used: {e}")))
         };
         loop {
-            while let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) {
+            // On shutdown, take no new requests; the ones in flight still complete below.
+            while !dev.stopping.load(Ordering::Acquire) {
+                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
+                    break;
+                };
                 let head = chain.head_index();
                 let parsed = request.parse(chain, dev.model.capacity_sectors, dev.model.readonly);
                 let completion = match (parsed, mirror) {
