@@ -237,9 +237,20 @@ impl BlkBackend {
             if deferred.is_empty() {
                 break;
             }
-            // Nothing new from the guest: complete the oldest deferred request (waiting for its
-            // fdatasync or the replica's ack) and every other one already done, tell the guest, and look at the
-            // ring again, so new requests go out while older ones are still in flight.
+            // Nothing new from the guest. Tell it about what is complete, then wait for the
+            // oldest deferred request (its fdatasync or the replica's ack) while watching the
+            // ring: new requests go out while older ones are still in flight.
+            if state
+                .get_queue_mut()
+                .needs_notification(&*mem)
+                .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?
+            {
+                state.signal_used_queue()?;
+            }
+            let watch_ring = !dev.stopping.load(Ordering::Acquire);
+            if !wait_ready_or_new(&state, &mem, &deferred[0], mirror, watch_ring) {
+                continue;
+            }
             let d = deferred.remove(0);
             let (h, l) = executor::finish_deferred(&mem, mirror, counters, d);
             add_used(&mut state, h, l)?;
@@ -252,13 +263,6 @@ impl BlkBackend {
                 } else {
                     k += 1;
                 }
-            }
-            if state
-                .get_queue_mut()
-                .needs_notification(&*mem)
-                .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?
-            {
-                state.signal_used_queue()?;
             }
         }
         if used_any
@@ -273,6 +277,31 @@ impl BlkBackend {
     }
 }
 
+/// Waits until `oldest` is ready (true) or, if `watch_ring`, the guest added a request
+/// (false). Sleeps on the request's completion, looking at the ring every 50 µs.
+fn wait_ready_or_new(
+    state: &vhost_user_backend::VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
+    mem: &GuestMemoryMmap,
+    oldest: &Deferred,
+    mirror: Option<&Mirror>,
+    watch_ring: bool,
+) -> bool {
+    loop {
+        if watch_ring && ring_has_new(state.get_queue(), mem) {
+            return false;
+        }
+        if oldest.wait_ready_timeout(mirror, std::time::Duration::from_micros(50)) {
+            return true;
+        }
+    }
+}
+
+/// Whether the guest made requests available that the device has not taken yet.
+fn ring_has_new(q: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> bool {
+    q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|avail| avail != std::num::Wrapping(q.next_avail()))
+}
+
 impl BlkBackend {
     /// Spins for up to `dev.poll` waiting for the guest to add a request: true if it did.
     /// Saves the wake-up (and its latency) of a sleeping worker when requests follow closely.
@@ -284,14 +313,8 @@ impl BlkBackend {
         let mem = self.mem.memory();
         let start = std::time::Instant::now();
         while start.elapsed() < poll && !self.dev.stopping.load(Ordering::Relaxed) {
-            {
-                let state = vring.get_ref();
-                let q = state.get_queue();
-                if let Ok(avail) = q.avail_idx(&*mem, std::sync::atomic::Ordering::Acquire) {
-                    if avail != std::num::Wrapping(q.next_avail()) {
-                        return true;
-                    }
-                }
+            if ring_has_new(vring.get_ref().get_queue(), &mem) {
+                return true;
             }
             std::hint::spin_loop();
         }

@@ -144,6 +144,19 @@ pub struct Deferred {
 }
 
 impl Deferred {
+    /// Waits at most `d` for the next missing part; true if the request is ready.
+    pub fn wait_ready_timeout(&self, mirror: Option<&Mirror>, d: std::time::Duration) -> bool {
+        if let Some(f) = &self.flush {
+            if !f.wait_done_timeout(d) {
+                return false;
+            }
+        }
+        match (&self.remote, mirror) {
+            (Some(r), Some(m)) => m.wait_answered_timeout(r, d),
+            _ => true,
+        }
+    }
+
     /// Whether [`finish_deferred`] will not block.
     pub fn is_ready(&self, mirror: Option<&Mirror>) -> bool {
         self.flush.as_ref().is_none_or(|f| f.is_done())

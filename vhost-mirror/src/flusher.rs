@@ -26,6 +26,18 @@ impl FlushTicket {
         self.lock().is_some()
     }
 
+    /// Waits at most `d` for the fdatasync; true if it is done.
+    pub fn wait_done_timeout(&self, d: std::time::Duration) -> bool {
+        let g = self.lock();
+        if g.is_some() {
+            return true;
+        }
+        self.done
+            .wait_timeout(g, d)
+            .map(|(g, _)| g.is_some())
+            .unwrap_or_else(|p| p.into_inner().0.is_some())
+    }
+
     /// Waits for the fdatasync; Err carries the reason it failed.
     pub fn wait(&self) -> Result<(), String> {
         let mut g = self.lock();

@@ -68,6 +68,21 @@ impl Waiter {
             .is_some()
     }
 
+    /// Waits at most `d` for the reply; true if it is there.
+    pub fn wait_ready_timeout(&self, d: std::time::Duration) -> bool {
+        let mut g = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if g.reply.is_none() {
+            g.sleeping = true;
+            g = self
+                .ready
+                .wait_timeout(g, d)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+            g.sleeping = false;
+        }
+        g.reply.is_some()
+    }
+
     /// Blocks until the reply (or the link's death) arrives.
     pub fn wait(&self) -> Result<Reply, LinkDown> {
         let mut g = self.slot.lock().unwrap_or_else(|p| p.into_inner());

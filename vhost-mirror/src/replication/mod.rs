@@ -357,6 +357,14 @@ impl Mirror {
         remote.waiters.iter().all(|w| w.is_ready())
     }
 
+    /// Waits at most `d` for the replica's next missing reply; true if all are there.
+    pub fn wait_answered_timeout(&self, remote: &Remote, d: Duration) -> bool {
+        match remote.waiters.iter().find(|w| !w.is_ready()) {
+            Some(w) => w.wait_ready_timeout(d) && self.is_answered(remote),
+            None => true,
+        }
+    }
+
     /// Waits for the replica's replies, records failures, releases the range. `local_ok`:
     /// whether the local part succeeded (if not, the copies may differ: the range is marked).
     /// Returns false if the request must fail for the guest (its range could not be recorded).
