@@ -164,36 +164,6 @@ pub struct Link {
     died: Condvar,
 }
 
-/// A request of the data phase.
-pub enum Request<'a> {
-    Discard {
-        offset: u64,
-        len: u64,
-    },
-    WriteZeroes {
-        offset: u64,
-        len: u64,
-        unmap: bool,
-    },
-    Flush,
-    Read {
-        offset: u64,
-        len: u32,
-    },
-    SyncStart {
-        full: bool,
-        bytes: u64,
-    },
-    SyncDone {
-        generation: u64,
-    },
-    Write {
-        offset: u64,
-        data: &'a [u8],
-        resync: bool,
-    },
-}
-
 impl Link {
     /// Starts the sender and receiver threads on an authenticated, attached stream.
     pub fn start(
@@ -279,32 +249,16 @@ impl Link {
         Ok(w)
     }
 
-    /// Queues a request.
-    pub fn send(&self, req: Request<'_>) -> Result<Arc<Waiter>, LinkDown> {
-        let (frame, range) = match req {
-            Request::Discard { offset, len } => {
-                (Frame::Discard { offset, len }, Some((offset, len)))
+    /// Queues a request frame of the data phase (Write, Discard, WriteZeroes, Flush, Read,
+    /// SyncStart, SyncDone).
+    pub fn send(&self, frame: Frame<'_>) -> Result<Arc<Waiter>, LinkDown> {
+        // The bytes a write-type request changes: marked out of sync if it is never answered.
+        let range = match frame {
+            Frame::Write { offset, data, .. } => Some((offset, data.len() as u64)),
+            Frame::Discard { offset, len } | Frame::WriteZeroes { offset, len, .. } => {
+                Some((offset, len))
             }
-            Request::WriteZeroes { offset, len, unmap } => (
-                Frame::WriteZeroes { offset, len, unmap },
-                Some((offset, len)),
-            ),
-            Request::Flush => (Frame::Flush, None),
-            Request::Read { offset, len } => (Frame::Read { offset, len }, None),
-            Request::SyncStart { full, bytes } => (Frame::SyncStart { full, bytes }, None),
-            Request::SyncDone { generation } => (Frame::SyncDone { generation }, None),
-            Request::Write {
-                offset,
-                data,
-                resync,
-            } => (
-                Frame::Write {
-                    offset,
-                    resync,
-                    data,
-                },
-                Some((offset, data.len() as u64)),
-            ),
+            _ => None,
         };
         let is_flush = matches!(frame, Frame::Flush | Frame::SyncDone { .. });
         let mut g = self.lock();

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use log::error;
 use mirror_proto::auth::Secret;
-use mirror_proto::frame::{AckStatus, DiskState, MAX_DATA};
+use mirror_proto::frame::{AckStatus, DiskState, Frame, MAX_DATA};
 use serde_json::{json, Value};
 use thiserror::Error;
 
@@ -277,10 +277,10 @@ impl Mirror {
                         r
                     }
                     WriteOp::Discard => link
-                        .send(link::Request::Discard { offset, len })
+                        .send(Frame::Discard { offset, len })
                         .map(|w| remote.waiters.push(w)),
                     WriteOp::WriteZeroes { unmap } => link
-                        .send(link::Request::WriteZeroes { offset, len, unmap })
+                        .send(Frame::WriteZeroes { offset, len, unmap })
                         .map(|w| remote.waiters.push(w)),
                 };
                 // Err: the link died under us; whatever was queued is marked by the link.
@@ -339,7 +339,7 @@ impl Mirror {
         };
         loop {
             if let Some(link) = self.current_link() {
-                if let Ok(w) = link.send(link::Request::Flush) {
+                if let Ok(w) = link.send(Frame::Flush) {
                     remote.waiters.push(w);
                     return remote;
                 }
@@ -435,7 +435,7 @@ impl Mirror {
         while done < len {
             let n = (len - done).min(MAX_DATA as u64);
             let w = link
-                .send(link::Request::Read {
+                .send(Frame::Read {
                     offset: offset + done,
                     len: n as u32,
                 })
@@ -459,7 +459,7 @@ impl Mirror {
     pub fn shutdown(&self) {
         self.begin_shutdown();
         if let Some(link) = self.current_link() {
-            if let Ok(w) = link.send(link::Request::Flush) {
+            if let Ok(w) = link.send(Frame::Flush) {
                 let _ = w.wait();
             }
             link.goodbye();

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 
 use log::info;
 use mirror_proto::bitmap::REGION_SIZE;
-use mirror_proto::frame::{AckStatus, DiskState, MAX_DATA};
+use mirror_proto::frame::{AckStatus, DiskState, Frame, MAX_DATA};
 use thiserror::Error;
 
 use super::inflight::{Token, RESYNC};
-use super::link::{self, Link, Reply, Waiter};
+use super::link::{Link, Reply, Waiter};
 use super::out_of_sync::region_bytes;
 use super::Mirror;
 use crate::disk::DiskError;
@@ -74,7 +74,7 @@ pub fn run(m: &Mirror, link: &Arc<Link>, full: bool) -> Result<(), ResyncError> 
     result?;
     let generation = m.sync_state().meta.generation;
     wait_ok(
-        link.send(link::Request::SyncDone { generation })
+        link.send(Frame::SyncDone { generation })
             .map_err(|_| ResyncError::LinkDown)?,
     )?;
     m.sync_state()
@@ -114,7 +114,7 @@ fn copy_all(
     size: u64,
 ) -> Result<(), ResyncError> {
     wait_ok(
-        link.send(link::Request::SyncStart { full, bytes: total })
+        link.send(Frame::SyncStart { full, bytes: total })
             .map_err(|_| ResyncError::LinkDown)?,
     )?;
     let mut window: VecDeque<InFlight> = VecDeque::new();
@@ -163,13 +163,13 @@ fn copy_all(
         }
         // All-zero regions (sparse parts of the image) travel as a 24-byte WriteZeroes.
         let req = if data.iter().all(|b| *b == 0) {
-            link::Request::WriteZeroes {
+            Frame::WriteZeroes {
                 offset,
                 len,
                 unmap: true,
             }
         } else {
-            link::Request::Write {
+            Frame::Write {
                 offset,
                 data,
                 resync: true,
