@@ -1651,3 +1651,59 @@ fn replica_flush_failure_marks_out_of_sync() {
     assert_identical(&s.primary, &s.replica);
     eprintln!("total {:?}", t0.elapsed());
 }
+
+// ------------------------------------------------------------------------------------------------
+// 9. --on-peer-loss suspend
+// ------------------------------------------------------------------------------------------------
+
+/// 9. With `--on-peer-loss suspend`, a guest write waits while the replica is away and
+///    completes once it is back (nothing is acknowledged that only one side has); the images
+///    end up identical.
+#[test]
+fn suspend_mode_holds_writes_until_the_peer_returns() {
+    let _w = Watchdog::new(
+        "suspend_mode_holds_writes_until_the_peer_returns",
+        4 * TIMEOUT,
+    );
+    let s = setup("suspend", 16 * MIB);
+    let mut node = s.node();
+    let mut opts = mirror_opts(s.port, &s.secret);
+    opts.extra_args
+        .extend(["--on-peer-loss".to_string(), "suspend".to_string()]);
+    let mut b = Backend::spawn(s.dir.path(), &s.primary, &opts);
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    node.kill();
+    wait_status(&mut b, SYNC_TIMEOUT, |v| {
+        status_str(v, "peer_state") != "connected"
+    })
+    .unwrap_or_else(|v| panic!("primary did not notice the lost replica: {}", pretty(&v)));
+
+    let socket = b.socket().to_path_buf();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&socket);
+        let data = pattern(MIB, usz(64 * KIB), 9);
+        let r = c.q().write(MIB, &data);
+        let _ = tx.send((r, Instant::now()));
+    });
+    // While the replica is away the write must not complete.
+    assert!(
+        rx.recv_timeout(Duration::from_millis(1500)).is_err(),
+        "a write completed while the replica was away in suspend mode"
+    );
+    let back = Instant::now();
+    let mut node = s.node();
+    let (r, done) = rx
+        .recv_timeout(Duration::from_secs(8))
+        .expect("the held write did not complete after the replica returned");
+    writer.join().expect("writer thread");
+    assert!(r.is_ok(), "held write failed: {r:?}");
+    assert!(
+        done >= back,
+        "the write completed before the replica was back"
+    );
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    stop_primary(&mut b);
+    stop_node(&mut node);
+    assert_identical(&s.primary, &s.replica);
+}
