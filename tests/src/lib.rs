@@ -481,6 +481,8 @@ pub struct BackendOpts {
     pub control: Option<PathBuf>,
     /// Overrides [`BackendKind::from_env`].
     pub kind: Option<BackendKind>,
+    /// Extra environment variables (vhost-mirror only; e.g. `LD_PRELOAD` for fault injection).
+    pub env: Vec<(String, String)>,
 }
 
 /// Per-request-type counters from `vhost-mirror status --json`.
@@ -563,6 +565,7 @@ impl Backend {
                     cmd.arg("--readonly");
                 }
                 cmd.args(&opts.extra_args);
+                cmd.envs(opts.env.iter().cloned());
                 if std::env::var_os("RUST_LOG").is_none() {
                     cmd.env("RUST_LOG", "info");
                 }

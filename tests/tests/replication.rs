@@ -1707,3 +1707,93 @@ fn suspend_mode_holds_writes_until_the_peer_returns() {
     stop_node(&mut node);
     assert_identical(&s.primary, &s.replica);
 }
+
+// ------------------------------------------------------------------------------------------------
+// 10. A local read error on the primary is served from the replica
+// ------------------------------------------------------------------------------------------------
+
+/// An LD_PRELOAD shim for vhost-mirror: `preadv` fails with EIO while the file named by
+/// `$FAILREAD_FLAG` exists (a failing local disk).
+const FAILREAD_C: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/uio.h>
+#include <unistd.h>
+ssize_t preadv(int fd, const struct iovec *iov, int cnt, off_t off) {
+    static ssize_t (*real)(int, const struct iovec *, int, off_t);
+    if (!real) real = (ssize_t (*)(int, const struct iovec *, int, off_t))dlsym(RTLD_NEXT, "preadv");
+    const char *f = getenv("FAILREAD_FLAG");
+    if (f && access(f, F_OK) == 0) { errno = EIO; return -1; }
+    return real(fd, iov, cnt, off);
+}
+ssize_t preadv64(int fd, const struct iovec *iov, int cnt, off_t off) {
+    return preadv(fd, iov, cnt, off);
+}
+"#;
+
+/// 10. The primary's local reads fail with EIO (injected with an LD_PRELOAD shim): a guest read
+///     of data the replica has is served from the replica, byte-exact; without the replica it
+///     fails with an I/O error instead of returning wrong data.
+#[test]
+fn local_read_error_served_by_the_replica() {
+    let _wd = Watchdog::new("local_read_error_served_by_the_replica", 4 * TIMEOUT);
+    let s = setup("mirror-readfail", 16 * MIB);
+    let src = s.dir.path().join("failread.c");
+    let so = s.dir.path().join("failread.so");
+    std::fs::write(&src, FAILREAD_C).expect("write shim source");
+    let out = run_with_timeout(
+        Command::new("cc")
+            .args(["-shared", "-fPIC", "-O2", "-o"])
+            .arg(&so)
+            .arg(&src)
+            .arg("-ldl"),
+        Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "building the preadv shim with cc failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let flag = s.dir.path().join("fail-reads-now");
+    let mut node = s.node();
+    let mut opts = mirror_opts(s.port, &s.secret);
+    opts.env = vec![
+        ("LD_PRELOAD".into(), so.display().to_string()),
+        ("FAILREAD_FLAG".into(), flag.display().to_string()),
+    ];
+    let mut b = Backend::spawn(s.dir.path(), &s.primary, &opts);
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    let mut c = Client::connect_with(b.socket(), &client_opts());
+    let off = 2 * MIB;
+    let seed = 0xbad_d15c;
+    let data = pattern(off, usz(256 * KIB), seed);
+    c.q().write(off, &data).expect("write");
+    c.q().flush().expect("flush");
+
+    std::fs::write(&flag, "").expect("create the flag");
+    let got = c
+        .q()
+        .read(off, usz(256 * KIB))
+        .expect("read served by the replica");
+    check_pattern(&got, off, seed).unwrap_or_else(|e| panic!("data from the replica: {e}"));
+    assert!(
+        b.log().contains("served from the replica"),
+        "the fallback was not logged:\n{}",
+        b.log()
+    );
+    // Without the replica the read fails with an I/O error.
+    stop_node(&mut node);
+    wait_status(&mut b, SYNC_TIMEOUT, |v| {
+        status_str(v, "peer_state") != "connected"
+    })
+    .unwrap_or_else(|v| panic!("primary did not notice the lost replica: {}", pretty(&v)));
+    assert!(
+        c.q().read(off, usz(4 * KIB)).is_err(),
+        "a failing local read without a replica must fail"
+    );
+    std::fs::remove_file(&flag).expect("remove the flag");
+    drop(c);
+    stop_primary(&mut b);
+}
