@@ -1703,8 +1703,39 @@ fn suspend_mode_holds_writes_until_the_peer_returns() {
         "the write completed before the replica was back"
     );
     wait_in_sync(&mut b, SYNC_TIMEOUT);
+
+    // The replica dies with writes in flight (QD 8) and comes back: every write completes OK.
+    let socket = b.socket().to_path_buf();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect_with(&socket, &client_opts());
+        let mut seed = 100;
+        loop {
+            c.q()
+                .write_pattern(4 * MIB, 4 * MIB, usz(64 * KIB), 8, seed);
+            if stop2.load(std::sync::atomic::Ordering::Relaxed) {
+                return seed;
+            }
+            seed += 1;
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    node.kill();
+    std::thread::sleep(Duration::from_millis(800));
+    let mut node = s.node();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let last = writer.join().expect("a write failed in suspend mode");
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
     stop_primary(&mut b);
     stop_node(&mut node);
+    check_pattern(
+        &read_file_range(&s.primary, 4 * MIB, usz(4 * MIB)),
+        4 * MIB,
+        last,
+    )
+    .unwrap_or_else(|e| panic!("primary image: {e}"));
     assert_identical(&s.primary, &s.replica);
 }
 

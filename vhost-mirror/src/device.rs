@@ -144,6 +144,37 @@ impl BlkBackend {
                 .add_used(&*mem, head, len)
                 .map_err(|e| io::Error::other(format!("add_used: {e}")))
         };
+        // Completions that must wait for the replica (suspend mode, after a failure).
+        let mut held: Vec<(u16, u32, (u64, u64))> = Vec::new();
+        // Puts a finished deferred request on the used ring, or aside if the guest must be held.
+        macro_rules! done {
+            ($f:expr) => {{
+                let f: executor::Finished = $f;
+                match f.hold {
+                    None => add_used(&mut state, f.head, f.used_len)?,
+                    Some(r) => held.push((f.head, f.used_len, r)),
+                }
+            }};
+        }
+        // Holds the guest on what is set aside, but only once this worker holds no range in the
+        // ordering table (resync may need it to clear what the guest waits for).
+        macro_rules! settle_holds {
+            () => {
+                if !held.is_empty() {
+                    for d in deferred.drain(..) {
+                        done!(executor::finish_deferred(&mem, mirror, counters, d));
+                    }
+                    if let Some(m) = mirror {
+                        for &(_, _, r) in &held {
+                            m.hold(r);
+                        }
+                    }
+                    for (h, l, _) in held.drain(..) {
+                        add_used(&mut state, h, l)?;
+                    }
+                }
+            };
+        }
         loop {
             // On shutdown, take no new requests; the ones in flight still complete below.
             while !dev.stopping.load(Ordering::Acquire) {
@@ -171,8 +202,8 @@ impl BlkBackend {
                         });
                         if deferred.len() >= MAX_DEFERRED {
                             let d = deferred.remove(0);
-                            let (h, l) = executor::finish_deferred(&mem, mirror, counters, d);
-                            add_used(&mut state, h, l)?;
+                            done!(executor::finish_deferred(&mem, mirror, counters, d));
+                            settle_holds!();
                         }
                         continue;
                     }
@@ -184,10 +215,9 @@ impl BlkBackend {
                                 Some(t) => t,
                                 None => {
                                     for d in deferred.drain(..) {
-                                        let (h, l) =
-                                            executor::finish_deferred(&mem, mirror, counters, d);
-                                        add_used(&mut state, h, l)?;
+                                        done!(executor::finish_deferred(&mem, mirror, counters, d));
                                     }
+                                    settle_holds!();
                                     m.reserve(queue, off, len)
                                 }
                             }),
@@ -208,9 +238,8 @@ impl BlkBackend {
                                 });
                                 if deferred.len() >= MAX_DEFERRED {
                                     let d = deferred.remove(0);
-                                    let (h, l) =
-                                        executor::finish_deferred(&mem, mirror, counters, d);
-                                    add_used(&mut state, h, l)?;
+                                    done!(executor::finish_deferred(&mem, mirror, counters, d));
+                                    settle_holds!();
                                 }
                                 continue;
                             }
@@ -252,18 +281,17 @@ impl BlkBackend {
                 continue;
             }
             let d = deferred.remove(0);
-            let (h, l) = executor::finish_deferred(&mem, mirror, counters, d);
-            add_used(&mut state, h, l)?;
+            done!(executor::finish_deferred(&mem, mirror, counters, d));
             let mut k = 0;
             while k < deferred.len() {
                 if deferred[k].is_ready(mirror) {
                     let d = deferred.remove(k);
-                    let (h, l) = executor::finish_deferred(&mem, mirror, counters, d);
-                    add_used(&mut state, h, l)?;
+                    done!(executor::finish_deferred(&mem, mirror, counters, d));
                 } else {
                     k += 1;
                 }
             }
+            settle_holds!();
         }
         if used_any
             && state

@@ -230,16 +230,25 @@ pub fn execute_mirrored(
     }
 }
 
+/// A finished deferred request: its used-ring entry, and in suspend mode after a replica
+/// failure, the range the guest must be held on before it sees the completion.
+pub struct Finished {
+    pub head: u16,
+    pub used_len: u32,
+    pub hold: Option<(u64, u64)>,
+}
+
 /// Waits for the background parts of a request (the local fdatasync of a FLUSH, the
-/// replica's ack); a failure turns the guest's status into IOERR. Returns the used-ring entry.
+/// replica's ack); a failure turns the guest's status into IOERR.
 pub fn finish_deferred(
     mem: &GuestMemoryMmap,
     mirror: Option<&Mirror>,
     counters: &QueueCounters,
     d: Deferred,
-) -> (u16, u32) {
+) -> Finished {
     let mut ok = d.completion.status == VIRTIO_BLK_S_OK as u8;
     let mut fresh_failure = false;
+    let mut hold = None;
     if let Some(f) = &d.flush {
         if f.wait().is_err() && ok {
             ok = false;
@@ -247,7 +256,9 @@ pub fn finish_deferred(
         }
     }
     if let (Some(remote), Some(m)) = (d.remote, mirror) {
-        if !m.finish(remote, d.local_ok) && ok {
+        let (recorded, h) = m.finish(remote, d.local_ok);
+        hold = h;
+        if !recorded && ok {
             fresh_failure = true;
         }
     }
@@ -256,7 +267,11 @@ pub fn finish_deferred(
         if let Some(addr) = d.status_addr {
             let _ = mem.write_obj(VIRTIO_BLK_S_IOERR as u8, addr);
         }
-        return (d.head, 1);
+        return Finished {
+            head: d.head,
+            used_len: 1,
+            hold,
+        };
     }
     if d.flush.is_some() {
         // A FLUSH's status is written only now that its outcome is known.
@@ -264,7 +279,11 @@ pub fn finish_deferred(
             let _ = mem.write_obj(VIRTIO_BLK_S_OK as u8, addr);
         }
     }
-    (d.head, d.completion.used_len)
+    Finished {
+        head: d.head,
+        used_len: d.completion.used_len,
+        hold,
+    }
 }
 
 /// Executes `req` (already validated) and writes its status byte.

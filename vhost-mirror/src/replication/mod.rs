@@ -367,8 +367,9 @@ impl Mirror {
 
     /// Waits for the replica's replies, records failures, releases the range. `local_ok`:
     /// whether the local part succeeded (if not, the copies may differ: the range is marked).
-    /// Returns false if the request must fail for the guest (its range could not be recorded).
-    pub fn finish(&self, mut remote: Remote, local_ok: bool) -> bool {
+    /// Returns false if the request must fail for the guest (its range could not be recorded),
+    /// and, in suspend mode after a failure, the range to [`Mirror::hold`] the guest on.
+    pub fn finish(&self, mut remote: Remote, local_ok: bool) -> (bool, Option<(u64, u64)>) {
         let mut failed: Option<String> = None;
         let mut sent = false;
         for w in remote.waiters.drain(..) {
@@ -411,16 +412,27 @@ impl Mirror {
         if remote.al_pinned {
             self.activity_log.end(offset, len);
         }
-        if failed.is_some() && self.cfg.on_peer_loss == PeerLoss::Suspend && len > 0 {
-            // Hold the guest until the replica has this range again.
-            while !self.stopping.load(Ordering::Relaxed)
-                && (self.current_link().is_none()
-                    || self.sync_state().bitmap.any_in_range(offset, len))
-            {
-                self.wait_changed();
-            }
+        let hold = (failed.is_some() && self.cfg.on_peer_loss == PeerLoss::Suspend)
+            .then_some((offset, len));
+        (ok, hold)
+    }
+
+    /// Suspend mode: blocks until the replica has `range` again (a FLUSH's empty range: until
+    /// it has everything again). The caller must hold no range in the ordering table (resync
+    /// may need it).
+    pub fn hold(&self, (offset, len): (u64, u64)) {
+        while !self.stopping.load(Ordering::Relaxed)
+            && (self.current_link().is_none() || {
+                let s = self.sync_state();
+                if len > 0 {
+                    s.bitmap.any_in_range(offset, len)
+                } else {
+                    !s.bitmap.is_clear()
+                }
+            })
+        {
+            self.wait_changed();
         }
-        ok
     }
 
     /// Reads a range from the replica (when a local read failed). None if the replica cannot
