@@ -139,6 +139,17 @@ pub fn query_status(path: &Path) -> Result<Value, ControlError> {
     request(path, "status")
 }
 
+/// `status` of either program: the document as pretty JSON, or the table for people.
+pub fn print_status(path: &Path, json: bool) -> Result<(), ControlError> {
+    let v = query_status(path)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        print!("{}", render_table(&v));
+    }
+    Ok(())
+}
+
 /// Sends one command and returns the reply; a reply with an `error` key is an error.
 pub fn request(path: &Path, command: &str) -> Result<Value, ControlError> {
     request_timeout(path, command, REQUEST_TIMEOUT)

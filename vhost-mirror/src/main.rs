@@ -28,15 +28,7 @@ fn main() -> ExitCode {
         Command::Serve(a) => ServeConfig::try_from(a)
             .map_err(Into::into)
             .and_then(|c| server::run(c).map_err(Into::into)),
-        Command::Status(a) => control::query_status(&a.control)
-            .map(|v| {
-                if a.json {
-                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                } else {
-                    print!("{}", control::render_table(&v));
-                }
-            })
-            .map_err(Into::into),
+        Command::Status(a) => control::print_status(&a.control, a.json).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
