@@ -167,13 +167,10 @@ impl Mirror {
         self.status.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The published link. It may have died since: sending on it then fails with
+    /// `LinkDown`, which every caller handles, so the hot path takes the link's lock only once.
     fn current_link(&self) -> Option<Arc<Link>> {
-        self.link
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .filter(|l| l.is_alive())
-            .cloned()
+        self.link.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn publish(&self, link: Option<Arc<Link>>) {
@@ -422,7 +419,7 @@ impl Mirror {
     /// may need it).
     pub fn hold(&self, (offset, len): (u64, u64)) {
         while !self.stopping.load(Ordering::Relaxed)
-            && (self.current_link().is_none() || {
+            && (!self.current_link().is_some_and(|l| l.is_alive()) || {
                 let s = self.sync_state();
                 if len > 0 {
                     s.bitmap.any_in_range(offset, len)
