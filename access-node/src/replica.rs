@@ -384,6 +384,35 @@ impl Replica {
         Ok(())
     }
 
+    /// A request failed (no space, an I/O error): this image now lacks a write the primary
+    /// made, so it records itself outdated, durably, before the failure is answered; a
+    /// later promotion refuses it without `--force`. On a full disk the metadata is written
+    /// in place. If even that fails, the state is outdated in memory (status, promote through
+    /// the control socket) and the error is returned: the caller must not answer the request
+    /// (the primary then marks it when the connection drops).
+    pub fn mark_outdated(&mut self) -> Result<(), ReplicaError> {
+        let Some(m) = &self.meta else {
+            return Ok(());
+        };
+        if m.disk_state != DiskState::UpToDate {
+            // Inconsistent (a resync runs) or outdated already: not promotable either way.
+            return Ok(());
+        }
+        let mut m = m.clone();
+        m.disk_state = DiskState::Outdated;
+        let saved = meta::save(&self.path, &m).or_else(|e| {
+            warn!(
+                "{}: {}; writing it in place",
+                meta::meta_path(&self.path).display(),
+                crate::chain(&e)
+            );
+            meta::save_in_place(&self.path, &m)
+        });
+        self.meta = Some(m);
+        self.publish();
+        saved.map_err(ReplicaError::Meta)
+    }
+
     /// A resync starts: the image is inconsistent until SyncDone.
     pub fn sync_start(&mut self) -> Result<(), ReplicaError> {
         self.live()?;

@@ -419,6 +419,10 @@ fn apply(
 ) -> Result<(), SessionError> {
     let status = &node.status;
     let c = &status.counters;
+    let changes_data = matches!(
+        f,
+        Frame::Write { .. } | Frame::Discard { .. } | Frame::WriteZeroes { .. } | Frame::Flush
+    );
     let result = match f {
         Frame::Write {
             offset,
@@ -500,6 +504,20 @@ fn apply(
         Err(e) => {
             Counters::add(&c.errors, 1);
             let ack = e.ack_status();
+            if changes_data && ack != AckStatus::Fenced && ack != AckStatus::OutOfRange {
+                // This image lacks a write (or a flush lost some) from now on: recorded
+                // before the primary hears of it.
+                if let Err(me) = lock(&node.replica).mark_outdated() {
+                    error!(
+                        "image {}: cannot record that it is outdated: {}; dropping the primary",
+                        status.image().display(),
+                        chain(&me)
+                    );
+                    return Err(SessionError::Io(std::io::Error::other(
+                        "cannot record the replica outdated",
+                    )));
+                }
+            }
             let first = match ack {
                 // The promotion logged it.
                 AckStatus::Fenced => false,

@@ -50,6 +50,8 @@ pub enum PeerState {
     Refused,
     /// Both sides wrote since they last agreed; nothing is overwritten.
     SplitBrain,
+    /// The image of a pair served without its peer: every write is recorded out of sync.
+    Standalone,
 }
 
 impl PeerState {
@@ -61,6 +63,7 @@ impl PeerState {
             PeerState::AuthFailed => "auth-failed",
             PeerState::Refused => "refused",
             PeerState::SplitBrain => "split-brain",
+            PeerState::Standalone => "standalone",
         }
     }
 }

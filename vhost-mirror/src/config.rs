@@ -6,7 +6,7 @@ use mirror_proto::auth::{AuthError, Secret};
 use thiserror::Error;
 
 use crate::args::ServeArgs;
-use crate::replication::{MirrorConfig, PeerLoss};
+use crate::replication::{MirrorConfig, PeerAddr, PeerLoss};
 
 /// Most queues we accept (vhost-user-backend maps queues to threads with a u64 mask).
 pub const MAX_QUEUES: u16 = 64;
@@ -71,8 +71,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 }
                 Some(MirrorConfig {
                     image: a.image.clone(),
-                    peer,
-                    secret: Secret::load(&secret)?,
+                    peer: Some(PeerAddr {
+                        addr: peer,
+                        secret: Secret::load(&secret)?,
+                    }),
                     on_peer_loss: a.on_peer_loss,
                     resync_rate: a.resync_rate.map(|r| r << 20),
                 })
@@ -83,7 +85,15 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 if a.resync_rate.is_some() || a.on_peer_loss != PeerLoss::Degrade {
                     return Err(ConfigError::SecretWithoutPeer);
                 }
-                None
+                // The image of a mirrored pair (it has replication metadata) served alone:
+                // its writes are recorded out of sync, for the peer's return.
+                let paired = !a.readonly && mirror_proto::meta::meta_path(&a.image).exists();
+                paired.then(|| MirrorConfig {
+                    image: a.image.clone(),
+                    peer: None,
+                    on_peer_loss: PeerLoss::Degrade,
+                    resync_rate: None,
+                })
             }
         };
         Ok(ServeConfig {
@@ -187,5 +197,21 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.mirror.unwrap().resync_rate, Some(10 << 20));
+        // The image of a pair, served alone, keeps its bookkeeping (standalone).
+        let img = d.path().join("paired.img");
+        std::fs::write(mirror_proto::meta::meta_path(&img), "{}").unwrap();
+        let c = ServeConfig::try_from(ServeArgs {
+            image: img.clone(),
+            ..args()
+        })
+        .unwrap();
+        assert!(c.mirror.unwrap().peer.is_none());
+        let c = ServeConfig::try_from(ServeArgs {
+            image: img,
+            readonly: true,
+            ..args()
+        })
+        .unwrap();
+        assert!(c.mirror.is_none());
     }
 }

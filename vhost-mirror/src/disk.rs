@@ -40,15 +40,24 @@ pub enum DiskError {
         #[source]
         source: io::Error,
     },
+    #[error("the image failed earlier ({0}); no write or flush is accepted until vhost-mirror is restarted")]
+    Failed(String),
 }
 
 /// A raw image, opened once and shared by all queue workers (positional I/O needs no lock).
+///
+/// A failed write, zeroing or fdatasync fails the image for good (until a restart): the
+/// kernel reports a writeback error to one fdatasync only and then forgets it, so a later
+/// "successful" fdatasync would claim durability for data that was lost. Every later write
+/// and flush fails instead; the guest sees the error, status shows it, and the activity log
+/// is kept (not cleared at shutdown), so a mirrored pair resyncs what may differ.
 #[derive(Debug)]
 pub struct RawImage {
     file: File,
     /// Usable size in bytes: the file size rounded down to whole sectors.
     size: u64,
     readonly: bool,
+    failed: std::sync::OnceLock<String>,
 }
 
 impl RawImage {
@@ -104,6 +113,7 @@ impl RawImage {
             file,
             size,
             readonly,
+            failed: std::sync::OnceLock::new(),
         })
     }
 
@@ -126,7 +136,33 @@ impl RawImage {
         if self.readonly {
             return Err(DiskError::ReadOnly);
         }
+        self.check_failed()?;
         self.check(offset, len)
+    }
+
+    fn check_failed(&self) -> Result<(), DiskError> {
+        match self.failed.get() {
+            Some(reason) => Err(DiskError::Failed(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Why the image failed, if it did.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
+    }
+
+    /// A write-side error fails the image (see the type's documentation).
+    fn fail_on_error<T>(&self, r: Result<T, DiskError>) -> Result<T, DiskError> {
+        if let Err(e) = &r {
+            if matches!(e, DiskError::Io { .. }) && self.failed.set(e.to_string()).is_ok() {
+                log::error!(
+                    "image failed: {}; every later write and flush fails",
+                    mirror_proto::sys::error_chain(e)
+                );
+            }
+        }
+        r
     }
 
     /// Reads into guest buffers described by `iov`, all of it.
@@ -162,27 +198,29 @@ impl RawImage {
         let len = iov.iter().map(|v| v.iov_len as u64).sum();
         self.check_writable(offset, len)?;
         // SAFETY: the caller guarantees the iovecs; the range is inside the image.
-        unsafe { rw_all(self.file.as_raw_fd(), iov, offset, true) }.map_err(|source| {
+        let r = unsafe { rw_all(self.file.as_raw_fd(), iov, offset, true) }.map_err(|source| {
             DiskError::Io {
                 op: "write",
                 offset,
                 source,
             }
-        })
+        });
+        self.fail_on_error(r)
     }
 
-    /// Writes a plain buffer (tests).
-    #[cfg(test)]
+    /// Writes a plain buffer (a mirrored write's data, copied once out of guest memory).
     pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
         use std::os::unix::fs::FileExt;
         self.check_writable(offset, buf.len() as u64)?;
-        self.file
+        let r = self
+            .file
             .write_all_at(buf, offset)
             .map_err(|source| DiskError::Io {
                 op: "write",
                 offset,
                 source,
-            })
+            });
+        self.fail_on_error(r)
     }
 
     /// Reads into a plain buffer (resync).
@@ -203,11 +241,13 @@ impl RawImage {
         if self.readonly {
             return Ok(());
         }
-        self.file.sync_data().map_err(|source| DiskError::Io {
+        self.check_failed()?;
+        let r = self.file.sync_data().map_err(|source| DiskError::Io {
             op: "fdatasync",
             offset: 0,
             source,
-        })
+        });
+        self.fail_on_error(r)
     }
 
     /// Deallocates a range; it reads back as zeros afterwards.
@@ -223,13 +263,14 @@ impl RawImage {
     }
 
     fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> Result<(), DiskError> {
-        mirror_proto::sys::zero_range(&self.file, offset, len, unmap).map_err(|source| {
+        let r = mirror_proto::sys::zero_range(&self.file, offset, len, unmap).map_err(|source| {
             DiskError::Io {
                 op: "zero range",
                 offset,
                 source,
             }
-        })
+        });
+        self.fail_on_error(r)
     }
 }
 

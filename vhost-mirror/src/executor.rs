@@ -17,10 +17,12 @@ use crate::replication::inflight::Token;
 use crate::replication::{Mirror, Remote, WriteOp};
 use crate::request::{Request, RequestType, Segment};
 use crate::stats::QueueCounters;
+use mirror_proto::frame::MAX_DATA;
 
-/// Scratch iovec array reused by one queue worker.
+/// Scratch buffers reused by one queue worker: an iovec array, and the chunk of a mirrored
+/// write's data copied out of guest memory.
 #[derive(Default)]
-pub struct IovecBuf(Vec<libc::iovec>);
+pub struct IovecBuf(Vec<libc::iovec>, Vec<u8>);
 
 // SAFETY: the vector only holds pointers while one request is being executed by the thread
 // that owns the buffer; it is cleared before and after each use and never dereferenced
@@ -170,6 +172,10 @@ impl Deferred {
 /// Executes a write-type request (OUT, DISCARD, WRITE_ZEROES) on a mirrored device:
 /// the request goes to the replica first (or is recorded as out of sync), then to the local
 /// image. The guest's completion waits for [`finish_deferred`].
+///
+/// A write's data is read from guest memory once, a chunk of at most [`MAX_DATA`] bytes at
+/// a time, and that copy goes both to the link and to the local image: a guest that changes
+/// its buffer while the request is in flight cannot make the two images differ.
 pub fn execute_mirrored(
     req: &Request,
     mem: &GuestMemoryMmap,
@@ -179,53 +185,101 @@ pub fn execute_mirrored(
     mirror: &Mirror,
     token: Option<Token>,
 ) -> (Completion, Option<(Remote, bool)>) {
-    let remote = match (req.kind(), token) {
-        (RequestType::Out, Some(t)) => mirror.start_write(
-            t,
-            WriteOp::Write,
-            req.offset,
-            req.data_len,
-            |skip, len, out| copy_from_guest(mem, &req.data, skip, len, out),
-        ),
-        (RequestType::Discard | RequestType::WriteZeroes, Some(t)) => {
-            let r = req.ranges.first().copied();
-            match r {
-                Some(r) => {
-                    let op = if req.kind() == RequestType::Discard {
-                        WriteOp::Discard
-                    } else {
-                        WriteOp::WriteZeroes { unmap: r.unmap }
-                    };
-                    mirror.start_write(t, op, r.offset, r.len, |_, _, _| {})
-                }
-                None => {
-                    mirror.release(t);
-                    return (execute(req, mem, target, iov, counters), None);
-                }
-            }
+    let Some(token) = token else {
+        return (execute(req, mem, target, iov, counters), None);
+    };
+    let (offset, len, op) = match (req.kind(), req.ranges.first()) {
+        (RequestType::Out, _) => (req.offset, req.data_len, WriteOp::Write),
+        (RequestType::Discard, Some(r)) => (r.offset, r.len, WriteOp::Discard),
+        (RequestType::WriteZeroes, Some(r)) => {
+            (r.offset, r.len, WriteOp::WriteZeroes { unmap: r.unmap })
         }
-        (_, t) => {
-            if let Some(t) = t {
-                mirror.release(t);
-            }
+        _ => {
+            mirror.release(token);
             return (execute(req, mem, target, iov, counters), None);
         }
     };
-    match remote {
-        Ok(remote) => {
-            let c = execute(req, mem, target, iov, counters);
-            let ok = c.status == VIRTIO_BLK_S_OK as u8;
-            (c, Some((remote, ok)))
+    let refused = |e: crate::replication::MirrorError| {
+        QueueCounters::add(&counters.errors, 1);
+        warn!(
+            "{:?} at offset {} refused: {}",
+            req.kind(),
+            req.offset,
+            chain(&e)
+        );
+        (complete(mem, req, VIRTIO_BLK_S_IOERR as u8, 0), None)
+    };
+    let mut remote = match mirror.begin_write(token, offset, len) {
+        Ok(r) => r,
+        Err(e) => return refused(e),
+    };
+    let c = match op {
+        WriteOp::Write => {
+            QueueCounters::add(&counters.writes, 1);
+            let mut local: Result<(), DiskError> = Ok(());
+            let mut done = 0u64;
+            while done < len {
+                let n = (len - done).min(MAX_DATA as u64);
+                iov.1.clear();
+                copy_from_guest(mem, &req.data, done, n as usize, &mut iov.1);
+                if let Err(e) = mirror.send_data(&mut remote, offset + done, &iov.1) {
+                    mirror.abandon(remote);
+                    return refused(e);
+                }
+                if local.is_ok() {
+                    local = target.disk.write_at(&iov.1, offset + done);
+                }
+                done += n;
+            }
+            if iov.1.capacity() > 2 * MAX_DATA {
+                iov.1 = Vec::new();
+            }
+            let local = local.and_then(|()| sync_if_writethrough(target));
+            status_of(mem, req, local, counters, |c| {
+                QueueCounters::add(&c.bytes_written, len)
+            })
+        }
+        WriteOp::Discard | WriteOp::WriteZeroes { .. } => {
+            if let Err(e) = mirror.send_op(&mut remote, op) {
+                mirror.abandon(remote);
+                return refused(e);
+            }
+            execute(req, mem, target, iov, counters)
+        }
+    };
+    if !target.writeback {
+        // Write-through: durable on the replica too before the guest hears of it.
+        if let Err(e) = mirror.send_durable(&mut remote) {
+            mirror.abandon(remote);
+            return refused(e);
+        }
+    }
+    let ok = c.status == VIRTIO_BLK_S_OK as u8;
+    (c, Some((remote, ok)))
+}
+
+/// The completion of a request whose I/O gave `result`.
+fn status_of(
+    mem: &GuestMemoryMmap,
+    req: &Request,
+    result: Result<(), DiskError>,
+    counters: &QueueCounters,
+    on_ok: impl FnOnce(&QueueCounters),
+) -> Completion {
+    match result {
+        Ok(()) => {
+            on_ok(counters);
+            complete(mem, req, VIRTIO_BLK_S_OK as u8, 0)
         }
         Err(e) => {
             QueueCounters::add(&counters.errors, 1);
             warn!(
-                "{:?} at offset {} refused: {}",
+                "{:?} at offset {} failed: {}",
                 req.kind(),
                 req.offset,
                 chain(&e)
             );
-            (complete(mem, req, VIRTIO_BLK_S_IOERR as u8, 0), None)
+            complete(mem, req, VIRTIO_BLK_S_IOERR as u8, 0)
         }
     }
 }
@@ -249,14 +303,18 @@ pub fn finish_deferred(
     let mut ok = d.completion.status == VIRTIO_BLK_S_OK as u8;
     let mut fresh_failure = false;
     let mut hold = None;
+    let mut local_ok = d.local_ok;
     if let Some(f) = &d.flush {
-        if f.wait().is_err() && ok {
-            ok = false;
-            fresh_failure = true;
+        if f.wait().is_err() {
+            local_ok = false;
+            if ok {
+                ok = false;
+                fresh_failure = true;
+            }
         }
     }
     if let (Some(remote), Some(m)) = (d.remote, mirror) {
-        let (recorded, h) = m.finish(remote, d.local_ok);
+        let (recorded, h) = m.finish(remote, local_ok);
         hold = h;
         if !recorded && ok {
             fresh_failure = true;

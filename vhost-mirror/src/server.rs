@@ -78,6 +78,7 @@ impl ServerState {
             "num_queues": self.dev.model.num_queues,
             "queue_size": self.dev.model.queue_size,
             "readonly": self.dev.model.readonly,
+            "disk_error": self.dev.disk.failure(),
             "writeback": self.dev.writeback.load(Ordering::Relaxed),
             "frontend_connected": self.connected.load(Ordering::Relaxed),
             "connections": self.connections.load(Ordering::Relaxed),
@@ -112,7 +113,17 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         readonly: config.readonly,
     };
     let mirror = match &config.mirror {
-        Some(mc) => Some(Mirror::new(mc.clone(), disk.clone())?),
+        Some(mc) => {
+            if mc.peer.is_none() {
+                warn!(
+                    "{} belongs to a mirrored pair (it has replication metadata) and is served \
+                     without --peer: every write is recorded out of sync and copied to the \
+                     peer when it is served with --peer again",
+                    config.image.display()
+                );
+            }
+            Some(Mirror::new(mc.clone(), disk.clone())?)
+        }
         None => None,
     };
     let flusher = Flusher::start(disk.clone()).map_err(ServeError::Thread)?;
@@ -223,7 +234,7 @@ fn spawn_signal_handler(state: Arc<ServerState>) -> Result<(), ServeError> {
                     }
                 };
                 if let Some(m) = &state.dev.mirror {
-                    m.shutdown();
+                    m.shutdown(code == 0);
                 }
                 for p in std::iter::once(&state.config.socket).chain(state.config.control.iter()) {
                     if let Err(e) = std::fs::remove_file(p) {

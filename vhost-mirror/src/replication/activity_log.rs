@@ -5,6 +5,14 @@
 //!
 //! After a crash the extents listed may differ from the peer's copy: the next start (or the
 //! peer that takes over) resyncs exactly those, never the whole disk.
+//!
+//! Invariant: an extent leaves the log only when every write to it is durable on both sides.
+//! A write that completed is in both page caches only; its extent stays until a *barrier*
+//! (a local fdatasync and a replica Flush, both started after the write completed, or a
+//! dead link whose marks cover the replica's part) has completed. Barriers are numbered by
+//! epochs: [`ActivityLog::barrier_begin`] before the flushes, [`ActivityLog::barrier_done`]
+//! after both succeeded. A guest FLUSH is such a barrier; when the log is full of extents
+//! no barrier covers yet, the caller runs one ([`Begin::NeedBarrier`]).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,6 +27,8 @@ pub const MAX_EXTENTS_PER_REQUEST: u64 = 16;
 struct Entry {
     refs: u32,
     last_use: u64,
+    /// The epoch in which the last write to this extent completed.
+    dirty_epoch: u64,
 }
 
 struct State {
@@ -26,6 +36,23 @@ struct State {
     hot: HashMap<u64, Entry>,
     tick: u64,
     scratch: Vec<u64>,
+    /// Writes completing now are stamped with this epoch; a barrier started now covers them.
+    epoch: u64,
+    /// Every write stamped with an epoch up to this one is durable on both sides.
+    durable_epoch: u64,
+}
+
+/// What [`ActivityLog::begin`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Begin {
+    /// The extents are hot (durably) and pinned until [`ActivityLog::end`].
+    Pinned,
+    /// The range spans too many extents for the log: nothing pinned, the caller must cover it
+    /// some other way (the out-of-sync bitmap).
+    TooLarge,
+    /// No room: every idle extent holds writes no barrier has made durable yet. Run a barrier
+    /// and call again.
+    NeedBarrier,
 }
 
 pub struct ActivityLog {
@@ -54,6 +81,8 @@ impl ActivityLog {
                     hot: HashMap::new(),
                     tick: 0,
                     scratch: Vec::new(),
+                    epoch: 1,
+                    durable_epoch: 0,
                 }),
             },
             recovered,
@@ -65,14 +94,12 @@ impl ActivityLog {
     }
 
     /// Makes the extents of a byte range hot (durably) and pins them until [`Self::end`].
-    /// Returns false when the range is too large for the log (the caller must cover it some
-    /// other way); nothing is pinned then.
-    pub fn begin(&self, offset: u64, len: u64) -> Result<bool, AlError> {
+    pub fn begin(&self, offset: u64, len: u64) -> Result<Begin, AlError> {
         let Some((first, last)) = extents_of(offset, len) else {
-            return Ok(true);
+            return Ok(Begin::Pinned);
         };
         if last - first + 1 > MAX_EXTENTS_PER_REQUEST {
-            return Ok(false);
+            return Ok(Begin::TooLarge);
         }
         let mut g = self.lock();
         let st = &mut *g;
@@ -80,26 +107,31 @@ impl ActivityLog {
         let tick = st.tick;
         let missing = (first..=last).any(|e| !st.hot.contains_key(&e));
         if missing {
-            // Make room: drop the least recently used idle extents.
+            // Make room: drop the least recently used idle extents whose writes are durable
+            // on both sides.
             let need = (first..=last).filter(|e| !st.hot.contains_key(e)).count();
+            let durable = st.durable_epoch;
             while st.hot.len() + need > MAX_EXTENTS {
                 let victim = st
                     .hot
                     .iter()
-                    .filter(|(e, en)| en.refs == 0 && !(first..=last).contains(*e))
+                    .filter(|(e, en)| {
+                        en.refs == 0 && en.dirty_epoch <= durable && !(first..=last).contains(*e)
+                    })
                     .min_by_key(|(_, en)| en.last_use)
                     .map(|(e, _)| *e);
                 match victim {
                     Some(v) => {
                         st.hot.remove(&v);
                     }
-                    None => return Ok(false),
+                    None => return Ok(Begin::NeedBarrier),
                 }
             }
             for e in first..=last {
                 st.hot.entry(e).or_insert(Entry {
                     refs: 0,
                     last_use: tick,
+                    dirty_epoch: 0,
                 });
             }
             st.scratch.clear();
@@ -120,10 +152,11 @@ impl ActivityLog {
                 en.last_use = tick;
             }
         }
-        Ok(true)
+        Ok(Begin::Pinned)
     }
 
-    /// Unpins the extents of a range pinned by a successful [`Self::begin`].
+    /// Unpins the extents of a range pinned by [`Self::begin`]; the write to them has
+    /// completed (or failed) on both sides, and a later barrier makes it durable.
     pub fn end(&self, offset: u64, len: u64) {
         let Some((first, last)) = extents_of(offset, len) else {
             return;
@@ -132,11 +165,28 @@ impl ActivityLog {
             return;
         }
         let mut g = self.lock();
+        let epoch = g.epoch;
         for e in first..=last {
             if let Some(en) = g.hot.get_mut(&e) {
                 en.refs = en.refs.saturating_sub(1);
+                en.dirty_epoch = epoch;
             }
         }
+    }
+
+    /// A barrier starts (before its fdatasync and replica Flush are issued): returns its
+    /// epoch; it covers every write that completed before this call.
+    pub fn barrier_begin(&self) -> u64 {
+        let mut g = self.lock();
+        let b = g.epoch;
+        g.epoch += 1;
+        b
+    }
+
+    /// The barrier of epoch `b` completed on both sides.
+    pub fn barrier_done(&self, b: u64) {
+        let mut g = self.lock();
+        g.durable_epoch = g.durable_epoch.max(b);
     }
 
     /// Empties the log (clean shutdown: nothing in flight, the peer flushed).
@@ -165,7 +215,7 @@ mod tests {
         let img = d.path().join("disk.img");
         let (al, rec) = ActivityLog::open(&img).unwrap();
         assert!(rec.is_empty());
-        assert!(al.begin(EXTENT_SIZE - 512, 1024).unwrap()); // extents 0 and 1
+        assert_eq!(al.begin(EXTENT_SIZE - 512, 1024).unwrap(), Begin::Pinned); // extents 0 and 1
         assert_eq!(al.hot(), vec![0, 1]);
         al.end(EXTENT_SIZE - 512, 1024);
         // "Crash": reopen without clearing.
@@ -177,17 +227,33 @@ mod tests {
         let (al, rec) = ActivityLog::open(&img).unwrap();
         assert!(rec.is_empty());
         // Fill the log; the oldest idle extent makes room; pinned ones stay.
-        assert!(al.begin(0, 1).unwrap()); // pinned extent 0
+        assert_eq!(al.begin(0, 1).unwrap(), Begin::Pinned); // pinned extent 0
         for e in 1..MAX_EXTENTS as u64 {
-            assert!(al.begin(e * EXTENT_SIZE, 1).unwrap());
+            assert_eq!(al.begin(e * EXTENT_SIZE, 1).unwrap(), Begin::Pinned);
             al.end(e * EXTENT_SIZE, 1);
         }
-        assert!(al.begin(5000 * EXTENT_SIZE, 1).unwrap());
+        // Full of completed writes no barrier covers: nothing may leave yet.
+        assert_eq!(al.begin(5000 * EXTENT_SIZE, 1).unwrap(), Begin::NeedBarrier);
+        let b = al.barrier_begin();
+        al.barrier_done(b);
+        assert_eq!(al.begin(5000 * EXTENT_SIZE, 1).unwrap(), Begin::Pinned);
         let hot = al.hot();
         assert_eq!(hot.len(), MAX_EXTENTS);
         assert!(hot.contains(&0), "pinned extent evicted");
         assert!(!hot.contains(&1), "oldest idle extent kept");
+        // A write completing after the barrier began is not covered by it.
+        let b = al.barrier_begin();
+        al.end(5000 * EXTENT_SIZE, 1);
+        al.barrier_done(b);
+        for e in 6000..6000 + MAX_EXTENTS as u64 - 2 {
+            assert_eq!(al.begin(e * EXTENT_SIZE, 1).unwrap(), Begin::Pinned);
+            al.end(e * EXTENT_SIZE, 1);
+        }
+        assert!(
+            al.hot().contains(&5000),
+            "extent evicted before its write was durable"
+        );
         // A huge range bypasses the log.
-        assert!(!al.begin(0, 100 * EXTENT_SIZE).unwrap());
+        assert_eq!(al.begin(0, 100 * EXTENT_SIZE).unwrap(), Begin::TooLarge);
     }
 }

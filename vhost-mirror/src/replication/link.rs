@@ -22,6 +22,12 @@ use mirror_proto::frame::{self, AckStatus, Frame, MAX_DATA};
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// An idle link sends a Ping this often.
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
+/// Once this many bytes were written since the last Flush, the link sends one of its own: the
+/// replica's unflushed data (and what a dying link must mark) stays bounded however rarely
+/// the guest flushes.
+pub const AUTO_FLUSH_BYTES: u64 = 64 << 20;
+/// Likewise for the number of separate unflushed ranges (the memory they take).
+pub const AUTO_FLUSH_RANGES: usize = 4096;
 
 /// What a request got back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +152,7 @@ struct Out {
     pending: HashMap<u64, Pending>,
     /// Writes sent since the last flush was sent: the replica has them only in its cache.
     unflushed: Vec<(u64, u64)>,
+    unflushed_bytes: u64,
     /// Flushes in flight, oldest first, each with the writes it will make durable.
     flushing: Vec<(u64, Vec<(u64, u64)>)>,
     last_send: Instant,
@@ -180,6 +187,7 @@ impl Link {
                 alive: true,
                 pending: HashMap::new(),
                 unflushed: Vec::new(),
+                unflushed_bytes: 0,
                 flushing: Vec::new(),
                 last_send: Instant::now(),
             }),
@@ -221,7 +229,8 @@ impl Link {
         debug_assert!(len as usize <= MAX_DATA);
         let mut g = self.lock();
         if !g.alive {
-            return Err(LinkDown);
+            drop(g);
+            return Err(self.down());
         }
         let seq = g.next_seq;
         g.next_seq += 1;
@@ -229,7 +238,7 @@ impl Link {
         let start = frame::begin_write(&mut g.buf, seq, offset);
         fill(&mut g.buf);
         frame::finish_write(&mut g.buf, start, resync);
-        push_range(&mut g.unflushed, offset, len);
+        g.add_unflushed(offset, len);
         let w = Arc::new(Waiter::default());
         g.pending.insert(
             seq,
@@ -263,18 +272,18 @@ impl Link {
         let is_flush = matches!(frame, Frame::Flush | Frame::SyncDone { .. });
         let mut g = self.lock();
         if !g.alive {
-            return Err(LinkDown);
+            drop(g);
+            return Err(self.down());
         }
         let seq = g.next_seq;
         g.next_seq += 1;
         let was_empty = g.buf.is_empty();
         frame::encode(seq, &frame, &mut g.buf);
         if let Some((o, l)) = range {
-            push_range(&mut g.unflushed, o, l);
+            g.add_unflushed(o, l);
         }
         if is_flush {
-            let covered = std::mem::take(&mut g.unflushed);
-            g.flushing.push((seq, covered));
+            g.start_flush(seq);
         }
         let w = Arc::new(Waiter::default());
         g.pending.insert(
@@ -294,6 +303,14 @@ impl Link {
         Ok(w)
     }
 
+    /// A request found the link dead: it returns only once the dying link's ranges are
+    /// recorded (`on_down` ran), so a caller that goes on without the replica never gets
+    /// ahead of those marks (a degraded FLUSH must cover them).
+    fn down(&self) -> LinkDown {
+        self.wait_dead();
+        LinkDown
+    }
+
     /// Sends Goodbye (after the caller made sure nothing is in flight) and closes.
     pub fn goodbye(&self) {
         let mut g = self.lock();
@@ -310,15 +327,19 @@ impl Link {
     }
 
     /// Tears the link down (idempotent): marks what the replica may lack, fails every waiter.
+    /// Returns once the marks are made (also when another thread is tearing it down).
     pub fn fail(&self, reason: &str) {
         let mut g = self.lock();
         if !g.alive {
+            drop(g);
+            self.wait_dead();
             return;
         }
         g.alive = false;
         let pending: Vec<Pending> = g.pending.drain().map(|(_, p)| p).collect();
         let mut ranges: Vec<(u64, u64)> = pending.iter().filter_map(|p| p.range).collect();
         ranges.append(&mut g.unflushed);
+        g.unflushed_bytes = 0;
         for (_, mut r) in g.flushing.drain(..) {
             ranges.append(&mut r);
         }
@@ -460,6 +481,38 @@ impl Link {
     }
 }
 
+impl Out {
+    /// Records a write the replica has only in its cache; sends a Flush of the link's own
+    /// when too much has accumulated.
+    fn add_unflushed(&mut self, offset: u64, len: u64) {
+        push_range(&mut self.unflushed, offset, len);
+        self.unflushed_bytes += len;
+        if self.unflushed_bytes >= AUTO_FLUSH_BYTES || self.unflushed.len() >= AUTO_FLUSH_RANGES {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            frame::encode(seq, &Frame::Flush, &mut self.buf);
+            self.pending.insert(
+                seq,
+                Pending {
+                    waiter: None,
+                    measure: false,
+                    range: None,
+                    sent: Instant::now(),
+                    is_flush: true,
+                },
+            );
+            self.start_flush(seq);
+        }
+    }
+
+    /// A Flush with sequence number `seq` was queued: it covers every write queued before it.
+    fn start_flush(&mut self, seq: u64) {
+        let covered = std::mem::take(&mut self.unflushed);
+        self.unflushed_bytes = 0;
+        self.flushing.push((seq, covered));
+    }
+}
+
 /// Appends a range, merging it with the last one when they touch.
 fn push_range(v: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
     if let Some(last) = v.last_mut() {
@@ -469,4 +522,12 @@ fn push_range(v: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
         }
     }
     v.push((offset, len));
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("alive", &self.is_alive())
+            .finish_non_exhaustive()
+    }
 }

@@ -55,11 +55,18 @@ pub enum PeerLoss {
 #[derive(Debug, Clone)]
 pub struct MirrorConfig {
     pub image: PathBuf,
-    pub peer: String,
-    pub secret: Secret,
+    /// The replica's address and the shared secret; None: the image of a pair is served
+    /// alone (standalone), and every write is recorded out of sync for the peer's return.
+    pub peer: Option<PeerAddr>,
     pub on_peer_loss: PeerLoss,
     /// Resync bandwidth limit in bytes per second (None: unlimited).
     pub resync_rate: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PeerAddr {
+    pub addr: String,
+    pub secret: Secret,
 }
 
 pub use mirror_proto::control::PeerState;
@@ -74,14 +81,32 @@ struct PeerStatus {
     resync_done: u64,
 }
 
-/// A write-type request on its way to the replica; finish it with [`Mirror::finish`].
+/// A write-type request (or a FLUSH) on its way to the replica; finish it with
+/// [`Mirror::finish`].
 #[derive(Debug)]
 pub struct Remote {
     token: Option<Token>,
     waiters: Vec<Arc<Waiter>>,
+    /// The link the waiters belong to (a failure is that link's, not a later one's).
+    link: Option<Arc<Link>>,
     range: (u64, u64),
     /// The range's extents are pinned in the activity log.
     al_pinned: bool,
+    /// A FLUSH: the activity-log barrier it completes when it succeeds on both sides.
+    barrier: Option<u64>,
+}
+
+impl Remote {
+    fn new(token: Option<Token>, range: (u64, u64)) -> Remote {
+        Remote {
+            token,
+            waiters: Vec::new(),
+            link: None,
+            range,
+            al_pinned: false,
+            barrier: None,
+        }
+    }
 }
 
 /// The replication state of one served image, shared by all queue workers.
@@ -111,6 +136,7 @@ pub enum WriteOp {
 
 impl Mirror {
     pub fn new(cfg: MirrorConfig, disk: Arc<RawImage>) -> Result<Arc<Self>, SyncStateError> {
+        let standalone = cfg.peer.is_none();
         let mut sync = SyncState::open(&cfg.image, disk.size())?;
         let (activity_log, hot) =
             ActivityLog::open(&cfg.image).map_err(SyncStateError::ActivityLog)?;
@@ -137,7 +163,11 @@ impl Mirror {
             inflight: Inflight::default(),
             activity_log,
             status: Mutex::new(PeerStatus {
-                state: PeerState::Connecting,
+                state: if standalone {
+                    PeerState::Standalone
+                } else {
+                    PeerState::Connecting
+                },
                 reason: None,
                 peer_disk: None,
                 peer_generation: None,
@@ -152,11 +182,19 @@ impl Mirror {
 
     /// Starts the connection manager thread.
     pub fn spawn_manager(self: &Arc<Self>) -> std::io::Result<()> {
+        let Some(peer) = self.cfg.peer.clone() else {
+            return Ok(());
+        };
         let m = self.clone();
         std::thread::Builder::new()
             .name("peer".into())
-            .spawn(move || peer::run(m))
+            .spawn(move || peer::run(m, peer))
             .map(|_| ())
+    }
+
+    /// The replica's address, for log lines ("(none)" when standalone).
+    pub fn peer_name(&self) -> &str {
+        self.cfg.peer.as_ref().map_or("(none)", |p| p.addr.as_str())
     }
 
     fn sync_state(&self) -> MutexGuard<'_, SyncState> {
@@ -220,91 +258,155 @@ impl Mirror {
         self.inflight.release(token);
     }
 
-    /// Sends a write-type request to the replica before the local I/O is issued, or, without
-    /// a link, records the range as out of sync (degrade) or waits for the link (suspend).
-    /// `fill(chunk_offset, chunk_len, buf)` appends that chunk of the data to `buf`.
-    pub fn start_write(
-        &self,
-        token: Token,
-        op: WriteOp,
-        offset: u64,
-        len: u64,
-        mut fill: impl FnMut(u64, usize, &mut Vec<u8>),
-    ) -> Result<Remote, MirrorError> {
-        let mut remote = Remote {
-            token: Some(token),
-            waiters: Vec::new(),
-            range: (offset, len),
-            al_pinned: false,
-        };
-        // Hot before the local write is issued (a crash leaves it recorded).
-        match self.activity_log.begin(offset, len) {
-            Ok(true) => remote.al_pinned = true,
-            // Too large for the log: the bitmap covers it (resynced later).
-            Ok(false) => {
-                if let Err(e) = self.mark(offset, len) {
-                    self.abandon(remote);
-                    return Err(e);
-                }
-            }
-            Err(e) => {
+    /// First step of a write-type request that holds `token` for `offset..offset + len`:
+    /// makes its extents hot in the activity log (durably, before any local write is issued)
+    /// or, for a range too large for the log, records it out of sync. Then send its data with
+    /// [`Mirror::send_data`] (or [`Mirror::send_op`]) and finish it with [`Mirror::finish`].
+    pub fn begin_write(&self, token: Token, offset: u64, len: u64) -> Result<Remote, MirrorError> {
+        let mut remote = Remote::new(Some(token), (offset, len));
+        if self.cfg.peer.is_none() {
+            // Standalone: no replica writes at all; the bitmap records every write.
+            if let Err(e) = self.mark(offset, len) {
                 self.abandon(remote);
-                return Err(MirrorError::ActivityLog(e));
+                return Err(e);
             }
+            return Ok(remote);
         }
         loop {
-            if let Some(link) = self.current_link() {
-                let sent = match op {
-                    WriteOp::Write => {
-                        let mut done = 0u64;
-                        let mut r = Ok(());
-                        while done < len {
-                            let n = (len - done).min(MAX_DATA as u64);
-                            match link.send_write_with(offset + done, n, false, |b| {
-                                fill(done, n as usize, b)
-                            }) {
-                                Ok(w) => remote.waiters.push(w),
-                                Err(e) => {
-                                    r = Err(e);
-                                    break;
-                                }
-                            }
-                            done += n;
-                        }
-                        r
-                    }
-                    WriteOp::Discard => link
-                        .send(Frame::Discard { offset, len })
-                        .map(|w| remote.waiters.push(w)),
-                    WriteOp::WriteZeroes { unmap } => link
-                        .send(Frame::WriteZeroes { offset, len, unmap })
-                        .map(|w| remote.waiters.push(w)),
-                };
-                // Err: the link died under us; whatever was queued is marked by the link.
-                if sent.is_ok() {
+            match self.activity_log.begin(offset, len) {
+                Ok(activity_log::Begin::Pinned) => {
+                    remote.al_pinned = true;
                     return Ok(remote);
                 }
-            }
-            match self.cfg.on_peer_loss {
-                PeerLoss::Degrade => {
-                    if let Err(e) = self.mark(offset, len) {
-                        self.abandon(remote);
-                        return Err(e);
-                    }
-                    return Ok(remote);
-                }
-                PeerLoss::Suspend => {
-                    if !remote.waiters.is_empty() {
-                        // Part of the request went out before the link died: those parts are
-                        // marked; mark the rest too and wait for the resync in finish().
+                Ok(activity_log::Begin::NeedBarrier) => {
+                    if !self.barrier() {
+                        // No barrier possible now (the local flush failed): the bitmap
+                        // covers this write instead.
                         if let Err(e) = self.mark(offset, len) {
                             self.abandon(remote);
                             return Err(e);
                         }
                         return Ok(remote);
                     }
-                    if self.stopping.load(Ordering::Relaxed) {
+                }
+                // Too large for the log: the bitmap covers it (resynced later).
+                Ok(activity_log::Begin::TooLarge) => {
+                    if let Err(e) = self.mark(offset, len) {
                         self.abandon(remote);
+                        return Err(e);
+                    }
+                    return Ok(remote);
+                }
+                Err(e) => {
+                    self.abandon(remote);
+                    return Err(MirrorError::ActivityLog(e));
+                }
+            }
+        }
+    }
+
+    /// Makes every write completed so far durable on both sides (a local fdatasync and a
+    /// replica Flush, or a dead link whose marks cover the replica), then lets the activity
+    /// log release the extents it covers. False if the local flush failed.
+    pub fn barrier(&self) -> bool {
+        let b = self.activity_log.barrier_begin();
+        let remote = self.current_link().map(|l| (l.send(Frame::Flush), l));
+        if let Err(e) = self.disk.flush() {
+            error!("barrier: {}", mirror_proto::sys::error_chain(&e));
+            return false;
+        }
+        let replica_ok = match remote {
+            Some((Ok(w), _)) => match w.wait() {
+                Ok(Reply::Ack(AckStatus::Ok)) => true,
+                // A failed Flush kills the link, which marks what it covered.
+                _ => self.marks_durable(),
+            },
+            Some((Err(LinkDown), _)) | None => self.marks_durable(),
+        };
+        if replica_ok {
+            self.activity_log.barrier_done(b);
+        }
+        replica_ok
+    }
+
+    /// Whether every range recorded out of sync is in the bitmap file (retrying a persist
+    /// that failed before).
+    fn marks_durable(&self) -> bool {
+        self.sync_state().mark_ranges(&[]).is_ok()
+    }
+
+    /// Sends one chunk (at most [`MAX_DATA`] bytes) of a write's data, already copied out of
+    /// guest memory, to the replica; without a link it records the chunk out of sync
+    /// (degrade) or waits for the link (suspend, while nothing of the request was sent).
+    pub fn send_data(
+        &self,
+        remote: &mut Remote,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), MirrorError> {
+        self.send_with(remote, offset, data.len() as u64, |link| {
+            link.send_write_with(offset, data.len() as u64, false, |b| {
+                b.extend_from_slice(data)
+            })
+        })
+    }
+
+    /// Sends a DISCARD or WRITE_ZEROES of the whole range of `remote`.
+    pub fn send_op(&self, remote: &mut Remote, op: WriteOp) -> Result<(), MirrorError> {
+        let (offset, len) = remote.range;
+        self.send_with(remote, offset, len, |link| match op {
+            WriteOp::Write => Err(LinkDown),
+            WriteOp::Discard => link.send(Frame::Discard { offset, len }),
+            WriteOp::WriteZeroes { unmap } => link.send(Frame::WriteZeroes { offset, len, unmap }),
+        })
+    }
+
+    /// Write-through (the guest turned its write cache off): the request's data must be
+    /// durable on the replica too before it completes.
+    pub fn send_durable(&self, remote: &mut Remote) -> Result<(), MirrorError> {
+        if remote.waiters.is_empty() {
+            return Ok(());
+        }
+        let (offset, _) = remote.range;
+        self.send_with(remote, offset, 0, |link| link.send(Frame::Flush))
+    }
+
+    fn send_with(
+        &self,
+        remote: &mut Remote,
+        offset: u64,
+        len: u64,
+        send: impl Fn(&Link) -> Result<Arc<Waiter>, LinkDown>,
+    ) -> Result<(), MirrorError> {
+        if self.cfg.peer.is_none() {
+            return Ok(());
+        }
+        loop {
+            let link = match &remote.link {
+                // All parts of a request travel on one link: once it died, the rest is marked.
+                Some(l) => Some(l.clone()),
+                None => self.current_link(),
+            };
+            if let Some(link) = link {
+                // Err: the link died under us; whatever it had queued is marked by then.
+                if let Ok(w) = send(&link) {
+                    remote.waiters.push(w);
+                    remote.link = Some(link);
+                    return Ok(());
+                }
+                if remote.link.is_some() {
+                    return self.mark(offset, len);
+                }
+            }
+            match self.cfg.on_peer_loss {
+                PeerLoss::Degrade => return self.mark(offset, len),
+                PeerLoss::Suspend => {
+                    if !remote.waiters.is_empty() || remote.link.is_some() {
+                        // Part of the request went out before the link died: those parts are
+                        // marked; mark the rest too and wait for the resync in finish().
+                        return self.mark(offset, len);
+                    }
+                    if self.stopping.load(Ordering::Relaxed) {
                         return Err(MirrorError::ShuttingDown);
                     }
                     self.wait_changed();
@@ -314,7 +416,7 @@ impl Mirror {
     }
 
     /// Gives up on a request that cannot go on: waits for what was sent, frees the range.
-    fn abandon(&self, mut remote: Remote) {
+    pub fn abandon(&self, mut remote: Remote) {
         for w in remote.waiters.drain(..) {
             let _ = w.wait();
         }
@@ -326,18 +428,19 @@ impl Mirror {
         }
     }
 
-    /// Starts a flush on the replica (None: no replica to flush).
+    /// Starts a flush on the replica (no waiter: no replica to flush). Also an activity-log
+    /// barrier: completed by [`Mirror::finish`] once both sides are durable.
     pub fn start_flush(&self) -> Remote {
-        let mut remote = Remote {
-            token: None,
-            waiters: Vec::new(),
-            range: (0, 0),
-            al_pinned: false,
-        };
+        let mut remote = Remote::new(None, (0, 0));
+        remote.barrier = Some(self.activity_log.barrier_begin());
+        if self.cfg.peer.is_none() {
+            return remote;
+        }
         loop {
             if let Some(link) = self.current_link() {
                 if let Ok(w) = link.send(Frame::Flush) {
                     remote.waiters.push(w);
+                    remote.link = Some(link);
                     return remote;
                 }
             }
@@ -363,20 +466,24 @@ impl Mirror {
     }
 
     /// Waits for the replica's replies, records failures, releases the range. `local_ok`:
-    /// whether the local part succeeded (if not, the copies may differ: the range is marked).
-    /// Returns false if the request must fail for the guest (its range could not be recorded),
-    /// and, in suspend mode after a failure, the range to [`Mirror::hold`] the guest on.
+    /// whether the local part succeeded (a write: if not, the copies may differ and the range
+    /// is marked; a FLUSH: its fdatasync). Returns false if the request must fail for the
+    /// guest (what the replica lacks could not be recorded), and, in suspend mode after a
+    /// failure, the range to [`Mirror::hold`] the guest on.
     pub fn finish(&self, mut remote: Remote, local_ok: bool) -> (bool, Option<(u64, u64)>) {
         let mut failed: Option<String> = None;
         let mut sent = false;
         for w in remote.waiters.drain(..) {
             sent = true;
             match w.wait() {
-                Ok(Reply::Ack(AckStatus::Ok)) | Ok(Reply::Data(_)) => {}
+                Ok(Reply::Ack(AckStatus::Ok)) => {}
                 Ok(Reply::Ack(status)) => {
                     failed.get_or_insert(format!("replica answered {status:?}"));
                 }
-                // Already marked by the link when it went down.
+                Ok(Reply::Data(_)) => {
+                    failed.get_or_insert("replica answered a write with data".to_owned());
+                }
+                // Marked by the link before it told us.
                 Err(LinkDown) => {
                     failed.get_or_insert_with(String::new);
                 }
@@ -385,22 +492,41 @@ impl Mirror {
         let (offset, len) = remote.range;
         let mut ok = true;
         if let Some(reason) = &failed {
-            if !reason.is_empty() && len > 0 {
+            if !reason.is_empty() {
                 // The replica refused this write (e.g. out of space): it is outdated now.
-                if let Err(e) = self.mark(offset, len) {
-                    error!("{}", mirror_proto::sys::error_chain(&e));
-                    ok = false;
-                }
-                if let Some(link) = self.current_link() {
+                if let Some(link) = &remote.link {
                     link.fail(&format!("{reason} for offset {offset}"));
                 }
                 self.status_lock().peer_disk = Some(DiskState::Outdated);
+            }
+            // The link marked the range when it died; marking again costs nothing when that
+            // worked, and retries the bitmap file when it did not. A FLUSH checks that every
+            // mark the dying link made is durable.
+            let recorded = if len > 0 {
+                self.mark(offset, len).map_err(|e| e.to_string())
+            } else {
+                self.sync_state()
+                    .mark_ranges(&[])
+                    .map_err(|e| e.to_string())
+            };
+            if let Err(e) = recorded {
+                error!("cannot record what the replica lacks: {e}");
+                ok = false;
             }
         }
         if !local_ok && sent && len > 0 {
             if let Err(e) = self.mark(offset, len) {
                 error!("{}", mirror_proto::sys::error_chain(&e));
                 ok = false;
+            }
+        }
+        if remote.link.is_none() && len == 0 && !self.marks_durable() {
+            // A degraded FLUSH covers the marks of the link that died before it.
+            ok = false;
+        }
+        if let Some(b) = remote.barrier {
+            if ok && local_ok {
+                self.activity_log.barrier_done(b);
             }
         }
         if let Some(t) = remote.token.take() {
@@ -465,14 +591,22 @@ impl Mirror {
     }
 
     /// Last step of a shutdown (no request in flight): flush the replica and say goodbye.
-    pub fn shutdown(&self) {
+    /// The activity log is emptied only when both sides are durable (`local_flushed`: the
+    /// final local fdatasync worked); otherwise the next start resyncs its extents.
+    pub fn shutdown(&self, local_flushed: bool) {
         self.begin_shutdown();
+        let mut replica_ok = true;
         if let Some(link) = self.current_link() {
-            if let Ok(w) = link.send(Frame::Flush) {
-                let _ = w.wait();
-            }
+            replica_ok = match link.send(Frame::Flush).map(|w| w.wait()) {
+                Ok(Ok(Reply::Ack(AckStatus::Ok))) => true,
+                _ => self.marks_durable(),
+            };
             link.goodbye();
             link.fail("shutting down");
+        }
+        if !(local_flushed && replica_ok && self.marks_durable()) {
+            log::warn!("activity log kept: not everything is known to be durable on both sides");
+            return;
         }
         // Nothing is in flight any more: no extent can differ because of a crash.
         if let Err(e) = self.activity_log.clear() {
@@ -489,8 +623,8 @@ impl Mirror {
         let st = self.status_lock();
         json!({
             "role": "primary",
-            "disk_state": "up-to-date",
-            "peer": self.cfg.peer,
+            "disk_state": if self.disk.failure().is_some() { "failed" } else { "up-to-date" },
+            "peer": self.cfg.peer.as_ref().map(|p| p.addr.clone()),
             "peer_state": st.state.as_str(),
             "peer_reason": st.reason,
             "peer_disk_state": st.peer_disk.map(DiskState::as_str),

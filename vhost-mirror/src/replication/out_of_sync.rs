@@ -44,6 +44,10 @@ pub struct SyncState {
     pub bitmap: Bitmap,
     file: BitmapFile,
     scratch: Vec<usize>,
+    /// A persist failed: the bitmap in memory has bits the file may lack. Every later mark
+    /// writes the whole bitmap until one succeeds (a mark of bits already set in memory is
+    /// not "nothing to do" then).
+    unpersisted: bool,
 }
 
 impl SyncState {
@@ -100,6 +104,7 @@ impl SyncState {
             bitmap,
             file,
             scratch: Vec::new(),
+            unpersisted: false,
         })
     }
 
@@ -126,16 +131,32 @@ impl SyncState {
     /// base generation yet (the replica had everything until now); after a promotion the base
     /// is the old primary's generation already.
     pub fn mark(&mut self, offset: u64, len: u64) -> Result<(), SyncStateError> {
+        self.mark_ranges(&[(offset, len)])
+    }
+
+    /// Marks several byte ranges with one fdatasync. Ok only when every bit of them is in
+    /// the file (also bits set in memory by an earlier mark whose persist failed).
+    pub fn mark_ranges(&mut self, ranges: &[(u64, u64)]) -> Result<(), SyncStateError> {
         self.scratch.clear();
-        self.bitmap.set_range(offset, len, &mut self.scratch);
-        if self.scratch.is_empty() {
+        for &(offset, len) in ranges {
+            self.bitmap.set_range(offset, len, &mut self.scratch);
+        }
+        if self.scratch.is_empty() && !self.unpersisted {
             return Ok(());
         }
-        if self.meta.bitmap_generation == 0 {
-            self.new_generation_for_bitmap(self.meta.generation)?;
+        if self.meta.bitmap_generation == 0 && !self.bitmap.is_clear() {
+            if let Err(e) = self.new_generation_for_bitmap(self.meta.generation) {
+                self.unpersisted = true;
+                return Err(e);
+            }
         }
-        self.file.persist_words(&self.bitmap, &self.scratch)?;
-        Ok(())
+        let r = if self.unpersisted {
+            self.file.persist_all(&self.bitmap)
+        } else {
+            self.file.persist_words(&self.bitmap, &self.scratch)
+        };
+        self.unpersisted = r.is_err();
+        Ok(r?)
     }
 
     /// Marks everything out of sync relative to the replica's generation (full sync).
@@ -144,8 +165,9 @@ impl SyncState {
         if self.meta.bitmap_generation != replica_generation {
             self.new_generation_for_bitmap(replica_generation)?;
         }
-        self.file.persist_all(&self.bitmap)?;
-        Ok(())
+        let r = self.file.persist_all(&self.bitmap);
+        self.unpersisted = r.is_err();
+        Ok(r?)
     }
 
     fn new_generation_for_bitmap(&mut self, base: u64) -> Result<(), SyncStateError> {
@@ -168,16 +190,29 @@ impl SyncState {
         }
     }
 
-    pub fn persist(&self) -> Result<(), SyncStateError> {
-        Ok(self.file.persist_all(&self.bitmap)?)
+    pub fn persist(&mut self) -> Result<(), SyncStateError> {
+        let r = self.file.persist_all(&self.bitmap);
+        self.unpersisted = r.is_err();
+        Ok(r?)
     }
 
-    /// The replica caught up: the bitmap is clear and has no base generation any more.
-    pub fn resync_finished(&mut self) -> Result<(), SyncStateError> {
-        self.persist()?;
-        if self.meta.bitmap_generation != 0 {
-            self.meta.bitmap_generation = 0;
-            meta::save(&self.image, &self.meta)?;
+    /// The replica acknowledged SyncDone for `generation`: it holds everything of that
+    /// generation. If the bitmap is clear it has no base any more; if bits were marked since
+    /// the copy finished (a write the replica failed, say), they are relative to `generation`
+    /// now, and a new generation starts so that the replica is never "in sync" over them.
+    pub fn resync_finished(&mut self, generation: u64) -> Result<(), SyncStateError> {
+        if self.bitmap.is_clear() {
+            self.persist()?;
+            if self.meta.bitmap_generation != 0 {
+                self.meta.bitmap_generation = 0;
+                meta::save(&self.image, &self.meta)?;
+            }
+        } else if self.meta.generation == generation {
+            self.new_generation_for_bitmap(generation)?;
+            self.persist()?;
+        } else {
+            // A new generation already started after SyncDone was sent; its base stays.
+            self.persist()?;
         }
         Ok(())
     }
@@ -218,7 +253,8 @@ mod tests {
         assert_eq!(s.bitmap.count(), 2);
         s.clear_regions(3, 1);
         s.clear_regions(5, 1);
-        s.resync_finished().unwrap();
+        let g = s.meta.generation;
+        s.resync_finished(g).unwrap();
         drop(s);
         let s = SyncState::open(&img, size).unwrap();
         assert!(s.bitmap.is_clear());

@@ -15,7 +15,7 @@ use mirror_proto::generation::{decide, SyncDecision};
 use thiserror::Error;
 
 use super::link::Link;
-use super::{resync, Mirror, PeerState};
+use super::{resync, Mirror, PeerAddr, PeerState};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -45,16 +45,16 @@ pub enum HandshakeError {
 }
 
 /// Runs forever (until the process exits).
-pub fn run(m: Arc<Mirror>) {
+pub fn run(m: Arc<Mirror>, peer: PeerAddr) {
     let mut backoff = BACKOFF_MIN;
     loop {
         if m.stopping.load(Ordering::Relaxed) {
             return;
         }
-        match connect(&m) {
+        match connect(&m, &peer) {
             Ok((stream, reader, replica)) => {
                 let attached = std::time::Instant::now();
-                serve_link(&m, stream, reader, replica);
+                serve_link(&m, &peer, stream, reader, replica);
                 // A link that dies right away (a replica out of space, say) is retried with
                 // growing delays; one that lived a while is retried at once.
                 if attached.elapsed() > Duration::from_secs(10) {
@@ -87,9 +87,9 @@ pub fn run(m: Arc<Mirror>) {
                 };
                 if state != prev_state || prev_reason.as_deref() != Some(msg.as_str()) {
                     if state == PeerState::Disconnected {
-                        info!("replica {} not reachable (retrying): {msg}", m.cfg.peer);
+                        info!("replica {} not reachable (retrying): {msg}", peer.addr);
                     } else {
-                        warn!("replica {}: {msg}", m.cfg.peer);
+                        warn!("replica {}: {msg}", peer.addr);
                     }
                 }
                 m.set_peer(state, Some(msg));
@@ -101,17 +101,19 @@ pub fn run(m: Arc<Mirror>) {
 }
 
 /// Connects, authenticates both ways, and exchanges node information.
-fn connect(m: &Mirror) -> Result<(TcpStream, FrameReader<TcpStream>, NodeInfo), HandshakeError> {
-    let addr = m
-        .cfg
-        .peer
+fn connect(
+    m: &Mirror,
+    peer: &PeerAddr,
+) -> Result<(TcpStream, FrameReader<TcpStream>, NodeInfo), HandshakeError> {
+    let addr = peer
+        .addr
         .to_socket_addrs()
-        .map_err(|_| HandshakeError::Resolve(m.cfg.peer.clone()))?
+        .map_err(|_| HandshakeError::Resolve(peer.addr.clone()))?
         .next()
-        .ok_or_else(|| HandshakeError::Resolve(m.cfg.peer.clone()))?;
+        .ok_or_else(|| HandshakeError::Resolve(peer.addr.clone()))?;
     let mut stream = TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT).map_err(|source| {
         HandshakeError::Connect {
-            addr: m.cfg.peer.clone(),
+            addr: peer.addr.clone(),
             source,
         }
     })?;
@@ -121,7 +123,7 @@ fn connect(m: &Mirror) -> Result<(TcpStream, FrameReader<TcpStream>, NodeInfo), 
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(io)?;
     let mut reader = FrameReader::new(stream.try_clone().map_err(io)?);
-    let secret = &m.cfg.secret;
+    let secret = &peer.secret;
 
     let pn = auth::nonce().map_err(HandshakeError::Nonce)?;
     conn::send(&mut stream, 0, &Frame::Hello { nonce: pn })?;
@@ -198,6 +200,7 @@ fn refused(code: RefuseCode, reason: &str) -> HandshakeError {
 /// Decides what the attached replica needs, then runs the link until it dies.
 fn serve_link(
     m: &Arc<Mirror>,
+    peer: &PeerAddr,
     mut stream: TcpStream,
     reader: FrameReader<TcpStream>,
     replica: NodeInfo,
@@ -206,7 +209,7 @@ fn serve_link(
     let decision = decide(&ours, &replica);
     info!(
         "replica {} attached: generation {:016x} ({}), ours {:016x}: {:?}",
-        m.cfg.peer,
+        peer.addr,
         replica.generation,
         replica.disk_state.as_str(),
         ours.generation,
@@ -226,7 +229,7 @@ fn serve_link(
                 reason: &reason,
             },
         );
-        warn!("replica {}: {reason}", m.cfg.peer);
+        warn!("replica {}: {reason}", peer.addr);
         m.set_peer(state, Some(reason));
         std::thread::sleep(BACKOFF_MAX);
     };
@@ -255,10 +258,10 @@ fn serve_link(
     }
     let mm = m.clone();
     let on_down = Box::new(move |ranges: &[(u64, u64)], reason: &str| {
-        for &(o, l) in ranges {
-            if let Err(e) = mm.mark(o, l) {
-                log::error!("cannot record out-of-sync range: {}", error_chain(&e));
-            }
+        // One fdatasync for all of them. A failure is retried by every later mark, and the
+        // requests that see the link die re-mark their own ranges (failing if that fails).
+        if let Err(e) = mm.sync_state().mark_ranges(ranges) {
+            log::error!("cannot record out-of-sync ranges: {}", error_chain(&e));
         }
         mm.set_peer(PeerState::Disconnected, Some(reason.to_owned()));
         if !mm.sync_state().bitmap.is_clear() {
@@ -277,7 +280,8 @@ fn serve_link(
         }
     };
     if decision == SyncDecision::Full {
-        if let Err(e) = m.sync_state().mark_all(replica.generation) {
+        let marked = m.sync_state().mark_all(replica.generation);
+        if let Err(e) = marked {
             log::error!("cannot record a full sync: {}", error_chain(&e));
             link.fail("cannot record a full sync");
             return;
@@ -304,21 +308,50 @@ fn serve_link(
             replica.hot.len()
         );
     }
-    m.set_peer(PeerState::Connected, None);
-    if decision == SyncDecision::InSync && m.sync_state().bitmap.is_clear() {
-        m.status_lock().peer_disk = Some(DiskState::UpToDate);
-    }
-    m.publish(Some(link.clone()));
-    info!("replicating to {}", m.cfg.peer);
-    // Copy whatever is out of sync (also regions marked while we were connecting), then watch.
-    let full = decision == SyncDecision::Full;
     // Any replica not already at our generation gets a resync, even one with nothing to copy:
     // its SyncDone records our generation there (and makes a returning old primary a
     // secondary).
     let mut need_sync = decision != SyncDecision::InSync;
+    let bitmap_clear = m.sync_state().bitmap.is_clear();
+    if need_sync || !bitmap_clear {
+        // Before any guest write reaches it: the replica records itself inconsistent
+        // (durably), so a replica that got some of this generation's writes but not all of
+        // the resync is never promoted as up to date.
+        let started = link
+            .send(Frame::SyncStart {
+                full: decision == SyncDecision::Full,
+                bytes: m.sync_state().out_of_sync_bytes(),
+            })
+            .map(|w| w.wait());
+        if !matches!(
+            started,
+            Ok(Ok(super::link::Reply::Ack(
+                mirror_proto::frame::AckStatus::Ok
+            )))
+        ) {
+            warn!("replica {}: SyncStart failed: {started:?}", peer.addr);
+            m.status_lock().peer_disk = Some(DiskState::Outdated);
+            link.fail("the replica could not start a resync");
+            let reason = link.wait_dead();
+            info!("replica {} detached: {reason}", peer.addr);
+            return;
+        }
+        m.status_lock().peer_disk = Some(DiskState::Inconsistent);
+    }
+    m.set_peer(PeerState::Connected, None);
+    if decision == SyncDecision::InSync && bitmap_clear {
+        m.status_lock().peer_disk = Some(DiskState::UpToDate);
+    }
+    m.publish(Some(link.clone()));
+    info!("replicating to {}", peer.addr);
+    // Copy whatever is out of sync (also regions marked while we were connecting), then watch.
+    let full = decision == SyncDecision::Full;
+    let mut sync_started = need_sync || !bitmap_clear;
     while link.is_alive() {
         if need_sync || !m.sync_state().bitmap.is_clear() {
-            match resync::run(m, &link, full && need_sync) {
+            let r = resync::run(m, &link, full && need_sync, sync_started);
+            sync_started = false;
+            match r {
                 Ok(()) => need_sync = false,
                 Err(e) => {
                     warn!("resync stopped: {}", error_chain(&e));
@@ -333,5 +366,5 @@ fn serve_link(
     let reason = link.wait_dead();
     m.publish(None);
     m.status_lock().resyncing = false;
-    info!("replica {} detached: {reason}", m.cfg.peer);
+    info!("replica {} detached: {reason}", peer.addr);
 }

@@ -1,8 +1,12 @@
 //! Resync: copies the out-of-sync regions to the replica while the guest keeps running.
 //!
 //! Each run of regions is taken in the in-flight table first (so a guest write to the same
-//! bytes waits, or is waited for: they never race), read from the local image, sent with the
-//! RESYNC flag, and cleared from the bitmap only when the replica acknowledged it.
+//! bytes waits, or is waited for: they never race), read from the local image and sent with
+//! the RESYNC flag. Runs go in batches; each batch ends with a Flush, and a batch's regions are
+//! cleared from the bitmap only once that Flush is acknowledged, i.e. once the replica has
+//! them durably (an ack of a write alone means its page cache). The batch keeps its ranges in
+//! the in-flight table until then, so no guest write to them can be sent, and later marked by
+//! a dying link, between the copy and the clearing.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -22,8 +26,8 @@ use crate::disk::DiskError;
 
 /// Regions per resync frame (1 MiB).
 const RUN_REGIONS: u64 = MAX_DATA as u64 / REGION_SIZE;
-/// Resync frames in flight.
-const WINDOW: usize = 8;
+/// Runs per batch (each batch ends with a Flush); at most two batches are in flight.
+const BATCH: usize = 16;
 /// Persist the (shrinking) bitmap after this many bytes.
 const PERSIST_EVERY: u64 = 64 << 20;
 
@@ -47,15 +51,27 @@ struct InFlight {
     token: Token,
 }
 
-/// Copies every out-of-sync region, then tells the replica it is up to date.
-pub fn run(m: &Mirror, link: &Arc<Link>, full: bool) -> Result<(), ResyncError> {
+/// Runs sent and the Flush that makes them durable on the replica.
+struct Batch {
+    runs: Vec<InFlight>,
+    flush: Option<Arc<Waiter>>,
+}
+
+/// Copies every out-of-sync region, then tells the replica it is up to date. `sync_started`:
+/// the caller already sent SyncStart on this link.
+pub fn run(
+    m: &Mirror,
+    link: &Arc<Link>,
+    full: bool,
+    sync_started: bool,
+) -> Result<(), ResyncError> {
     let size = m.disk.size();
     let total = m.sync_state().out_of_sync_bytes();
     info!(
         "{} resync of {} bytes to {} starting",
         if full { "full" } else { "partial" },
         total,
-        m.cfg.peer
+        m.peer_name()
     );
     {
         let mut s = m.status_lock();
@@ -64,7 +80,7 @@ pub fn run(m: &Mirror, link: &Arc<Link>, full: bool) -> Result<(), ResyncError> 
         s.peer_disk = Some(DiskState::Inconsistent);
     }
     let started = Instant::now();
-    let result = copy_all(m, link, full, total, size);
+    let result = copy_all(m, link, full, total, size, sync_started);
     m.status_lock().resyncing = false;
     if let Err(ResyncError::Replica(status)) = &result {
         // E.g. the replica ran out of space: it is outdated until a later attempt succeeds.
@@ -78,7 +94,7 @@ pub fn run(m: &Mirror, link: &Arc<Link>, full: bool) -> Result<(), ResyncError> 
             .map_err(|_| ResyncError::LinkDown)?,
     )?;
     m.sync_state()
-        .resync_finished()
+        .resync_finished(generation)
         .map_err(ResyncError::Bitmap)?;
     {
         let mut s = m.status_lock();
@@ -106,18 +122,52 @@ fn wait_ok(w: Arc<Waiter>) -> Result<(), ResyncError> {
     }
 }
 
+/// Ends the open batch with a Flush (it becomes a closed one).
+fn close_batch(link: &Link, open: &mut Vec<InFlight>, closed: &mut VecDeque<Batch>) {
+    if open.is_empty() {
+        return;
+    }
+    let flush = link.send(Frame::Flush).ok();
+    closed.push_back(Batch {
+        runs: std::mem::take(open),
+        flush,
+    });
+}
+
+/// Closes the open batch and settles every batch (waits for them, clears what is durable).
+fn settle_all(
+    m: &Mirror,
+    link: &Link,
+    open: &mut Vec<InFlight>,
+    closed: &mut VecDeque<Batch>,
+) -> Result<(), ResyncError> {
+    close_batch(link, open, closed);
+    let mut r = Ok(());
+    while let Some(b) = closed.pop_front() {
+        let x = settle(m, b);
+        if r.is_ok() {
+            r = x;
+        }
+    }
+    r
+}
+
 fn copy_all(
     m: &Mirror,
     link: &Arc<Link>,
     full: bool,
     total: u64,
     size: u64,
+    sync_started: bool,
 ) -> Result<(), ResyncError> {
-    wait_ok(
-        link.send(Frame::SyncStart { full, bytes: total })
-            .map_err(|_| ResyncError::LinkDown)?,
-    )?;
-    let mut window: VecDeque<InFlight> = VecDeque::new();
+    if !sync_started {
+        wait_ok(
+            link.send(Frame::SyncStart { full, bytes: total })
+                .map_err(|_| ResyncError::LinkDown)?,
+        )?;
+    }
+    let mut open: Vec<InFlight> = Vec::new();
+    let mut closed: VecDeque<Batch> = VecDeque::new();
     let mut buf = vec![0u8; MAX_DATA];
     let mut cursor = 0u64;
     let mut since_persist = 0u64;
@@ -126,8 +176,8 @@ fn copy_all(
     let result = loop {
         let next = m.sync_state().bitmap.next_run(cursor, RUN_REGIONS);
         let Some((first, count)) = next else {
-            if let Some(f) = window.pop_front() {
-                if let Err(e) = complete(m, f) {
+            if !open.is_empty() || !closed.is_empty() {
+                if let Err(e) = settle_all(m, link, &mut open, &mut closed) {
                     break Err(e);
                 }
                 continue;
@@ -144,13 +194,7 @@ fn copy_all(
             Some(t) => t,
             None => {
                 // Never wait for others while holding ranges ourselves.
-                let mut err = None;
-                while let Some(f) = window.pop_front() {
-                    if let Err(e) = complete(m, f) {
-                        err = Some(e);
-                    }
-                }
-                if let Some(e) = err {
+                if let Err(e) = settle_all(m, link, &mut open, &mut closed) {
                     break Err(e);
                 }
                 m.reserve(RESYNC, offset, len)
@@ -182,7 +226,7 @@ fn copy_all(
                 break Err(ResyncError::LinkDown);
             }
         };
-        window.push_back(InFlight {
+        open.push(InFlight {
             waiter,
             first,
             count,
@@ -192,10 +236,13 @@ fn copy_all(
         cursor = first + count;
         sent_bytes += len;
         since_persist += len;
-        if window.len() >= WINDOW {
-            if let Some(f) = window.pop_front() {
-                if let Err(e) = complete(m, f) {
-                    break Err(e);
+        if open.len() >= BATCH {
+            close_batch(link, &mut open, &mut closed);
+            if closed.len() >= 2 {
+                if let Some(b) = closed.pop_front() {
+                    if let Err(e) = settle(m, b) {
+                        break Err(e);
+                    }
                 }
             }
         }
@@ -211,13 +258,7 @@ fn copy_all(
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 // Free the ranges in flight first: guest writes to them must not wait out the
                 // pause.
-                let mut err = None;
-                while let Some(f) = window.pop_front() {
-                    if let Err(e) = complete(m, f) {
-                        err = Some(e);
-                    }
-                }
-                if let Some(e) = err {
+                if let Err(e) = settle_all(m, link, &mut open, &mut closed) {
                     break Err(e);
                 }
                 std::thread::sleep(wait);
@@ -225,20 +266,39 @@ fn copy_all(
         }
     };
     // On error, let what is in flight finish (or fail) and free its ranges.
-    for f in window.drain(..) {
-        let _ = complete(m, f);
-    }
+    let _ = settle_all(m, link, &mut open, &mut closed);
     result
 }
 
-/// Waits for one resync frame's ack, clears its regions, frees its range.
-fn complete(m: &Mirror, f: InFlight) -> Result<(), ResyncError> {
-    let r = wait_ok(f.waiter);
-    if r.is_ok() {
-        m.sync_state().clear_regions(f.first, f.count);
-        m.status_lock().resync_done += f.bytes;
-        m.resync_total.fetch_add(f.bytes, Ordering::Relaxed);
+/// Waits for a batch's acks and its Flush; only then clears its regions (the replica has them
+/// durably); frees its ranges either way.
+fn settle(m: &Mirror, b: Batch) -> Result<(), ResyncError> {
+    let mut r = Ok(());
+    for f in &b.runs {
+        let x = wait_ok(f.waiter.clone());
+        if r.is_ok() {
+            r = x;
+        }
     }
-    m.inflight.release(f.token);
+    let flushed = match b.flush {
+        Some(w) => wait_ok(w),
+        None => Err(ResyncError::LinkDown),
+    };
+    if r.is_ok() {
+        r = flushed;
+    }
+    if r.is_ok() {
+        let mut s = m.sync_state();
+        for f in &b.runs {
+            s.clear_regions(f.first, f.count);
+        }
+        drop(s);
+        let bytes: u64 = b.runs.iter().map(|f| f.bytes).sum();
+        m.status_lock().resync_done += bytes;
+        m.resync_total.fetch_add(bytes, Ordering::Relaxed);
+    }
+    for f in b.runs {
+        m.inflight.release(f.token);
+    }
     r
 }
