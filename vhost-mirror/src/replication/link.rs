@@ -531,3 +531,74 @@ impl std::fmt::Debug for Link {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+    use std::sync::atomic::AtomicBool;
+
+    /// A link to a silent loopback peer; `on_down` takes 300 ms and then sets the flag.
+    fn link_with_slow_on_down() -> (Arc<Link>, Arc<AtomicBool>, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (peer, _) = l.accept().unwrap();
+        let marked = Arc::new(AtomicBool::new(false));
+        let m = marked.clone();
+        let on_down: OnDown = Box::new(move |_, _| {
+            std::thread::sleep(Duration::from_millis(300));
+            m.store(true, Ordering::SeqCst);
+        });
+        let reader = FrameReader::new(s.try_clone().unwrap());
+        let link = Link::start(s, reader, Arc::new(LinkStats::default()), on_down).unwrap();
+        (link, marked, peer)
+    }
+
+    /// Finding 6: a request that finds the link dying must not go on (degraded) before the
+    /// dying link's ranges are recorded, or a FLUSH could complete ahead of those marks.
+    #[test]
+    fn a_request_on_a_dying_link_waits_for_its_marks() {
+        let (link, marked, _peer) = link_with_slow_on_down();
+        let l = link.clone();
+        let killer = std::thread::spawn(move || l.fail("test"));
+        // Wait until the link is seen dead, then send.
+        while link.is_alive() {
+            std::thread::yield_now();
+        }
+        assert_eq!(link.send(Frame::Flush).err(), Some(LinkDown));
+        assert!(
+            marked.load(Ordering::SeqCst),
+            "send returned LinkDown before the dying link's marks were made"
+        );
+        let r = link.send_write_with(0, 4, false, |b| b.extend_from_slice(&[1, 2, 3, 4]));
+        assert_eq!(r.err(), Some(LinkDown));
+        killer.join().unwrap();
+    }
+
+    /// Finding 7: a guest that never flushes still gets the replica's cache flushed by the
+    /// link itself, so what a dying link must mark stays bounded.
+    #[test]
+    fn unflushed_writes_are_bounded() {
+        let (link, _marked, _peer) = link_with_slow_on_down();
+        let chunk = vec![7u8; MAX_DATA];
+        let mut flushes = 0;
+        for i in 0..(2 * AUTO_FLUSH_BYTES / MAX_DATA as u64) {
+            let _w = link
+                .send_write_with(i * MAX_DATA as u64, MAX_DATA as u64, false, |b| {
+                    b.extend_from_slice(&chunk)
+                })
+                .unwrap();
+            let g = link.lock();
+            assert!(g.unflushed_bytes < AUTO_FLUSH_BYTES);
+            flushes = g.flushing.len();
+        }
+        assert!(flushes >= 2, "the link sent {flushes} flushes of its own");
+        for i in 0..(AUTO_FLUSH_RANGES as u64 + 10) {
+            let _w = link
+                .send_write_with(i * 8192, 512, false, |b| b.extend_from_slice(&[0; 512]))
+                .unwrap();
+        }
+        assert!(link.lock().unflushed.len() < AUTO_FLUSH_RANGES);
+        link.fail("done");
+    }
+}

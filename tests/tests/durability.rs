@@ -1,0 +1,467 @@
+//! Durability regressions: one test per finding of issue 8, each named after what it
+//! protects, each able to fail on the code before the fix (the finding says how it broke).
+//!
+//! The tests here need no power-loss layer: a scripted replica (`FakeReplica`, speaking the
+//! real handshake with the shared secret) replaces `access-node` where the primary's reaction
+//! to a replica's exact behaviour is what matters. The tests that need writes to be lost
+//! (power loss, failing disks) are in `faults.rs`.
+//!
+//! Run: `cargo build --workspace && cargo test -p vhost-mirror-tests --test durability`.
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mirror_proto::auth::{self, Secret};
+use mirror_proto::conn::{self, FrameReader};
+use mirror_proto::frame::{AckStatus, DiskState, Frame, NodeInfo, Role};
+use vhost_mirror_tests::{
+    bin_path, compare_files, create_image, free_port, pattern, run_with_timeout, secret_file,
+    status_str, status_u64, test_dir, wait_in_sync, wait_status, AccessNode, AccessNodeOpts,
+    Backend, BackendKind, BackendOpts, Client, Watchdog, REGION, TIMEOUT,
+};
+
+const MIB: u64 = 1024 * 1024;
+const SYNC_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn usz(x: u64) -> usize {
+    usize::try_from(x).expect("usize")
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+struct Pair {
+    primary: PathBuf,
+    replica: PathBuf,
+    secret: PathBuf,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+fn pair(name: &str, size: u64) -> Pair {
+    let dir = test_dir(name);
+    let primary = dir.path().join("primary.img");
+    create_image(&primary, size);
+    let secret = secret_file(dir.path(), &format!("the secret of {name}\n"));
+    Pair {
+        replica: dir.path().join("replica.img"),
+        primary,
+        secret,
+        port: free_port(),
+        dir,
+    }
+}
+
+impl Pair {
+    fn node_on(&self, image: &Path) -> AccessNode {
+        AccessNode::spawn(
+            self.dir.path(),
+            image,
+            self.port,
+            &self.secret,
+            &AccessNodeOpts::default(),
+        )
+    }
+    fn serve(&self, image: &Path, peer: bool) -> Backend {
+        let opts = if peer {
+            BackendOpts::mirrored(self.port, &self.secret)
+        } else {
+            BackendOpts::default()
+        };
+        Backend::spawn(
+            self.dir.path(),
+            image,
+            &BackendOpts {
+                kind: Some(BackendKind::VhostMirror),
+                ..opts
+            },
+        )
+    }
+}
+
+fn stop(b: &mut Backend) {
+    let st = b.terminate(TIMEOUT);
+    assert!(st.success(), "vhost-mirror exit {st}; log:\n{}", b.log());
+}
+
+fn stop_node(n: &mut AccessNode) {
+    let st = n.terminate(TIMEOUT);
+    assert!(st.success(), "access-node exit {st}; log:\n{}", n.log());
+}
+
+/// Writes one 64 KiB region of pattern `seed` at each offset, then flushes.
+fn write_regions(b: &Backend, offs: &[u64], seed: u64) {
+    let mut c = Client::connect(b.socket());
+    let q = c.q();
+    for &off in offs {
+        assert_eq!(
+            q.write(off, &pattern(off, usz(REGION), seed)),
+            Ok(()),
+            "write {off:#x}"
+        );
+    }
+    assert_eq!(q.flush(), Ok(()), "flush");
+}
+
+fn promote_image(image: &Path) {
+    let out = run_with_timeout(
+        Command::new(bin_path("access-node"))
+            .args(["promote", "--image"])
+            .arg(image),
+        TIMEOUT,
+    );
+    assert!(
+        out.status.success(),
+        "promote --image failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Finding 1: an image served without --peer left no trace
+// ------------------------------------------------------------------------------------------------
+
+/// 1a. A pair in sync; the primary's image is served alone for a while and written (and
+///     flushed); served with --peer again, the writes made alone reach the replica. Before the
+///     fix: InSync, nothing copied, the images differ in every region written alone.
+#[test]
+fn image_served_alone_keeps_its_out_of_sync_bits() {
+    let _wd = Watchdog::new("image_served_alone", Duration::from_secs(120));
+    let p = pair("dur-alone", 32 * MIB);
+    let mut node = p.node_on(&p.replica);
+    let mut b = p.serve(&p.primary, true);
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    stop(&mut b);
+
+    let mut alone = p.serve(&p.primary, false);
+    let st = alone.status_json();
+    assert_eq!(
+        status_str(&st, "peer_state"),
+        "standalone",
+        "an image of a pair served alone: {}",
+        pretty(&st)
+    );
+    let offs: Vec<u64> = (0..6u64).map(|i| (5 + i * 37) * REGION).collect();
+    write_regions(&alone, &offs, 0xa1);
+    let st = alone.status_json();
+    assert_eq!(
+        status_u64(&st, "out_of_sync_bytes"),
+        offs.len() as u64 * REGION,
+        "writes made alone must be recorded: {}",
+        pretty(&st)
+    );
+    stop(&mut alone);
+
+    let mut b = p.serve(&p.primary, true);
+    let st = wait_in_sync(&mut b, SYNC_TIMEOUT);
+    assert_eq!(
+        status_u64(&st, "resync_total_bytes"),
+        offs.len() as u64 * REGION,
+        "{}",
+        pretty(&st)
+    );
+    stop(&mut b);
+    stop_node(&mut node);
+    compare_files(&p.primary, &p.replica).unwrap_or_else(|e| panic!("images differ: {e}"));
+}
+
+/// 1b. After a failover (the replica promoted) the promoted image is served alone and
+///     written; the old primary comes back as the access node: the writes made alone are
+///     copied to it. Before the fix: Partial with an empty bitmap, nothing copied, SyncDone
+///     recorded the old primary up to date, and a later failback lost every one of them.
+#[test]
+fn promoted_image_served_alone_resyncs_the_old_primary() {
+    let _wd = Watchdog::new("promoted_alone", Duration::from_secs(120));
+    let p = pair("dur-promoted-alone", 32 * MIB);
+    let mut node = p.node_on(&p.replica);
+    let mut b = p.serve(&p.primary, true);
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    // Host A dies (cleanly enough: the point is what happens on B).
+    stop(&mut b);
+    stop_node(&mut node);
+    promote_image(&p.replica);
+
+    let mut alone = p.serve(&p.replica, false);
+    let offs: Vec<u64> = (0..5u64).map(|i| (3 + i * 41) * REGION).collect();
+    write_regions(&alone, &offs, 0xb2);
+    stop(&mut alone);
+
+    // Failback: A is the access node now, B serves with --peer A.
+    let mut old = p.node_on(&p.primary);
+    let mut b = p.serve(&p.replica, true);
+    let st = wait_in_sync(&mut b, SYNC_TIMEOUT);
+    assert!(
+        status_u64(&st, "resync_total_bytes") >= offs.len() as u64 * REGION,
+        "the writes made alone were not copied: {}",
+        pretty(&st)
+    );
+    stop(&mut b);
+    stop_node(&mut old);
+    compare_files(&p.replica, &p.primary).unwrap_or_else(|e| panic!("images differ: {e}"));
+}
+
+// ------------------------------------------------------------------------------------------------
+// A scripted replica
+// ------------------------------------------------------------------------------------------------
+
+/// What the scripted replica saw of one connection's data phase, in arrival order.
+#[derive(Debug, Default, Clone)]
+struct Seen {
+    frames: Vec<String>,
+}
+
+/// Accepts connections on `listener` (one at a time, until `stop`), authenticates, attaches at
+/// the primary's bitmap generation (so the primary decides on a partial resync), and hands every
+/// data-phase frame to `script`, which returns the reply (None: close the connection).
+fn fake_replica(
+    listener: TcpListener,
+    secret: Secret,
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    script: impl Fn(usize, &Frame<'_>, &Seen) -> Option<Option<Frame<'static>>> + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let mut conn_no = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            let _ = stream.set_nonblocking(false);
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut s = Seen::default();
+            serve_fake(&stream, &secret, conn_no, &mut s, &script);
+            seen.lock().expect("seen").push(s);
+            conn_no += 1;
+        }
+    })
+}
+
+fn serve_fake(
+    stream: &TcpStream,
+    secret: &Secret,
+    conn_no: usize,
+    seen: &mut Seen,
+    script: &impl Fn(usize, &Frame<'_>, &Seen) -> Option<Option<Frame<'static>>>,
+) {
+    let mut w = stream;
+    let mut r = FrameReader::new(stream);
+    let Ok(d) = r.read_frame() else { return };
+    let Frame::Hello { nonce: pn } = d.frame else {
+        return;
+    };
+    let rn = auth::nonce().expect("nonce");
+    let mac = secret.replica_proof(&pn, &rn);
+    if conn::send(&mut w, 0, &Frame::Challenge { nonce: rn, mac }).is_err() {
+        return;
+    }
+    let Ok(d) = r.read_frame() else { return };
+    match d.frame {
+        Frame::Auth { mac } if secret.verify_primary(&pn, &rn, &mac) => {}
+        _ => return,
+    }
+    if conn::send(&mut w, 0, &Frame::AuthOk).is_err() {
+        return;
+    }
+    let Ok(d) = r.read_frame() else { return };
+    let Frame::Attach(primary) = d.frame else {
+        return;
+    };
+    let info = NodeInfo {
+        node_id: 77,
+        size: primary.size,
+        role: Role::Secondary,
+        disk_state: DiskState::UpToDate,
+        generation: primary.bitmap_generation,
+        bitmap_generation: 0,
+        history: Vec::new(),
+        flags: 0,
+        hot: Vec::new(),
+    };
+    if conn::send(&mut w, 0, &Frame::Attached(info)).is_err() {
+        return;
+    }
+    loop {
+        let Ok(d) = r.read_frame() else { return };
+        let name = match &d.frame {
+            Frame::Write { resync: true, .. } => "ResyncWrite".to_owned(),
+            f => f.name().to_owned(),
+        };
+        if name == "Ping" {
+            if let Frame::Ping { nanos } = d.frame {
+                let _ = conn::send(&mut w, d.seq, &Frame::Pong { nanos });
+            }
+            continue;
+        }
+        let reply = script(conn_no, &d.frame, seen);
+        seen.frames.push(name);
+        match reply {
+            None => return,
+            Some(None) => {}
+            Some(Some(f)) => {
+                if conn::send(&mut w, d.seq, &f).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn ack() -> Option<Option<Frame<'static>>> {
+    Some(Some(Frame::Ack {
+        status: AckStatus::Ok,
+    }))
+}
+
+// ------------------------------------------------------------------------------------------------
+// Finding 2: resync cleared bits for data only in the replica's page cache
+// ------------------------------------------------------------------------------------------------
+
+/// 2. Twenty separate regions are out of sync; a replica acknowledges SyncStart and four resync
+///    writes (its page cache) and then dies before any Flush. Every one of the twenty regions
+///    must still be out of sync. Before the fix, the acknowledged regions were cleared (16 of
+///    20 rounds lost bits), and the returning replica was declared up to date without them.
+#[test]
+fn resync_clears_bits_only_after_the_replica_flushed() {
+    let _wd = Watchdog::new("resync_flush_before_clear", Duration::from_secs(120));
+    let p = pair("dur-resync-clear", 32 * MIB);
+    let mut node = p.node_on(&p.replica);
+    let mut b = p.serve(&p.primary, true);
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    node.kill();
+    drop(node);
+    wait_status(&mut b, TIMEOUT, |v| {
+        status_str(v, "peer_state") != "connected"
+    })
+    .unwrap_or_else(|v| panic!("still connected: {}", pretty(&v)));
+    let offs: Vec<u64> = (0..20u64).map(|i| (2 + i * 7) * REGION).collect();
+    write_regions(&b, &offs, 0xc3);
+    let want = offs.len() as u64 * REGION;
+    assert_eq!(status_u64(&b.status_json(), "out_of_sync_bytes"), want);
+
+    let listener = TcpListener::bind(("127.0.0.1", p.port)).expect("bind the fake replica");
+    let secret = Secret::load(&p.secret).expect("secret");
+    let quit = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let fake = fake_replica(listener, secret, quit.clone(), seen.clone(), |_, f, s| {
+        let writes = s.frames.iter().filter(|n| *n == "ResyncWrite").count();
+        match f {
+            Frame::SyncStart { .. } => ack(),
+            Frame::Write { resync: true, .. } if writes < 4 => ack(),
+            // The fifth frame after SyncStart: the replica's host dies.
+            _ => None,
+        }
+    });
+    // Let it connect, resync into the dying replica, and fail a few times.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && seen.lock().expect("seen").len() < 2 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    quit.store(true, Ordering::Relaxed);
+    fake.join().expect("fake replica thread");
+    let conns = seen.lock().expect("seen").clone();
+    assert!(
+        conns
+            .iter()
+            .any(|c| c.frames.iter().filter(|n| *n == "ResyncWrite").count() >= 4),
+        "the primary never resynced into the fake replica: {conns:?}\nlog:\n{}",
+        b.log()
+    );
+    let st = b.status_json();
+    assert_eq!(
+        status_u64(&st, "out_of_sync_bytes"),
+        want,
+        "regions whose resync the replica never made durable were cleared: {}",
+        pretty(&st)
+    );
+    // And the real replica, back, gets all of them.
+    let mut node = p.node_on(&p.replica);
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    stop(&mut b);
+    stop_node(&mut node);
+    compare_files(&p.primary, &p.replica).unwrap_or_else(|e| panic!("images differ: {e}"));
+}
+
+// ------------------------------------------------------------------------------------------------
+// Finding 5: SyncStart was sent after the link was published
+// ------------------------------------------------------------------------------------------------
+
+/// 5. While the guest writes without pause, a replica that needs a resync attaches, again
+///    and again. No guest write may reach it before SyncStart (which makes it inconsistent, durably,
+///    so that a replica holding some of the new generation's writes but not the resync is never
+///    promoted as up to date). Before the fix the link was published first.
+#[test]
+fn no_guest_write_reaches_a_replica_before_sync_start() {
+    let _wd = Watchdog::new("sync_start_first", Duration::from_secs(120));
+    let p = pair("dur-sync-start", 32 * MIB);
+    let mut b = p.serve(&p.primary, true);
+    // Something out of sync (the replica never attached): every attach needs a resync.
+    write_regions(&b, &[0], 0xd4);
+
+    let listener = TcpListener::bind(("127.0.0.1", p.port)).expect("bind the fake replica");
+    let secret = Secret::load(&p.secret).expect("secret");
+    let quit = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let fake = fake_replica(listener, secret, quit.clone(), seen.clone(), |_, f, s| {
+        match f {
+            Frame::SyncStart { .. } => {
+                // A slow metadata write: guest writes meanwhile must wait or be marked.
+                std::thread::sleep(Duration::from_millis(30));
+                ack()
+            }
+            // After a few frames, this replica dies; the next attach starts over.
+            _ if s.frames.len() > 6 => None,
+            _ => ack(),
+        }
+    });
+    let writing = Arc::new(AtomicBool::new(true));
+    let w = writing.clone();
+    let sock = b.socket().to_path_buf();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&sock);
+        let q = c.q();
+        let data = pattern(8 * REGION, 4096, 0xd5);
+        let mut n = 0u64;
+        while w.load(Ordering::Relaxed) {
+            if q.write(8 * REGION + (n % 16) * 4096, &data).is_err() {
+                break;
+            }
+            n += 1;
+        }
+        n
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && seen.lock().expect("seen").len() < 10 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    writing.store(false, Ordering::Relaxed);
+    let writes = writer.join().expect("writer");
+    quit.store(true, Ordering::Relaxed);
+    fake.join().expect("fake replica");
+    let conns = seen.lock().expect("seen").clone();
+    assert!(
+        conns.len() >= 5,
+        "too few attaches: {conns:?}\nlog:\n{}",
+        b.log()
+    );
+    assert!(writes > 100, "the guest wrote only {writes} times");
+    for (i, c) in conns.iter().enumerate() {
+        if let Some(first) = c.frames.first() {
+            assert_eq!(
+                first, "SyncStart",
+                "attach {i}: the replica got {first} before SyncStart: {:?}",
+                c.frames
+            );
+        }
+    }
+    stop(&mut b);
+}
