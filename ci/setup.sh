@@ -3,7 +3,7 @@
 # Idempotent: a second run finds everything in place and changes nothing.
 set -euo pipefail
 
-need_pkgs=(qemu-system-x86 qemu-utils cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin)
+need_pkgs=(qemu-system-x86 qemu-utils cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables)
 
 missing=()
 for p in "${need_pkgs[@]}"; do
@@ -30,7 +30,7 @@ SRC
     fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
-    apt-get install -y -qq --no-install-recommends cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin
+    apt-get install -y -qq --no-install-recommends cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -391,7 +391,8 @@ impl Replica {
     /// the control socket) and the error is returned: the caller must not answer the request
     /// (the primary then marks it when the connection drops).
     pub fn mark_outdated(&mut self) -> Result<(), ReplicaError> {
-        let Some(m) = &self.meta else {
+        let Some(m) = self.meta.as_ref().filter(|_| !self.fenced) else {
+            // No metadata (nothing to protect), or promoted meanwhile: not a replica any more.
             return Ok(());
         };
         if m.disk_state != DiskState::UpToDate {

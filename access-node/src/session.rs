@@ -41,6 +41,10 @@ pub enum SessionError {
     },
     #[error("cannot make a nonce")]
     Nonce(#[source] AuthError),
+    #[error(
+        "a write failed on this replica: the session ends (the primary resyncs on its next attach)"
+    )]
+    LostWrite,
 }
 
 /// A handshake frame, copied out of the reader's buffer.
@@ -380,7 +384,14 @@ impl<'n> Session<'n> {
                     flush_pending(self.stream, &mut self.out, node)?;
                     return Ok(End::Refused(code, reason));
                 }
-                f => apply(d.seq, f, &mut self.out, node, &mut logged, &mut rbuf)?,
+                f => {
+                    if apply(d.seq, f, &mut self.out, node, &mut logged, &mut rbuf)? {
+                        // Nothing after a lost write may be applied (a SyncDone already on
+                        // the wire would make this image up to date without it).
+                        self.flush_out()?;
+                        return Err(SessionError::LostWrite);
+                    }
+                }
             }
             if !self.reader.has_frame() || self.out.len() >= OUT_HIGH_WATER {
                 self.flush_out()?;
@@ -408,7 +419,8 @@ struct Logged {
     out_of_range: bool,
 }
 
-/// Applies one data-phase request and appends its reply to `out`.
+/// Applies one data-phase request and appends its reply to `out`. True: a write-type request
+/// (or a flush) failed, the image lacks data from now on, and the session must end.
 fn apply(
     seq: u64,
     f: Frame<'_>,
@@ -416,7 +428,7 @@ fn apply(
     node: &Node,
     logged: &mut Logged,
     rbuf: &mut Vec<u8>,
-) -> Result<(), SessionError> {
+) -> Result<bool, SessionError> {
     let status = &node.status;
     let c = &status.counters;
     let changes_data = matches!(
@@ -460,7 +472,7 @@ fn apply(
                 Ok(()) => {
                     Counters::add(&c.bytes_read, u64::from(len));
                     frame::encode(seq, &Frame::ReadData { data: rbuf }, out);
-                    return Ok(());
+                    return Ok(false);
                 }
                 Err(e) => Err(e),
             }
@@ -489,7 +501,7 @@ fn apply(
         }
         Frame::Ping { nanos } => {
             frame::encode(seq, &Frame::Pong { nanos }, out);
-            return Ok(());
+            return Ok(false);
         }
         other => {
             return Err(SessionError::Unexpected {
@@ -537,5 +549,10 @@ fn apply(
         }
     };
     frame::encode(seq, &Frame::Ack { status: ack }, out);
-    Ok(())
+    // (Fenced: promoted, the image is released; nothing is applied any more anyway.)
+    Ok(changes_data
+        && !matches!(
+            ack,
+            AckStatus::Ok | AckStatus::OutOfRange | AckStatus::Fenced
+        ))
 }

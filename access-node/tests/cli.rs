@@ -268,29 +268,47 @@ fn file_size_limit_gives_no_space_and_the_node_survives() {
         .unwrap();
     let mut s = Serve::start(&d, Some(MIB));
     let mut p = Primary::attach(s.addr, 4 * MIB);
+    p.sync(5);
     assert_eq!(p.write(0, 4096), AckStatus::Ok);
-    assert_eq!(p.write(2 * MIB, 4096), AckStatus::NoSpace);
-    assert_eq!(p.write(MIB - 512, 4096), AckStatus::NoSpace);
-    assert_eq!(p.write(3 * MIB, 512), AckStatus::NoSpace);
+    // A write the replica cannot store: answered, recorded (outdated), and the session ends,
+    // so nothing after it (a SyncDone) can make the image up to date without it.
+    for off in [2 * MIB, MIB - 512, 3 * MIB] {
+        assert_eq!(p.write(off, 4096), AckStatus::NoSpace);
+        assert!(p.is_closed(), "the session went on after a lost write");
+        assert!(s.child.try_wait().unwrap().is_none(), "the node died");
+        p = Primary::attach(s.addr, 4 * MIB);
+        assert_eq!(
+            p.info.as_ref().map(|n| n.disk_state),
+            Some(DiskState::Outdated),
+            "the replica lost a write but does not say so"
+        );
+    }
     assert_eq!(p.ack(&Frame::Flush), AckStatus::Ok);
     assert_eq!(p.write(4096, 4096), AckStatus::Ok);
-    assert!(s.child.try_wait().unwrap().is_none(), "the node died");
 
     let v = status_json(&d.path("ctl"));
     assert_eq!(v["errors"], 3);
     assert_eq!(v["writes"], 5);
     assert_eq!(v["peer_state"], "connected");
+    assert_eq!(v["disk_state"], "outdated");
     let o = run(&["status", "--control", &d.s("ctl")]);
     let table = String::from_utf8_lossy(&o.stdout);
     assert!(
         table.contains("secondary") && table.contains("connected"),
         "{table}"
     );
+    // A promotion now needs --force.
+    let o = run(&["promote", "--control", &d.s("ctl")]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("outdated"),
+        "{}",
+        stderr(&o)
+    );
 
     // Logged once per connection, not per write.
     let log = s.drain().to_vec();
     let n = log.iter().filter(|l| l.contains("NoSpace")).count();
-    assert_eq!(n, 1, "{log:#?}");
+    assert_eq!(n, 3, "{log:#?}");
 
     // SIGTERM: flush, remove the control socket, exit 0.
     // SAFETY: kill(2) on the pid of our own child, which has not been reaped yet.

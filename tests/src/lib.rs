@@ -483,6 +483,21 @@ pub struct BackendOpts {
     pub kind: Option<BackendKind>,
     /// Extra environment variables (vhost-mirror only; e.g. `LD_PRELOAD` for fault injection).
     pub env: Vec<(String, String)>,
+    /// Run inside this network namespace (`ip netns exec NS`, which execs: the PID stays the
+    /// program's own).
+    pub netns: Option<String>,
+}
+
+/// `program`, or `ip netns exec NS program` when a namespace is given.
+pub fn command_in_netns(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 /// Per-request-type counters from `vhost-mirror status --json`.
@@ -547,7 +562,7 @@ impl Backend {
                     .control
                     .clone()
                     .unwrap_or_else(|| dir.join(format!("control-{id}.sock")));
-                let mut cmd = Command::new(bin_path("vhost-mirror"));
+                let mut cmd = command_in_netns(opts.netns.as_deref(), &bin_path("vhost-mirror"));
                 cmd.arg("serve")
                     .arg("--image")
                     .arg(image)
@@ -772,6 +787,10 @@ pub struct AccessNodeOpts {
     pub extra_args: Vec<String>,
     /// Extra environment variables (e.g. `RUST_LOG`, `LD_PRELOAD` for fault injection).
     pub env: Vec<(String, String)>,
+    /// Run inside this network namespace.
+    pub netns: Option<String>,
+    /// Listen on this address instead of 127.0.0.1 (the port stays `port`).
+    pub listen_host: Option<String>,
 }
 
 /// A running `access-node serve` on 127.0.0.1:`port`, with a control socket and a log file in
@@ -801,12 +820,13 @@ impl AccessNode {
             .unwrap_or_else(|| dir.join(format!("an-control-{id}.sock")));
         let log = dir.join(format!("access-node-{id}.log"));
         let logf = File::create(&log).expect("create access-node log");
-        let mut cmd = Command::new(bin_path("access-node"));
+        let mut cmd = command_in_netns(opts.netns.as_deref(), &bin_path("access-node"));
+        let host = opts.listen_host.as_deref().unwrap_or("127.0.0.1");
         cmd.arg("serve")
             .arg("--image")
             .arg(image)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("{host}:{port}"))
             .arg("--secret-file")
             .arg(secret)
             .arg("--control")
@@ -1880,4 +1900,6 @@ mod tests {
     }
 }
 
+pub mod faultfs;
+pub mod netfault;
 pub mod vm;

@@ -152,10 +152,22 @@ impl RawImage {
         self.failed.get().map(String::as_str)
     }
 
-    /// A write-side error fails the image (see the type's documentation).
+    /// A write-side error fails the image (see the type's documentation): every fdatasync
+    /// error, and write errors other than "no space" (which lose nothing: the write did not
+    /// happen, the guest is told, and it may be retried once space is freed).
     fn fail_on_error<T>(&self, r: Result<T, DiskError>) -> Result<T, DiskError> {
         if let Err(e) = &r {
-            if matches!(e, DiskError::Io { .. }) && self.failed.set(e.to_string()).is_ok() {
+            let sticky = match e {
+                DiskError::Io { op, source, .. } => {
+                    *op == "fdatasync"
+                        || !matches!(
+                            source.raw_os_error(),
+                            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG)
+                        )
+                }
+                _ => false,
+            };
+            if sticky && self.failed.set(e.to_string()).is_ok() {
                 log::error!(
                     "image failed: {}; every later write and flush fails",
                     mirror_proto::sys::error_chain(e)

@@ -99,14 +99,15 @@ fn guest_iovecs(
     Ok(())
 }
 
-/// Copies `len` bytes starting `skip` bytes into the request's guest buffers to `out`.
+/// Copies `len` bytes starting `skip` bytes into the request's guest buffers to `out`. False
+/// if part of the buffers is not in guest memory (any more).
 fn copy_from_guest(
     mem: &GuestMemoryMmap,
     data: &[Segment],
     mut skip: u64,
     len: usize,
     out: &mut Vec<u8>,
-) {
+) -> bool {
     let start = out.len();
     out.resize(start + len, 0);
     let mut at = start;
@@ -122,15 +123,13 @@ fn copy_from_guest(
         let n = ((seg_len - skip) as usize).min(start + len - at);
         let addr = vm_memory::GuestAddress(seg.addr.0 + skip);
         if mem.read_slice(&mut out[at..at + n], addr).is_err() {
-            // Validated at parse time; if memory went away the local write fails too.
-            warn!(
-                "guest buffer at {:#x} vanished while copying for the replica",
-                addr.0
-            );
+            warn!("guest buffer at {:#x} is not in guest memory", addr.0);
+            return false;
         }
         at += n;
         skip = 0;
     }
+    at == start + len
 }
 
 /// The replicated part of a write-type request, waiting for the replica's answer.
@@ -221,9 +220,13 @@ pub fn execute_mirrored(
             while done < len {
                 let n = (len - done).min(MAX_DATA as u64);
                 iov.1.clear();
-                copy_from_guest(mem, &req.data, done, n as usize, &mut iov.1);
+                if !copy_from_guest(mem, &req.data, done, n as usize, &mut iov.1) {
+                    mirror.fail_request(remote);
+                    QueueCounters::add(&counters.errors, 1);
+                    return (complete(mem, req, VIRTIO_BLK_S_IOERR as u8, 0), None);
+                }
                 if let Err(e) = mirror.send_data(&mut remote, offset + done, &iov.1) {
-                    mirror.abandon(remote);
+                    mirror.fail_request(remote);
                     return refused(e);
                 }
                 if local.is_ok() {
@@ -241,7 +244,7 @@ pub fn execute_mirrored(
         }
         WriteOp::Discard | WriteOp::WriteZeroes { .. } => {
             if let Err(e) = mirror.send_op(&mut remote, op) {
-                mirror.abandon(remote);
+                mirror.fail_request(remote);
                 return refused(e);
             }
             execute(req, mem, target, iov, counters)
@@ -250,7 +253,7 @@ pub fn execute_mirrored(
     if !target.writeback {
         // Write-through: durable on the replica too before the guest hears of it.
         if let Err(e) = mirror.send_durable(&mut remote) {
-            mirror.abandon(remote);
+            mirror.fail_request(remote);
             return refused(e);
         }
     }

@@ -53,6 +53,9 @@ pub enum Begin {
     /// No room: every idle extent holds writes no barrier has made durable yet. Run a barrier
     /// and call again.
     NeedBarrier,
+    /// No room, and a barrier would not make any: every extent is pinned by a write in
+    /// flight. Nothing is pinned; the caller covers the range some other way (the bitmap).
+    Full,
 }
 
 pub struct ActivityLog {
@@ -124,24 +127,39 @@ impl ActivityLog {
                     Some(v) => {
                         st.hot.remove(&v);
                     }
-                    None => return Ok(Begin::NeedBarrier),
+                    None => {
+                        // Idle extents a barrier would free, or none at all (every one is
+                        // pinned by a write in flight: a barrier frees nothing).
+                        let barrier_helps = st.hot.iter().any(|(e, en)| {
+                            en.refs == 0 && en.dirty_epoch > durable && !(first..=last).contains(e)
+                        });
+                        return Ok(if barrier_helps {
+                            Begin::NeedBarrier
+                        } else {
+                            Begin::Full
+                        });
+                    }
                 }
             }
-            for e in first..=last {
-                st.hot.entry(e).or_insert(Entry {
-                    refs: 0,
-                    last_use: tick,
-                    dirty_epoch: 0,
-                });
+            let inserted: Vec<u64> = (first..=last).filter(|e| !st.hot.contains_key(e)).collect();
+            for &e in &inserted {
+                st.hot.insert(
+                    e,
+                    Entry {
+                        refs: 0,
+                        last_use: tick,
+                        dirty_epoch: 0,
+                    },
+                );
             }
             st.scratch.clear();
             st.scratch.extend(st.hot.keys().copied());
             st.scratch.sort_unstable();
             if let Err(e) = st.file.commit(&st.scratch) {
-                for e in first..=last {
-                    if st.hot.get(&e).is_some_and(|en| en.refs == 0) {
-                        st.hot.remove(&e);
-                    }
+                // Only what this call added: extents hot before may hold writes a crash must
+                // resync.
+                for e in &inserted {
+                    st.hot.remove(e);
                 }
                 return Err(e);
             }

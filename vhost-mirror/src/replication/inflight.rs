@@ -72,6 +72,27 @@ impl Inflight {
         Self::insert(&mut g, owner, start, end)
     }
 
+    /// Like [`Inflight::acquire`], but gives up after `d` (None).
+    pub fn acquire_timeout(
+        &self,
+        owner: Owner,
+        start: u64,
+        end: u64,
+        d: std::time::Duration,
+    ) -> Option<Token> {
+        let deadline = std::time::Instant::now() + d;
+        let mut g = self.lock();
+        while Self::conflicts(&g.1, owner, start, end) {
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            g = self
+                .released
+                .wait_timeout(g, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        Some(Self::insert(&mut g, owner, start, end))
+    }
+
     pub fn release(&self, token: Token) {
         let mut g = self.lock();
         g.1.retain(|e| e.id != token.0);

@@ -453,6 +453,18 @@ impl Link {
                 drop(g);
                 break format!("reply for unknown request {seq}");
             };
+            if let (Some((offset, _)), Reply::Ack(status)) = (p.range, &reply) {
+                if *status != AckStatus::Ok {
+                    // The replica lacks this write now: fail the link, which marks its range
+                    // (and everything else unconfirmed) before the waiter hears of it.
+                    let status = *status;
+                    g.pending.insert(seq, p);
+                    drop(g);
+                    break format!(
+                        "the replica answered {status:?} for a write at offset {offset}"
+                    );
+                }
+            }
             if p.is_flush {
                 if reply != Reply::Ack(AckStatus::Ok) {
                     // What this flush covered is not durable on the replica: fail the link,

@@ -272,25 +272,25 @@ impl Mirror {
             }
             return Ok(remote);
         }
+        let mut barriers = 0;
         loop {
             match self.activity_log.begin(offset, len) {
                 Ok(activity_log::Begin::Pinned) => {
                     remote.al_pinned = true;
                     return Ok(remote);
                 }
-                Ok(activity_log::Begin::NeedBarrier) => {
-                    if !self.barrier() {
-                        // No barrier possible now (the local flush failed): the bitmap
-                        // covers this write instead.
-                        if let Err(e) = self.mark(offset, len) {
-                            self.abandon(remote);
-                            return Err(e);
-                        }
-                        return Ok(remote);
-                    }
+                // One barrier frees the idle extents it covers; if that was not enough (or
+                // the local flush failed), the bitmap covers this write instead.
+                Ok(activity_log::Begin::NeedBarrier) if barriers == 0 && self.barrier() => {
+                    barriers += 1;
                 }
-                // Too large for the log: the bitmap covers it (resynced later).
-                Ok(activity_log::Begin::TooLarge) => {
+                // Too large for the log, or no room in it: the bitmap covers it (resynced
+                // later).
+                Ok(
+                    activity_log::Begin::TooLarge
+                    | activity_log::Begin::Full
+                    | activity_log::Begin::NeedBarrier,
+                ) => {
                     if let Err(e) = self.mark(offset, len) {
                         self.abandon(remote);
                         return Err(e);
@@ -415,8 +415,26 @@ impl Mirror {
         }
     }
 
+    /// Gives up on a request that failed after parts of it may have reached either side: its
+    /// range is recorded out of sync (whatever the replica answered), then abandoned.
+    pub fn fail_request(&self, remote: Remote) {
+        let (offset, len) = remote.range;
+        for w in &remote.waiters {
+            let _ = w.wait();
+        }
+        if len > 0 {
+            if let Err(e) = self.mark(offset, len) {
+                error!(
+                    "cannot record a failed request's range: {}",
+                    mirror_proto::sys::error_chain(&e)
+                );
+            }
+        }
+        self.abandon(remote);
+    }
+
     /// Gives up on a request that cannot go on: waits for what was sent, frees the range.
-    pub fn abandon(&self, mut remote: Remote) {
+    fn abandon(&self, mut remote: Remote) {
         for w in remote.waiters.drain(..) {
             let _ = w.wait();
         }

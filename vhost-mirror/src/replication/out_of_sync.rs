@@ -170,12 +170,15 @@ impl SyncState {
         Ok(r?)
     }
 
+    /// Memory follows only once the file is written: a failed save leaves the old generation
+    /// (and no base) in both, so the next mark tries again, and fails until it works.
     fn new_generation_for_bitmap(&mut self, base: u64) -> Result<(), SyncStateError> {
-        let old = self.meta.generation;
-        push_history(&mut self.meta.history, old, MAX_HISTORY);
-        self.meta.generation = random_id().map_err(SyncStateError::Random)?;
-        self.meta.bitmap_generation = base;
-        meta::save(&self.image, &self.meta)?;
+        let mut m = self.meta.clone();
+        push_history(&mut m.history, m.generation, MAX_HISTORY);
+        m.generation = random_id().map_err(SyncStateError::Random)?;
+        m.bitmap_generation = base;
+        meta::save(&self.image, &m)?;
+        self.meta = m;
         info!(
             "new generation {:016x} (replica may lack writes since {:016x})",
             self.meta.generation, base
@@ -204,8 +207,10 @@ impl SyncState {
         if self.bitmap.is_clear() {
             self.persist()?;
             if self.meta.bitmap_generation != 0 {
-                self.meta.bitmap_generation = 0;
-                meta::save(&self.image, &self.meta)?;
+                let mut m = self.meta.clone();
+                m.bitmap_generation = 0;
+                meta::save(&self.image, &m)?;
+                self.meta = m;
             }
         } else if self.meta.generation == generation {
             self.new_generation_for_bitmap(generation)?;

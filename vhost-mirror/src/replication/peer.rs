@@ -317,10 +317,13 @@ fn serve_link(
         // Before any guest write reaches it: the replica records itself inconsistent
         // (durably), so a replica that got some of this generation's writes but not all of
         // the resync is never promoted as up to date.
+        // (Not inside the send: the SyncState lock must not be held while waiting, on_down
+        // needs it.)
+        let bytes = m.sync_state().out_of_sync_bytes();
         let started = link
             .send(Frame::SyncStart {
                 full: decision == SyncDecision::Full,
-                bytes: m.sync_state().out_of_sync_bytes(),
+                bytes,
             })
             .map(|w| w.wait());
         if !matches!(

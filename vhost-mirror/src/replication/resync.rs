@@ -197,7 +197,12 @@ fn copy_all(
                 if let Err(e) = settle_all(m, link, &mut open, &mut closed) {
                     break Err(e);
                 }
-                m.reserve(RESYNC, offset, len)
+                // A guest request holding the range may itself wait for the next link
+                // (suspend mode): give up when this one dies, so that a new one can come.
+                match reserve_while_alive(m, link, offset, len) {
+                    Some(t) => t,
+                    None => break Err(ResyncError::LinkDown),
+                }
             }
         };
         let data = &mut buf[..len as usize];
@@ -268,6 +273,21 @@ fn copy_all(
     // On error, let what is in flight finish (or fail) and free its ranges.
     let _ = settle_all(m, link, &mut open, &mut closed);
     result
+}
+
+fn reserve_while_alive(m: &Mirror, link: &Link, offset: u64, len: u64) -> Option<Token> {
+    loop {
+        let end = offset.saturating_add(len);
+        if let Some(t) = m
+            .inflight
+            .acquire_timeout(RESYNC, offset, end, Duration::from_millis(100))
+        {
+            return Some(t);
+        }
+        if !link.is_alive() {
+            return None;
+        }
+    }
 }
 
 /// Waits for a batch's acks and its Flush; only then clears its regions (the replica has them
