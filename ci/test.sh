@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Sets up this machine and runs every test tier: unit, blkio client, replication, QEMU VM
-# (file server, failover/failback), and a smoke run of the benchmark.
+# Sets up this machine and runs every test tier: unit, blkio client, replication, durability
+# and fault injection (a short pass of the randomized checker), QEMU VM (file server,
+# failover/failback), and a smoke run of the benchmark.
 # Usage (as root on Debian 12): bash ci/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,16 @@ cargo test -p vhost-mirror-tests --locked --test client
 
 echo "== replication tier (mirrored pairs through blkio)"
 cargo test -p vhost-mirror-tests --locked --test replication -- --test-threads=2
+
+echo "== durability regressions (scripted replica)"
+cargo test -p vhost-mirror-tests --locked --test durability -- --test-threads=2
+
+echo "== fault tier: the layers themselves (faultfs power loss, network namespaces)"
+cargo test -p vhost-mirror-tests --locked --test faultfs --test netfault
+
+echo "== fault tier: regressions and a short pass of the randomized checker (ci/faults.sh runs more)"
+FAULT_ROUNDS=${FAULT_ROUNDS:-3} FAULT_STEPS=${FAULT_STEPS:-12} \
+    cargo test -p vhost-mirror-tests --locked --test faults -- --nocapture --test-threads=1
 
 echo "== VM tier (QEMU, TCG unless KVM works): file server, then failover and failback"
 cargo test -p vhost-mirror-tests --locked --test vm -- --nocapture

@@ -53,6 +53,14 @@ use std::sync::{mpsc, Arc, Mutex, MutexGuard, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// A read or write that timed out or was interrupted: try again.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
 /// Where `ip netns add` puts the namespace handles.
 pub const NETNS_DIR: &str = "/var/run/netns";
 /// Prefix of every namespace this module creates: `vmf-<pid>-<n>-a` / `-b`.
@@ -925,13 +933,7 @@ fn reader(mut src: &TcpStream, tx: &mpsc::SyncSender<Chunk>, conn: &Conn, sh: &S
                     return;
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock
-                        | io::ErrorKind::TimedOut
-                        | io::ErrorKind::Interrupted
-                ) => {}
+            Err(e) if is_transient(&e) => {}
             Err(_) => {
                 // Reset by the peer (or worse): reset the other side too.
                 conn.abort();
@@ -995,13 +997,7 @@ fn writer(
                     off += n;
                     counter.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if is_transient(&e) => {}
                 Err(_) => {
                     conn.abort();
                     return;

@@ -376,20 +376,8 @@ impl Link {
             while g.alive && g.buf.is_empty() {
                 let idle = g.last_send.elapsed();
                 if idle >= PING_INTERVAL {
-                    let seq = g.next_seq;
-                    g.next_seq += 1;
                     let nanos = idle.as_nanos() as u64;
-                    frame::encode(seq, &Frame::Ping { nanos }, &mut g.buf);
-                    g.pending.insert(
-                        seq,
-                        Pending {
-                            waiter: None,
-                            measure: false,
-                            range: None,
-                            sent: Instant::now(),
-                            is_flush: false,
-                        },
-                    );
+                    g.queue_own(&Frame::Ping { nanos });
                     break;
                 }
                 g = self
@@ -500,21 +488,27 @@ impl Out {
         push_range(&mut self.unflushed, offset, len);
         self.unflushed_bytes += len;
         if self.unflushed_bytes >= AUTO_FLUSH_BYTES || self.unflushed.len() >= AUTO_FLUSH_RANGES {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            frame::encode(seq, &Frame::Flush, &mut self.buf);
-            self.pending.insert(
-                seq,
-                Pending {
-                    waiter: None,
-                    measure: false,
-                    range: None,
-                    sent: Instant::now(),
-                    is_flush: true,
-                },
-            );
+            let seq = self.queue_own(&Frame::Flush);
             self.start_flush(seq);
         }
+    }
+
+    /// Queues a request of the link's own (a Ping, a Flush): nobody waits for its reply.
+    fn queue_own(&mut self, f: &Frame<'_>) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        frame::encode(seq, f, &mut self.buf);
+        self.pending.insert(
+            seq,
+            Pending {
+                waiter: None,
+                measure: false,
+                range: None,
+                sent: Instant::now(),
+                is_flush: matches!(f, Frame::Flush),
+            },
+        );
+        seq
     }
 
     /// A Flush with sequence number `seq` was queued: it covers every write queued before it.
