@@ -4,7 +4,7 @@
 //! | command | effect | reply |
 //! | --- | --- | --- |
 //! | `cut` | power loss: drop all dirty data of all files | `ok <bytes dropped>` |
-//! | `fail <op> <substring> <errno> [count]` | inject `errno` into `op` (read, write, fsync, any) on files whose path relative to the mount contains `substring`; `count` times, or until cleared | `ok` |
+//! | `fail <op> <substring> <errno> [count]` | inject `errno` into `op` (read, write, fsync, any) on files whose path relative to the mount contains `substring` (a trailing `$` anchors it at the end); `count` times, or until cleared | `ok` |
 //! | `clear` | remove all fail rules | `ok` |
 //! | `stats` | dirty state and counters | `ok dirty_bytes=.. dirty_files=.. reads=.. writes=.. fsyncs=.. dir_fsyncs=.. injected=..` |
 //! | `sync` | write all dirty data to the backing files and fsync them | `ok <files written>` |

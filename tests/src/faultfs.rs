@@ -174,8 +174,9 @@ impl FaultFs {
     }
 
     /// Injects `errno` ("EIO" or "ENOSPC") into `op` ("read", "write", "fsync" or "any") on
-    /// files whose path relative to the mount contains `substring` (no spaces); `count` times,
-    /// or until [`FaultFs::clear`].
+    /// files whose path relative to the mount contains `substring` (no spaces; a trailing `$`
+    /// anchors it at the end of the path, so `disk.img$` spares `disk.img.meta`); `count`
+    /// times, or until [`FaultFs::clear`].
     pub fn fail(&self, op: &str, substring: &str, errno: &str, count: Option<u32>) {
         assert!(
             !substring.is_empty() && !substring.contains(char::is_whitespace),

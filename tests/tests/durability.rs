@@ -465,3 +465,68 @@ fn no_guest_write_reaches_a_replica_before_sync_start() {
     }
     stop(&mut b);
 }
+
+// ------------------------------------------------------------------------------------------------
+// Finding 7: guest memory was read twice (once for the replica, once for the local write)
+// ------------------------------------------------------------------------------------------------
+
+/// A raw pointer into the client's I/O buffer, for a thread that plays a guest changing its
+/// buffer while the device reads it.
+struct BufPtr(*mut u8);
+// SAFETY: the pointer targets the client's shared I/O buffer, which outlives the mutating
+// thread (joined before the client is dropped); only that thread writes through it, with
+// volatile writes, and this process never reads it while the device may be reading it.
+unsafe impl Send for BufPtr {}
+
+/// 7. A guest rewrites its buffer without pause while its writes are in flight (allowed: the
+///    content of such a write is undefined, but both copies must get the same undefined
+///    content). After the pair is in sync, the images must be identical. Before the fix the
+///    replica's copy and the local `pwritev` read guest memory at different moments.
+#[test]
+fn guest_changing_its_buffer_cannot_make_the_images_differ() {
+    let _wd = Watchdog::new("buffer_read_once", Duration::from_secs(120));
+    let p = pair("dur-read-once", 32 * MIB);
+    let mut node = p.node_on(&p.replica);
+    let mut b = p.serve(&p.primary, true);
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    {
+        let mut c = Client::connect(b.socket());
+        let q = c.q();
+        let ptr = BufPtr(q.buf().as_mut_ptr());
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let mutator = std::thread::spawn(move || {
+            let p = ptr;
+            let mut x = 1u64;
+            while !st.load(Ordering::Relaxed) {
+                for i in 0..4096 / 8 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    // SAFETY: i * 8 + 8 <= 4096, inside the client's buffer (see BufPtr).
+                    unsafe { std::ptr::write_volatile(p.0.add(i * 8).cast::<u64>(), x) };
+                }
+            }
+        });
+        for i in 0..3000u64 {
+            let off = (i % 64) * 4096;
+            q.submit(
+                vhost_mirror_tests::Op::Write {
+                    off,
+                    buf_off: 0,
+                    len: 4096,
+                },
+                0,
+            );
+            let done = q.wait(1);
+            assert!(done.iter().all(|d| d.ret == 0), "write {i} failed");
+        }
+        stop.store(true, Ordering::Relaxed);
+        mutator.join().expect("mutator");
+    }
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    stop(&mut b);
+    stop_node(&mut node);
+    compare_files(&p.primary, &p.replica)
+        .unwrap_or_else(|e| panic!("the two images got different bytes: {e}"));
+}

@@ -266,6 +266,77 @@ fn local_fdatasync_error_is_never_forgotten() {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Finding 7: a failed out-of-sync mark was only logged
+// ------------------------------------------------------------------------------------------------
+
+/// 7. A write is in flight when the link dies, and the primary's bitmap file cannot be written
+///    at that moment: the write must fail for the guest (its difference is not recorded), and so
+///    must a FLUSH, until the bitmap can be written again. Before the fix the dying link's mark
+///    failure was only logged and the write completed OK.
+#[test]
+fn unrecorded_difference_fails_the_write() {
+    let _wd = Watchdog::new("unrecorded_mark", Duration::from_secs(120));
+    let dir = test_dir("fault-unrecorded");
+    let fs_a = FaultFs::mount(dir.path());
+    let size = 32 * MIB;
+    let primary = fs_a.path().join("primary.img");
+    create_image(&primary, size);
+    fs_a.sync();
+    let replica = dir.path().join("replica.img");
+    let secret = secret_file(dir.path(), "unrecorded mark secret 01234\n");
+    let port = free_port();
+    let mut node = AccessNode::spawn(dir.path(), &replica, port, &secret, &Default::default());
+    let proxy = Proxy::start(
+        None,
+        "127.0.0.1:0".parse().expect("addr"),
+        (std::net::Ipv4Addr::LOCALHOST, port).into(),
+    );
+    let opts = mirror_opts(&proxy.addr().to_string(), &secret, None, &[]);
+    let mut b = Backend::spawn(dir.path(), &primary, &opts);
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    // The replica stops answering; a write goes out and waits for its ack.
+    proxy.stall(true);
+    let sock = b.socket().to_path_buf();
+    let writer = std::thread::spawn(move || {
+        let mut c = Client::connect(&sock);
+        let w = c
+            .q()
+            .write(5 * REGION, &pattern(5 * REGION, usz(REGION), 0x7e));
+        let f = c.q().flush();
+        (w, f)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    fs_a.fail("any", "primary.img.bitmap$", "EIO", None);
+    proxy.cut();
+    let (w, f) = writer.join().expect("writer");
+    assert!(
+        w.is_err(),
+        "a write whose difference could not be recorded completed OK; log:\n{}",
+        b.log()
+    );
+    assert!(
+        f.is_err(),
+        "a FLUSH over an unrecorded difference completed OK"
+    );
+    // Once the bitmap can be written again, the pair recovers.
+    fs_a.clear();
+    proxy.stall(false);
+    {
+        let mut c = Client::connect(b.socket());
+        assert_eq!(
+            c.q()
+                .write(6 * REGION, &pattern(6 * REGION, usz(REGION), 0x7f)),
+            Ok(())
+        );
+        assert_eq!(c.q().flush(), Ok(()));
+    }
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    b.terminate(TIMEOUT);
+    node.terminate(TIMEOUT);
+    compare_files(&primary, &replica).unwrap_or_else(|e| panic!("images differ: {e}"));
+}
+
+// ------------------------------------------------------------------------------------------------
 // The randomized checker
 // ------------------------------------------------------------------------------------------------
 
@@ -414,9 +485,12 @@ struct World {
     secret: PathBuf,
     port: u16,
     suspend: bool,
-    /// Some write may have been acknowledged without the replica since the pair was last in
-    /// sync (degrade mode): a failover now could lose it, so the checker does not fail over
+    /// Some write may have been acknowledged without the replica, *and the replica cannot know
+    /// it* (a partition, a cut link, the replica's own crash), since the pair was last in sync
+    /// (degrade mode): a failover now could lose it, so the checker does not fail over
     /// (promotion is the operator's decision, made only for a replica known up to date).
+    /// Failures the replica sees itself (its disk failing) do not count: `promote` must refuse
+    /// such a replica on its own, and the checker tries it.
     degraded: bool,
     rng: Rng,
     oracle: Oracle,
@@ -438,7 +512,8 @@ impl World {
             addr,
         };
         let hosts = [mk(net.ns_a(), net.addr_a()), mk(net.ns_b(), net.addr_b())];
-        let size = 64 * MIB;
+        // 320 activity-log extents of 4 MiB (the log holds 256): scattered writes can overflow it.
+        let size = 1280 * MIB;
         create_image(&hosts[0].image(), size);
         hosts[0].fs.sync();
         let secret = secret_file(
@@ -701,7 +776,7 @@ impl World {
 
     fn step(&mut self) {
         let n = 10 + self.rng.below(60);
-        match self.rng.below(17) {
+        match self.rng.below(20) {
             0..=3 => {
                 self.note("writes");
                 self.burst(n);
@@ -783,9 +858,14 @@ impl World {
                 });
                 let h = &self.hosts[self.s()];
                 h.fs.fail(op, "disk.img$", errno, Some(1 + self.rng.below(5) as u32));
-                self.degraded = true;
                 self.burst(n);
                 self.hosts[self.s()].fs.clear();
+                if self.rng.chance(40) {
+                    // The primary dies right after: a failover must not lose what the
+                    // replica failed to store.
+                    self.note("failover attempt after replica disk errors");
+                    self.failover_step();
+                }
             }
             11 => {
                 let op = if self.rng.chance(50) {
@@ -844,33 +924,118 @@ impl World {
                 self.start_primary();
                 self.verify("after both hosts lost power");
             }
-            _ => {
-                self.burst(n / 2);
-                // Failover: the primary's host dies.
+            16 => {
+                self.note("scattered writes, then primary power loss");
+                self.scattered(300);
                 self.kill_primary();
                 self.hosts[self.p].fs.cut();
-                if self.degraded && !self.suspend {
-                    // Writes may have been acknowledged without the replica: promoting it
-                    // would lose them; the operator restarts the primary instead.
-                    self.note("failover not allowed (degraded): primary restarted");
-                    self.start_primary();
-                    self.verify("after the primary's power loss");
-                    return;
-                }
-                if self.failover() {
-                    self.note("failover");
-                    // The new primary serves the VM; the old host returns as its standby.
-                    self.start_primary();
-                    self.verify("after failover");
-                    self.start_standby();
-                } else {
-                    self.note("failover refused (replica not up to date)");
-                    self.start_standby();
-                    self.start_primary();
-                    self.verify("after a refused failover and restart");
-                }
+                self.start_primary();
+                self.verify("after scattered writes and the primary's power loss");
+            }
+            17 => {
+                self.note("image served alone");
+                self.served_alone(n);
+            }
+            18 => {
+                self.note("replica power loss during resync");
+                self.replica_loss_during_resync();
+            }
+            _ => {
+                self.burst(n / 2);
+                self.failover_step();
             }
         }
+    }
+
+    /// The primary's host dies; the standby is promoted if that is allowed and `promote` agrees.
+    fn failover_step(&mut self) {
+        self.kill_primary();
+        self.hosts[self.p].fs.cut();
+        if self.degraded && !self.suspend {
+            // Writes may have been acknowledged without the replica: promoting it would lose
+            // them; the operator restarts the primary instead.
+            self.note("failover not allowed (degraded): primary restarted");
+            self.start_primary();
+            self.verify("after the primary's power loss");
+            return;
+        }
+        if self.failover() {
+            self.note("failover");
+            // The new primary serves the VM; the old host returns as its standby.
+            self.start_primary();
+            self.verify("after failover");
+            self.start_standby();
+        } else {
+            self.note("failover refused (replica not up to date)");
+            self.start_standby();
+            self.start_primary();
+            self.verify("after a refused failover and restart");
+        }
+    }
+
+    /// One unflushed block in each of `extents` distinct 4 MiB extents.
+    fn scattered(&mut self, extents: u64) {
+        let total = self.size / (4 * MIB);
+        let start = self.rng.below(total);
+        let ops: Vec<GuestOp> = (0..extents.min(total))
+            .map(|i| GuestOp::Write {
+                first: ((start + i) % total) * (4 * MIB / BLOCK) + self.rng.below(1024),
+                len: 1,
+                seed: self.oracle.seed(),
+            })
+            .collect();
+        let Some(mut c) = self.client() else {
+            self.violation("cannot connect a client to the primary".into());
+            return;
+        };
+        let results = run_ops(&mut c, &ops);
+        self.apply(&ops, &results);
+    }
+
+    /// Maintenance: the primary is stopped and its image served alone (no peer) for a while,
+    /// then served with its peer again.
+    fn served_alone(&mut self, n: u64) {
+        if let Some(mut b) = self.primary.take() {
+            b.terminate(TIMEOUT);
+        }
+        self.proxy = None;
+        let image = self.hosts[self.p].image();
+        let opts = BackendOpts {
+            kind: Some(BackendKind::VhostMirror),
+            netns: Some(self.hosts[self.p].ns.clone()),
+            ..BackendOpts::default()
+        };
+        self.primary = Some(Backend::spawn(self.dir.path(), &image, &opts));
+        self.burst(n);
+        if let Some(mut b) = self.primary.take() {
+            b.terminate(TIMEOUT);
+        }
+        self.start_primary();
+    }
+
+    /// The replica is away while many regions change; it returns over a slow link and loses
+    /// power in the middle of the resync.
+    fn replica_loss_during_resync(&mut self) {
+        self.kill_standby();
+        self.degraded = true;
+        if !self.suspend {
+            self.scattered(150);
+            let n = 40;
+            self.burst(n);
+        }
+        let ns = self.hosts[self.p].ns.clone();
+        self.net.rate_limit(&ns, 8000);
+        self.start_standby();
+        if let Some(b) = self.primary.as_mut() {
+            let _ = wait_status(b, Duration::from_secs(10), |v| {
+                status_u64(v, "resync_done_bytes") > 0 || is_in_sync(v)
+            });
+        }
+        std::thread::sleep(Duration::from_millis(self.rng.below(800)));
+        self.kill_standby();
+        self.hosts[self.s()].fs.cut();
+        self.net.clear_rate(&ns);
+        self.start_standby();
     }
 }
 

@@ -266,6 +266,50 @@ mod tests {
         assert_eq!(s.meta.bitmap_generation, 0);
     }
 
+    /// Finding 7: bits marked after SyncDone was sent must not be left without a base
+    /// generation (the replica, now at our generation, would be "in sync" over them).
+    #[test]
+    fn bits_left_after_sync_done_get_a_new_generation() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let mut s = SyncState::open(&img, 64 * REGION_SIZE).unwrap();
+        s.mark(0, 10).unwrap();
+        let sent = s.meta.generation;
+        // SyncDone(sent) is in flight; a write the replica failed is marked meanwhile.
+        s.clear_regions(0, 1);
+        s.mark(5 * REGION_SIZE, 10).unwrap();
+        s.resync_finished(sent).unwrap();
+        assert_ne!(s.meta.generation, sent, "same generation over a difference");
+        assert_eq!(s.meta.bitmap_generation, sent);
+        assert_eq!(s.bitmap.count(), 1);
+        // Nothing marked: the base goes away.
+        s.clear_regions(5, 1);
+        let g = s.meta.generation;
+        s.resync_finished(g).unwrap();
+        assert_eq!(s.meta.bitmap_generation, 0);
+        assert_eq!(s.meta.generation, g);
+    }
+
+    /// A failed persist leaves bits in memory only: the next mark of the same range must
+    /// write them (not return Ok because nothing changed in memory).
+    #[test]
+    fn a_mark_after_a_failed_persist_writes_again() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let mut s = SyncState::open(&img, 64 * REGION_SIZE).unwrap();
+        s.mark(0, 10).unwrap();
+        s.unpersisted = true;
+        s.bitmap.set_range(7 * REGION_SIZE, 1, &mut Vec::new());
+        s.mark(7 * REGION_SIZE, 1).unwrap();
+        assert!(!s.unpersisted);
+        drop(s);
+        let s = SyncState::open(&img, 64 * REGION_SIZE).unwrap();
+        assert!(
+            s.bitmap.is_set(7),
+            "the bit set before the failed persist was not written"
+        );
+    }
+
     #[test]
     fn size_change_is_refused() {
         let d = tempfile::tempdir().unwrap();
