@@ -357,6 +357,25 @@ impl<'n> Session<'n> {
         }
     }
 
+    /// Closes our side and reads (and drops) what the primary still sends, for a moment: a
+    /// close with unread input would reset the connection, and the replies just written
+    /// could be lost.
+    fn linger(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+        let _ = self
+            .stream
+            .set_read_timeout(Some(Duration::from_millis(200)));
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut sink = [0u8; 64 * 1024];
+        let mut r = self.stream;
+        while Instant::now() < deadline {
+            match std::io::Read::read(&mut r, &mut sink) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+
     /// Applies requests until the primary leaves or the link fails.
     fn data_phase(&mut self) -> Result<End, SessionError> {
         let node = self.node;
@@ -389,6 +408,7 @@ impl<'n> Session<'n> {
                         // Nothing after a lost write may be applied (a SyncDone already on
                         // the wire would make this image up to date without it).
                         self.flush_out()?;
+                        self.linger();
                         return Err(SessionError::LostWrite);
                     }
                 }
@@ -431,6 +451,9 @@ fn apply(
 ) -> Result<bool, SessionError> {
     let status = &node.status;
     let c = &status.counters;
+    // One guard for the request and, if it fails, the outdated record: a promotion cannot
+    // come in between.
+    let mut rep = lock(&node.replica);
     let changes_data = matches!(
         f,
         Frame::Write { .. } | Frame::Discard { .. } | Frame::WriteZeroes { .. } | Frame::Flush
@@ -442,7 +465,7 @@ fn apply(
             data,
         } => {
             let start = Instant::now();
-            let r = lock(&node.replica).write(offset, data);
+            let r = rep.write(offset, data);
             Counters::add(&c.write_nanos, start.elapsed().as_nanos() as u64);
             Counters::add(&c.writes, 1);
             if r.is_ok() {
@@ -455,20 +478,20 @@ fn apply(
         }
         Frame::Discard { offset, len } => {
             Counters::add(&c.discards, 1);
-            lock(&node.replica).discard(offset, len)
+            rep.discard(offset, len)
         }
         Frame::WriteZeroes { offset, len, unmap } => {
             Counters::add(&c.write_zeroes, 1);
-            lock(&node.replica).write_zeroes(offset, len, unmap)
+            rep.write_zeroes(offset, len, unmap)
         }
         Frame::Flush => {
             Counters::add(&c.flushes, 1);
-            lock(&node.replica).flush_request()
+            rep.flush_request()
         }
         Frame::Read { offset, len } => {
             Counters::add(&c.reads, 1);
             rbuf.resize(len as usize, 0);
-            match lock(&node.replica).read(offset, rbuf) {
+            match rep.read(offset, rbuf) {
                 Ok(()) => {
                     Counters::add(&c.bytes_read, u64::from(len));
                     frame::encode(seq, &Frame::ReadData { data: rbuf }, out);
@@ -478,7 +501,7 @@ fn apply(
             }
         }
         Frame::SyncStart { full, bytes } => {
-            let r = lock(&node.replica).sync_start();
+            let r = rep.sync_start();
             if r.is_ok() {
                 status.sync_started(bytes);
                 info!(
@@ -489,7 +512,7 @@ fn apply(
             r
         }
         Frame::SyncDone { generation } => {
-            let r = lock(&node.replica).sync_done(generation);
+            let r = rep.sync_done(generation);
             if r.is_ok() {
                 status.sync_done();
                 info!(
@@ -519,7 +542,7 @@ fn apply(
             if changes_data && ack != AckStatus::Fenced && ack != AckStatus::OutOfRange {
                 // This image lacks a write (or a flush lost some) from now on: recorded
                 // before the primary hears of it.
-                if let Err(me) = lock(&node.replica).mark_outdated() {
+                if let Err(me) = rep.mark_outdated() {
                     error!(
                         "image {}: cannot record that it is outdated: {}; dropping the primary",
                         status.image().display(),

@@ -276,6 +276,16 @@ fn file_size_limit_gives_no_space_and_the_node_survives() {
         assert_eq!(p.write(off, 4096), AckStatus::NoSpace);
         assert!(p.is_closed(), "the session went on after a lost write");
         assert!(s.child.try_wait().unwrap().is_none(), "the node died");
+        // The primary closes its side (the node lingers until it does, then frees the slot).
+        p.stream.shutdown(std::net::Shutdown::Both).unwrap();
+        let t = Instant::now();
+        while status_json(&d.path("ctl"))["peer_state"] == "connected" {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the session never ended"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         p = Primary::attach(s.addr, 4 * MIB);
         assert_eq!(
             p.info.as_ref().map(|n| n.disk_state),

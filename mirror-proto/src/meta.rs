@@ -132,8 +132,33 @@ pub fn save_in_place(image: &Path, meta: &Meta) -> Result<(), MetaError> {
         path: path.clone(),
         source,
     })?;
-    let f = OpenOptions::new().write(true).open(&path).map_err(werr)?;
-    let old = f.metadata().map_err(werr)?.len() as usize;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(werr)?;
+    let current = std::fs::read(&path).map_err(werr)?;
+    // A change of one field's value (the disk state): pad the new value with spaces before
+    // the next separator, so that one short run inside one sector changes and a torn write
+    // cannot mix two texts.
+    if let Some(first) = current.iter().zip(&text).position(|(a, b)| a != b) {
+        let sep = |t: &[u8]| {
+            t[first..]
+                .iter()
+                .position(|&c| c == b',' || c == b'\n')
+                .map(|i| first + i)
+        };
+        if let (Some(eo), Some(en)) = (sep(&current), sep(&text)) {
+            if en <= eo && current[eo..].trim_ascii_end() == text[en..].trim_ascii_end() {
+                let mut patch = text[first..en].to_vec();
+                patch.resize(eo - first, b' ');
+                f.write_all_at(&patch, first as u64).map_err(werr)?;
+                return f.sync_data().map_err(werr);
+            }
+        }
+    }
+    // Otherwise the whole text, padded at the end.
+    let old = current.len();
     if text.len() + 1 > old {
         return Err(werr(io::Error::other(
             "the new metadata is longer than the file",
@@ -306,9 +331,17 @@ mod tests {
             disk_state: DiskState::Outdated,
             ..meta()
         };
+        let old_text = std::fs::read(meta_path(&img)).unwrap();
         save_in_place(&img, &outdated).unwrap();
         assert_eq!(load(&img).unwrap(), Some(outdated));
         assert_eq!(std::fs::metadata(meta_path(&img)).unwrap().len(), before);
+        // Only the value changed, in place: the bytes around it are the same.
+        let new_text = std::fs::read(meta_path(&img)).unwrap();
+        let changed: Vec<usize> = (0..old_text.len())
+            .filter(|&i| old_text[i] != new_text[i])
+            .collect();
+        assert!(changed.len() <= 12, "{} bytes changed", changed.len());
+        assert!(changed[changed.len() - 1] - changed[0] < 12);
         let longer = Meta {
             history: vec![1, 2, 3, 4, 5, 6],
             ..meta()

@@ -153,17 +153,13 @@ impl RawImage {
     }
 
     /// A write-side error fails the image (see the type's documentation): every fdatasync
-    /// error, and write errors other than "no space" (which lose nothing: the write did not
-    /// happen, the guest is told, and it may be retried once space is freed).
+    /// error, and write I/O errors (EIO). Others ("no space", a bad buffer) lose nothing: the
+    /// write did not happen, the guest is told, and it may be retried.
     fn fail_on_error<T>(&self, r: Result<T, DiskError>) -> Result<T, DiskError> {
         if let Err(e) = &r {
             let sticky = match e {
                 DiskError::Io { op, source, .. } => {
-                    *op == "fdatasync"
-                        || !matches!(
-                            source.raw_os_error(),
-                            Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG)
-                        )
+                    *op == "fdatasync" || source.raw_os_error() == Some(libc::EIO)
                 }
                 _ => false,
             };

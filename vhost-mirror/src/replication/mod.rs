@@ -279,9 +279,10 @@ impl Mirror {
                     remote.al_pinned = true;
                     return Ok(remote);
                 }
-                // One barrier frees the idle extents it covers; if that was not enough (or
-                // the local flush failed), the bitmap covers this write instead.
-                Ok(activity_log::Begin::NeedBarrier) if barriers == 0 && self.barrier() => {
+                // A barrier frees the idle extents it covers (other queues may take them
+                // first: a few tries); if that is not enough (or the local flush failed), the
+                // bitmap covers this write instead.
+                Ok(activity_log::Begin::NeedBarrier) if barriers < 3 && self.barrier() => {
                     barriers += 1;
                 }
                 // Too large for the log, or no room in it: the bitmap covers it (resynced
@@ -323,10 +324,13 @@ impl Mirror {
             },
             Some((Err(LinkDown), _)) | None => self.marks_durable(),
         };
-        if replica_ok {
+        // Every mark must be on disk too: a bit only in memory (its persist failed) would let
+        // an extent go whose difference nothing else records.
+        let ok = replica_ok && self.marks_durable();
+        if ok {
             self.activity_log.barrier_done(b);
         }
-        replica_ok
+        ok
     }
 
     /// Whether every range recorded out of sync is in the bitmap file (retrying a persist
@@ -543,7 +547,7 @@ impl Mirror {
             ok = false;
         }
         if let Some(b) = remote.barrier {
-            if ok && local_ok {
+            if ok && local_ok && self.marks_durable() {
                 self.activity_log.barrier_done(b);
             }
         }

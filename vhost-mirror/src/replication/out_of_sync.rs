@@ -48,7 +48,25 @@ pub struct SyncState {
     /// writes the whole bitmap until one succeeds (a mark of bits already set in memory is
     /// not "nothing to do" then).
     unpersisted: bool,
+    /// Every mark call is numbered (also one that changes no bit: a dying link re-marking a
+    /// range already set). See [`SyncState::clear_unless_marked_since`].
+    mark_seq: u64,
+    /// While a resync runs: the marks made since its oldest unsettled batch began.
+    watch: Option<MarkLog>,
 }
+
+/// Marks made while a resync is copying: a region marked after its copy was read must not be
+/// cleared by that copy.
+#[derive(Debug, Default)]
+struct MarkLog {
+    marks: Vec<(u64, u64, u64)>,
+    /// Too many marks to keep: no copy older than this mark may clear anything.
+    overflow_seq: Option<u64>,
+}
+
+/// Most marks a resync remembers (24 bytes each); past that its pending batches clear
+/// nothing (their regions are copied again).
+const MAX_WATCHED_MARKS: usize = 65536;
 
 impl SyncState {
     /// Loads (or creates) the metadata and bitmap beside `image`.
@@ -105,6 +123,8 @@ impl SyncState {
             file,
             scratch: Vec::new(),
             unpersisted: false,
+            mark_seq: 0,
+            watch: None,
         })
     }
 
@@ -137,6 +157,15 @@ impl SyncState {
     /// Marks several byte ranges with one fdatasync. Ok only when every bit of them is in
     /// the file (also bits set in memory by an earlier mark whose persist failed).
     pub fn mark_ranges(&mut self, ranges: &[(u64, u64)]) -> Result<(), SyncStateError> {
+        self.mark_seq += 1;
+        if let Some(w) = &mut self.watch {
+            if w.marks.len() + ranges.len() <= MAX_WATCHED_MARKS {
+                w.marks
+                    .extend(ranges.iter().map(|&(o, l)| (self.mark_seq, o, l)));
+            } else {
+                w.overflow_seq = Some(self.mark_seq);
+            }
+        }
         self.scratch.clear();
         for &(offset, len) in ranges {
             self.bitmap.set_range(offset, len, &mut self.scratch);
@@ -161,6 +190,10 @@ impl SyncState {
 
     /// Marks everything out of sync relative to the replica's generation (full sync).
     pub fn mark_all(&mut self, replica_generation: u64) -> Result<(), SyncStateError> {
+        self.mark_seq += 1;
+        if let Some(w) = &mut self.watch {
+            w.overflow_seq = Some(self.mark_seq);
+        }
         self.bitmap.set_all();
         if self.meta.bitmap_generation != replica_generation {
             self.new_generation_for_bitmap(replica_generation)?;
@@ -186,7 +219,48 @@ impl SyncState {
         Ok(())
     }
 
+    /// A resync starts watching marks (see [`SyncState::clear_unless_marked_since`]).
+    pub fn watch_marks(&mut self, on: bool) {
+        self.watch = on.then(MarkLog::default);
+    }
+
+    /// The number of the last mark: a copy read after this sees every earlier mark's data.
+    pub fn mark_seq(&self) -> u64 {
+        self.mark_seq
+    }
+
+    /// A batch of copies, the first of them read after mark `since`, is durable on the
+    /// replica: clears its regions, except those marked since (their new difference came after
+    /// the copy was read: a write the replica failed, a local write that failed, a dying link's
+    /// re-mark). Batches settle in order, so marks up to `since` are forgotten. Returns the
+    /// bytes cleared.
+    pub fn clear_unless_marked_since(&mut self, since: u64, runs: &[(u64, u64)]) -> u64 {
+        let Some(w) = &mut self.watch else {
+            return 0;
+        };
+        if w.overflow_seq.is_some_and(|s| s > since) {
+            return 0;
+        }
+        w.marks.retain(|&(seq, _, _)| seq > since);
+        let mut cleared = 0;
+        for &(first, count) in runs {
+            for r in first..first + count {
+                let (start, len) = region_bytes(r, 1, self.size);
+                let end = start + len;
+                let touched = w
+                    .marks
+                    .iter()
+                    .any(|&(_, o, l)| o < end && start < o.saturating_add(l.max(1)));
+                if !touched && self.bitmap.clear(r) {
+                    cleared += len;
+                }
+            }
+        }
+        cleared
+    }
+
     /// Clears the regions of a copied range (persisted lazily by [`SyncState::persist`]).
+    #[cfg(test)]
     pub fn clear_regions(&mut self, first: u64, count: u64) {
         for r in first..first + count {
             self.bitmap.clear(r);
@@ -195,7 +269,9 @@ impl SyncState {
 
     pub fn persist(&mut self) -> Result<(), SyncStateError> {
         let r = self.file.persist_all(&self.bitmap);
-        self.unpersisted = r.is_err();
+        // Bits without the new generation they need (its save failed) are not recorded yet.
+        self.unpersisted =
+            r.is_err() || (self.meta.bitmap_generation == 0 && !self.bitmap.is_clear());
         Ok(r?)
     }
 

@@ -1,12 +1,13 @@
 //! Resync: copies the out-of-sync regions to the replica while the guest keeps running.
 //!
 //! Each run of regions is taken in the in-flight table first (so a guest write to the same
-//! bytes waits, or is waited for: they never race), read from the local image and sent with
-//! the RESYNC flag. Runs go in batches; each batch ends with a Flush, and a batch's regions are
-//! cleared from the bitmap only once that Flush is acknowledged, i.e. once the replica has
-//! them durably (an ack of a write alone means its page cache). The batch keeps its ranges in
-//! the in-flight table until then, so no guest write to them can be sent, and later marked by
-//! a dying link, between the copy and the clearing.
+//! bytes waits, or is waited for: they never race), read from the local image, sent with the
+//! RESYNC flag, and given back when the replica acknowledged it. Acknowledged runs go in
+//! batches; each batch ends with a Flush, and a batch's regions are cleared from the bitmap
+//! only once that Flush is acknowledged, i.e. once the replica has them durably (an ack of a
+//! write alone means its page cache), and only those regions nobody marked since the batch's
+//! first copy was read (`SyncState::clear_unless_marked_since`): a guest write that failed on
+//! one side, or a dying link re-marking what it had not flushed, keeps its bit.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -26,7 +27,10 @@ use crate::disk::DiskError;
 
 /// Regions per resync frame (1 MiB).
 const RUN_REGIONS: u64 = MAX_DATA as u64 / REGION_SIZE;
-/// Runs per batch (each batch ends with a Flush); at most two batches are in flight.
+/// Resync writes in flight (each holds its range until acknowledged).
+const WINDOW: usize = 8;
+/// Acknowledged runs per batch (each batch ends with a Flush); at most two batches wait for
+/// their Flush.
 const BATCH: usize = 16;
 /// Persist the (shrinking) bitmap after this many bytes.
 const PERSIST_EVERY: u64 = 64 << 20;
@@ -49,12 +53,101 @@ struct InFlight {
     count: u64,
     bytes: u64,
     token: Token,
+    /// The last mark before this run was read.
+    since: u64,
 }
 
-/// Runs sent and the Flush that makes them durable on the replica.
+/// Acknowledged runs and the Flush that makes them durable on the replica.
 struct Batch {
-    runs: Vec<InFlight>,
+    runs: Vec<(u64, u64)>,
+    bytes: u64,
+    since: u64,
     flush: Option<Arc<Waiter>>,
+}
+
+/// The resync's pipeline: writes in flight, acknowledged runs, batches waiting for a Flush.
+#[derive(Default)]
+struct Pipeline {
+    window: VecDeque<InFlight>,
+    acked: Vec<(u64, u64)>,
+    acked_bytes: u64,
+    acked_since: Option<u64>,
+    closed: VecDeque<Batch>,
+}
+
+impl Pipeline {
+    /// Waits for the oldest write in flight; frees its range; adds it to the open batch.
+    fn complete_one(&mut self, m: &Mirror, link: &Link) -> Result<(), ResyncError> {
+        let Some(f) = self.window.pop_front() else {
+            return Ok(());
+        };
+        let r = wait_ok(f.waiter);
+        m.inflight.release(f.token);
+        r?;
+        self.acked.push((f.first, f.count));
+        self.acked_bytes += f.bytes;
+        self.acked_since.get_or_insert(f.since);
+        if self.acked.len() >= BATCH {
+            self.close_batch(link);
+        }
+        Ok(())
+    }
+
+    /// Ends the open batch with a Flush.
+    fn close_batch(&mut self, link: &Link) {
+        let Some(since) = self.acked_since.take() else {
+            return;
+        };
+        let flush = link.send(Frame::Flush).ok();
+        self.closed.push_back(Batch {
+            runs: std::mem::take(&mut self.acked),
+            bytes: std::mem::take(&mut self.acked_bytes),
+            since,
+            flush,
+        });
+    }
+
+    /// Waits for the oldest closed batch's Flush; clears what it made durable.
+    fn settle_one(&mut self, m: &Mirror) -> Result<(), ResyncError> {
+        let Some(b) = self.closed.pop_front() else {
+            return Ok(());
+        };
+        match b.flush {
+            Some(w) => wait_ok(w)?,
+            None => return Err(ResyncError::LinkDown),
+        }
+        m.sync_state().clear_unless_marked_since(b.since, &b.runs);
+        m.status_lock().resync_done += b.bytes;
+        m.resync_total.fetch_add(b.bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Waits for everything: writes in flight, then every batch (the open one closed first).
+    /// Ranges are freed even on errors; the first error is returned.
+    fn drain(&mut self, m: &Mirror, link: &Link) -> Result<(), ResyncError> {
+        let mut r = Ok(());
+        while !self.window.is_empty() {
+            let x = self.complete_one(m, link);
+            if r.is_ok() {
+                r = x;
+            }
+        }
+        if r.is_ok() {
+            self.close_batch(link);
+        }
+        while !self.closed.is_empty() {
+            let x = if r.is_ok() {
+                self.settle_one(m)
+            } else {
+                self.closed.clear();
+                Ok(())
+            };
+            if r.is_ok() {
+                r = x;
+            }
+        }
+        r
+    }
 }
 
 /// Copies every out-of-sync region, then tells the replica it is up to date. `sync_started`:
@@ -122,36 +215,6 @@ fn wait_ok(w: Arc<Waiter>) -> Result<(), ResyncError> {
     }
 }
 
-/// Ends the open batch with a Flush (it becomes a closed one).
-fn close_batch(link: &Link, open: &mut Vec<InFlight>, closed: &mut VecDeque<Batch>) {
-    if open.is_empty() {
-        return;
-    }
-    let flush = link.send(Frame::Flush).ok();
-    closed.push_back(Batch {
-        runs: std::mem::take(open),
-        flush,
-    });
-}
-
-/// Closes the open batch and settles every batch (waits for them, clears what is durable).
-fn settle_all(
-    m: &Mirror,
-    link: &Link,
-    open: &mut Vec<InFlight>,
-    closed: &mut VecDeque<Batch>,
-) -> Result<(), ResyncError> {
-    close_batch(link, open, closed);
-    let mut r = Ok(());
-    while let Some(b) = closed.pop_front() {
-        let x = settle(m, b);
-        if r.is_ok() {
-            r = x;
-        }
-    }
-    r
-}
-
 fn copy_all(
     m: &Mirror,
     link: &Arc<Link>,
@@ -166,24 +229,30 @@ fn copy_all(
                 .map_err(|_| ResyncError::LinkDown)?,
         )?;
     }
-    let mut open: Vec<InFlight> = Vec::new();
-    let mut closed: VecDeque<Batch> = VecDeque::new();
+    m.sync_state().watch_marks(true);
+    let mut p = Pipeline::default();
+    let result = copy_runs(m, link, size, &mut p);
+    // On error, let what is in flight finish (or fail) and free its ranges.
+    let drained = p.drain(m, link);
+    m.sync_state().watch_marks(false);
+    result.and(drained)
+}
+
+fn copy_runs(m: &Mirror, link: &Arc<Link>, size: u64, p: &mut Pipeline) -> Result<(), ResyncError> {
     let mut buf = vec![0u8; MAX_DATA];
     let mut cursor = 0u64;
     let mut since_persist = 0u64;
     let started = Instant::now();
     let mut sent_bytes = 0u64;
-    let result = loop {
+    loop {
         let next = m.sync_state().bitmap.next_run(cursor, RUN_REGIONS);
         let Some((first, count)) = next else {
-            if !open.is_empty() || !closed.is_empty() {
-                if let Err(e) = settle_all(m, link, &mut open, &mut closed) {
-                    break Err(e);
-                }
+            if !p.window.is_empty() || !p.acked.is_empty() || !p.closed.is_empty() {
+                p.drain(m, link)?;
                 continue;
             }
             if m.sync_state().bitmap.is_clear() {
-                break Ok(());
+                return Ok(());
             }
             // Regions marked behind the cursor meanwhile: go round again.
             cursor = 0;
@@ -194,21 +263,19 @@ fn copy_all(
             Some(t) => t,
             None => {
                 // Never wait for others while holding ranges ourselves.
-                if let Err(e) = settle_all(m, link, &mut open, &mut closed) {
-                    break Err(e);
+                while !p.window.is_empty() {
+                    p.complete_one(m, link)?;
                 }
                 // A guest request holding the range may itself wait for the next link
                 // (suspend mode): give up when this one dies, so that a new one can come.
-                match reserve_while_alive(m, link, offset, len) {
-                    Some(t) => t,
-                    None => break Err(ResyncError::LinkDown),
-                }
+                reserve_while_alive(m, link, offset, len).ok_or(ResyncError::LinkDown)?
             }
         };
+        let since = m.sync_state().mark_seq();
         let data = &mut buf[..len as usize];
         if let Err(e) = m.disk.read_at(data, offset) {
             m.inflight.release(token);
-            break Err(ResyncError::Read(e));
+            return Err(ResyncError::Read(e));
         }
         // All-zero regions (sparse parts of the image) travel as a 24-byte WriteZeroes.
         let req = if data.iter().all(|b| *b == 0) {
@@ -228,34 +295,29 @@ fn copy_all(
             Ok(w) => w,
             Err(_) => {
                 m.inflight.release(token);
-                break Err(ResyncError::LinkDown);
+                return Err(ResyncError::LinkDown);
             }
         };
-        open.push(InFlight {
+        p.window.push_back(InFlight {
             waiter,
             first,
             count,
             bytes: len,
             token,
+            since,
         });
         cursor = first + count;
         sent_bytes += len;
         since_persist += len;
-        if open.len() >= BATCH {
-            close_batch(link, &mut open, &mut closed);
-            if closed.len() >= 2 {
-                if let Some(b) = closed.pop_front() {
-                    if let Err(e) = settle(m, b) {
-                        break Err(e);
-                    }
-                }
-            }
+        if p.window.len() >= WINDOW {
+            p.complete_one(m, link)?;
+        }
+        if p.closed.len() >= 2 {
+            p.settle_one(m)?;
         }
         if since_persist >= PERSIST_EVERY {
             since_persist = 0;
-            if let Err(e) = m.sync_state().persist() {
-                break Err(ResyncError::Bitmap(e));
-            }
+            m.sync_state().persist().map_err(ResyncError::Bitmap)?;
         }
         if let Some(rate) = m.cfg.resync_rate {
             // Hold the average at `rate` bytes per second.
@@ -263,16 +325,13 @@ fn copy_all(
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 // Free the ranges in flight first: guest writes to them must not wait out the
                 // pause.
-                if let Err(e) = settle_all(m, link, &mut open, &mut closed) {
-                    break Err(e);
+                while !p.window.is_empty() {
+                    p.complete_one(m, link)?;
                 }
                 std::thread::sleep(wait);
             }
         }
-    };
-    // On error, let what is in flight finish (or fail) and free its ranges.
-    let _ = settle_all(m, link, &mut open, &mut closed);
-    result
+    }
 }
 
 fn reserve_while_alive(m: &Mirror, link: &Link, offset: u64, len: u64) -> Option<Token> {
@@ -288,37 +347,4 @@ fn reserve_while_alive(m: &Mirror, link: &Link, offset: u64, len: u64) -> Option
             return None;
         }
     }
-}
-
-/// Waits for a batch's acks and its Flush; only then clears its regions (the replica has them
-/// durably); frees its ranges either way.
-fn settle(m: &Mirror, b: Batch) -> Result<(), ResyncError> {
-    let mut r = Ok(());
-    for f in &b.runs {
-        let x = wait_ok(f.waiter.clone());
-        if r.is_ok() {
-            r = x;
-        }
-    }
-    let flushed = match b.flush {
-        Some(w) => wait_ok(w),
-        None => Err(ResyncError::LinkDown),
-    };
-    if r.is_ok() {
-        r = flushed;
-    }
-    if r.is_ok() {
-        let mut s = m.sync_state();
-        for f in &b.runs {
-            s.clear_regions(f.first, f.count);
-        }
-        drop(s);
-        let bytes: u64 = b.runs.iter().map(|f| f.bytes).sum();
-        m.status_lock().resync_done += bytes;
-        m.resync_total.fetch_add(bytes, Ordering::Relaxed);
-    }
-    for f in b.runs {
-        m.inflight.release(f.token);
-    }
-    r
 }
