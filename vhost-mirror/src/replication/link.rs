@@ -23,11 +23,18 @@ pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// An idle link sends a Ping this often.
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 /// Once this many bytes were written since the last Flush, the link sends one of its own: the
-/// replica's unflushed data (and what a dying link must mark) stays bounded however rarely
-/// the guest flushes.
-pub const AUTO_FLUSH_BYTES: u64 = 64 << 20;
-/// Likewise for the number of separate unflushed ranges (the memory they take).
-pub const AUTO_FLUSH_RANGES: usize = 4096;
+/// replica's unflushed data (and what a dying link must mark and resync) stays bounded
+/// however rarely the guest flushes. (A Flush stalls the replica's pipeline while it
+/// `fdatasync`s: large, so that it is rare.)
+pub const AUTO_FLUSH_BYTES: u64 = 8 << 30;
+/// Likewise for the number of separate unflushed ranges (the memory they take), counted after
+/// compaction to whole 64 KiB regions (which is what a dying link marks anyway).
+pub const AUTO_FLUSH_RANGES: usize = 65536;
+/// The unflushed ranges are compacted once there are this many (and twice as many as after
+/// the last compaction).
+const COMPACT_AT: usize = 4096;
+/// Compaction granularity: the out-of-sync bitmap's region.
+const COMPACT_GRAIN: u64 = mirror_proto::bitmap::REGION_SIZE;
 
 /// What a request got back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,6 +160,8 @@ struct Out {
     /// Writes sent since the last flush was sent: the replica has them only in its cache.
     unflushed: Vec<(u64, u64)>,
     unflushed_bytes: u64,
+    /// Length of `unflushed` right after its last compaction.
+    compacted_len: usize,
     /// Flushes in flight, oldest first, each with the writes it will make durable.
     flushing: Vec<(u64, Vec<(u64, u64)>)>,
     last_send: Instant,
@@ -188,6 +197,7 @@ impl Link {
                 pending: HashMap::new(),
                 unflushed: Vec::new(),
                 unflushed_bytes: 0,
+                compacted_len: 0,
                 flushing: Vec::new(),
                 last_send: Instant::now(),
             }),
@@ -487,6 +497,10 @@ impl Out {
     fn add_unflushed(&mut self, offset: u64, len: u64) {
         push_range(&mut self.unflushed, offset, len);
         self.unflushed_bytes += len;
+        if self.unflushed.len() >= COMPACT_AT && self.unflushed.len() >= 2 * self.compacted_len {
+            compact(&mut self.unflushed);
+            self.compacted_len = self.unflushed.len();
+        }
         if self.unflushed_bytes >= AUTO_FLUSH_BYTES || self.unflushed.len() >= AUTO_FLUSH_RANGES {
             let seq = self.queue_own(&Frame::Flush);
             self.start_flush(seq);
@@ -515,8 +529,29 @@ impl Out {
     fn start_flush(&mut self, seq: u64) {
         let covered = std::mem::take(&mut self.unflushed);
         self.unflushed_bytes = 0;
+        self.compacted_len = 0;
         self.flushing.push((seq, covered));
     }
+}
+
+/// Rounds every range out to whole regions, sorts and merges them.
+fn compact(v: &mut Vec<(u64, u64)>) {
+    for r in v.iter_mut() {
+        let start = r.0 / COMPACT_GRAIN * COMPACT_GRAIN;
+        let end = r.0.saturating_add(r.1).div_ceil(COMPACT_GRAIN) * COMPACT_GRAIN;
+        *r = (start, end - start);
+    }
+    v.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(v.len());
+    for &(o, l) in v.iter() {
+        match out.last_mut() {
+            Some(last) if o <= last.0 + last.1 => {
+                last.1 = last.1.max(o + l - last.0);
+            }
+            _ => out.push((o, l)),
+        }
+    }
+    *v = out;
 }
 
 /// Appends a range, merging it with the last one when they touch.
@@ -582,29 +617,53 @@ mod tests {
     }
 
     /// Finding 7: a guest that never flushes still gets the replica's cache flushed by the
-    /// link itself, so what a dying link must mark stays bounded.
+    /// link itself, so what a dying link must mark (and the memory it takes) stays bounded.
+    /// Ranges are first compacted to whole regions; only ranges that stay apart count.
     #[test]
     fn unflushed_writes_are_bounded() {
         let (link, _marked, _peer) = link_with_slow_on_down();
-        let chunk = vec![7u8; MAX_DATA];
-        let mut flushes = 0;
-        for i in 0..(2 * AUTO_FLUSH_BYTES / MAX_DATA as u64) {
+        let region = mirror_proto::bitmap::REGION_SIZE;
+        // Eight small writes per region: compacted, they never reach the limit.
+        for i in 0..(8 * COMPACT_AT as u64) {
             let _w = link
-                .send_write_with(i * MAX_DATA as u64, MAX_DATA as u64, false, |b| {
-                    b.extend_from_slice(&chunk)
+                .send_write_with(i * region / 8, 512, false, |b| {
+                    b.extend_from_slice(&[0; 512])
                 })
                 .unwrap();
-            let g = link.lock();
-            assert!(g.unflushed_bytes < AUTO_FLUSH_BYTES);
-            flushes = g.flushing.len();
         }
-        assert!(flushes >= 2, "the link sent {flushes} flushes of its own");
+        {
+            let g = link.lock();
+            assert!(g.flushing.is_empty(), "a flush for compactable ranges");
+            assert!(g.unflushed.len() <= 2 * COMPACT_AT, "{}", g.unflushed.len());
+        }
+        // One write in each of more regions than the limit: the link flushes on its own.
+        let base = 1 << 40;
         for i in 0..(AUTO_FLUSH_RANGES as u64 + 10) {
             let _w = link
-                .send_write_with(i * 8192, 512, false, |b| b.extend_from_slice(&[0; 512]))
+                .send_write_with(base + i * 2 * region, 512, false, |b| {
+                    b.extend_from_slice(&[0; 512])
+                })
                 .unwrap();
+            assert!(link.lock().unflushed.len() < AUTO_FLUSH_RANGES);
         }
-        assert!(link.lock().unflushed.len() < AUTO_FLUSH_RANGES);
+        assert!(
+            !link.lock().flushing.is_empty(),
+            "no flush of the link's own"
+        );
         link.fail("done");
+    }
+
+    #[test]
+    fn compaction_rounds_to_regions_and_merges() {
+        let r = mirror_proto::bitmap::REGION_SIZE;
+        let mut v = vec![
+            (3 * r + 5, 10),
+            (r, 1),
+            (3 * r, 1),
+            (r + 100, 2 * r),
+            (10 * r, r),
+        ];
+        compact(&mut v);
+        assert_eq!(v, vec![(r, 3 * r), (10 * r, r)]);
     }
 }

@@ -29,9 +29,9 @@ use crate::disk::DiskError;
 const RUN_REGIONS: u64 = MAX_DATA as u64 / REGION_SIZE;
 /// Resync writes in flight (each holds its range until acknowledged).
 const WINDOW: usize = 8;
-/// Acknowledged runs per batch (each batch ends with a Flush); at most two batches wait for
-/// their Flush.
-const BATCH: usize = 16;
+/// Acknowledged runs per batch (each batch ends with a Flush, which stalls the replica while it
+/// `fdatasync`s: 64 MiB between them); at most two batches wait for their Flush.
+const BATCH: usize = 64;
 /// Persist the (shrinking) bitmap after this many bytes.
 const PERSIST_EVERY: u64 = 64 << 20;
 
