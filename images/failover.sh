@@ -11,6 +11,8 @@
 #                          access node is gone too), the image is promoted directly
 #   --socket SOCK          vhost-user socket for the standby VM (QEMU_COMMAND must use it)
 #   --peer ADDR            mirror to the old primary as soon as it returns as an access node
+#                          (without it the promoted image is served alone: every write is
+#                          recorded out of sync and copied once it is served with --peer)
 #   --secret-file F        shared secret for --peer
 #   --control CTL2         control socket of the new vhost-mirror
 #   --force                promote even an inconsistent replica (initial sync unfinished)
