@@ -664,3 +664,125 @@ impl Mirror {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mirror_proto::conn::{self, FrameReader};
+    use std::net::{TcpListener, TcpStream};
+
+    /// A Mirror on a temp image (no connection manager) and a way to give it links.
+    fn mirror() -> (tempfile::TempDir, Arc<Mirror>) {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let disk = Arc::new(RawImage::open(&img, false).unwrap());
+        let cfg = MirrorConfig {
+            image: img,
+            peer: Some(PeerAddr {
+                addr: "test".into(),
+                secret: Secret::from_bytes(b"0123456789abcdef").unwrap(),
+            }),
+            on_peer_loss: PeerLoss::Degrade,
+            resync_rate: None,
+        };
+        (d, Mirror::new(cfg, disk).unwrap())
+    }
+
+    /// A link to a loopback peer, published to `m`; returns it and the peer's side.
+    fn link(m: &Arc<Mirror>) -> (Arc<Link>, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (peer, _) = l.accept().unwrap();
+        let mm = m.clone();
+        let on_down: link::OnDown = Box::new(move |ranges, _| {
+            let _ = mm.sync_state().mark_ranges(ranges);
+        });
+        let reader = FrameReader::new(s.try_clone().unwrap());
+        let link = Link::start(s, reader, m.stats.clone(), on_down).unwrap();
+        m.publish(Some(link.clone()));
+        (link, peer)
+    }
+
+    /// The next data-phase frame's kind and sequence number (pings skipped).
+    fn next_frame(r: &mut FrameReader<TcpStream>) -> (String, u64) {
+        loop {
+            let d = r.read_frame().unwrap();
+            if !matches!(d.frame, Frame::Ping { .. }) {
+                return (d.frame.name().to_owned(), d.seq);
+            }
+        }
+    }
+
+    fn write(m: &Mirror, offset: u64, durable: bool) -> Remote {
+        let t = m.try_reserve(0, offset, 4096).unwrap();
+        let mut r = m.begin_write(t, offset, 4096).unwrap();
+        m.send_data(&mut r, offset, &[7u8; 4096]).unwrap();
+        if durable {
+            m.send_durable(&mut r).unwrap();
+        }
+        r
+    }
+
+    /// Finding 7: with the guest's write cache off (write-through), a write completes only
+    /// once it is durable on the replica too: a Flush follows it on the link, and the request
+    /// waits for that Flush's answer.
+    #[test]
+    fn write_through_writes_are_flushed_on_the_replica() {
+        let (_d, m) = mirror();
+        let (_link, peer) = link(&m);
+        let mut r = FrameReader::new(peer.try_clone().unwrap());
+        let mut w = peer;
+        let remote = write(&m, 0, true);
+        let (kind, seq_w) = next_frame(&mut r);
+        assert_eq!(kind, "Write");
+        let (kind, seq_f) = next_frame(&mut r);
+        assert_eq!(kind, "Flush", "no Flush after a write-through write");
+        let ack = Frame::Ack {
+            status: AckStatus::Ok,
+        };
+        conn::send(&mut w, seq_w, &ack).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            !m.is_answered(&remote),
+            "the write counts as done before the replica flushed it"
+        );
+        conn::send(&mut w, seq_f, &ack).unwrap();
+        assert!(m.wait_answered_timeout(&remote, Duration::from_secs(5)));
+        assert_eq!(m.finish(remote, true), (true, None));
+    }
+
+    /// Finding 7: a request's failure is its own link's: a reply on an old link never tears
+    /// down the link that replaced it.
+    #[test]
+    fn a_failure_on_an_old_link_leaves_the_new_one_alone() {
+        let (_d, m) = mirror();
+        let (old, peer) = link(&m);
+        let mut r = FrameReader::new(peer.try_clone().unwrap());
+        let mut w = peer;
+        let remote = write(&m, 0, false);
+        let (_, seq) = next_frame(&mut r);
+        // A new link comes (the old one is still up, its request unanswered).
+        let (new, _peer2) = link(&m);
+        // The old link's replica fails the write.
+        let nospace = Frame::Ack {
+            status: AckStatus::NoSpace,
+        };
+        conn::send(&mut w, seq, &nospace).unwrap();
+        let (ok, _) = m.finish(remote, true);
+        assert!(ok, "the failure was recorded, the guest's write is fine");
+        assert!(
+            !old.is_alive(),
+            "the link that failed the write is still up"
+        );
+        assert!(
+            new.is_alive(),
+            "a failure on the old link tore down the new one"
+        );
+        assert!(
+            m.sync_state().bitmap.any_in_range(0, 4096),
+            "the failed write is not recorded out of sync"
+        );
+        new.fail("done");
+    }
+}
