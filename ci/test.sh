@@ -31,7 +31,9 @@ echo "== fault tier: the layers themselves (faultfs power loss, network namespac
 cargo test -p vhost-mirror-tests --locked --test faultfs --test netfault
 
 echo "== fault tier: regressions and a short pass of the randomized checker (ci/faults.sh runs more)"
-FAULT_ROUNDS=${FAULT_ROUNDS:-3} FAULT_STEPS=${FAULT_STEPS:-12} \
+# Fixed seeds here (a gate should not depend on the day's dice): the first three rounds of a
+# 200-round ci/faults.sh run; ci/faults.sh draws new seeds every time.
+FAULT_SEED=${FAULT_SEED:-18ed331fa1eff14a} FAULT_ROUNDS=${FAULT_ROUNDS:-3} FAULT_STEPS=${FAULT_STEPS:-12} \
     cargo test -p vhost-mirror-tests --locked --test faults -- --nocapture --test-threads=1
 
 echo "== VM tier (QEMU, TCG unless KVM works): file server, then failover and failback"
