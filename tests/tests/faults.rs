@@ -588,7 +588,11 @@ impl World {
         1 - self.p
     }
 
+    /// Any (re)start of either side: until the pair is in sync again the primary may
+    /// acknowledge writes the standby lacks (degrade mode), and a standby that has not been
+    /// resynced may be an old primary's image that knows nothing of them.
     fn start_standby(&mut self) {
+        self.degraded = true;
         let h = &self.hosts[self.s()];
         let opts = AccessNodeOpts {
             netns: Some(h.ns.clone()),
@@ -605,6 +609,7 @@ impl World {
     }
 
     fn start_primary(&mut self) {
+        self.degraded = true;
         let target: SocketAddr = (self.hosts[self.s()].addr, self.port).into();
         let ns = self.hosts[self.p].ns.clone();
         let proxy = Proxy::start(Some(&ns), "127.0.0.1:0".parse().expect("addr"), target);
