@@ -634,6 +634,9 @@ impl World {
             b.socket(),
             &ClientOpts {
                 buf_per_queue: usz(MIB),
+                // A guest write may wait behind a long resync on a slow or lossy link (slow,
+                // not lost: issue 12 makes the resync yield); a hang still fails the round.
+                io_timeout: Duration::from_secs(120),
                 ..ClientOpts::default()
             },
         )
