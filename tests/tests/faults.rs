@@ -205,6 +205,37 @@ fn replica_that_failed_a_write_is_outdated_and_not_promoted() {
     );
 }
 
+/// A primary whose image is on a power-loss layer (a 32 MiB image, fsynced), a replica path
+/// on the plain disk, a secret and a free port. Processes the test starts afterwards drop
+/// before all of it.
+struct FaultyPrimary {
+    fs: FaultFs,
+    dir: tempfile::TempDir,
+    primary: PathBuf,
+    replica: PathBuf,
+    secret: PathBuf,
+    port: u16,
+}
+
+impl FaultyPrimary {
+    fn new(name: &str) -> FaultyPrimary {
+        let dir = test_dir(name);
+        let fs = FaultFs::mount(dir.path());
+        let primary = fs.path().join("primary.img");
+        create_image(&primary, 32 * MIB);
+        fs.sync();
+        let secret = secret_file(dir.path(), &format!("secret of {name} 0123456789\n"));
+        FaultyPrimary {
+            replica: dir.path().join("replica.img"),
+            fs,
+            dir,
+            primary,
+            secret,
+            port: free_port(),
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Finding 7: an fdatasync error is reported by the kernel once
 // ------------------------------------------------------------------------------------------------
@@ -216,15 +247,15 @@ fn replica_that_failed_a_write_is_outdated_and_not_promoted() {
 #[test]
 fn local_fdatasync_error_is_never_forgotten() {
     let _wd = Watchdog::new("fsync_error_sticky", Duration::from_secs(120));
-    let dir = test_dir("fault-fsync");
-    let fs_a = FaultFs::mount(dir.path());
-    let size = 32 * MIB;
-    let primary = fs_a.path().join("primary.img");
-    create_image(&primary, size);
-    fs_a.sync();
-    let replica = dir.path().join("replica.img");
-    let secret = secret_file(dir.path(), "fsync error secret 0123456\n");
-    let port = free_port();
+    // (Bound dir first: locals drop in reverse, so the mount goes before the directory.)
+    let FaultyPrimary {
+        dir,
+        fs: fs_a,
+        primary,
+        replica,
+        secret,
+        port,
+    } = FaultyPrimary::new("fault-fsync");
     let mut node = AccessNode::spawn(dir.path(), &replica, port, &secret, &Default::default());
     let opts = mirror_opts(&format!("127.0.0.1:{port}"), &secret, None, &[]);
     let mut b = Backend::spawn(dir.path(), &primary, &opts);
@@ -276,15 +307,15 @@ fn local_fdatasync_error_is_never_forgotten() {
 #[test]
 fn unrecorded_difference_fails_the_write() {
     let _wd = Watchdog::new("unrecorded_mark", Duration::from_secs(120));
-    let dir = test_dir("fault-unrecorded");
-    let fs_a = FaultFs::mount(dir.path());
-    let size = 32 * MIB;
-    let primary = fs_a.path().join("primary.img");
-    create_image(&primary, size);
-    fs_a.sync();
-    let replica = dir.path().join("replica.img");
-    let secret = secret_file(dir.path(), "unrecorded mark secret 01234\n");
-    let port = free_port();
+    // (Bound dir first: locals drop in reverse, so the mount goes before the directory.)
+    let FaultyPrimary {
+        dir,
+        fs: fs_a,
+        primary,
+        replica,
+        secret,
+        port,
+    } = FaultyPrimary::new("fault-unrecorded");
     let mut node = AccessNode::spawn(dir.path(), &replica, port, &secret, &Default::default());
     let proxy = Proxy::start(
         None,
