@@ -37,9 +37,13 @@ pub struct ServeArgs {
     /// File holding the secret shared with the primary (trailing whitespace is ignored).
     #[arg(long, value_name = "F")]
     pub secret_file: PathBuf,
-    /// Unix socket for `access-node status`.
+    /// Unix socket for `access-node status` and `access-node promote`.
     #[arg(long, value_name = "CTL")]
     pub control: Option<PathBuf>,
+    /// Let members of GROUP (a name or a number) use CTL too: the socket becomes mode 0660,
+    /// owned by GROUP. Without it, 0600: only root and this user.
+    #[arg(long, value_name = "GROUP", requires = "control")]
+    pub socket_group: Option<String>,
     /// Read cache size in MiB (0 disables the cache).
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub cache_mb: u64,
@@ -102,6 +106,7 @@ mod tests {
             Command::Serve(a) => {
                 assert_eq!(a.cache_mb, 64);
                 assert_eq!(a.control, None);
+                assert_eq!(a.socket_group, None);
                 assert!(!a.discard_my_data);
                 assert_eq!((a.on_primary_loss, a.primary_timeout), (None, None));
             }
@@ -117,6 +122,32 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.to_string().contains("--secret-file"), "{e}");
+    }
+
+    #[test]
+    fn socket_group_needs_control() {
+        let base = [
+            "access-node",
+            "serve",
+            "--image",
+            "a.img",
+            "--listen",
+            "127.0.0.1:7800",
+            "--secret-file",
+            "s",
+        ];
+        let e = Cli::try_parse_from(base.iter().chain(&["--socket-group", "kvm"])).unwrap_err();
+        assert!(e.to_string().contains("--control"), "{e}");
+        let c =
+            Cli::try_parse_from(
+                base.iter()
+                    .chain(&["--socket-group", "kvm", "--control", "c"]),
+            )
+            .unwrap();
+        match c.command {
+            Command::Serve(a) => assert_eq!(a.socket_group.as_deref(), Some("kvm")),
+            c => panic!("{c:?}"),
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use mirror_proto::auth::{AuthError, Secret};
+use mirror_proto::sys::{GroupError, SocketAccess};
 use thiserror::Error;
 
 use crate::args::ServeArgs;
@@ -36,6 +37,8 @@ pub enum ConfigError {
     PrimaryTimeout,
     #[error("--on-primary-loss needs a command")]
     EmptyCommand,
+    #[error("--socket-group")]
+    SocketGroup(#[source] GroupError),
 }
 
 /// `--on-primary-loss CMD --primary-timeout SECS`.
@@ -51,6 +54,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub secret: Secret,
     pub control: Option<PathBuf>,
+    /// Who may use the control socket besides root and us.
+    pub socket_access: SocketAccess,
     pub cache_bytes: u64,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
@@ -92,12 +97,21 @@ impl TryFrom<ServeArgs> for ServeConfig {
             // clap refuses --primary-timeout without --on-primary-loss already.
             None => None,
         };
+        let socket_access = SocketAccess {
+            group: match &a.socket_group {
+                Some(g) => {
+                    Some(mirror_proto::sys::resolve_group(g).map_err(ConfigError::SocketGroup)?)
+                }
+                None => None,
+            },
+        };
         let secret = Secret::load(&a.secret_file)?;
         Ok(ServeConfig {
             image: a.image,
             listen,
             secret,
             control: a.control,
+            socket_access,
             cache_bytes: a.cache_mb << 20,
             handshake_timeout: HANDSHAKE_TIMEOUT,
             idle_timeout: IDLE_TIMEOUT,
@@ -119,6 +133,7 @@ mod tests {
             listen: "127.0.0.1:7800".into(),
             secret_file: secret,
             control: None,
+            socket_group: None,
             cache_mb: 64,
             discard_my_data: false,
             on_primary_loss: None,
@@ -157,6 +172,29 @@ mod tests {
         assert!(matches!(
             ServeConfig::try_from(a),
             Err(ConfigError::SamePaths)
+        ));
+    }
+
+    #[test]
+    fn socket_group_by_name_or_number() {
+        let d = tempfile::tempdir().unwrap();
+        let c = ServeConfig::try_from(args(d.path())).unwrap();
+        assert_eq!(c.socket_access.group, None);
+        let a = ServeArgs {
+            socket_group: Some("4242".into()),
+            ..args(d.path())
+        };
+        assert_eq!(
+            ServeConfig::try_from(a).unwrap().socket_access.group,
+            Some(4242)
+        );
+        let a = ServeArgs {
+            socket_group: Some("no-such-group-vhm".into()),
+            ..args(d.path())
+        };
+        assert!(matches!(
+            ServeConfig::try_from(a),
+            Err(ConfigError::SocketGroup(_))
         ));
     }
 

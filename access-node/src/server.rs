@@ -5,7 +5,6 @@
 
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -40,12 +39,6 @@ pub enum ServeError {
     },
     #[error("control socket")]
     Socket(#[from] mirror_proto::sys::SocketPathError),
-    #[error("cannot listen on control socket {path}")]
-    ControlListen {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
     #[error("cannot start a thread")]
     Thread(#[source] io::Error),
     #[error("cannot set up signal handling")]
@@ -240,15 +233,7 @@ impl Server {
             source,
         })?;
         let control_listener = match &config.control {
-            Some(p) => {
-                mirror_proto::sys::claim_socket_path(p)?;
-                Some(
-                    UnixListener::bind(p).map_err(|source| ServeError::ControlListen {
-                        path: p.clone(),
-                        source,
-                    })?,
-                )
-            }
+            Some(p) => Some(mirror_proto::sys::listen_unix(p, &config.socket_access)?),
             None => None,
         };
         let info = replica.node_info();
@@ -306,7 +291,8 @@ impl Server {
                     n.request_stop();
                 }
             });
-            control::spawn_server_then(l, f, after).map_err(ServeError::Thread)?;
+            control::spawn_server_then(l, config.socket_access, f, after)
+                .map_err(ServeError::Thread)?;
         }
         if let Some(pl) = config.primary_loss {
             watchdog::spawn(node.clone(), pl, config.control.clone())

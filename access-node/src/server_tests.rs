@@ -64,6 +64,7 @@ impl Fixture {
             listen: "127.0.0.1:0".parse().unwrap(),
             secret: Secret::from_bytes(SECRET).unwrap(),
             control: Some(control.clone()),
+            socket_access: Default::default(),
             cache_bytes: MIB,
             handshake_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(1),

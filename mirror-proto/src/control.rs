@@ -4,8 +4,13 @@
 //! Protocol: the client sends one line (a command such as `status`), the server answers one
 //! line of JSON and closes. The human-readable table is rendered on the client side from the
 //! same JSON.
+//!
+//! Access: the socket is created by [`crate::sys::listen_unix`] (mode 0600, or 0660 with
+//! `--socket-group`), and every connection's peer is checked ([`SocketAccess`]) before a byte
+//! is read from it; a refused one is closed at once (one rate-limited WARN line).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +19,8 @@ use std::time::Duration;
 use log::{debug, warn};
 use serde_json::Value;
 use thiserror::Error;
+
+use crate::sys::{RefusalLog, SocketAccess};
 
 #[derive(Debug, Error)]
 pub enum ControlError {
@@ -80,24 +87,43 @@ const MAX_REQUEST: u64 = 256;
 /// How long [`request`] waits for a reply.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Serves status requests on `listener` until the process exits.
-pub fn spawn_server(listener: UnixListener, handler: Handler) -> io::Result<()> {
-    spawn_server_then(listener, handler, Arc::new(|_, _| {}))
+/// Serves status requests on `listener` until the process exits, to the peers `access`
+/// allows.
+pub fn spawn_server(
+    listener: UnixListener,
+    access: SocketAccess,
+    handler: Handler,
+) -> io::Result<()> {
+    spawn_server_then(listener, access, handler, Arc::new(|_, _| {}))
 }
 
 /// Like [`spawn_server`]; `after` runs once each reply is out. Each connection is served by a
 /// thread of its own.
 pub fn spawn_server_then(
     listener: UnixListener,
+    access: SocketAccess,
     handler: Handler,
     after: AfterReply,
 ) -> io::Result<()> {
+    let name = match listener.local_addr() {
+        Ok(a) => match a.as_pathname() {
+            Some(p) => format!("control socket {}", p.display()),
+            None => "control socket".to_owned(),
+        },
+        Err(_) => "control socket".to_owned(),
+    };
+    let mut refusals = RefusalLog::new(name);
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 match conn {
                     Ok(stream) => {
+                        // Before anything is read: a refused peer is closed at once.
+                        if let Err(why) = access.check_peer(stream.as_fd()) {
+                            refusals.refused(&why, &access);
+                            continue;
+                        }
                         // One thread per request: a silent client cannot delay the others.
                         let (h, a) = (handler.clone(), after.clone());
                         let spawned = std::thread::Builder::new()
@@ -379,7 +405,7 @@ mod tests {
             "status" => serde_json::json!({"image": "x", "reads": 3}),
             other => serde_json::json!({"error": format!("unknown command {other:?}")}),
         });
-        spawn_server(l, h).unwrap();
+        spawn_server(l, SocketAccess::default(), h).unwrap();
         let v = query_status(&p).unwrap();
         assert_eq!(v["reads"], 3);
         // Garbage gets an error reply, and the server keeps serving.
@@ -421,7 +447,7 @@ mod tests {
                 .unwrap()
                 .send((cmd.to_owned(), reply["echo"].clone()));
         });
-        spawn_server_then(l, h, after).unwrap();
+        spawn_server_then(l, SocketAccess::default(), h, after).unwrap();
         let v = request_timeout(&p, "promote force", Duration::from_secs(1)).unwrap();
         assert_eq!(v["echo"], "promote force");
         let (cmd, echoed) = rx.recv_timeout(Duration::from_secs(5)).unwrap();

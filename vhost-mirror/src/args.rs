@@ -49,6 +49,10 @@ pub struct ServeArgs {
     /// Unix socket for `vhost-mirror status`.
     #[arg(long, value_name = "CTL")]
     pub control: Option<PathBuf>,
+    /// Let members of GROUP (a name or a number) use SOCK and CTL too: the sockets become mode
+    /// 0660, owned by GROUP. Without it they are 0600: only root and this user.
+    #[arg(long, value_name = "GROUP")]
+    pub socket_group: Option<String>,
     /// Replicate synchronously to the access node at ADDR (host:port).
     #[arg(long, value_name = "ADDR")]
     pub peer: Option<String>,

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use mirror_proto::auth::{AuthError, Secret};
+use mirror_proto::sys::{GroupError, SocketAccess};
 use thiserror::Error;
 
 use crate::args::ServeArgs;
@@ -31,6 +32,8 @@ pub enum ConfigError {
     QueueSize(u16),
     #[error("--socket and --control must be different paths")]
     SamePaths,
+    #[error("--socket-group")]
+    SocketGroup(#[source] GroupError),
 }
 
 #[derive(Debug, Clone)]
@@ -41,6 +44,8 @@ pub struct ServeConfig {
     pub queue_size: u16,
     pub readonly: bool,
     pub control: Option<PathBuf>,
+    /// Who may use the vhost-user and control sockets besides root and us.
+    pub socket_access: SocketAccess,
     pub mirror: Option<MirrorConfig>,
     pub poll: std::time::Duration,
 }
@@ -61,6 +66,14 @@ impl TryFrom<ServeArgs> for ServeConfig {
         if a.poll_us > 1000 {
             return Err(ConfigError::PollUs(a.poll_us));
         }
+        let socket_access = SocketAccess {
+            group: match &a.socket_group {
+                Some(g) => {
+                    Some(mirror_proto::sys::resolve_group(g).map_err(ConfigError::SocketGroup)?)
+                }
+                None => None,
+            },
+        };
         let mirror = match (a.peer, a.secret_file) {
             (Some(peer), Some(secret)) => {
                 if a.readonly {
@@ -103,6 +116,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             queue_size: a.queue_size,
             readonly: a.readonly,
             control: a.control,
+            socket_access,
             mirror,
             poll: std::time::Duration::from_micros(a.poll_us),
         })
@@ -122,6 +136,7 @@ mod tests {
             readonly: false,
             poll_us: 32,
             control: None,
+            socket_group: None,
             peer: None,
             secret_file: None,
             on_peer_loss: PeerLoss::Degrade,
@@ -161,6 +176,33 @@ mod tests {
             }),
             ConfigError::SamePaths
         ));
+    }
+
+    #[test]
+    fn socket_group() {
+        let c = ServeConfig::try_from(args()).unwrap();
+        assert_eq!(c.socket_access, SocketAccess { group: None });
+        let c = ServeConfig::try_from(ServeArgs {
+            socket_group: Some("4242".into()),
+            ..args()
+        })
+        .unwrap();
+        assert_eq!(c.socket_access.group, Some(4242));
+        let c = ServeConfig::try_from(ServeArgs {
+            socket_group: Some("root".into()),
+            ..args()
+        })
+        .unwrap();
+        assert_eq!(c.socket_access.group, Some(0));
+        let e = ServeConfig::try_from(ServeArgs {
+            socket_group: Some("no-such-group-vhm".into()),
+            ..args()
+        })
+        .unwrap_err();
+        assert!(
+            mirror_proto::sys::error_chain(&e).contains("no-such-group-vhm"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,7 +3,6 @@
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -138,14 +137,9 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     let dev = Arc::new(device);
 
     mirror_proto::sys::claim_socket_path(&config.socket)?;
+    let access = config.socket_access;
     let control_listener = match &config.control {
-        Some(p) => {
-            mirror_proto::sys::claim_socket_path(p)?;
-            Some(UnixListener::bind(p).map_err(|source| ServeError::Listen {
-                path: p.clone(),
-                source,
-            })?)
-        }
+        Some(p) => Some(mirror_proto::sys::listen_unix(p, &access)?),
         None => None,
     };
     let mut listener = Listener::new(&config.socket, false).map_err(|e| ServeError::Listen {
@@ -166,7 +160,7 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
             "status" => st.status(),
             other => json!({ "error": format!("unknown command {other:?}") }),
         });
-        control::spawn_server(l, f).map_err(ServeError::Signals)?;
+        control::spawn_server(l, access, f).map_err(ServeError::Thread)?;
     }
     spawn_signal_handler(state.clone())?;
     if let Some(m) = &mirror {
