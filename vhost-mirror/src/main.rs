@@ -7,6 +7,7 @@ mod device;
 mod disk;
 mod executor;
 mod flusher;
+mod frontend;
 mod replication;
 mod request;
 mod server;

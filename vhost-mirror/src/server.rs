@@ -1,9 +1,10 @@
-//! `vhost-mirror serve`: owns the sockets, accepts one frontend (QEMU) at a time, survives its
-//! disconnects, and shuts down cleanly on SIGTERM/SIGINT.
+//! `vhost-mirror serve`: owns the sockets, accepts one frontend (QEMU) at a time (through
+//! `frontend.rs`, which checks who connects), survives its disconnects, and shuts down cleanly
+//! on SIGTERM/SIGINT.
 
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +12,6 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 use serde_json::json;
 use thiserror::Error;
-use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -20,6 +20,7 @@ use crate::config::ServeConfig;
 use crate::device::{BlkBackend, Device};
 use crate::disk::{DiskError, RawImage};
 use crate::flusher::Flusher;
+use crate::frontend::{FrontendError, FrontendSocket};
 use crate::replication::out_of_sync::SyncStateError;
 use crate::replication::Mirror;
 use crate::stats;
@@ -32,12 +33,8 @@ pub enum ServeError {
     Disk(#[from] DiskError),
     #[error(transparent)]
     Socket(#[from] mirror_proto::sys::SocketPathError),
-    #[error("cannot listen on {path}")]
-    Listen {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Frontend(#[from] FrontendError),
     #[error("cannot set up signal handling")]
     Signals(#[source] io::Error),
     #[error("cannot start the vhost-user daemon: {0}")]
@@ -136,16 +133,12 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     device.poll = config.poll;
     let dev = Arc::new(device);
 
-    mirror_proto::sys::claim_socket_path(&config.socket)?;
     let access = config.socket_access;
     let control_listener = match &config.control {
         Some(p) => Some(mirror_proto::sys::listen_unix(p, &access)?),
         None => None,
     };
-    let mut listener = Listener::new(&config.socket, false).map_err(|e| ServeError::Listen {
-        path: config.socket.clone(),
-        source: io::Error::other(e.to_string()),
-    })?;
+    let mut frontends = FrontendSocket::bind(&config.socket, access)?;
 
     let state = Arc::new(ServerState {
         dev: dev.clone(),
@@ -182,22 +175,41 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     );
 
     loop {
+        // Only a frontend whose credentials pass gets here (frontend.rs).
+        let (stream, peer) = match frontends.accept() {
+            Ok(x) => x,
+            Err(e) => {
+                error!("accepting a frontend failed: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let backend = BlkBackend::new(dev.clone(), mem.clone());
         let mut daemon = VhostUserDaemon::new("vhost-mirror".into(), backend, mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
-        if let Err(e) = daemon.start(&mut listener) {
-            error!("accepting a frontend failed: {e}");
-            std::thread::sleep(Duration::from_millis(200));
-            continue;
-        }
+        // The daemon connects to the private hand-off socket; the relay joins it to `stream`.
+        let relay = match frontends.attach(stream, |path| {
+            daemon.start_client(path).map_err(|e| e.to_string())
+        }) {
+            Ok(r) => r,
+            Err(e) => {
+                error!("attaching a frontend failed: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+        };
         let n = state.connections.fetch_add(1, Ordering::Relaxed) + 1;
         state.connected.store(true, Ordering::Relaxed);
-        info!("frontend connected (connection {n})");
+        info!(
+            "frontend connected (connection {n}; pid {} uid {})",
+            peer.pid, peer.uid
+        );
         match daemon.wait() {
             Ok(()) => info!("frontend disconnected"),
             Err(e) => info!("frontend disconnected: {e}"),
         }
+        relay.close();
         state.connected.store(false, Ordering::Relaxed);
         // Joins the queue workers: every request they took is complete after this.
         drop(daemon);
