@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Sets up this machine and runs every test tier: unit, blkio client, replication, durability
-# and fault injection (a short pass of the randomized checker), QEMU VM (file server,
-# failover/failback), and a smoke run of the benchmark.
+# Sets up this machine and runs every test tier: unit, blkio client, local sockets,
+# replication, durability and fault injection (a short pass of the randomized checker), QEMU VM
+# (file server, failover/failback), and a smoke run of the benchmark.
 # Usage (as root on Debian 12): bash ci/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,9 @@ cargo test --workspace --locked --exclude vhost-mirror-tests
 
 echo "== client tier (blkio against the real binary)"
 cargo test -p vhost-mirror-tests --locked --test client
+
+echo "== local sockets (modes, peer credentials, --socket-group; as root, with user nobody)"
+cargo test -p vhost-mirror-tests --locked --test sockets
 
 echo "== replication tier (mirrored pairs through blkio)"
 cargo test -p vhost-mirror-tests --locked --test replication -- --test-threads=2

@@ -12,6 +12,8 @@
 //!   [`wait_in_sync`], [`secret_file`], [`compare_files`] for the replication tests.
 //! * Data patterns: [`fill_pattern`] / [`check_pattern`] produce offset-dependent data, so a
 //!   misplaced, torn or lost write shows up as a mismatch at a precise device offset.
+//! * Other local users: [`on_thread_as`] runs code (e.g. a [`Client`]) with another uid, gid
+//!   and groups; [`run_as`] runs one of our programs as another user (`setpriv`).
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -486,6 +488,22 @@ pub struct BackendOpts {
     /// Run inside this network namespace (`ip netns exec NS`, which execs: the PID stays the
     /// program's own).
     pub netns: Option<String>,
+    /// Start the program under this umask (e.g. 0 to check that the sockets are still 0600).
+    pub umask: Option<libc::mode_t>,
+}
+
+/// Makes `cmd`'s child start under `umask`.
+fn set_umask(cmd: &mut Command, umask: Option<libc::mode_t>) {
+    if let Some(mask) = umask {
+        // SAFETY: the closure only calls umask(2), which is async-signal-safe and cannot fail;
+        // it runs in the child between fork and exec and touches nothing else.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::umask(mask);
+                Ok(())
+            });
+        }
+    }
 }
 
 /// `program`, or `ip netns exec NS program` when a namespace is given.
@@ -609,6 +627,7 @@ impl Backend {
                 (cmd, None, "qemu-storage-daemon")
             }
         };
+        set_umask(&mut cmd, opts.umask);
         cmd.stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log fd"))
             .stderr(logf);
@@ -791,6 +810,8 @@ pub struct AccessNodeOpts {
     pub netns: Option<String>,
     /// Listen on this address instead of 127.0.0.1 (the port stays `port`).
     pub listen_host: Option<String>,
+    /// Start the node under this umask.
+    pub umask: Option<libc::mode_t>,
 }
 
 /// A running `access-node serve` on 127.0.0.1:`port`, with a control socket and a log file in
@@ -855,6 +876,7 @@ impl AccessNode {
                 });
             }
         }
+        set_umask(&mut cmd, opts.umask);
         cmd.stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log fd"))
             .stderr(logf);
@@ -979,6 +1001,109 @@ fn print_log_tail(what: &str, log: &Path) {
         eprintln!("{l}");
     }
     eprintln!("---- end of {what} log ----");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Other local users (the socket access tests; they need root)
+// ------------------------------------------------------------------------------------------------
+
+/// The unprivileged user (and its group) the access tests connect as: `nobody`.
+pub const NOBODY: u32 = 65534;
+
+/// Runs `f` on a new thread whose effective uid, effective gid and supplementary groups are
+/// `uid`, `gid` and `groups`, and returns its result (a panic in `f` is passed on). Needs root.
+///
+/// Linux credentials belong to each thread: the raw setresuid/setresgid/setgroups system calls
+/// change only the calling thread's (glibc's wrappers would change every thread of the test
+/// process). So the rest of the test keeps running as root, and the thread's credentials end
+/// with it. Going from euid 0 to another uid also clears the thread's effective capabilities:
+/// file permissions apply to it like to any process of that user, and a unix socket it connects
+/// records exactly these credentials for SO_PEERCRED / SO_PEERGROUPS.
+pub fn on_thread_as<T: Send + 'static>(
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let groups = groups.to_vec();
+    let t = std::thread::spawn(move || {
+        let keep = libc::c_long::from(-1i32);
+        // SAFETY: raw credential system calls with integer arguments and a pointer to a live
+        // gid array of the given length; each result is checked.
+        unsafe {
+            assert_eq!(
+                libc::syscall(
+                    libc::SYS_setgroups,
+                    groups.len() as libc::c_long,
+                    groups.as_ptr()
+                ),
+                0,
+                "setgroups: {} (the access tests need root)",
+                std::io::Error::last_os_error()
+            );
+            assert_eq!(
+                libc::syscall(libc::SYS_setresgid, keep, libc::c_long::from(gid), keep),
+                0,
+                "setresgid: {}",
+                std::io::Error::last_os_error()
+            );
+            assert_eq!(
+                libc::syscall(libc::SYS_setresuid, keep, libc::c_long::from(uid), keep),
+                0,
+                "setresuid: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        f()
+    });
+    t.join().unwrap_or_else(|e| std::panic::resume_unwind(e))
+}
+
+/// Runs `program args` as uid `uid`, gid `gid` with exactly `groups` (`setpriv`), from a copy of
+/// the program in `dir` (the build directory may not be reachable for that user), with
+/// captured output. Needs root.
+pub fn run_as(
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    program: &Path,
+    args: &[&std::ffi::OsStr],
+    dir: &Path,
+) -> Output {
+    let name = program.file_name().expect("program has a file name");
+    let copy = dir.join(name);
+    if !copy.exists() && std::fs::hard_link(program, &copy).is_err() {
+        std::fs::copy(program, &copy)
+            .unwrap_or_else(|e| panic!("copy {} to {}: {e}", program.display(), copy.display()));
+    }
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"));
+    if groups.is_empty() {
+        cmd.arg("--clear-groups");
+    } else {
+        let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+        cmd.arg(format!("--groups={}", list.join(",")));
+    }
+    cmd.arg("--").arg(&copy).args(args);
+    run_with_timeout(&mut cmd, TIMEOUT)
+}
+
+/// chmod.
+pub fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .unwrap_or_else(|e| panic!("chmod {mode:o} {}: {e}", path.display()));
+}
+
+/// The permission bits (and set-id/sticky bits) of `path` itself (not following a symlink).
+pub fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
 }
 
 /// A string field of a status document ("" if missing or not a string).
