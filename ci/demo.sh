@@ -30,8 +30,8 @@ cleanup() {
 trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 port_a=$(free_port) port_b=$(free_port) http=$(free_port)
-head -c 32 /dev/urandom | base64 >"$work/secret"
-cp "$work/secret" "$A/secret"; cp "$work/secret" "$B/secret"
+(umask 077; head -c 32 /dev/urandom | base64 >"$work/secret")
+install -m 600 "$work/secret" "$A/secret"; install -m 600 "$work/secret" "$B/secret"
 cp --sparse=always "$root/target/vm-guest/boot-disk.raw" "$A/disk.raw"
 
 wait_sock() { for _ in $(seq 200); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1"; exit 1; }

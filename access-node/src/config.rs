@@ -127,7 +127,9 @@ mod tests {
 
     fn args(dir: &std::path::Path) -> ServeArgs {
         let secret = dir.join("secret");
-        std::fs::write(&secret, "s3cret\n").unwrap();
+        std::fs::write(&secret, "s3cret s3cret s3cret\n").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         ServeArgs {
             image: dir.join("a.img"),
             listen: "127.0.0.1:7800".into(),
@@ -248,6 +250,8 @@ mod tests {
 
         let empty = d.path().join("empty");
         std::fs::write(&empty, "\n").unwrap();
+        std::fs::set_permissions(&empty, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         let a = ServeArgs {
             secret_file: empty,
             ..args(d.path())

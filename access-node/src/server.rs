@@ -18,14 +18,15 @@ use thiserror::Error;
 
 use crate::chain;
 use crate::config::ServeConfig;
+use crate::preauth::{Evicted, PreAuth, RateLimitedLog, MAX_PREAUTH, REAP_INTERVAL};
 use crate::replica::{Replica, ReplicaError};
 use crate::session;
 use crate::status::Status;
 use crate::watchdog;
 
-/// Most connections (attached or still in their handshake) served at once; more are closed
-/// right away, so a flood of connections cannot exhaust threads.
-pub const MAX_CONNECTIONS: usize = 16;
+/// Most connection threads at once (a safety net: `preauth.rs` keeps the unauthenticated
+/// ones to [`MAX_PREAUTH`]; an authenticated connection is attached or refused at once).
+pub const MAX_CONNECTIONS: usize = 2 * MAX_PREAUTH + 16;
 
 #[derive(Debug, Error)]
 pub enum ServeError {
@@ -82,11 +83,6 @@ pub struct SlotGuard<'a> {
 }
 
 impl Slot {
-    /// The attached primary, if any.
-    pub fn holder(&self) -> Option<SocketAddr> {
-        lock(&self.holder).as_ref().map(|h| h.peer)
-    }
-
     pub fn is_fenced(&self) -> bool {
         self.fenced.load(Ordering::Acquire)
     }
@@ -137,9 +133,15 @@ pub struct Node {
     pub status: Arc<Status>,
     pub secret: Secret,
     pub slot: Slot,
+    /// Absolute deadline for a connection to authenticate.
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     live: AtomicUsize,
+    pub preauth: PreAuth,
+    /// Connections that failed to authenticate (anyone can cause these: rate-limited).
+    pub handshake_log: RateLimitedLog,
+    /// Connections cut off to make room, or dropped at the thread cap.
+    crowd_log: RateLimitedLog,
     /// Set (and signalled) when the server should stop: after a promotion.
     stop: (Mutex<bool>, Condvar),
 }
@@ -232,6 +234,7 @@ impl Server {
             addr: config.listen,
             source,
         })?;
+        defer_accept(&listener, config.handshake_timeout.as_secs());
         let control_listener = match &config.control {
             Some(p) => Some(mirror_proto::sys::listen_unix(p, &config.socket_access)?),
             None => None,
@@ -269,6 +272,9 @@ impl Server {
             handshake_timeout: config.handshake_timeout,
             idle_timeout: config.idle_timeout,
             live: AtomicUsize::new(0),
+            preauth: PreAuth::default(),
+            handshake_log: RateLimitedLog::new("handshakes"),
+            crowd_log: RateLimitedLog::new("connections"),
             stop: (Mutex::new(false), Condvar::new()),
         });
         if let Some(l) = control_listener {
@@ -314,6 +320,14 @@ impl Server {
     pub fn serve(self) -> Result<(), ServeError> {
         let node = self.node.clone();
         let control = self.control.clone();
+        let n = node.clone();
+        std::thread::Builder::new()
+            .name("handshake-reaper".into())
+            .spawn(move || loop {
+                std::thread::sleep(REAP_INTERVAL);
+                n.preauth.reap(n.handshake_timeout);
+            })
+            .map_err(ServeError::Thread)?;
         std::thread::Builder::new()
             .name("accept".into())
             .spawn(move || self.accept_loop())
@@ -349,22 +363,85 @@ impl Server {
                 return;
             }
         };
-        if self.node.live.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            self.node.live.fetch_sub(1, Ordering::AcqRel);
-            warn!("connection from {peer} dropped: already {MAX_CONNECTIONS} connections");
+        let node = &self.node;
+        if node.live.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
+            node.live.fetch_sub(1, Ordering::AcqRel);
+            if node.crowd_log.tick().is_some() {
+                warn!("connection from {peer} dropped: already {MAX_CONNECTIONS} connections");
+            }
             return;
         }
-        let node = self.node.clone();
+        let clone = match stream.try_clone() {
+            Ok(c) => c,
+            Err(e) => {
+                node.live.fetch_sub(1, Ordering::AcqRel);
+                warn!("connection from {peer} dropped: {e}");
+                return;
+            }
+        };
+        let (id, evicted) = node
+            .preauth
+            .admit(peer, clone, first_message_arrived(&stream));
+        if let Some((who, why)) = evicted {
+            if let Some(more) = node.crowd_log.tick() {
+                let why = match why {
+                    Evicted::SameAddress => "too many unauthenticated connections from its address",
+                    Evicted::Full => "too many unauthenticated connections",
+                };
+                warn!(
+                    "unauthenticated connection from {who} cut off to make room: {why} \
+                     ({more} more such events since the last message)"
+                );
+            }
+        }
+        let n = node.clone();
         let spawned = std::thread::Builder::new()
             .name(format!("peer-{peer}"))
             .spawn(move || {
-                session::serve(stream, peer, &node);
-                node.live.fetch_sub(1, Ordering::AcqRel);
+                session::serve(stream, peer, &n, id);
+                n.preauth.done(id);
+                n.live.fetch_sub(1, Ordering::AcqRel);
             });
         if let Err(e) = spawned {
-            self.node.live.fetch_sub(1, Ordering::AcqRel);
+            node.preauth.done(id);
+            node.live.fetch_sub(1, Ordering::AcqRel);
             error!("connection from {peer} dropped: cannot start a thread: {e}");
         }
+    }
+}
+
+/// Whether a whole NoiseInit frame is already received on `stream` (without reading it).
+fn first_message_arrived(stream: &TcpStream) -> bool {
+    const LEN: usize = mirror_proto::frame::HEADER_LEN + mirror_proto::frame::NOISE_MSG_LEN;
+    let mut buf = [0u8; LEN];
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let n = stream.peek(&mut buf).unwrap_or(0);
+    stream.set_nonblocking(false).is_ok() && n == LEN
+}
+
+/// `accept` returns a connection only once it has sent data (or after `secs`): idle
+/// connections never take a thread (Linux `TCP_DEFER_ACCEPT`; best effort).
+fn defer_accept(listener: &TcpListener, secs: u64) {
+    use std::os::fd::AsRawFd;
+    let v = libc::c_int::try_from(secs.max(1)).unwrap_or(libc::c_int::MAX);
+    // SAFETY: setsockopt on a valid socket descriptor with a pointer to a c_int that lives for
+    // the call and its exact size.
+    let r = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        warn!(
+            "cannot set TCP_DEFER_ACCEPT: {}",
+            io::Error::last_os_error()
+        );
     }
 }
 

@@ -8,13 +8,14 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 use mirror_proto::activity_log::{self, AlFile};
-use mirror_proto::auth::{self, Secret};
+use mirror_proto::auth::Secret;
 use mirror_proto::conn::FrameReader;
 use mirror_proto::frame::{
     self, AckStatus, DiskState, Frame, NodeInfo, RefuseCode, Role, MAGIC, MAX_DATA,
     NODE_FLAG_DISCARD_MY_DATA,
 };
 use mirror_proto::meta::{BitmapFile, Meta, META_FORMAT};
+use mirror_proto::secure::{self, SecureError, SecureReader, SecureWriter};
 use mirror_proto::{control, meta};
 use serde_json::Value;
 
@@ -129,8 +130,6 @@ impl Fixture {
 /// A reply, copied out of the reader's buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Reply {
-    Challenge([u8; 32], [u8; 32]),
-    AuthOk,
     Refuse(RefuseCode, String),
     Attached(NodeInfo),
     Ack(AckStatus),
@@ -141,7 +140,11 @@ enum Reply {
 
 struct Primary {
     stream: TcpStream,
-    reader: FrameReader<TcpStream>,
+    /// The encrypted link, once the Noise handshake is done.
+    link: Option<(
+        FrameReader<SecureReader<TcpStream>>,
+        SecureWriter<TcpStream>,
+    )>,
     seq: u64,
 }
 
@@ -167,26 +170,34 @@ impl Primary {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         Primary {
-            reader: FrameReader::new(stream.try_clone().unwrap()),
             stream,
+            link: None,
             seq: 0,
         }
     }
 
-    /// Sends a frame, returns its sequence number.
+    /// Sends a frame (inside the encrypted link once there is one), returns its sequence
+    /// number.
     fn send(&mut self, f: &Frame<'_>) -> u64 {
         self.seq += 1;
         let mut b = Vec::new();
         frame::encode(self.seq, f, &mut b);
-        self.stream.write_all(&b).unwrap();
+        self.send_bytes(&b);
         self.seq
     }
 
+    /// Sends bytes as the primary would (encrypted once the link is up).
+    fn send_bytes(&mut self, b: &[u8]) {
+        match &mut self.link {
+            Some((_, w)) => w.send(b).unwrap(),
+            None => self.stream.write_all(b).unwrap(),
+        }
+    }
+
     fn recv(&mut self) -> (u64, Reply) {
-        let d = self.reader.read_frame().unwrap();
+        let (reader, _) = self.link.as_mut().expect("a reply before the handshake");
+        let d = reader.read_frame().unwrap();
         let r = match d.frame {
-            Frame::Challenge { nonce, mac } => Reply::Challenge(nonce, mac),
-            Frame::AuthOk => Reply::AuthOk,
             Frame::Refuse { code, reason } => Reply::Refuse(code, reason.to_owned()),
             Frame::Attached(n) => Reply::Attached(n),
             Frame::Ack { status } => Reply::Ack(status),
@@ -205,30 +216,21 @@ impl Primary {
         r
     }
 
-    /// The primary's side of the handshake; Err: the replica refused.
-    fn handshake(&mut self, secret: &[u8], size: u64) -> Result<NodeInfo, (RefuseCode, String)> {
+    /// The Noise handshake.
+    fn noise(&mut self, secret: &[u8]) -> Result<(), SecureError> {
         let secret = Secret::from_bytes(secret).unwrap();
-        let pn = auth::nonce().unwrap();
-        let (rn, mac) = match self.call(&Frame::Hello { nonce: pn }) {
-            Reply::Challenge(rn, mac) => (rn, mac),
-            Reply::Refuse(c, r) => return Err((c, r)),
-            r => panic!("{r:?}"),
-        };
-        if !secret.verify_replica(&pn, &rn, &mac) {
-            // What a real primary does: refuse, close.
-            self.send(&Frame::Refuse {
-                code: RefuseCode::AuthFailed,
-                reason: "replica proof wrong",
-            });
-            return Err((RefuseCode::AuthFailed, "replica proof wrong".into()));
-        }
-        match self.call(&Frame::Auth {
-            mac: secret.primary_proof(&pn, &rn),
-        }) {
-            Reply::AuthOk => {}
-            Reply::Refuse(c, r) => return Err((c, r)),
-            r => panic!("{r:?}"),
-        }
+        let keys = secure::initiate(&mut self.stream, &secret)?;
+        let r = SecureReader::new(self.stream.try_clone().unwrap(), keys.clone());
+        let w = SecureWriter::new(self.stream.try_clone().unwrap(), keys);
+        self.link = Some((FrameReader::new(r), w));
+        Ok(())
+    }
+
+    /// The primary's side of the handshake; Err: the replica refused (or closed: wrong
+    /// secret).
+    fn handshake(&mut self, secret: &[u8], size: u64) -> Result<NodeInfo, (RefuseCode, String)> {
+        self.noise(secret)
+            .map_err(|e| (RefuseCode::AuthFailed, e.to_string()))?;
         match self.call(&Frame::Attach(node(size))) {
             Reply::Attached(n) => Ok(n),
             Reply::Refuse(c, r) => Err((c, r)),
@@ -405,38 +407,54 @@ fn out_of_range_requests_are_acked_and_the_link_stays() {
 }
 
 #[test]
-fn wrong_secret_is_refused_and_shown() {
+fn wrong_secret_is_dropped_counted_and_kept_out_of_the_peer_state() {
     let f = Fixture::start();
-    // A primary with the wrong secret rejects the replica's proof first...
+    // The replica closes without a word after a first message made with another secret.
     let mut p = f.primary();
-    let e = p.handshake(b"wrong", MIB).unwrap_err();
-    assert_eq!(e.0, RefuseCode::AuthFailed);
-    let v = f.wait_status("auth-failed", |v| v["peer_state"] == "auth-failed");
-    assert!(v["peer_reason"].is_string(), "{v}");
-
-    // ... and one that sends a wrong proof anyway gets Refuse(auth-failed) and is closed.
-    let mut p = f.primary();
-    let pn = auth::nonce().unwrap();
-    let Reply::Challenge(rn, _) = p.call(&Frame::Hello { nonce: pn }) else {
-        panic!()
-    };
-    let bad = Secret::from_bytes(b"wrong")
-        .unwrap()
-        .primary_proof(&pn, &rn);
-    match p.call(&Frame::Auth { mac: bad }) {
-        Reply::Refuse(RefuseCode::AuthFailed, r) => assert_eq!(r, "wrong secret"),
-        r => panic!("{r:?}"),
-    }
-    assert!(p.is_closed());
-    let v = f.status();
-    assert_eq!(v["peer_state"], "auth-failed");
+    let e = p.noise(b"the wrong secret, 16+ bytes").unwrap_err();
+    assert!(matches!(e, SecureError::Closed | SecureError::Io(_)), "{e}");
+    let v = f.wait_status("counted", |v| v["handshake_failures"] == 1);
     assert!(
-        v["peer_reason"].as_str().unwrap().contains("wrong secret"),
+        v["last_handshake_failure"]
+            .as_str()
+            .unwrap()
+            .contains("authentication failed"),
         "{v}"
     );
+    // Anyone can connect: that is not the state of the primary.
+    assert_eq!(v["peer_state"], "disconnected", "{v}");
     // The right secret still works.
     let (_p, _) = f.attach(MIB);
     assert_eq!(f.status()["peer_state"], "connected");
+}
+
+#[test]
+fn a_protocol_1_primary_is_told_to_upgrade() {
+    let f = Fixture::start();
+    let mut p = f.primary();
+    // Protocol 1's Hello: header (version 1, kind 1, 32 bytes) and a nonce.
+    let mut hello = Vec::new();
+    frame::encode(0, &Frame::Flush, &mut hello);
+    hello[4] = 1;
+    hello[5] = 1;
+    hello[16..20].copy_from_slice(&32u32.to_le_bytes());
+    let crc = crc32c(&hello[..20]);
+    hello[20..24].copy_from_slice(&crc.to_le_bytes());
+    hello.extend_from_slice(&[9; 32]);
+    p.stream.write_all(&hello).unwrap();
+    let mut reply = Vec::new();
+    let _ = p.stream.read_to_end(&mut reply);
+    assert!(reply.len() > 26, "{reply:02x?}");
+    assert_eq!(
+        (&reply[..4], reply[4], reply[5]),
+        (&MAGIC[..], 1, 5),
+        "a v1 Refuse"
+    );
+    let reason = String::from_utf8_lossy(&reply[26..]);
+    assert!(
+        reason.contains("protocol 2") && reason.contains("upgrade"),
+        "{reason}"
+    );
 }
 
 #[test]
@@ -544,24 +562,29 @@ fn protocol_violations_drop_only_that_connection() {
     // Before the handshake.
     expect_dropped(&f, b"GET / HTTP/1.1\r\n\r\n", false);
     let mut bad_crc = Vec::new();
-    frame::encode(1, &Frame::Hello { nonce: [0; 32] }, &mut bad_crc);
+    frame::encode(1, &Frame::NoiseInit { msg: [0; 48] }, &mut bad_crc);
     bad_crc[10] ^= 1;
     expect_dropped(&f, &bad_crc, false);
     let mut truncated = Vec::new();
-    frame::encode(1, &Frame::Hello { nonce: [0; 32] }, &mut truncated);
+    frame::encode(1, &Frame::NoiseInit { msg: [0; 48] }, &mut truncated);
     truncated.truncate(30);
     expect_dropped(&f, &truncated, true);
     expect_dropped(&f, &MAGIC[..2], true);
     expect_dropped(&f, &oversized_header(), false);
-    // A data frame where Hello belongs: refused as a protocol error, then closed.
+    // A data frame where NoiseInit belongs: closed (nothing is said to an unauthenticated
+    // peer).
+    let mut flush = Vec::new();
+    frame::encode(1, &Frame::Flush, &mut flush);
+    expect_dropped(&f, &flush, false);
+    // A frame in clear after the handshake.
     let mut p = f.primary();
-    match p.call(&Frame::Flush) {
-        Reply::Refuse(RefuseCode::Protocol, r) => assert!(r.contains("Hello"), "{r}"),
-        r => panic!("{r:?}"),
-    }
+    p.noise(SECRET).unwrap();
+    p.stream.write_all(&flush).unwrap();
+    p.stream.write_all(&[0; 70000]).unwrap();
     assert!(p.is_closed());
 
-    // During the data phase: garbage, a corrupted write, an oversized length, a wrong kind.
+    // During the data phase, inside the encrypted link: garbage, a corrupted write, an
+    // oversized length, a wrong kind.
     let mut corrupt = Vec::new();
     frame::encode(
         5,
@@ -584,7 +607,7 @@ fn protocol_violations_drop_only_that_connection() {
     ] {
         let (mut p, _) = f.attach(MIB);
         assert_eq!(p.write(0, &[1; 16]), Reply::Ack(AckStatus::Ok));
-        p.stream.write_all(&bad).unwrap();
+        p.send_bytes(&bad);
         assert!(p.is_closed(), "not dropped after {:02x?}", &bad[..8]);
         let v = f.wait_status("dropped", |v| v["peer_state"] == "disconnected");
         assert!(v["peer_reason"].is_string(), "{v}");
@@ -601,7 +624,7 @@ fn protocol_violations_drop_only_that_connection() {
         },
         &mut w,
     );
-    p.stream.write_all(&w[..500]).unwrap();
+    p.send_bytes(&w[..500]);
     p.stream.shutdown(Shutdown::Write).unwrap();
     assert!(p.is_closed());
     f.wait_status("dropped", |v| v["peer_state"] == "disconnected");

@@ -1,17 +1,18 @@
-//! One connection from a primary: the handshake of PROTOCOL.md (authenticate, refuse a second
-//! primary, check or create the image), then the data phase: requests applied one at a time in
-//! arrival order, replies coalesced into one write whenever the input runs dry.
+//! One connection from a primary: the handshake of PROTOCOL.md (the Noise handshake of
+//! `mirror_proto::secure`, then Attach inside the encrypted link: refuse a second primary,
+//! check or create the image), then the data phase: requests applied one at a time in arrival
+//! order, replies coalesced into one write whenever the input runs dry.
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
-use mirror_proto::auth::{self, AuthError};
 use mirror_proto::conn::{ConnError, FrameReader};
 use mirror_proto::frame::{
     self, AckStatus, Frame, FrameError, NodeInfo, RefuseCode, NODE_FLAG_DISCARD_MY_DATA,
 };
+use mirror_proto::secure::{self, SecureError, SecureReader, SecureWriter};
 use thiserror::Error;
 
 use crate::chain;
@@ -39,8 +40,6 @@ pub enum SessionError {
         /// Sequence number of the offending frame (the Refuse that answers it carries it).
         seq: u64,
     },
-    #[error("cannot make a nonce")]
-    Nonce(#[source] AuthError),
     #[error(
         "a write failed on this replica: the session ends (the primary resyncs on its next attach)"
     )]
@@ -49,8 +48,6 @@ pub enum SessionError {
 
 /// A handshake frame, copied out of the reader's buffer.
 enum Hs {
-    Hello([u8; 32]),
-    Auth([u8; 32]),
     Attach(NodeInfo),
     Refuse(RefuseCode, String),
     Goodbye,
@@ -65,23 +62,36 @@ enum End {
 
 struct Session<'n> {
     stream: &'n TcpStream,
-    reader: FrameReader<&'n TcpStream>,
+    reader: FrameReader<SecureReader<&'n TcpStream>>,
+    writer: SecureWriter<&'n TcpStream>,
     out: Vec<u8>,
     node: &'n Node,
     peer: SocketAddr,
 }
 
-/// Serves one connection to its end; logs one line for how it ended.
-pub fn serve(stream: TcpStream, peer: SocketAddr, node: &Node) {
+/// Serves one connection to its end; logs one line for how it ended. `preauth_id`: its entry
+/// in `node.preauth`, left once the primary proved the secret (its first record decrypted).
+pub fn serve(stream: TcpStream, peer: SocketAddr, node: &Node, preauth_id: u64) {
     debug!("connection from {peer}");
+    let keys = match noise(&stream, node) {
+        Ok(k) => {
+            node.preauth.proven(preauth_id);
+            k
+        }
+        Err(e) => {
+            handshake_failed(node, peer, &e);
+            return;
+        }
+    };
     let mut s = Session {
         stream: &stream,
-        reader: FrameReader::new(&stream),
+        reader: FrameReader::new(SecureReader::new(&stream, keys.clone())),
+        writer: SecureWriter::new(&stream, keys),
         out: Vec::with_capacity(64 * 1024),
         node,
         peer,
     };
-    let guard = match s.handshake() {
+    let guard = match s.handshake(|| node.preauth.done(preauth_id)) {
         Ok(Some(g)) => g,
         Ok(None) => return,
         Err(e) => {
@@ -133,6 +143,59 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, node: &Node) {
     drop(guard);
 }
 
+/// Runs the Noise handshake with the socket's handshake timeouts (the server's reaper enforces
+/// the absolute deadline).
+fn noise(stream: &TcpStream, node: &Node) -> Result<secure::Keys, HandshakeFailure> {
+    let io = HandshakeFailure::Io;
+    stream.set_nodelay(true).map_err(io)?;
+    stream
+        .set_read_timeout(Some(node.handshake_timeout))
+        .and_then(|()| stream.set_write_timeout(Some(node.handshake_timeout)))
+        .map_err(io)?;
+    let mut s = stream;
+    match secure::respond(&mut s, &node.secret) {
+        Ok(k) => Ok(k),
+        Err(SecureError::OldVersion(v)) => {
+            // The one thing said in clear: why a protocol 1 primary cannot attach.
+            let mut out = Vec::new();
+            frame::encode_v1_refuse(&SecureError::OldVersion(v).to_string(), &mut out);
+            let mut w = stream;
+            let _ = w.write_all(&out);
+            Err(HandshakeFailure::Secure(SecureError::OldVersion(v)))
+        }
+        Err(e) => Err(HandshakeFailure::Secure(e)),
+    }
+}
+
+/// Why a connection never authenticated.
+#[derive(Debug, Error)]
+enum HandshakeFailure {
+    #[error("link I/O failed")]
+    Io(#[source] io::Error),
+    #[error(transparent)]
+    Secure(SecureError),
+    #[error("its first record failed authentication (a replayed handshake?)")]
+    FirstRecord(#[source] ConnError),
+}
+
+/// Counts and logs (rate-limited: anyone can connect) a connection that did not authenticate.
+/// Nothing it sent reaches the peer state in status.
+fn handshake_failed(node: &Node, peer: SocketAddr, e: &HandshakeFailure) {
+    node.status
+        .handshake_failed(format!("{peer}: {}", chain(e)));
+    if let Some(more) = node.handshake_log.tick() {
+        let more = if more > 0 {
+            format!(" ({more} more since the last message)")
+        } else {
+            String::new()
+        };
+        warn!(
+            "connection from {peer} dropped before authenticating: {}{more}",
+            chain(e)
+        );
+    }
+}
+
 fn refusal_state(code: RefuseCode) -> PeerState {
     match code {
         RefuseCode::AuthFailed => PeerState::AuthFailed,
@@ -167,15 +230,8 @@ impl<'n> Session<'n> {
             .map_err(SessionError::Io)
     }
 
-    fn read_hs(&mut self) -> Result<(u64, Hs), SessionError> {
-        let d = self
-            .reader
-            .read_frame()
-            .map_err(|e| conn_error(e, self.node.handshake_timeout))?;
-        Counters::add(&self.node.status.counters.bytes_received, d.consumed as u64);
+    fn hs(d: frame::Decoded<'_>) -> Result<(u64, Hs), SessionError> {
         let hs = match d.frame {
-            Frame::Hello { nonce } => Hs::Hello(nonce),
-            Frame::Auth { mac } => Hs::Auth(mac),
             Frame::Attach(n) => Hs::Attach(n),
             Frame::Refuse { code, reason } => Hs::Refuse(code, reason.to_owned()),
             Frame::Goodbye => Hs::Goodbye,
@@ -194,11 +250,7 @@ impl<'n> Session<'n> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let mut w = self.stream;
-        w.write_all(&self.out).map_err(SessionError::Io)?;
-        Counters::add(&self.node.status.counters.bytes_sent, self.out.len() as u64);
-        self.out.clear();
-        Ok(())
+        flush_pending(&mut self.writer, &mut self.out, self.node)
     }
 
     fn send(&mut self, seq: u64, f: &Frame<'_>) -> Result<(), SessionError> {
@@ -223,8 +275,6 @@ impl<'n> Session<'n> {
 
     fn expect(seq: u64, got: Hs, expected: &'static str) -> SessionError {
         let got = match got {
-            Hs::Hello(_) => "Hello",
-            Hs::Auth(_) => "Auth",
             Hs::Attach(_) => "Attach",
             Hs::Refuse(..) => "Refuse",
             Hs::Goodbye => "Goodbye",
@@ -239,8 +289,7 @@ impl<'n> Session<'n> {
         self.refuse(seq, RefuseCode::Fenced, FENCED_REASON);
     }
 
-    /// Refuses a second primary. The wire reason does not name the attached primary: this
-    /// peer has not authenticated (yet).
+    /// Refuses a second primary (an authenticated one: it knows the secret).
     fn refuse_busy(&mut self, seq: u64, holder: SocketAddr) {
         let reason = "busy: another primary is attached";
         info!("refused {}: {reason} ({holder})", self.peer);
@@ -250,47 +299,43 @@ impl<'n> Session<'n> {
         self.refuse(seq, RefuseCode::Busy, reason);
     }
 
-    /// Hello, Challenge, Auth, AuthOk, Attach, Attached. `Ok(None)`: refused (logged).
-    fn handshake(&mut self) -> Result<Option<SlotGuard<'n>>, SessionError> {
+    /// After the Noise handshake: the first record (Attach) proves the primary; then the
+    /// slot, then Attached. `Ok(None)`: refused (logged).
+    fn handshake(
+        &mut self,
+        authenticated: impl FnOnce(),
+    ) -> Result<Option<SlotGuard<'n>>, SessionError> {
         let node = self.node;
         let peer = self.peer;
-        self.stream.set_nodelay(true).map_err(SessionError::Io)?;
-        self.set_timeouts(node.handshake_timeout)?;
-
-        let (seq, pn) = match self.read_hs()? {
-            (seq, Hs::Hello(n)) => (seq, n),
-            (seq, other) => return Err(Self::expect(seq, other, "Hello")),
+        let first = match self.reader.read_frame() {
+            Ok(d) => d,
+            Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::InvalidData => {
+                handshake_failed(node, peer, &HandshakeFailure::FirstRecord(ConnError::Io(e)));
+                return Ok(None);
+            }
+            Err(e) => return Err(conn_error(e, node.handshake_timeout)),
         };
-        if node.slot.is_fenced() {
-            self.refuse_fenced(seq);
-            return Ok(None);
-        }
-        if let Some(holder) = node.slot.holder() {
-            self.refuse_busy(seq, holder);
-            return Ok(None);
-        }
-        let rn = auth::nonce().map_err(SessionError::Nonce)?;
-        let mac = node.secret.replica_proof(&pn, &rn);
-        self.send(seq, &Frame::Challenge { nonce: rn, mac })?;
-
-        let seq = match self.read_hs()? {
-            (seq, Hs::Auth(mac)) if node.secret.verify_primary(&pn, &rn, &mac) => seq,
-            (seq, Hs::Auth(_)) => {
-                let reason = "wrong secret";
-                warn!("refused {peer}: authentication failed ({reason})");
-                node.status
-                    .attempt_failed(PeerState::AuthFailed, format!("{peer}: {reason}"));
-                self.refuse(seq, RefuseCode::AuthFailed, reason);
+        authenticated();
+        Counters::add(&node.status.counters.bytes_received, first.consumed as u64);
+        let (seq, primary) = match Self::hs(first)? {
+            (seq, Hs::Attach(n)) => (seq, n),
+            (_, Hs::Goodbye) => {
+                info!("{peer} left after authenticating");
                 return Ok(None);
             }
             (_, Hs::Refuse(code, reason)) => {
+                let reason = mirror_proto::control::escape_controls(&reason);
                 warn!("{peer} refused this node ({code:?}): {reason}");
                 node.status
                     .attempt_failed(refusal_state(code), format!("{peer}: {reason}"));
                 return Ok(None);
             }
-            (seq, other) => return Err(Self::expect(seq, other, "Auth")),
+            (seq, other) => return Err(Self::expect(seq, other, "Attach")),
         };
+        if node.slot.is_fenced() {
+            self.refuse_fenced(seq);
+            return Ok(None);
+        }
         let clone = self.stream.try_clone().map_err(SessionError::Io)?;
         let guard = match node.slot.try_claim(peer, clone) {
             Ok(g) => g,
@@ -302,16 +347,6 @@ impl<'n> Session<'n> {
                 self.refuse_fenced(seq);
                 return Ok(None);
             }
-        };
-        self.send(seq, &Frame::AuthOk)?;
-
-        let (seq, primary) = match self.read_hs()? {
-            (seq, Hs::Attach(n)) => (seq, n),
-            (_, Hs::Goodbye) => {
-                info!("{peer} left after authenticating");
-                return Ok(None);
-            }
-            (seq, other) => return Err(Self::expect(seq, other, "Attach")),
         };
         node.status.primary_generation(primary.generation);
         let attached = lock(&node.replica).attach(primary.size);
@@ -387,7 +422,7 @@ impl<'n> Session<'n> {
                 Ok(d) => d,
                 Err(e) => {
                     // Replies already computed still go out if the link allows.
-                    let _ = flush_pending(self.stream, &mut self.out, node);
+                    let _ = flush_pending(&mut self.writer, &mut self.out, node);
                     return Err(conn_error(e, node.idle_timeout));
                 }
             };
@@ -395,12 +430,12 @@ impl<'n> Session<'n> {
             node.status.primary_activity();
             match d.frame {
                 Frame::Goodbye => {
-                    flush_pending(self.stream, &mut self.out, node)?;
+                    flush_pending(&mut self.writer, &mut self.out, node)?;
                     return Ok(End::Goodbye);
                 }
                 Frame::Refuse { code, reason } => {
-                    let reason = reason.to_owned();
-                    flush_pending(self.stream, &mut self.out, node)?;
+                    let reason = mirror_proto::control::escape_controls(reason);
+                    flush_pending(&mut self.writer, &mut self.out, node)?;
                     return Ok(End::Refused(code, reason));
                 }
                 f => {
@@ -420,12 +455,15 @@ impl<'n> Session<'n> {
     }
 }
 
-fn flush_pending(stream: &TcpStream, out: &mut Vec<u8>, node: &Node) -> Result<(), SessionError> {
+fn flush_pending(
+    w: &mut SecureWriter<&TcpStream>,
+    out: &mut Vec<u8>,
+    node: &Node,
+) -> Result<(), SessionError> {
     if out.is_empty() {
         return Ok(());
     }
-    let mut w = stream;
-    w.write_all(out).map_err(SessionError::Io)?;
+    w.send(out).map_err(SessionError::Io)?;
     Counters::add(&node.status.counters.bytes_sent, out.len() as u64);
     out.clear();
     Ok(())

@@ -80,6 +80,10 @@ pub struct Status {
     last_activity: AtomicU64,
     /// Primaries attached so far.
     attaches: AtomicU64,
+    /// Connections that never authenticated, and the latest one's address and reason (kept
+    /// apart from the peer state: anyone can connect).
+    handshake_failures: AtomicU64,
+    last_handshake_failure: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -109,6 +113,8 @@ impl Status {
             epoch: Instant::now(),
             last_activity: AtomicU64::new(0),
             attaches: AtomicU64::new(0),
+            handshake_failures: AtomicU64::new(0),
+            last_handshake_failure: Mutex::new(None),
         }
     }
 
@@ -172,6 +178,12 @@ impl Status {
         let mut p = lock(&self.peer);
         p.last = state;
         p.reason = Some(reason);
+    }
+
+    /// A connection did not authenticate (wrong secret, garbage, too slow, ...).
+    pub fn handshake_failed(&self, what: String) {
+        self.handshake_failures.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.last_handshake_failure) = Some(mirror_proto::control::escape_controls(&what));
     }
 
     /// A connecting primary announced its generation (in Attach).
@@ -274,6 +286,8 @@ impl Status {
             "cache_misses": l(&c.cache_misses),
             "cache_bytes": l(&c.cache_bytes),
             "cache_capacity_bytes": self.cache_capacity,
+            "handshake_failures": self.handshake_failures.load(Ordering::Relaxed),
+            "last_handshake_failure": lock(&self.last_handshake_failure).clone(),
         })
     }
 }

@@ -14,15 +14,16 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use mirror_proto::auth::{self, Secret};
+use mirror_proto::auth::Secret;
 use mirror_proto::conn::FrameReader;
 use mirror_proto::frame::{
     self, AckStatus, DiskState, Frame, NodeInfo, Role, NODE_FLAG_DISCARD_MY_DATA,
 };
 use mirror_proto::meta::{self, BitmapFile, Meta, META_FORMAT};
+use mirror_proto::secure::{self, SecureReader, SecureWriter};
 
 const BIN: &str = env!("CARGO_BIN_EXE_access-node");
-const SECRET: &str = "s3cret";
+const SECRET: &str = "s3cret s3cret s3cret";
 const MIB: u64 = 1 << 20;
 
 fn run(args: &[&str]) -> Output {
@@ -40,7 +41,10 @@ struct Dir {
 impl Dir {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("secret"), format!("{SECRET}\n")).unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         Dir { dir }
     }
     fn path(&self, name: &str) -> PathBuf {
@@ -150,7 +154,8 @@ impl Serve {
 /// Just enough of a primary for these tests.
 struct Primary {
     stream: TcpStream,
-    reader: FrameReader<TcpStream>,
+    reader: FrameReader<SecureReader<TcpStream>>,
+    writer: SecureWriter<TcpStream>,
     seq: u64,
     /// The replica's Attached.
     info: Option<NodeInfo>,
@@ -158,28 +163,19 @@ struct Primary {
 
 impl Primary {
     fn attach(addr: SocketAddr, size: u64) -> Self {
-        let stream = TcpStream::connect(addr).unwrap();
+        let mut stream = TcpStream::connect(addr).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
+        let secret = Secret::from_bytes(SECRET.as_bytes()).unwrap();
+        let keys = secure::initiate(&mut stream, &secret).unwrap();
         let mut p = Primary {
-            reader: FrameReader::new(stream.try_clone().unwrap()),
+            reader: FrameReader::new(SecureReader::new(stream.try_clone().unwrap(), keys.clone())),
+            writer: SecureWriter::new(stream.try_clone().unwrap(), keys),
             stream,
             seq: 0,
             info: None,
         };
-        let secret = Secret::from_bytes(SECRET.as_bytes()).unwrap();
-        let pn = auth::nonce().unwrap();
-        p.send(&Frame::Hello { nonce: pn });
-        let (rn, mac) = match p.reader.read_frame().unwrap().frame {
-            Frame::Challenge { nonce, mac } => (nonce, mac),
-            f => panic!("{f:?}"),
-        };
-        assert!(secret.verify_replica(&pn, &rn, &mac));
-        p.send(&Frame::Auth {
-            mac: secret.primary_proof(&pn, &rn),
-        });
-        assert_eq!(p.reader.read_frame().unwrap().frame, Frame::AuthOk);
         p.send(&Frame::Attach(NodeInfo {
             node_id: 1,
             size,
@@ -229,7 +225,7 @@ impl Primary {
         self.seq += 1;
         let mut b = Vec::new();
         frame::encode(self.seq, f, &mut b);
-        self.stream.write_all(&b).unwrap();
+        self.writer.write_all(&b).unwrap();
         self.seq
     }
 

@@ -1,10 +1,7 @@
-//! Mutual challenge-response authentication over a shared secret (HMAC-SHA256).
-//!
-//! The primary sends a nonce (Hello); the replica answers with its own nonce and a proof
-//! (Challenge); the primary checks the proof and sends its own (Auth); the replica checks it
-//! (AuthOk or Refuse). The proofs are bound to both nonces and to the direction, so neither can
-//! be replayed or reflected; the secret itself never crosses the wire.
+//! The shared secret: loading it (length and file-mode checks) and deriving the link's Noise
+//! pre-shared key from it; random identifiers. The handshake itself is `secure.rs`.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
@@ -12,6 +9,14 @@ use sha2::Sha256;
 use thiserror::Error;
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// Shortest secret accepted. The link's key is derived from the secret alone, so whoever
+/// watches one handshake can test guesses offline: the secret must not be guessable
+/// (`head -c 32 /dev/urandom | base64` makes a good one).
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Longest secret file read (a secret is a line, not a document).
+pub const MAX_SECRET_LEN: usize = 4096;
 
 #[derive(Debug, Error)]
 pub enum AuthError {
@@ -23,7 +28,19 @@ pub enum AuthError {
     },
     #[error("secret file {0} is empty")]
     Empty(PathBuf),
-    #[error("cannot get random bytes for a nonce")]
+    #[error(
+        "the secret in {path} is {len} bytes; at least {MIN_SECRET_LEN} are needed \
+         (make one with: head -c 32 /dev/urandom | base64 >FILE)"
+    )]
+    TooShort { path: PathBuf, len: usize },
+    #[error("secret file {path} is larger than {MAX_SECRET_LEN} bytes: not a secret file?")]
+    TooLong { path: PathBuf },
+    #[error(
+        "secret file {path} can be read or written by group or others (mode {mode:04o}); \
+         run: chmod 600 {path}"
+    )]
+    Exposed { path: PathBuf, mode: u32 },
+    #[error("cannot get random bytes")]
     Random(#[source] getrandom::Error),
 }
 
@@ -38,82 +55,78 @@ impl std::fmt::Debug for Secret {
 }
 
 impl Secret {
+    /// A secret from memory (tests, and the config file's inline form if there ever is one):
+    /// the same length rule as a file.
     pub fn from_bytes(b: &[u8]) -> Result<Self, AuthError> {
-        if b.is_empty() {
-            return Err(AuthError::Empty(PathBuf::new()));
-        }
+        check_len(Path::new("(memory)"), b.len())?;
         Ok(Secret(b.to_vec()))
     }
 
     /// Reads a secret file; trailing whitespace (a newline from `echo`) is not part of it.
+    /// Refuses a file that group or others can read or write, and a secret shorter than
+    /// [`MIN_SECRET_LEN`].
     pub fn load(path: &Path) -> Result<Self, AuthError> {
-        let raw = std::fs::read(path).map_err(|source| AuthError::Read {
+        let read = |source| AuthError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let meta = std::fs::metadata(path).map_err(read)?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(AuthError::Exposed {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        if meta.len() > MAX_SECRET_LEN as u64 {
+            return Err(AuthError::TooLong {
+                path: path.to_owned(),
+            });
+        }
+        let raw = std::fs::read(path).map_err(read)?;
+        if raw.len() > MAX_SECRET_LEN {
+            return Err(AuthError::TooLong {
+                path: path.to_owned(),
+            });
+        }
         let end = raw
             .iter()
             .rposition(|b| !b.is_ascii_whitespace())
             .map_or(0, |i| i + 1);
-        if end == 0 {
-            return Err(AuthError::Empty(path.to_owned()));
-        }
+        check_len(path, end)?;
         Ok(Secret(raw[..end].to_vec()))
     }
 
-    fn mac(&self, label: &[u8], a: &[u8; 32], b: &[u8; 32]) -> HmacSha256 {
+    /// The Noise pre-shared key for protocol `version`: HMAC-SHA256(secret, label). The
+    /// label separates this key from any other use of the same secret.
+    pub fn noise_psk(&self) -> [u8; 32] {
         // HMAC accepts keys of any length; new_from_slice cannot fail for HMAC.
         let mut m = match HmacSha256::new_from_slice(&self.0) {
             Ok(m) => m,
             Err(_) => unreachable_hmac(),
         };
-        m.update(label);
-        m.update(a);
-        m.update(b);
-        m
-    }
-
-    /// The replica's proof: HMAC(secret, "vhost-mirror/1/replica" | primary nonce | replica nonce).
-    pub fn replica_proof(&self, primary_nonce: &[u8; 32], replica_nonce: &[u8; 32]) -> [u8; 32] {
-        self.mac(REPLICA, primary_nonce, replica_nonce)
-            .finalize()
-            .into_bytes()
-            .into()
-    }
-
-    /// The primary's proof: HMAC(secret, "vhost-mirror/1/primary" | replica nonce | primary nonce).
-    pub fn primary_proof(&self, primary_nonce: &[u8; 32], replica_nonce: &[u8; 32]) -> [u8; 32] {
-        self.mac(PRIMARY, replica_nonce, primary_nonce)
-            .finalize()
-            .into_bytes()
-            .into()
-    }
-
-    /// Constant-time check of a replica's proof.
-    pub fn verify_replica(&self, pn: &[u8; 32], rn: &[u8; 32], proof: &[u8; 32]) -> bool {
-        self.mac(REPLICA, pn, rn).verify_slice(proof).is_ok()
-    }
-
-    /// Constant-time check of a primary's proof.
-    pub fn verify_primary(&self, pn: &[u8; 32], rn: &[u8; 32], proof: &[u8; 32]) -> bool {
-        self.mac(PRIMARY, rn, pn).verify_slice(proof).is_ok()
+        m.update(b"vhost-mirror/2/noise-psk");
+        m.finalize().into_bytes().into()
     }
 }
 
-const REPLICA: &[u8] = b"vhost-mirror/1/replica";
-const PRIMARY: &[u8] = b"vhost-mirror/1/primary";
+fn check_len(path: &Path, len: usize) -> Result<(), AuthError> {
+    if len == 0 {
+        return Err(AuthError::Empty(path.to_owned()));
+    }
+    if len < MIN_SECRET_LEN {
+        return Err(AuthError::TooShort {
+            path: path.to_owned(),
+            len,
+        });
+    }
+    Ok(())
+}
 
 #[cold]
 fn unreachable_hmac() -> ! {
     // Hmac::new_from_slice only fails for MACs with fixed key sizes, which HMAC is not.
     std::process::abort()
-}
-
-/// 32 random bytes.
-pub fn nonce() -> Result<[u8; 32], AuthError> {
-    let mut n = [0u8; 32];
-    getrandom::getrandom(&mut n).map_err(AuthError::Random)?;
-    Ok(n)
 }
 
 /// A random non-zero 64-bit identifier (node ids, generations).
@@ -132,37 +145,49 @@ pub fn random_id() -> Result<u64, AuthError> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn proofs_verify_only_with_the_same_secret_and_nonces() {
-        let s = Secret::from_bytes(b"hunter2").unwrap();
-        let other = Secret::from_bytes(b"hunter3").unwrap();
-        let (pn, rn) = (nonce().unwrap(), nonce().unwrap());
-        let rp = s.replica_proof(&pn, &rn);
-        assert!(s.verify_replica(&pn, &rn, &rp));
-        assert!(!other.verify_replica(&pn, &rn, &rp));
-        assert!(!s.verify_replica(&rn, &pn, &rp), "swapped nonces");
-        // A replica proof cannot be reflected as a primary proof.
-        assert!(!s.verify_primary(&pn, &rn, &rp));
-        let pp = s.primary_proof(&pn, &rn);
-        assert!(s.verify_primary(&pn, &rn, &pp));
-        assert_ne!(pp, rp);
+    fn write_secret(p: &Path, content: &str, mode: u32) {
+        std::fs::write(p, content).unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
 
     #[test]
-    fn secret_file_trims_newline_and_refuses_empty() {
+    fn psk_depends_on_every_byte_of_the_secret() {
+        let s = Secret::from_bytes(b"0123456789abcdef").unwrap();
+        let t = Secret::from_bytes(b"0123456789abcdeg").unwrap();
+        assert_ne!(s.noise_psk(), t.noise_psk());
+        assert_eq!(
+            s.noise_psk(),
+            Secret::from_bytes(b"0123456789abcdef").unwrap().noise_psk()
+        );
+    }
+
+    #[test]
+    fn secret_file_trims_newline_and_refuses_empty_short_and_exposed() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("s");
-        std::fs::write(&p, "abc\n").unwrap();
+        write_secret(&p, "0123456789abcdef\n", 0o600);
         let a = Secret::load(&p).unwrap();
-        let b = Secret::from_bytes(b"abc").unwrap();
-        let (pn, rn) = ([1; 32], [2; 32]);
-        assert_eq!(a.replica_proof(&pn, &rn), b.replica_proof(&pn, &rn));
-        std::fs::write(&p, "\n \n").unwrap();
+        let b = Secret::from_bytes(b"0123456789abcdef").unwrap();
+        assert_eq!(a.noise_psk(), b.noise_psk());
+        assert!(!format!("{a:?}").contains("0123"));
+
+        write_secret(&p, "\n \n", 0o600);
         assert!(matches!(Secret::load(&p), Err(AuthError::Empty(_))));
+        write_secret(&p, "hunter2\n", 0o600);
+        let e = Secret::load(&p).unwrap_err();
+        assert!(matches!(e, AuthError::TooShort { len: 7, .. }), "{e}");
+        assert!(Secret::from_bytes(b"hunter2").is_err());
+        for mode in [0o644, 0o640, 0o604, 0o620, 0o602] {
+            write_secret(&p, "0123456789abcdef\n", mode);
+            let e = Secret::load(&p).unwrap_err();
+            assert!(matches!(e, AuthError::Exposed { .. }), "{mode:o}: {e}");
+            assert!(e.to_string().contains("chmod 600"), "{e}");
+        }
+        write_secret(&p, &"x".repeat(MAX_SECRET_LEN + 1), 0o400);
+        assert!(matches!(Secret::load(&p), Err(AuthError::TooLong { .. })));
         assert!(Secret::load(&d.path().join("missing"))
             .unwrap_err()
             .to_string()
             .contains("missing"));
-        assert!(!format!("{a:?}").contains("abc"));
     }
 }

@@ -216,6 +216,21 @@ pub fn request_timeout(
     Ok(v)
 }
 
+/// `s` with every control character (terminal escapes, newlines) written as `\u{..}`: for
+/// text that came from outside (a peer's Refuse reason, an error message) before it reaches a
+/// log line or a terminal.
+pub fn escape_controls(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Bytes in a readable unit.
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -253,7 +268,8 @@ pub fn progress_bar(done: u64, total: u64, width: usize) -> String {
 pub fn render_table(v: &Value) -> String {
     let has = |k: &str| v.get(k).is_some_and(|x| !x.is_null());
     let u = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
-    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+    // Every string is printed with its control characters escaped: some come from peers.
+    let s = |k: &str| escape_controls(v.get(k).and_then(Value::as_str).unwrap_or("?"));
     let b = |k: &str| v.get(k).and_then(Value::as_bool).unwrap_or(false);
     let mut out = String::new();
     let mut row = |k: &str, val: String| out.push_str(&format!("{k:<15} {val}\n"));
@@ -464,6 +480,16 @@ mod tests {
         assert!(t.contains("peer generation 000000000000000b"), "{t}");
         let t = render_table(&serde_json::json!({"generation": 10u64, "peer_generation": null}));
         assert!(!t.contains("peer generation"), "{t}");
+    }
+
+    #[test]
+    fn control_characters_are_escaped_in_the_table() {
+        assert_eq!(escape_controls("a\x1b[2Jb\nc"), "a\\u{1b}[2Jb\\u{a}c");
+        let t = render_table(&serde_json::json!({
+            "image": "x", "peer_state": "refused", "peer_reason": "evil\x1b]0;pwned\x07",
+        }));
+        assert!(!t.contains('\x1b') && !t.contains('\x07'), "{t:?}");
+        assert!(t.contains("evil\\u{1b}]0;pwned\\u{7}"), "{t}");
     }
 
     #[test]

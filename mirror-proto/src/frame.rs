@@ -14,7 +14,11 @@ use thiserror::Error;
 
 /// "VHMP" in ASCII.
 pub const MAGIC: [u8; 4] = *b"VHMP";
-pub const VERSION: u8 = 1;
+/// Protocol 2: the Noise handshake (NoiseInit, NoiseReply) in clear, every later frame inside
+/// the encrypted records of `secure.rs`. Protocol 1 (HMAC challenge, frames in clear) is refused.
+pub const VERSION: u8 = 2;
+/// Length of each Noise handshake message (NNpsk0: an ephemeral key and an AEAD tag).
+pub const NOISE_MSG_LEN: usize = 48;
 pub const HEADER_LEN: usize = 24;
 /// Largest data block one frame carries; larger writes are split by the sender.
 pub const MAX_DATA: usize = 1 << 20;
@@ -185,20 +189,14 @@ pub const NODE_FLAG_DISCARD_MY_DATA: u32 = 1;
 /// One protocol message; `data` and `reason` borrow from the decoded buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame<'a> {
-    /// Primary -> replica: start of authentication.
-    Hello {
-        nonce: [u8; 32],
+    /// Primary -> replica, in clear: the first Noise handshake message (see `secure.rs`).
+    NoiseInit {
+        msg: [u8; NOISE_MSG_LEN],
     },
-    /// Replica -> primary: its nonce and its proof of the secret.
-    Challenge {
-        nonce: [u8; 32],
-        mac: [u8; 32],
+    /// Replica -> primary, in clear: the second Noise handshake message.
+    NoiseReply {
+        msg: [u8; NOISE_MSG_LEN],
     },
-    /// Primary -> replica: the primary's proof of the secret.
-    Auth {
-        mac: [u8; 32],
-    },
-    AuthOk,
     /// Either side: connection refused, with a reason for the log and status.
     Refuse {
         code: RefuseCode,
@@ -255,10 +253,9 @@ pub enum Frame<'a> {
 }
 
 mod kind {
-    pub const HELLO: u8 = 1;
-    pub const CHALLENGE: u8 = 2;
-    pub const AUTH: u8 = 3;
-    pub const AUTH_OK: u8 = 4;
+    pub const NOISE_INIT: u8 = 1;
+    pub const NOISE_REPLY: u8 = 2;
+    // 3 and 4 were protocol 1's Auth and AuthOk.
     pub const REFUSE: u8 = 5;
     pub const ATTACH: u8 = 6;
     pub const ATTACHED: u8 = 7;
@@ -287,10 +284,8 @@ impl Frame<'_> {
 
     fn kind(&self) -> u8 {
         match self {
-            Frame::Hello { .. } => kind::HELLO,
-            Frame::Challenge { .. } => kind::CHALLENGE,
-            Frame::Auth { .. } => kind::AUTH,
-            Frame::AuthOk => kind::AUTH_OK,
+            Frame::NoiseInit { .. } => kind::NOISE_INIT,
+            Frame::NoiseReply { .. } => kind::NOISE_REPLY,
             Frame::Refuse { .. } => kind::REFUSE,
             Frame::Attach(_) => kind::ATTACH,
             Frame::Attached(_) => kind::ATTACHED,
@@ -312,10 +307,8 @@ impl Frame<'_> {
 
 fn kind_name(k: u8) -> &'static str {
     match k {
-        kind::HELLO => "Hello",
-        kind::CHALLENGE => "Challenge",
-        kind::AUTH => "Auth",
-        kind::AUTH_OK => "AuthOk",
+        kind::NOISE_INIT => "NoiseInit",
+        kind::NOISE_REPLY => "NoiseReply",
         kind::REFUSE => "Refuse",
         kind::ATTACH => "Attach",
         kind::ATTACHED => "Attached",
@@ -385,13 +378,8 @@ pub fn encode(seq: u64, frame: &Frame<'_>, out: &mut Vec<u8>) {
     // Header with a zero length, patched below once the payload is known.
     put_header(out, k, 0, seq, 0);
     match frame {
-        Frame::Hello { nonce } => out.extend_from_slice(nonce),
-        Frame::Challenge { nonce, mac } => {
-            out.extend_from_slice(nonce);
-            out.extend_from_slice(mac);
-        }
-        Frame::Auth { mac } => out.extend_from_slice(mac),
-        Frame::AuthOk | Frame::Flush | Frame::Goodbye => {}
+        Frame::NoiseInit { msg } | Frame::NoiseReply { msg } => out.extend_from_slice(msg),
+        Frame::Flush | Frame::Goodbye => {}
         Frame::Refuse { code, reason } => {
             out.extend_from_slice(&code.to_wire().to_le_bytes());
             let r = truncate_utf8(reason, MAX_REASON);
@@ -451,6 +439,17 @@ fn patch_header(out: &mut [u8], start: usize, flags: u16) {
     out[start + 16..start + 20].copy_from_slice(&len.to_le_bytes());
     let crc = crc32c::crc32c(&out[start..start + 20]);
     out[start + 20..start + 24].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// A protocol 1 Refuse frame (code Protocol), the one thing this version says to a peer that
+/// speaks protocol 1, so that its log shows why it cannot attach.
+pub fn encode_v1_refuse(reason: &str, out: &mut Vec<u8>) {
+    let start = out.len();
+    put_header(out, kind::REFUSE, 0, 0, 0);
+    out[start + 4] = 1;
+    out.extend_from_slice(&RefuseCode::Protocol.to_wire().to_le_bytes());
+    out.extend_from_slice(truncate_utf8(reason, MAX_REASON).as_bytes());
+    patch_header(out, start, 0);
 }
 
 /// Starts a Write frame whose data the caller appends straight into `out` (one copy from the
@@ -576,9 +575,9 @@ impl<'a> Cur<'a> {
         a.copy_from_slice(b);
         Ok(u64::from_le_bytes(a))
     }
-    fn arr32(&mut self) -> Result<[u8; 32], FrameError> {
-        let mut a = [0u8; 32];
-        a.copy_from_slice(self.take(32)?);
+    fn noise(&mut self) -> Result<[u8; NOISE_MSG_LEN], FrameError> {
+        let mut a = [0u8; NOISE_MSG_LEN];
+        a.copy_from_slice(self.take(NOISE_MSG_LEN)?);
         Ok(a)
     }
     fn rest(&mut self) -> &'a [u8] {
@@ -664,13 +663,8 @@ pub fn decode(buf: &[u8]) -> Result<Option<Decoded<'_>>, FrameError> {
         kind: name,
     };
     let frame = match h.kind {
-        kind::HELLO => Frame::Hello { nonce: c.arr32()? },
-        kind::CHALLENGE => Frame::Challenge {
-            nonce: c.arr32()?,
-            mac: c.arr32()?,
-        },
-        kind::AUTH => Frame::Auth { mac: c.arr32()? },
-        kind::AUTH_OK => Frame::AuthOk,
+        kind::NOISE_INIT => Frame::NoiseInit { msg: c.noise()? },
+        kind::NOISE_REPLY => Frame::NoiseReply { msg: c.noise()? },
         kind::REFUSE => {
             let code = RefuseCode::from_wire(c.u16()?);
             let r = c.rest();
@@ -770,13 +764,8 @@ mod tests {
 
     fn all_frames(data: &[u8]) -> Vec<Frame<'_>> {
         vec![
-            Frame::Hello { nonce: [1; 32] },
-            Frame::Challenge {
-                nonce: [2; 32],
-                mac: [3; 32],
-            },
-            Frame::Auth { mac: [4; 32] },
-            Frame::AuthOk,
+            Frame::NoiseInit { msg: [1; 48] },
+            Frame::NoiseReply { msg: [2; 48] },
             Frame::Refuse {
                 code: RefuseCode::SizeMismatch,
                 reason: "size 1 != 2",

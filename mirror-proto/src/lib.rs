@@ -9,4 +9,5 @@ pub mod control;
 pub mod frame;
 pub mod generation;
 pub mod meta;
+pub mod secure;
 pub mod sys;

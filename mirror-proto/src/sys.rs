@@ -342,7 +342,7 @@ impl RefusalLog {
     }
 
     /// `Some(number left out since the last line)` if a line is due at `now`.
-    fn tick(&mut self, now: Instant) -> Option<u64> {
+    pub fn tick(&mut self, now: Instant) -> Option<u64> {
         match self.last {
             Some(t) if now.saturating_duration_since(t) < Self::INTERVAL => {
                 self.suppressed += 1;

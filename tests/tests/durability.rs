@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mirror_proto::auth::{self, Secret};
+use mirror_proto::auth::Secret;
 use mirror_proto::conn::{self, FrameReader};
 use mirror_proto::frame::{AckStatus, DiskState, Frame, NodeInfo, Role};
+use mirror_proto::secure::{self, SecureReader, SecureWriter};
 use vhost_mirror_tests::{
     bin_path, compare_files, create_image, free_port, pattern, run_with_timeout, secret_file,
     status_str, status_u64, test_dir, wait_in_sync, wait_status, AccessNode, AccessNodeOpts,
@@ -253,25 +254,12 @@ fn serve_fake(
     seen: &mut Seen,
     script: &impl Fn(usize, &Frame<'_>, &Seen) -> Option<Option<Frame<'static>>>,
 ) {
-    let mut w = stream;
-    let mut r = FrameReader::new(stream);
-    let Ok(d) = r.read_frame() else { return };
-    let Frame::Hello { nonce: pn } = d.frame else {
+    let mut s = stream;
+    let Ok(keys) = secure::respond(&mut s, secret) else {
         return;
     };
-    let rn = auth::nonce().expect("nonce");
-    let mac = secret.replica_proof(&pn, &rn);
-    if conn::send(&mut w, 0, &Frame::Challenge { nonce: rn, mac }).is_err() {
-        return;
-    }
-    let Ok(d) = r.read_frame() else { return };
-    match d.frame {
-        Frame::Auth { mac } if secret.verify_primary(&pn, &rn, &mac) => {}
-        _ => return,
-    }
-    if conn::send(&mut w, 0, &Frame::AuthOk).is_err() {
-        return;
-    }
+    let mut w = SecureWriter::new(stream, keys.clone());
+    let mut r = FrameReader::new(SecureReader::new(stream, keys));
     let Ok(d) = r.read_frame() else { return };
     let Frame::Attach(primary) = d.frame else {
         return;

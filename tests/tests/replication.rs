@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use mirror_proto::auth::Secret;
 use mirror_proto::frame::{self, Frame, HEADER_LEN, MAX_PAYLOAD};
 use vhost_mirror_tests::{
     bin_path, check_pattern, check_zeros, classify_block, compare_files, create_image, errno_name,
@@ -902,7 +903,7 @@ fn wrong_secret_no_secret_wrong_size_refused() {
     // (a) wrong secret.
     {
         let s = setup("mirror-auth", size);
-        let other = secret_file(s.dir.path(), "another secret\n");
+        let other = secret_file(s.dir.path(), "another secret, long enough\n");
         let mut node = AccessNode::spawn(
             s.dir.path(),
             &s.replica,
@@ -916,14 +917,21 @@ fn wrong_secret_no_secret_wrong_size_refused() {
         })
         .unwrap_or_else(|v| panic!("(a) vhost-mirror status: {}", pretty(&v)));
         eprintln!("(a) vhost-mirror: {}", st["peer_reason"]);
+        // The node counts failed handshakes apart from its peer state (anyone can connect).
         let ns = wait_node_status(&mut node, TIMEOUT, |v| {
-            status_str(v, "peer_state") == "auth-failed"
+            v["handshake_failures"].as_u64().unwrap_or(0) >= 1
         })
         .unwrap_or_else(|v| panic!("(a) access-node status: {}", pretty(&v)));
-        eprintln!("(a) access-node: {}", ns["peer_reason"]);
+        eprintln!("(a) access-node: {}", ns["last_handshake_failure"]);
         assert!(
-            !status_str(&ns, "peer_reason").is_empty(),
+            status_str(&ns, "last_handshake_failure").contains("authentication failed"),
             "(a) access-node gives no reason: {}",
+            pretty(&ns)
+        );
+        assert_eq!(
+            status_str(&ns, "peer_state"),
+            "disconnected",
+            "{}",
             pretty(&ns)
         );
         // A few more attempts (backoff), then still nothing created, and the guest is served.
@@ -1071,9 +1079,9 @@ fn encoded(f: &Frame<'_>) -> Vec<u8> {
     v
 }
 
-/// A header (of a Hello) with payload length `len`, version `version`, and a valid CRC.
+/// A header (of a NoiseInit) with payload length `len`, version `version`, and a valid CRC.
 fn header_with(len: u32, version: u8) -> Vec<u8> {
-    let mut h = encoded(&Frame::Hello { nonce: [7; 32] });
+    let mut h = encoded(&Frame::NoiseInit { msg: [7; 48] });
     h.truncate(HEADER_LEN);
     h[4] = version;
     h[16..20].copy_from_slice(&len.to_le_bytes());
@@ -1126,7 +1134,7 @@ fn first_frame(bytes: &[u8]) -> Option<String> {
 fn garbage_to_node(node: &mut AccessNode, attached: bool) {
     let mut junk = pattern(0, 1024, 0x6A);
     junk.truncate(1000);
-    let hello = encoded(&Frame::Hello { nonce: [1; 32] });
+    let hello = encoded(&Frame::NoiseInit { msg: [1; 48] });
     let mut bad_crc = hello.clone();
     bad_crc[21] ^= 0x55;
     let attach_first = {
@@ -1141,20 +1149,26 @@ fn garbage_to_node(node: &mut AccessNode, attached: bool) {
         ("connect and close", vec![], true),
         ("random garbage", junk.clone(), false),
         (
-            "truncated Hello, then half-close",
+            "truncated NoiseInit, then half-close",
             hello[..30].to_vec(),
             true,
         ),
         (
             "header announcing MAX_PAYLOAD+1 bytes",
-            header_with(MAX_PAYLOAD as u32 + 1, 1),
+            header_with(MAX_PAYLOAD as u32 + 1, frame::VERSION),
             false,
         ),
-        ("header announcing 4 GiB", header_with(u32::MAX, 1), false),
-        ("header with a bad CRC", bad_crc, false),
-        ("protocol version 2", header_with(32, 2), false),
         (
-            "a Write frame before Hello",
+            "header announcing 4 GiB",
+            header_with(u32::MAX, frame::VERSION),
+            false,
+        ),
+        ("header with a bad CRC", bad_crc, false),
+        ("protocol version 3", header_with(48, 3), false),
+        ("protocol version 1", header_with(32, 1), false),
+        ("a NoiseInit of random bytes", hello.clone(), false),
+        (
+            "a Write frame before NoiseInit",
             {
                 let mut v = Vec::new();
                 frame::encode(
@@ -1170,7 +1184,7 @@ fn garbage_to_node(node: &mut AccessNode, attached: bool) {
             },
             false,
         ),
-        ("an empty Attach before Hello", attach_first, false),
+        ("an empty Attach before NoiseInit", attach_first, false),
     ];
     for (what, bytes, half_close) in cases {
         let what = format!(
@@ -1195,35 +1209,19 @@ fn garbage_to_node(node: &mut AccessNode, attached: bool) {
         );
         node.assert_running();
     }
-    // A valid Hello, then garbage instead of Auth (idle node: it answers with a Challenge).
+    // A well-formed NoiseInit made with another secret: closed without a word.
     {
         let what = format!(
-            "Hello then garbage ({})",
+            "NoiseInit with another secret ({})",
             if attached { "attached" } else { "idle" }
         );
         let mut s = TcpStream::connect(node.addr()).expect("connect");
-        s.write_all(&hello).expect("send Hello");
         s.set_read_timeout(Some(within)).expect("timeout");
-        let mut hdr = [0u8; HEADER_LEN];
-        s.read_exact(&mut hdr)
-            .unwrap_or_else(|e| panic!("{what}: no reply to Hello: {e}"));
-        let len = usz(u64::from(u32::from_le_bytes(
-            hdr[16..20].try_into().expect("4"),
-        )));
-        let mut payload = vec![0u8; len];
-        s.read_exact(&mut payload).expect("reply payload");
-        let reply = [hdr.to_vec(), payload].concat();
-        let name = first_frame(&reply).unwrap_or_else(|| panic!("{what}: undecodable reply"));
-        eprintln!("{what}: reply to Hello: {name}");
-        if attached {
-            assert!(
-                name.contains("Busy"),
-                "{what}: a second primary got {name}, not Refuse(Busy)"
-            );
-        } else {
-            assert_eq!(name, "Challenge", "{what}");
-            let _ = s.write_all(&junk);
-        }
+        let other = Secret::from_bytes(b"not the node's secret at all").expect("secret");
+        let e = mirror_proto::secure::initiate(&mut s, &other)
+            .err()
+            .unwrap_or_else(|| panic!("{what}: the handshake succeeded"));
+        eprintln!("{what}: {e}");
         expect_closed(&mut s, &what, within);
         node.assert_running();
     }

@@ -230,7 +230,8 @@ mod tests {
         assert!(format!("{e}: {:?}", e).contains("/nonexistent/secret"));
         let d = tempfile::tempdir().unwrap();
         let s = d.path().join("secret");
-        std::fs::write(&s, "k\n").unwrap();
+        std::fs::write(&s, "0123456789abcdef\n").unwrap();
+        std::fs::set_permissions(&s, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let c = ServeConfig::try_from(ServeArgs {
             peer: Some("127.0.0.1:1".into()),
             secret_file: Some(s),

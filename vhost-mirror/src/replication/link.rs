@@ -1,4 +1,4 @@
-//! One authenticated TCP connection to the replica in its data phase: many requests in flight,
+//! One authenticated, encrypted TCP connection to the replica in its data phase: many requests in flight,
 //! matched to replies by sequence number.
 //!
 //! Writers append encoded frames to one send buffer under a short lock; a sender thread writes
@@ -8,7 +8,6 @@
 //! waiter learns of the failure, so the caller can record them as out of sync first.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -17,6 +16,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use mirror_proto::conn::{ConnError, FrameReader};
 use mirror_proto::frame::{self, AckStatus, Frame, MAX_DATA};
+use mirror_proto::secure::{SecureReader, SecureWriter};
 
 /// A request that got no reply for this long kills the link.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -167,6 +167,11 @@ struct Out {
     last_send: Instant,
 }
 
+/// The link's receiving side: frames out of decrypted records.
+pub type LinkReader = FrameReader<SecureReader<TcpStream>>;
+/// The link's sending side: batches of frames encrypted into records.
+pub type LinkWriter = SecureWriter<TcpStream>;
+
 /// Called with the ranges the replica may lack, when the link dies.
 pub type OnDown = Box<dyn Fn(&[(u64, u64)], &str) + Send + Sync>;
 
@@ -181,13 +186,14 @@ pub struct Link {
 }
 
 impl Link {
-    /// Starts the sender and receiver threads on an authenticated, attached stream.
+    /// Starts the sender and receiver threads on an authenticated, attached connection.
     pub fn start(
-        stream: TcpStream,
-        reader: FrameReader<TcpStream>,
+        writer: LinkWriter,
+        reader: LinkReader,
         stats: Arc<LinkStats>,
         on_down: OnDown,
     ) -> std::io::Result<Arc<Link>> {
+        let stream = writer.get_ref().try_clone()?;
         stream.set_read_timeout(Some(Duration::from_secs(1)))?;
         let link = Arc::new(Link {
             out: Mutex::new(Out {
@@ -202,7 +208,7 @@ impl Link {
                 last_send: Instant::now(),
             }),
             wake_sender: Condvar::new(),
-            stream: stream.try_clone()?,
+            stream,
             stats,
             on_down,
             dead: Mutex::new(None),
@@ -211,7 +217,7 @@ impl Link {
         let l = link.clone();
         std::thread::Builder::new()
             .name("link-send".into())
-            .spawn(move || l.send_loop(stream))?;
+            .spawn(move || l.send_loop(writer))?;
         let l = link.clone();
         std::thread::Builder::new()
             .name("link-recv".into())
@@ -379,7 +385,7 @@ impl Link {
         }
     }
 
-    fn send_loop(self: Arc<Self>, mut stream: TcpStream) {
+    fn send_loop(self: Arc<Self>, mut stream: LinkWriter) {
         let mut spare = Vec::with_capacity(1 << 20);
         loop {
             let mut g = self.lock();
@@ -402,7 +408,7 @@ impl Link {
             std::mem::swap(&mut g.buf, &mut spare);
             g.last_send = Instant::now();
             drop(g);
-            if let Err(e) = stream.write_all(&spare) {
+            if let Err(e) = stream.send(&spare) {
                 self.fail(&format!("send failed: {e}"));
                 return;
             }
@@ -416,7 +422,7 @@ impl Link {
         }
     }
 
-    fn recv_loop(self: Arc<Self>, mut reader: FrameReader<TcpStream>) {
+    fn recv_loop(self: Arc<Self>, mut reader: LinkReader) {
         let reason = loop {
             let d = match reader.read_frame() {
                 Ok(d) => d,
@@ -573,25 +579,58 @@ impl std::fmt::Debug for Link {
     }
 }
 
+/// A link to a loopback peer that speaks the encrypted protocol, for tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+    use mirror_proto::auth::Secret;
+    use mirror_proto::secure;
+    use std::net::TcpListener;
+
+    /// The replica's side of a test link.
+    pub(crate) struct TestPeer {
+        pub reader: FrameReader<SecureReader<TcpStream>>,
+        pub writer: SecureWriter<TcpStream>,
+    }
+
+    pub(crate) fn start(stats: Arc<LinkStats>, on_down: OnDown) -> (Arc<Link>, TestPeer) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = l.accept().unwrap();
+        let secret = Secret::from_bytes(b"0123456789abcdef").unwrap();
+        let r = secret.clone();
+        let t = std::thread::spawn(move || {
+            let keys = secure::respond(&mut peer, &r).unwrap();
+            TestPeer {
+                reader: FrameReader::new(SecureReader::new(
+                    peer.try_clone().unwrap(),
+                    keys.clone(),
+                )),
+                writer: SecureWriter::new(peer, keys),
+            }
+        });
+        let keys = secure::initiate(&mut s, &secret).unwrap();
+        let peer = t.join().unwrap();
+        let reader = FrameReader::new(SecureReader::new(s.try_clone().unwrap(), keys.clone()));
+        let link = Link::start(SecureWriter::new(s, keys), reader, stats, on_down).unwrap();
+        (link, peer)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
     use std::sync::atomic::AtomicBool;
 
     /// A link to a silent loopback peer; `on_down` takes 300 ms and then sets the flag.
-    fn link_with_slow_on_down() -> (Arc<Link>, Arc<AtomicBool>, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (peer, _) = l.accept().unwrap();
+    fn link_with_slow_on_down() -> (Arc<Link>, Arc<AtomicBool>, testing::TestPeer) {
         let marked = Arc::new(AtomicBool::new(false));
         let m = marked.clone();
         let on_down: OnDown = Box::new(move |_, _| {
             std::thread::sleep(Duration::from_millis(300));
             m.store(true, Ordering::SeqCst);
         });
-        let reader = FrameReader::new(s.try_clone().unwrap());
-        let link = Link::start(s, reader, Arc::new(LinkStats::default()), on_down).unwrap();
+        let (link, peer) = testing::start(Arc::new(LinkStats::default()), on_down);
         (link, marked, peer)
     }
 

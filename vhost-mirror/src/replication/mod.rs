@@ -669,7 +669,6 @@ impl Mirror {
 mod tests {
     use super::*;
     use mirror_proto::conn::{self, FrameReader};
-    use std::net::{TcpListener, TcpStream};
 
     /// A Mirror on a temp image (no connection manager) and a way to give it links.
     fn mirror() -> (tempfile::TempDir, Arc<Mirror>) {
@@ -690,22 +689,18 @@ mod tests {
     }
 
     /// A link to a loopback peer, published to `m`; returns it and the peer's side.
-    fn link(m: &Arc<Mirror>) -> (Arc<Link>, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        let (peer, _) = l.accept().unwrap();
+    fn link(m: &Arc<Mirror>) -> (Arc<Link>, link::testing::TestPeer) {
         let mm = m.clone();
         let on_down: link::OnDown = Box::new(move |ranges, _| {
             let _ = mm.sync_state().mark_ranges(ranges);
         });
-        let reader = FrameReader::new(s.try_clone().unwrap());
-        let link = Link::start(s, reader, m.stats.clone(), on_down).unwrap();
+        let (link, peer) = link::testing::start(m.stats.clone(), on_down);
         m.publish(Some(link.clone()));
         (link, peer)
     }
 
     /// The next data-phase frame's kind and sequence number (pings skipped).
-    fn next_frame(r: &mut FrameReader<TcpStream>) -> (String, u64) {
+    fn next_frame<R: std::io::Read>(r: &mut FrameReader<R>) -> (String, u64) {
         loop {
             let d = r.read_frame().unwrap();
             if !matches!(d.frame, Frame::Ping { .. }) {
@@ -731,8 +726,7 @@ mod tests {
     fn write_through_writes_are_flushed_on_the_replica() {
         let (_d, m) = mirror();
         let (_link, peer) = link(&m);
-        let mut r = FrameReader::new(peer.try_clone().unwrap());
-        let mut w = peer;
+        let (mut r, mut w) = (peer.reader, peer.writer);
         let remote = write(&m, 0, true);
         let (kind, seq_w) = next_frame(&mut r);
         assert_eq!(kind, "Write");
@@ -758,8 +752,7 @@ mod tests {
     fn a_failure_on_an_old_link_leaves_the_new_one_alone() {
         let (_d, m) = mirror();
         let (old, peer) = link(&m);
-        let mut r = FrameReader::new(peer.try_clone().unwrap());
-        let mut w = peer;
+        let (mut r, mut w) = (peer.reader, peer.writer);
         let remote = write(&m, 0, false);
         let (_, seq) = next_frame(&mut r);
         // A new link comes (the old one is still up, its request unanswered).

@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use log::{info, warn};
-use mirror_proto::auth;
 use mirror_proto::conn::{self, error_chain, ConnError, FrameReader};
 use mirror_proto::frame::{DiskState, Frame, NodeInfo, RefuseCode};
 use mirror_proto::generation::{decide, SyncDecision};
+use mirror_proto::secure::{self, SecureError, SecureReader, SecureWriter};
 use thiserror::Error;
 
-use super::link::Link;
+use super::link::{Link, LinkReader, LinkWriter};
 use super::{resync, Mirror, PeerAddr, PeerState};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -34,14 +34,12 @@ pub enum HandshakeError {
     },
     #[error("link I/O")]
     Conn(#[from] ConnError),
-    #[error("authentication failed: {0}")]
-    Auth(String),
+    #[error("handshake with the replica failed")]
+    Secure(#[source] SecureError),
     #[error("refused by the replica: {reason}")]
     Refused { code: RefuseCode, reason: String },
     #[error("replica image is {replica} bytes, ours is {ours} bytes")]
     SizeMismatch { replica: u64, ours: u64 },
-    #[error("cannot make a nonce")]
-    Nonce(#[source] auth::AuthError),
 }
 
 /// Runs forever (until the process exits).
@@ -52,9 +50,9 @@ pub fn run(m: Arc<Mirror>, peer: PeerAddr) {
             return;
         }
         match connect(&m, &peer) {
-            Ok((stream, reader, replica)) => {
+            Ok((writer, reader, replica)) => {
                 let attached = std::time::Instant::now();
-                serve_link(&m, &peer, stream, reader, replica);
+                serve_link(&m, &peer, writer, reader, replica);
                 // A link that dies right away (a replica out of space, say) is retried with
                 // growing delays; one that lived a while is retried at once.
                 if attached.elapsed() > Duration::from_secs(10) {
@@ -67,7 +65,14 @@ pub fn run(m: Arc<Mirror>, peer: PeerAddr) {
             Err(e) => {
                 let msg = error_chain(&e);
                 let (state, wait) = match &e {
-                    HandshakeError::Auth(_) => (PeerState::AuthFailed, BACKOFF_MAX),
+                    // A wrong secret on either side: the replica closes without a word
+                    // after our first message (it tells no one who lacks the secret anything).
+                    HandshakeError::Secure(SecureError::Auth | SecureError::Closed) => {
+                        (PeerState::AuthFailed, BACKOFF_MAX)
+                    }
+                    HandshakeError::Secure(SecureError::OldVersion(_)) => {
+                        (PeerState::Refused, BACKOFF_MAX)
+                    }
                     HandshakeError::Refused {
                         code: RefuseCode::AuthFailed,
                         ..
@@ -100,11 +105,12 @@ pub fn run(m: Arc<Mirror>, peer: PeerAddr) {
     }
 }
 
-/// Connects, authenticates both ways, and exchanges node information.
+/// Connects, runs the Noise handshake (both sides prove the secret, session keys agreed), and
+/// exchanges node information inside the encrypted link.
 fn connect(
     m: &Mirror,
     peer: &PeerAddr,
-) -> Result<(TcpStream, FrameReader<TcpStream>, NodeInfo), HandshakeError> {
+) -> Result<(LinkWriter, LinkReader, NodeInfo), HandshakeError> {
     let addr = peer
         .addr
         .to_socket_addrs()
@@ -122,57 +128,30 @@ fn connect(
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
         .map_err(io)?;
-    let mut reader = FrameReader::new(stream.try_clone().map_err(io)?);
-    let secret = &peer.secret;
-
-    let pn = auth::nonce().map_err(HandshakeError::Nonce)?;
-    conn::send(&mut stream, 0, &Frame::Hello { nonce: pn })?;
-    let rn = match reader.read_frame()?.frame {
-        Frame::Challenge { nonce, mac } => {
-            if !secret.verify_replica(&pn, &nonce, &mac) {
-                let _ = conn::send(
-                    &mut stream,
-                    0,
-                    &Frame::Refuse {
-                        code: RefuseCode::AuthFailed,
-                        reason: "replica could not prove the shared secret",
-                    },
-                );
-                return Err(HandshakeError::Auth(
-                    "the replica does not know the shared secret".into(),
-                ));
-            }
-            nonce
-        }
-        Frame::Refuse { code, reason } => return Err(refused(code, reason)),
-        f => return Err(ConnError::Unexpected(f.name()).into()),
-    };
-    conn::send(
-        &mut stream,
-        0,
-        &Frame::Auth {
-            mac: secret.primary_proof(&pn, &rn),
-        },
-    )?;
-    match reader.read_frame()?.frame {
-        Frame::AuthOk => {}
-        Frame::Refuse { code, reason } => return Err(refused(code, reason)),
-        f => return Err(ConnError::Unexpected(f.name()).into()),
-    }
+    stream
+        .set_write_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(io)?;
+    let keys = secure::initiate(&mut stream, &peer.secret).map_err(HandshakeError::Secure)?;
+    let mut reader = FrameReader::new(SecureReader::new(
+        stream.try_clone().map_err(io)?,
+        keys.clone(),
+    ));
+    let mut writer = SecureWriter::new(stream, keys);
     let ours = m.sync_state().node_info(0);
-    conn::send(&mut stream, 0, &Frame::Attach(ours.clone()))?;
+    conn::send(&mut writer, 0, &Frame::Attach(ours.clone()))?;
     let replica = match reader.read_frame()?.frame {
         Frame::Attached(info) => info,
         Frame::Refuse { code, reason } => return Err(refused(code, reason)),
         f => return Err(ConnError::Unexpected(f.name()).into()),
     };
+    writer.get_ref().set_write_timeout(None).map_err(io)?;
     if replica.size != 0 && replica.size != ours.size {
         let reason = format!(
             "replica image is {} bytes, primary image is {} bytes",
             replica.size, ours.size
         );
         let _ = conn::send(
-            &mut stream,
+            &mut writer,
             0,
             &Frame::Refuse {
                 code: RefuseCode::SizeMismatch,
@@ -184,16 +163,13 @@ fn connect(
             ours: ours.size,
         });
     }
-    Ok((stream, reader, replica))
+    Ok((writer, reader, replica))
 }
 
 fn refused(code: RefuseCode, reason: &str) -> HandshakeError {
-    match code {
-        RefuseCode::AuthFailed => HandshakeError::Auth(format!("replica says: {reason}")),
-        _ => HandshakeError::Refused {
-            code,
-            reason: reason.to_owned(),
-        },
+    HandshakeError::Refused {
+        code,
+        reason: mirror_proto::control::escape_controls(reason),
     }
 }
 
@@ -201,8 +177,8 @@ fn refused(code: RefuseCode, reason: &str) -> HandshakeError {
 fn serve_link(
     m: &Arc<Mirror>,
     peer: &PeerAddr,
-    mut stream: TcpStream,
-    reader: FrameReader<TcpStream>,
+    mut writer: LinkWriter,
+    reader: LinkReader,
     replica: NodeInfo,
 ) {
     let ours = m.sync_state().node_info(0);
@@ -222,7 +198,7 @@ fn serve_link(
     }
     let mut refuse = |code, state, reason: String| {
         let _ = conn::send(
-            &mut stream,
+            &mut writer,
             0,
             &Frame::Refuse {
                 code,
@@ -269,10 +245,7 @@ fn serve_link(
         }
         mm.notify_changed();
     });
-    let link = match stream
-        .try_clone()
-        .and_then(|s| Link::start(s, reader, m.stats.clone(), on_down))
-    {
+    let link = match Link::start(writer, reader, m.stats.clone(), on_down) {
         Ok(l) => l,
         Err(e) => {
             warn!("cannot start the link: {e}");
