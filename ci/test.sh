@@ -24,6 +24,9 @@ cargo test -p vhost-mirror-tests --locked --test client
 echo "== local sockets (modes, peer credentials, --socket-group; as root, with user nobody)"
 cargo test -p vhost-mirror-tests --locked --test sockets
 
+echo "== link security (relay injection and snooping, pre-auth lock-out, weak secrets)"
+cargo test -p vhost-mirror-tests --locked --test security
+
 echo "== replication tier (mirrored pairs through blkio)"
 cargo test -p vhost-mirror-tests --locked --test replication -- --test-threads=2
 

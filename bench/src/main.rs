@@ -536,8 +536,11 @@ fn run_all(cfg: &Config, env: &Env) -> Result<Results> {
     let secret = env.secret();
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::write(&secret, format!("bench secret {}\n", std::process::id()))
-            .ctx(|| format!("write {}", secret.display()))?;
+        std::fs::write(
+            &secret,
+            format!("the benchmark secret {}\n", std::process::id()),
+        )
+        .ctx(|| format!("write {}", secret.display()))?;
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600))
             .ctx(|| format!("chmod {}", secret.display()))?;
     }

@@ -412,7 +412,10 @@ fn failover_and_failback_rounds() {
             dir: dir.clone(),
             kept: keep,
         };
-        let secret = secret_file(&dir, &format!("round-{index}-{}", rng.next()));
+        let secret = secret_file(
+            &dir,
+            &format!("failover round {index} secret {}", rng.next()),
+        );
         let round = Round {
             dir: dir.clone(),
             guest: guest.clone(),

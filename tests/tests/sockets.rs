@@ -58,7 +58,7 @@ impl Fx {
         // A plain image: `promote --force` works on it (the node then exits).
         let replica = dir.path().join("replica.img");
         create_image(&replica, 4 * MIB);
-        let secret = secret_file(dir.path(), "s3cret");
+        let secret = secret_file(dir.path(), "the sockets test secret");
         let node = AccessNode::spawn(
             dir.path(),
             &replica,
