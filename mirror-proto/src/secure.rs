@@ -35,6 +35,8 @@ pub const MAX_RECORD: usize = 65535;
 pub const MAX_RECORD_PLAIN: usize = MAX_RECORD - TAG_LEN;
 /// Record header: the ciphertext length.
 const RECORD_HEADER: usize = 2;
+/// Records encrypted into the output buffer before it is written (about 1 MiB).
+const WRITE_RECORDS: usize = 16;
 
 #[derive(Debug, Error)]
 pub enum SecureError {
@@ -228,7 +230,8 @@ impl<W> SecureWriter<W> {
 }
 
 impl<W: Write> SecureWriter<W> {
-    /// Encrypts `data` into as many records as it needs and writes them with one call.
+    /// Encrypts `data` into as many records as it needs and writes them, up to
+    /// [`WRITE_RECORDS`] records per write call (the output buffer stays that small).
     pub fn send(&mut self, data: &[u8]) -> io::Result<()> {
         if self.broken {
             return Err(io::Error::new(
@@ -236,35 +239,30 @@ impl<W: Write> SecureWriter<W> {
                 "an earlier write on this link failed",
             ));
         }
-        if data.is_empty() {
-            return Ok(());
+        for group in data.chunks(WRITE_RECORDS * MAX_RECORD_PLAIN) {
+            let records = group.len().div_ceil(MAX_RECORD_PLAIN);
+            self.out.clear();
+            self.out
+                .resize(group.len() + records * (RECORD_HEADER + TAG_LEN), 0);
+            let mut at = 0;
+            for chunk in group.chunks(MAX_RECORD_PLAIN) {
+                let end = at + RECORD_HEADER + chunk.len() + TAG_LEN;
+                let n = self
+                    .keys
+                    .0
+                    .write_message(self.nonce, chunk, &mut self.out[at + RECORD_HEADER..end])
+                    .map_err(io::Error::other)?;
+                debug_assert_eq!(n, chunk.len() + TAG_LEN);
+                self.nonce += 1;
+                self.out[at..at + RECORD_HEADER].copy_from_slice(&(n as u16).to_be_bytes());
+                at = end;
+            }
+            if let Err(e) = self.inner.write_all(&self.out[..at]) {
+                self.broken = true;
+                return Err(e);
+            }
         }
-        let records = data.len().div_ceil(MAX_RECORD_PLAIN);
-        self.out.clear();
-        self.out
-            .resize(data.len() + records * (RECORD_HEADER + TAG_LEN), 0);
-        let mut at = 0;
-        for chunk in data.chunks(MAX_RECORD_PLAIN) {
-            let end = at + RECORD_HEADER + chunk.len() + TAG_LEN;
-            let n = self
-                .keys
-                .0
-                .write_message(self.nonce, chunk, &mut self.out[at + RECORD_HEADER..end])
-                .map_err(io::Error::other)?;
-            debug_assert_eq!(n, chunk.len() + TAG_LEN);
-            self.nonce += 1;
-            self.out[at..at + RECORD_HEADER].copy_from_slice(&(n as u16).to_be_bytes());
-            at = end;
-        }
-        let r = self.inner.write_all(&self.out[..at]);
-        if r.is_err() {
-            self.broken = true;
-        }
-        // Keep a large batch's buffer from staying allocated forever.
-        if self.out.capacity() > 4 * MAX_RECORD {
-            self.out = Vec::new();
-        }
-        r
+        Ok(())
     }
 }
 

@@ -371,3 +371,106 @@ fn short_or_exposed_secrets_are_refused_by_both_programs() {
         }
     }
 }
+
+/// Anonymous resident memory of `pid` in KiB (guest memory is shared, not anonymous).
+fn rss_anon_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 9: "A guest can grow the primary's memory without limit: no SIZE_MAX, no maximum
+/// transfer (254 descriptors over the same 16 MiB parse as one 4 GiB OUT), no byte limit on
+/// the link's send buffer." A guest writes the largest request the device allows, every
+/// segment naming the same 1 MiB of its memory, while the replica is stopped (SIGSTOP: it
+/// reads nothing): vhost-mirror's anonymous memory stays flat; the write completes once the
+/// link gives up; the images end identical.
+#[test]
+fn a_hostile_guest_and_a_stalled_replica_do_not_grow_the_primary() {
+    let _wd = Watchdog::new(
+        "a_hostile_guest_and_a_stalled_replica_do_not_grow_the_primary",
+        Duration::from_secs(240),
+    );
+    let dir = test_dir("sec-memory");
+    let primary = dir.path().join("primary.img");
+    let replica = dir.path().join("replica.img");
+    create_image(&primary, 256 * MIB);
+    let secret = secret_file(dir.path(), "the memory test's shared secret\n");
+    let port = free_port();
+    let mut node = AccessNode::spawn(
+        dir.path(),
+        &replica,
+        port,
+        &secret,
+        &AccessNodeOpts::default(),
+    );
+    let mut b = Backend::spawn(dir.path(), &primary, &BackendOpts::mirrored(port, &secret));
+    wait_in_sync(&mut b, Duration::from_secs(60));
+    let mut c = Client::connect_with(
+        b.socket(),
+        &ClientOpts {
+            buf_per_queue: 2 << 20,
+            queue_size: 256,
+            io_timeout: Duration::from_secs(120),
+            ..ClientOpts::default()
+        },
+    );
+    // As many segments as the device allows (the ring holds them and the header and status).
+    let seg_max = c.blkio().get_u64("max-segments").unwrap_or(254) as usize;
+    let seg_len = c
+        .blkio()
+        .get_u64("max-segment-len")
+        .ok()
+        .filter(|&l| l > 0)
+        .unwrap_or(16 * MIB)
+        .min(MIB) as usize;
+    eprintln!("device: max-segments {seg_max}, max-segment-len {seg_len}");
+    c.q().buf()[..seg_len].fill(0xA5);
+    let pid = b.pid();
+    let before = rss_anon_kib(pid);
+    node.child().signal(libc::SIGSTOP);
+    let sampling = Arc::new(AtomicBool::new(true));
+    let (s2, peak) = (sampling.clone(), Arc::new(Mutex::new(before)));
+    let p2 = peak.clone();
+    let sampler = std::thread::spawn(move || {
+        while s2.load(Ordering::Relaxed) {
+            let r = rss_anon_kib(pid);
+            let mut p = p2.lock().expect("peak");
+            *p = (*p).max(r);
+            drop(p);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let segs: Vec<(usize, usize)> = (0..seg_max).map(|_| (0, seg_len)).collect();
+    let t0 = Instant::now();
+    let r = c.q().rwv(true, 0, &segs);
+    let took = t0.elapsed();
+    sampling.store(false, Ordering::Relaxed);
+    let _ = sampler.join();
+    node.child().signal(libc::SIGCONT);
+    let peak = *peak.lock().expect("peak");
+    let grew_mib = peak.saturating_sub(before) / 1024;
+    eprintln!(
+        "a {} MiB write over {} aliased segments, replica stopped: {r:?} after {took:?}; \
+         anonymous memory {} MiB -> peak {} MiB (+{grew_mib} MiB)",
+        (seg_max * seg_len) as u64 / MIB,
+        seg_max,
+        before / 1024,
+        peak / 1024
+    );
+    r.expect("the write completes (degraded) once the link gives up");
+    assert!(
+        grew_mib < 96,
+        "vhost-mirror grew by {grew_mib} MiB for one guest write against a stalled replica"
+    );
+    // The replica comes back: resync, then identical images.
+    c.q().flush().expect("flush");
+    wait_in_sync(&mut b, Duration::from_secs(120));
+    drop(c);
+    b.terminate(TIMEOUT);
+    node.terminate(TIMEOUT);
+    compare_files(&primary, &replica).unwrap_or_else(|e| panic!("images differ: {e}"));
+}

@@ -14,6 +14,10 @@ pub const ID_BYTES: usize = 20;
 pub const MAX_DISCARD_SEG: u32 = 1;
 /// Largest DISCARD / WRITE_ZEROES segment, in sectors (2 GiB).
 pub const MAX_DISCARD_SECTORS: u32 = 0x40_0000;
+/// Largest data segment (descriptor) of a request (virtio-blk SIZE_MAX).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Most data segments of a request (virtio-blk SEG_MAX), whatever the queue size.
+pub const MAX_SEG_MAX: u32 = 1022;
 
 /// Bit 30 of the virtio features: vhost-user protocol features are supported.
 const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
@@ -32,6 +36,7 @@ impl DeviceModel {
     pub fn features(&self) -> u64 {
         let mut bits = [
             VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_SIZE_MAX,
             VIRTIO_BLK_F_BLK_SIZE,
             VIRTIO_BLK_F_FLUSH,
             VIRTIO_BLK_F_TOPOLOGY,
@@ -54,7 +59,15 @@ impl DeviceModel {
 
     /// Most data segments in one request: two descriptors go to header and status.
     pub fn seg_max(&self) -> u32 {
-        u32::from(self.queue_size).saturating_sub(2).max(1)
+        u32::from(self.queue_size)
+            .saturating_sub(2)
+            .clamp(1, MAX_SEG_MAX)
+    }
+
+    /// Most data bytes in one request: SEG_MAX segments of SIZE_MAX (a guest that follows the
+    /// config space never sends more; a larger request is refused).
+    pub fn max_request_bytes(&self) -> u64 {
+        u64::from(self.seg_max()) * u64::from(SIZE_MAX)
     }
 
     /// The config space (`struct virtio_blk_config`) as the guest sees it, little endian.
@@ -63,6 +76,7 @@ impl DeviceModel {
         let mut put = |off: usize, bytes: &[u8]| c[off..off + bytes.len()].copy_from_slice(bytes);
         put(off::CAPACITY, &self.capacity_sectors.to_le_bytes());
         put(off::SEG_MAX, &self.seg_max().to_le_bytes());
+        put(off::SIZE_MAX, &SIZE_MAX.to_le_bytes());
         put(off::BLK_SIZE, &(SECTOR_SIZE as u32).to_le_bytes());
         // 4 KiB physical blocks: guests align their I/O to 4 KiB, which suits page-cache I/O.
         put(off::PHYSICAL_BLOCK_EXP, &[3]);
@@ -93,6 +107,7 @@ pub mod off {
     use virtio_bindings::virtio_blk::virtio_blk_config as C;
     pub const CAPACITY: usize = offset_of!(C, capacity);
     pub const SEG_MAX: usize = offset_of!(C, seg_max);
+    pub const SIZE_MAX: usize = offset_of!(C, size_max);
     pub const BLK_SIZE: usize = offset_of!(C, blk_size);
     pub const PHYSICAL_BLOCK_EXP: usize = offset_of!(C, physical_block_exp);
     pub const MIN_IO_SIZE: usize = offset_of!(C, min_io_size);

@@ -182,7 +182,12 @@ impl BlkBackend {
                     break;
                 };
                 let head = chain.head_index();
-                let parsed = request.parse(chain, dev.model.capacity_sectors, dev.model.readonly);
+                let parsed = request.parse(
+                    chain,
+                    dev.model.capacity_sectors,
+                    dev.model.readonly,
+                    dev.model.max_request_bytes(),
+                );
                 let completion = match (parsed, mirror) {
                     (Ok(()), _) if request.kind() == RequestType::Flush => {
                         // Local fdatasync in the background, the replica's flush on the link;

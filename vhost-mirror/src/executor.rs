@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicU64;
 
 use log::{debug, warn};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
-use vm_memory::{Bytes, GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{Address, Bytes, GuestMemory, GuestMemoryMmap, Permissions};
 
 use mirror_proto::sys::error_chain as chain;
 
@@ -53,21 +53,41 @@ fn read_from_replica(
     if !matches!(local, DiskError::Io { .. }) {
         return Err(local);
     }
-    let Some(data) = m.read_remote(req.offset, req.data_len) else {
+    // Each chunk goes straight into the guest's buffers, in order.
+    let (mut seg, mut seg_at) = (0usize, 0u32);
+    let mut bad = false;
+    let served = m.read_remote(req.offset, req.data_len, |mut chunk| {
+        while !chunk.is_empty() {
+            let Some(s) = req.data.get(seg) else {
+                return false;
+            };
+            let n = ((s.len - seg_at) as usize).min(chunk.len());
+            if mem
+                .write_slice(&chunk[..n], s.addr.unchecked_add(u64::from(seg_at)))
+                .is_err()
+            {
+                bad = true;
+                return false;
+            }
+            chunk = &chunk[n..];
+            seg_at += n as u32;
+            if seg_at == s.len {
+                (seg, seg_at) = (seg + 1, 0);
+            }
+        }
+        true
+    });
+    if bad {
+        return Err(bad_buffer());
+    }
+    if !served {
         return Err(local);
-    };
+    }
     warn!(
         "local read at offset {} failed ({}); served from the replica",
         req.offset,
         chain(&local)
     );
-    let mut at = 0usize;
-    for seg in &req.data {
-        let n = seg.len as usize;
-        mem.write_slice(&data[at..at + n], seg.addr)
-            .map_err(|_| bad_buffer())?;
-        at += n;
-    }
     Ok(())
 }
 

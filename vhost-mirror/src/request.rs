@@ -13,7 +13,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
-use crate::blk_config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE};
+use crate::blk_config::{MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR_SIZE, SIZE_MAX};
 
 /// Size of `struct virtio_blk_outhdr`: type (u32), ioprio (u32), sector (u64).
 pub const HEADER_LEN: usize = 16;
@@ -52,6 +52,10 @@ pub enum ParseError {
     BadSegmentFlags(u32),
     #[error("discard/write-zeroes segment of {0} sectors is larger than {MAX_DISCARD_SECTORS}")]
     SegmentTooLarge(u32),
+    #[error("data segment of {0} bytes is larger than SIZE_MAX ({SIZE_MAX})")]
+    DataSegmentTooLarge(u32),
+    #[error("request carries {0} bytes of data, more than the device's {1}")]
+    TooMuchData(u64, u64),
 }
 
 impl ParseError {
@@ -170,11 +174,13 @@ impl Request {
 
     /// Parses `chain` into `self`. On error, `self.status` still says where the status byte
     /// goes (if the chain has one), so the caller can report the failure to the guest.
+    /// `max_data`: most data bytes a request may carry (SEG_MAX x SIZE_MAX).
     pub fn parse<M>(
         &mut self,
         chain: DescriptorChain<M>,
         capacity_sectors: u64,
         readonly: bool,
+        max_data: u64,
     ) -> Result<(), ParseError>
     where
         M: Deref + Clone,
@@ -292,7 +298,18 @@ impl Request {
             }
         }
 
-        // 5. Ranges.
+        // 5. Size limits: no data segment over SIZE_MAX, no request over SEG_MAX x SIZE_MAX
+        // (the same guest memory may be named by many descriptors: the sum is what counts).
+        if matches!(kind, RequestType::In | RequestType::Out) {
+            if let Some(s) = self.data.iter().find(|s| s.len > SIZE_MAX) {
+                return Err(ParseError::DataSegmentTooLarge(s.len));
+            }
+            if self.data_len > max_data {
+                return Err(ParseError::TooMuchData(self.data_len, max_data));
+            }
+        }
+
+        // 6. Ranges.
         match kind {
             RequestType::In | RequestType::Out => {
                 if !self.data_len.is_multiple_of(SECTOR_SIZE) {
@@ -419,6 +436,8 @@ mod tests {
     const R: u16 = 0;
     const W: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
     const CAP: u64 = 1024; // sectors
+    /// The device's SEG_MAX x SIZE_MAX in these tests.
+    const MAX_DATA: u64 = 4 * SIZE_MAX as u64;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap()
@@ -440,8 +459,43 @@ mod tests {
         let q = MockSplitQueue::new(mem, 256);
         let chain = q.build_desc_chain(descs).unwrap();
         let mut req = Request::default();
-        let r = req.parse(chain, CAP, false);
+        let r = req.parse(chain, CAP, false, MAX_DATA);
         (req, r)
+    }
+
+    /// Issue 9: "254 descriptors over the same 16 MiB parse as one 4 GiB OUT": a data segment
+    /// over SIZE_MAX, or more data than SEG_MAX x SIZE_MAX (however the segments overlap), is
+    /// refused before anything is read or allocated.
+    #[test]
+    fn oversized_segments_and_requests_are_refused() {
+        let m = mem();
+        header(&m, 0x10_0000, VIRTIO_BLK_T_OUT, 0);
+        let (_, r) = parse(
+            &m,
+            &[
+                d(0x10_0000, 16, R),
+                d(0x20_0000, SIZE_MAX + 512, R),
+                d(0x30_0000, 1, W),
+            ],
+        );
+        assert_eq!(r, Err(ParseError::DataSegmentTooLarge(SIZE_MAX + 512)));
+        assert_eq!(r.unwrap_err().status(), VIRTIO_BLK_S_IOERR as u8);
+        // Five SIZE_MAX descriptors over the same memory: 5 MiB > 4 MiB.
+        let mut descs = vec![d(0x10_0000, 16, R)];
+        descs.extend((0..5).map(|_| d(0x20_0000, SIZE_MAX, R)));
+        descs.push(d(0x30_0000, 1, W));
+        let (_, r) = parse(&m, &descs);
+        assert_eq!(
+            r,
+            Err(ParseError::TooMuchData(5 * u64::from(SIZE_MAX), MAX_DATA))
+        );
+        // Reads likewise.
+        header(&m, 0x10_0000, VIRTIO_BLK_T_IN, 0);
+        let mut descs = vec![d(0x10_0000, 16, R)];
+        descs.extend((0..5).map(|_| d(0x20_0000, SIZE_MAX, W)));
+        descs.push(d(0x30_0000, 1, W));
+        let (_, r) = parse(&m, &descs);
+        assert!(matches!(r, Err(ParseError::TooMuchData(..))), "{r:?}");
     }
 
     #[test]
@@ -532,7 +586,7 @@ mod tests {
                 .build_desc_chain(&[d(0x10_0000, 16, R), d(0x20_0000, 16, R), d(0x30_0000, 1, W)])
                 .unwrap();
             let mut req = Request::default();
-            let e = req.parse(chain, CAP, true).unwrap_err();
+            let e = req.parse(chain, CAP, true, MAX_DATA).unwrap_err();
             assert!(matches!(e, ParseError::ReadOnly(_)), "{e:?}");
             assert_eq!(e.status(), VIRTIO_BLK_S_UNSUPP as u8);
         }
@@ -545,7 +599,9 @@ mod tests {
                 d(0x30_0000, 1, W),
             ])
             .unwrap();
-        Request::default().parse(chain, CAP, true).unwrap();
+        Request::default()
+            .parse(chain, CAP, true, MAX_DATA)
+            .unwrap();
     }
 
     #[test]
@@ -783,7 +839,7 @@ mod tests {
         let flag = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
         let chain = q.build_desc_chain(&[d(0x40_0000, 48, flag)]).unwrap();
         let mut req = Request::default();
-        req.parse(chain, CAP, false).unwrap();
+        req.parse(chain, CAP, false, MAX_DATA).unwrap();
         assert_eq!(req.kind(), RequestType::In);
         assert_eq!(req.data_len, 1024);
         assert_eq!(req.offset, 1024);

@@ -33,6 +33,11 @@ pub const AUTO_FLUSH_RANGES: usize = 65536;
 /// The unflushed ranges are compacted once there are this many (and twice as many as after
 /// the last compaction).
 const COMPACT_AT: usize = 4096;
+/// A writer that finds this many bytes waiting in the send buffer waits until the sender took
+/// them (backpressure to the queue workers): a stalled replica or a slow link cannot make the
+/// primary's memory grow (the buffer and the batch being sent hold at most twice this, plus
+/// one frame).
+pub const MAX_SEND_BUFFER: usize = 16 << 20;
 /// Compaction granularity: the out-of-sync bitmap's region.
 const COMPACT_GRAIN: u64 = mirror_proto::bitmap::REGION_SIZE;
 
@@ -142,7 +147,27 @@ impl LinkStats {
     }
 }
 
+/// The kind of frame a request must be answered with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Ack,
+    ReadData,
+    Pong,
+}
+
+impl Answer {
+    fn of(f: &Frame<'_>) -> Answer {
+        match f {
+            Frame::Read { .. } => Answer::ReadData,
+            Frame::Ping { .. } => Answer::Pong,
+            _ => Answer::Ack,
+        }
+    }
+}
+
 struct Pending {
+    /// What the reply must be (a reply of another kind kills the link).
+    answer: Answer,
     waiter: Option<Arc<Waiter>>,
     /// A guest write: its round trip counts toward the link's write latency.
     measure: bool,
@@ -178,6 +203,8 @@ pub type OnDown = Box<dyn Fn(&[(u64, u64)], &str) + Send + Sync>;
 pub struct Link {
     out: Mutex<Out>,
     wake_sender: Condvar,
+    /// Signalled when the sender took the send buffer (or the link died).
+    room: Condvar,
     stream: TcpStream,
     stats: Arc<LinkStats>,
     on_down: OnDown,
@@ -208,6 +235,7 @@ impl Link {
                 last_send: Instant::now(),
             }),
             wake_sender: Condvar::new(),
+            room: Condvar::new(),
             stream,
             stats,
             on_down,
@@ -229,6 +257,15 @@ impl Link {
         self.out.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Locks the send side once the buffer has room for another data frame.
+    fn lock_with_room(&self) -> MutexGuard<'_, Out> {
+        let mut g = self.lock();
+        while g.alive && g.buf.len() >= MAX_SEND_BUFFER {
+            g = self.room.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+        g
+    }
+
     pub fn is_alive(&self) -> bool {
         self.lock().alive
     }
@@ -243,7 +280,7 @@ impl Link {
         fill: impl FnOnce(&mut Vec<u8>),
     ) -> Result<Arc<Waiter>, LinkDown> {
         debug_assert!(len as usize <= MAX_DATA);
-        let mut g = self.lock();
+        let mut g = self.lock_with_room();
         if !g.alive {
             drop(g);
             return Err(self.down());
@@ -259,6 +296,7 @@ impl Link {
         g.pending.insert(
             seq,
             Pending {
+                answer: Answer::Ack,
                 waiter: Some(w.clone()),
                 measure: true,
                 range: Some((offset, len)),
@@ -286,7 +324,11 @@ impl Link {
             _ => None,
         };
         let is_flush = matches!(frame, Frame::Flush | Frame::SyncDone { .. });
-        let mut g = self.lock();
+        let mut g = if matches!(frame, Frame::Write { .. }) {
+            self.lock_with_room()
+        } else {
+            self.lock()
+        };
         if !g.alive {
             drop(g);
             return Err(self.down());
@@ -305,6 +347,7 @@ impl Link {
         g.pending.insert(
             seq,
             Pending {
+                answer: Answer::of(&frame),
                 waiter: Some(w.clone()),
                 measure: false,
                 range,
@@ -372,6 +415,7 @@ impl Link {
         *self.dead.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason.to_owned());
         self.died.notify_all();
         self.wake_sender.notify_all();
+        self.room.notify_all();
     }
 
     /// Blocks until the link is dead; returns why.
@@ -408,6 +452,7 @@ impl Link {
             std::mem::swap(&mut g.buf, &mut spare);
             g.last_send = Instant::now();
             drop(g);
+            self.room.notify_all();
             if let Err(e) = stream.send(&spare) {
                 self.fail(&format!("send failed: {e}"));
                 return;
@@ -445,11 +490,14 @@ impl Link {
                 .bytes_received
                 .fetch_add(d.consumed as u64, Ordering::Relaxed);
             let seq = d.seq;
-            let reply = match d.frame {
-                Frame::Ack { status } => Reply::Ack(status),
-                Frame::ReadData { data } => Reply::Data(data.to_vec()),
-                Frame::Pong { .. } => Reply::Ack(AckStatus::Ok),
-                Frame::Refuse { reason, .. } => break format!("replica refused: {reason}"),
+            let (reply, answer) = match d.frame {
+                Frame::Ack { status } => (Reply::Ack(status), Answer::Ack),
+                Frame::ReadData { data } => (Reply::Data(data.to_vec()), Answer::ReadData),
+                Frame::Pong { .. } => (Reply::Ack(AckStatus::Ok), Answer::Pong),
+                Frame::Refuse { reason, .. } => {
+                    let reason = mirror_proto::control::escape_controls(reason);
+                    break format!("replica refused: {reason}");
+                }
                 other => break format!("unexpected {} frame from the replica", other.name()),
             };
             let mut g = self.lock();
@@ -457,6 +505,13 @@ impl Link {
                 drop(g);
                 break format!("reply for unknown request {seq}");
             };
+            if p.answer != answer {
+                g.pending.insert(seq, p);
+                drop(g);
+                break format!(
+                    "the replica answered request {seq} with {answer:?}, not the kind it asked for"
+                );
+            }
             if let (Some((offset, _)), Reply::Ack(status)) = (p.range, &reply) {
                 if *status != AckStatus::Ok {
                     // The replica lacks this write now: fail the link, which marks its range
@@ -521,6 +576,7 @@ impl Out {
         self.pending.insert(
             seq,
             Pending {
+                answer: Answer::of(f),
                 waiter: None,
                 measure: false,
                 range: None,
@@ -660,7 +716,10 @@ mod tests {
     /// Ranges are first compacted to whole regions; only ranges that stay apart count.
     #[test]
     fn unflushed_writes_are_bounded() {
-        let (link, _marked, _peer) = link_with_slow_on_down();
+        let (link, _marked, peer) = link_with_slow_on_down();
+        // The peer takes what it is sent (a silent one would stall the link: backpressure).
+        let mut drain = peer.reader.get_ref().get_ref().try_clone().unwrap();
+        std::thread::spawn(move || std::io::copy(&mut drain, &mut std::io::sink()));
         let region = mirror_proto::bitmap::REGION_SIZE;
         // Eight small writes per region: compacted, they never reach the limit.
         for i in 0..(8 * COMPACT_AT as u64) {
@@ -690,6 +749,39 @@ mod tests {
             "no flush of the link's own"
         );
         link.fail("done");
+    }
+
+    /// Issue 9: "no byte limit on the link's send buffer". A replica that stops reading
+    /// makes writers wait once the buffer holds MAX_SEND_BUFFER; the link's death frees them.
+    #[test]
+    fn a_stalled_replica_bounds_the_send_buffer() {
+        let (link, _marked, _peer) = link_with_slow_on_down();
+        let l = link.clone();
+        let writer = std::thread::spawn(move || {
+            let data = vec![0x5au8; MAX_DATA];
+            let mut sent = 0usize;
+            while l
+                .send_write_with(0, MAX_DATA as u64, false, |b| b.extend_from_slice(&data))
+                .is_ok()
+            {
+                sent += 1;
+            }
+            sent
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            !writer.is_finished(),
+            "the writer should be waiting for room"
+        );
+        let queued = link.lock().buf.len();
+        assert!(
+            queued <= MAX_SEND_BUFFER + MAX_DATA + 64,
+            "{queued} bytes queued"
+        );
+        link.fail("test");
+        let sent = writer.join().unwrap();
+        // The send buffer, the batch the sender holds, and the sockets' own buffers.
+        assert!(sent < 64, "{sent} MiB accepted from the writer");
     }
 
     #[test]

@@ -580,30 +580,37 @@ impl Mirror {
         }
     }
 
-    /// Reads a range from the replica (when a local read failed). None if the replica cannot
-    /// serve it (no link, or the range is out of sync there).
-    pub fn read_remote(&self, offset: u64, len: u64) -> Option<Vec<u8>> {
-        let link = self.current_link()?;
+    /// Reads a range from the replica (when a local read failed), one chunk of at most
+    /// [`MAX_DATA`] bytes at a time, handing each to `sink` in order (no buffer sized by the
+    /// request). False if the replica cannot serve it (no link, the range is out of sync there,
+    /// a reply of the wrong kind or size) or `sink` refused a chunk.
+    pub fn read_remote(&self, offset: u64, len: u64, mut sink: impl FnMut(&[u8]) -> bool) -> bool {
+        let Some(link) = self.current_link() else {
+            return false;
+        };
         if self.sync_state().bitmap.any_in_range(offset, len) {
-            return None;
+            return false;
         }
-        let mut out = Vec::with_capacity(len as usize);
         let mut done = 0;
         while done < len {
             let n = (len - done).min(MAX_DATA as u64);
-            let w = link
-                .send(Frame::Read {
-                    offset: offset + done,
-                    len: n as u32,
-                })
-                .ok()?;
+            let Ok(w) = link.send(Frame::Read {
+                offset: offset + done,
+                len: n as u32,
+            }) else {
+                return false;
+            };
             match w.wait() {
-                Ok(Reply::Data(d)) if d.len() as u64 == n => out.extend_from_slice(&d),
-                _ => return None,
+                Ok(Reply::Data(d)) if d.len() as u64 == n => {
+                    if !sink(&d) {
+                        return false;
+                    }
+                }
+                _ => return false,
             }
             done += n;
         }
-        Some(out)
+        true
     }
 
     /// First step of a shutdown: nothing waits for the peer any more.
@@ -744,6 +751,29 @@ mod tests {
         conn::send(&mut w, seq_f, &ack).unwrap();
         assert!(m.wait_answered_timeout(&remote, Duration::from_secs(5)));
         assert_eq!(m.finish(remote, true), (true, None));
+    }
+
+    /// Issue 9: "the primary does not check the kind of reply it gets for a sequence number".
+    /// A write answered with a Pong or ReadData is not a write acknowledged: the link dies
+    /// and the write's range is out of sync.
+    #[test]
+    fn a_reply_of_the_wrong_kind_kills_the_link() {
+        for wrong in [
+            Frame::Pong { nanos: 1 },
+            Frame::ReadData { data: &[0; 4096] },
+        ] {
+            let (_d, m) = mirror();
+            let (link, peer) = link(&m);
+            let (mut r, mut w) = (peer.reader, peer.writer);
+            let remote = write(&m, 8192, false);
+            let (kind, seq) = next_frame(&mut r);
+            assert_eq!(kind, "Write");
+            conn::send(&mut w, seq, &wrong).unwrap();
+            let (ok, _) = m.finish(remote, true);
+            assert!(ok, "the guest's write itself is fine (local)");
+            assert!(!link.is_alive(), "{wrong:?} accepted as a write's answer");
+            assert!(m.sync_state().bitmap.any_in_range(8192, 4096));
+        }
     }
 
     /// Finding 7: a request's failure is its own link's: a reply on an old link never tears
