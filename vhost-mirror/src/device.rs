@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
+use mirror_proto::sys::RefusalLog;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
@@ -30,12 +31,24 @@ use crate::stats::QueueCounters;
 
 /// State of one queue worker, kept across connections. Its mutex is taken only by that
 /// queue's worker thread, and by shutdown to wait for the request in flight.
-#[derive(Default)]
 pub struct QueueWorker {
     request: Request,
     iov: IovecBuf,
     /// Requests whose local part is done and whose replica part is in flight.
     deferred: Vec<Deferred>,
+    /// Bad requests are logged at most once per few seconds (a guest can send any number).
+    bad_log: RefusalLog,
+}
+
+impl Default for QueueWorker {
+    fn default() -> Self {
+        QueueWorker {
+            request: Request::default(),
+            iov: IovecBuf::default(),
+            deferred: Vec::new(),
+            bad_log: RefusalLog::new("guest requests"),
+        }
+    }
 }
 
 /// Most replicated requests a worker keeps in flight before it waits for their replies.
@@ -125,6 +138,7 @@ impl BlkBackend {
             request,
             iov,
             deferred,
+            bad_log,
         } = &mut *worker;
         let counters = &dev.counters[queue];
         let mirror = dev.mirror.as_deref();
@@ -258,10 +272,17 @@ impl BlkBackend {
                             debug!("queue {queue}: {e}");
                         } else {
                             QueueCounters::add(&counters.errors, 1);
-                            warn!("queue {queue}: bad request: {e}");
-                        }
-                        if matches!(e, ParseError::NoStatus) {
-                            warn!("queue {queue}: request {head} completed without status");
+                            if let Some(more) = bad_log.tick(std::time::Instant::now()) {
+                                let status = if matches!(e, ParseError::NoStatus) {
+                                    " (completed without a status byte)"
+                                } else {
+                                    ""
+                                };
+                                warn!(
+                                    "queue {queue}: bad request {head}: {e}{status} ({more} more \
+                                     since the last message; all counted in errors)"
+                                );
+                            }
                         }
                         executor::complete(&mem, request, e.status(), 0)
                     }
