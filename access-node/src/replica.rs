@@ -17,11 +17,12 @@ use log::{info, warn};
 use mirror_proto::activity_log::{self, AlError};
 use mirror_proto::auth::{self, AuthError};
 use mirror_proto::bitmap::Bitmap;
+use mirror_proto::bitmap_file::BitmapFile;
 use mirror_proto::frame::{
     AckStatus, DiskState, NodeInfo, Role, MAX_HISTORY, NODE_FLAG_DISCARD_MY_DATA,
 };
 use mirror_proto::generation;
-use mirror_proto::meta::{self, BitmapFile, Meta, MetaError, META_FORMAT};
+use mirror_proto::meta::{self, Meta, MetaError, META_FORMAT};
 use thiserror::Error;
 
 use crate::cache::ReadCache;
@@ -69,6 +70,19 @@ pub enum ReplicaError {
     Meta(#[from] MetaError),
     #[error(transparent)]
     ActivityLog(#[from] AlError),
+    #[error(
+        "{image} was a primary's image and its activity log cannot be read, so which extents \
+         its last run may have left different from the peer is unknown: refusing to pair. To \
+         have the primary copy the whole image over it (its own changes are lost), remove {meta} \
+         and {al}"
+    )]
+    HotExtentsUnknown {
+        image: PathBuf,
+        meta: PathBuf,
+        al: PathBuf,
+        #[source]
+        source: AlError,
+    },
     #[error("cannot create a node id")]
     NodeId(#[source] AuthError),
     #[error("cannot create a generation id")]
@@ -139,7 +153,7 @@ impl Replica {
     pub fn open(path: &Path, cache_bytes: u64, status: Arc<Status>) -> Result<Self, ReplicaError> {
         let image = open_existing(path)?;
         let meta = if image.is_some() {
-            meta::load(path)?
+            meta::load_upgrading(path)?
         } else {
             None
         };
@@ -208,9 +222,28 @@ impl Replica {
     }
 
     /// Extents the activity log beside the image lists (non-empty when the image belonged to a
-    /// primary that stopped uncleanly).
+    /// primary that stopped uncleanly). A damaged log of a primary's image is an error (which
+    /// extents may differ is unknown: pairing would leave them different); a secondary's log
+    /// means nothing (its data is its generation's, whatever ran before), so a damaged one is
+    /// only reported.
     pub fn hot_extents(&self) -> Result<Vec<u64>, ReplicaError> {
-        Ok(activity_log::read(&self.path)?)
+        match activity_log::read(&self.path) {
+            Err(e @ AlError::Damaged { .. })
+                if self.meta.as_ref().is_some_and(|m| m.role == Role::Primary) =>
+            {
+                Err(ReplicaError::HotExtentsUnknown {
+                    image: self.path.clone(),
+                    meta: meta::meta_path(&self.path),
+                    al: activity_log::al_path(&self.path),
+                    source: e,
+                })
+            }
+            Err(e @ AlError::Damaged { .. }) => {
+                warn!("{} (not needed for a secondary's image)", crate::chain(&e));
+                Ok(Vec::new())
+            }
+            r => Ok(r?),
+        }
     }
 
     /// A primary with a disk of `size` bytes attaches: checks an existing image's size (without
@@ -225,7 +258,7 @@ impl Replica {
             // Someone may have put an image there since startup.
             self.image = open_existing(&self.path)?;
             if self.image.is_some() {
-                self.meta = meta::load(&self.path)?;
+                self.meta = meta::load_upgrading(&self.path)?;
             }
         }
         match &mut self.image {
@@ -723,6 +756,93 @@ mod tests {
         assert_eq!(info.disk_state, DiskState::Inconsistent);
         assert!(meta::meta_path(&p).exists());
         assert_eq!(std::fs::read(&p).unwrap(), vec![5u8; 4096]);
+    }
+
+    /// A damaged activity log of a primary's image (a failback: which extents its crash left
+    /// different is unknown) refuses the attach, naming the files; a secondary's is only
+    /// reported. Before, a damaged log read as "no hot extents" and the old primary's
+    /// differing extents were never copied.
+    #[test]
+    fn a_primary_image_with_a_damaged_activity_log_is_not_paired() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("r.img");
+        std::fs::write(&p, vec![0u8; 8192]).unwrap();
+        let m = Meta {
+            format: META_FORMAT,
+            node_id: 5,
+            size: 8192,
+            role: Role::Primary,
+            disk_state: DiskState::UpToDate,
+            generation: 77,
+            bitmap_generation: 0,
+            history: vec![],
+        };
+        meta::save(&p, &m).unwrap();
+        std::fs::write(activity_log::al_path(&p), vec![0x5a; 4096]).unwrap();
+        let mut r = replica(d.path(), 0);
+        let e = r.attach(8192).unwrap_err();
+        assert!(matches!(e, ReplicaError::HotExtentsUnknown { .. }), "{e}");
+        let msg = crate::chain(&e);
+        assert!(
+            msg.contains("r.img.meta") && msg.contains("r.img.al is damaged"),
+            "{msg}"
+        );
+        drop(r);
+        // A secondary's: reported, not needed.
+        meta::save(
+            &p,
+            &Meta {
+                role: Role::Secondary,
+                ..m.clone()
+            },
+        )
+        .unwrap();
+        let mut r = replica(d.path(), 0);
+        assert!(r.attach(8192).unwrap().hot.is_empty());
+        drop(r);
+        // The remedy the message names: the image pairs as unknown content (a full copy).
+        meta::save(&p, &m).unwrap();
+        std::fs::remove_file(meta::meta_path(&p)).unwrap();
+        std::fs::remove_file(activity_log::al_path(&p)).unwrap();
+        let mut r = replica(d.path(), 0);
+        let info = r.attach(8192).unwrap();
+        assert_eq!((info.generation, info.role), (0, Role::Secondary));
+    }
+
+    #[test]
+    fn damaged_metadata_is_refused_and_format_1_upgraded() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("r.img");
+        std::fs::write(&p, vec![0u8; 8192]).unwrap();
+        let m = Meta {
+            format: 1,
+            node_id: 5,
+            size: 8192,
+            role: Role::Secondary,
+            disk_state: DiskState::Outdated,
+            generation: 77,
+            bitmap_generation: 0,
+            history: vec![76],
+        };
+        std::fs::write(meta::meta_path(&p), serde_json::to_vec(&m).unwrap()).unwrap();
+        let r = replica(d.path(), 0);
+        assert_eq!(r.node_info().disk_state, DiskState::Outdated);
+        drop(r);
+        let text = std::fs::read_to_string(meta::meta_path(&p)).unwrap();
+        assert!(text.contains("crc32c"), "not upgraded: {text}");
+        // One state for another, checksum unchanged: refused, never promotable.
+        std::fs::write(
+            meta::meta_path(&p),
+            text.replace("\"outdated\"", "\"up-to-date\""),
+        )
+        .unwrap();
+        let status = Arc::new(Status::new(p.clone(), 0));
+        let e = Replica::open(&p, 0, status).unwrap_err();
+        assert!(
+            crate::chain(&e).contains("r.img.meta is damaged (checksum mismatch"),
+            "{}",
+            crate::chain(&e)
+        );
     }
 
     #[test]

@@ -9,12 +9,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use mirror_proto::activity_log::{self, AlFile};
 use mirror_proto::auth::Secret;
+use mirror_proto::bitmap_file::BitmapFile;
 use mirror_proto::conn::FrameReader;
 use mirror_proto::frame::{
     self, AckStatus, DiskState, Frame, NodeInfo, RefuseCode, Role, MAGIC, MAX_DATA,
     NODE_FLAG_DISCARD_MY_DATA,
 };
-use mirror_proto::meta::{BitmapFile, Meta, META_FORMAT};
+use mirror_proto::meta::{Meta, META_FORMAT};
 use mirror_proto::secure::{self, SecureError, SecureReader, SecureWriter};
 use mirror_proto::{control, meta};
 use serde_json::Value;

@@ -15,11 +15,12 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use mirror_proto::auth::Secret;
+use mirror_proto::bitmap_file::BitmapFile;
 use mirror_proto::conn::FrameReader;
 use mirror_proto::frame::{
     self, AckStatus, DiskState, Frame, NodeInfo, Role, NODE_FLAG_DISCARD_MY_DATA,
 };
-use mirror_proto::meta::{self, BitmapFile, Meta, META_FORMAT};
+use mirror_proto::meta::{self, Meta, META_FORMAT};
 use mirror_proto::secure::{self, SecureReader, SecureWriter};
 
 const BIN: &str = env!("CARGO_BIN_EXE_access-node");

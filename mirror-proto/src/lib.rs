@@ -4,8 +4,10 @@
 pub mod activity_log;
 pub mod auth;
 pub mod bitmap;
+pub mod bitmap_file;
 pub mod conn;
 pub mod control;
+pub mod files;
 pub mod frame;
 pub mod generation;
 pub mod meta;

@@ -99,8 +99,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     return Err(ConfigError::SecretWithoutPeer);
                 }
                 // The image of a mirrored pair (it has replication metadata) served alone:
-                // its writes are recorded out of sync, for the peer's return.
-                let paired = !a.readonly && mirror_proto::meta::meta_path(&a.image).exists();
+                // its writes are recorded out of sync, for the peer's return. (A symbolic link
+                // there counts too: loading it is refused, rather than serving unrecorded.)
+                let paired = !a.readonly
+                    && std::fs::symlink_metadata(mirror_proto::meta::meta_path(&a.image)).is_ok();
                 paired.then(|| MirrorConfig {
                     image: a.image.clone(),
                     peer: None,

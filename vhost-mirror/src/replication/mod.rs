@@ -22,6 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use log::error;
+use mirror_proto::activity_log::AlError;
 use mirror_proto::auth::Secret;
 use mirror_proto::frame::{AckStatus, DiskState, Frame, MAX_DATA};
 use serde_json::{json, Value};
@@ -138,8 +139,21 @@ impl Mirror {
     pub fn new(cfg: MirrorConfig, disk: Arc<RawImage>) -> Result<Arc<Self>, SyncStateError> {
         let standalone = cfg.peer.is_none();
         let mut sync = SyncState::open(&cfg.image, disk.size())?;
-        let (activity_log, hot) =
-            ActivityLog::open(&cfg.image).map_err(SyncStateError::ActivityLog)?;
+        let (activity_log, hot) = match ActivityLog::open(&cfg.image) {
+            Err(AlError::Damaged { path, reason }) => {
+                // Which extents the last run left hot is unknown: any may differ. Marked
+                // (durably) before the log is replaced.
+                log::warn!(
+                    "activity log {} is damaged ({reason}): every region of the image is \
+                     marked out of sync and will be copied again",
+                    path.display()
+                );
+                sync.mark(0, disk.size())?;
+                mirror_proto::activity_log::reset(&cfg.image)?;
+                ActivityLog::open(&cfg.image)?
+            }
+            r => r?,
+        };
         if !hot.is_empty() {
             // The last run ended without a clean shutdown: writes to these extents may have
             // reached only one side.
@@ -693,6 +707,32 @@ mod tests {
             resync_rate: None,
         };
         (d, Mirror::new(cfg, disk).unwrap())
+    }
+
+    /// A garbage activity log (which extents were hot is unknown) marks the whole image out of
+    /// sync, durably, and is replaced; before, it read as "no hot extents".
+    #[test]
+    fn a_damaged_activity_log_marks_the_whole_image() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        std::fs::write(&img, vec![0u8; 9 << 20]).unwrap();
+        let cfg = || MirrorConfig {
+            image: img.clone(),
+            peer: None,
+            on_peer_loss: PeerLoss::Degrade,
+            resync_rate: None,
+        };
+        let disk = || Arc::new(RawImage::open(&img, false).unwrap());
+        drop(Mirror::new(cfg(), disk()).unwrap());
+        std::fs::write(mirror_proto::activity_log::al_path(&img), vec![0x5a; 8192]).unwrap();
+        let m = Mirror::new(cfg(), disk()).unwrap();
+        assert_eq!(m.sync_state().out_of_sync_bytes(), 9 << 20);
+        let g = m.sync_state().meta.generation;
+        drop(m);
+        assert!(mirror_proto::activity_log::read(&img).unwrap().is_empty());
+        let m = Mirror::new(cfg(), disk()).unwrap();
+        assert_eq!(m.sync_state().out_of_sync_bytes(), 9 << 20);
+        assert_eq!(m.sync_state().meta.generation, g);
     }
 
     /// A link to a loopback peer, published to `m`; returns it and the peer's side.

@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use log::{info, warn};
 use mirror_proto::auth::random_id;
 use mirror_proto::bitmap::{Bitmap, REGION_SIZE};
+use mirror_proto::bitmap_file::{self, BitmapFile};
 use mirror_proto::frame::{DiskState, NodeInfo, Role};
 use mirror_proto::generation::push_history;
-use mirror_proto::meta::{self, BitmapFile, Meta, MetaError, META_FORMAT};
+use mirror_proto::meta::{self, Meta, MetaError, META_FORMAT};
 use thiserror::Error;
 
 pub const MAX_HISTORY: usize = 16;
@@ -71,7 +72,7 @@ const MAX_WATCHED_MARKS: usize = 65536;
 impl SyncState {
     /// Loads (or creates) the metadata and bitmap beside `image`.
     pub fn open(image: &Path, size: u64) -> Result<Self, SyncStateError> {
-        let meta = match meta::load(image)? {
+        let mut meta = match meta::load_upgrading(image)? {
             Some(m) => {
                 if m.size != size {
                     return Err(SyncStateError::SizeChanged {
@@ -105,14 +106,33 @@ impl SyncState {
                 m
             }
         };
-        let had_bitmap = meta::bitmap_path(image).exists();
+        let had_bitmap = std::fs::symlink_metadata(bitmap_file::bitmap_path(image)).is_ok();
         let (file, mut bitmap) = BitmapFile::open_or_create(image, size)?;
+        let mut rewrite = false;
         if !had_bitmap && meta.bitmap_generation != 0 {
             warn!(
                 "bitmap of {} is missing: every region is out of sync",
                 image.display()
             );
             bitmap.set_all();
+            rewrite = true;
+        }
+        if !file.damaged().is_empty() {
+            // A damaged block's regions came back set: they may differ. Recorded like any
+            // mark: with a base generation, durably (which rewrites the blocks).
+            let regions: u64 = file.damaged().iter().map(|&(_, n)| n).sum();
+            warn!(
+                "{}: {} damaged block(s) (checksum mismatch): their {regions} region(s) are \
+                 marked out of sync and will be copied again",
+                file.path().display(),
+                file.damaged().len()
+            );
+            rewrite = true;
+        }
+        if rewrite && meta.bitmap_generation == 0 && !bitmap.is_clear() {
+            meta = new_generation_for_bitmap(image, &meta, meta.generation)?;
+        }
+        if rewrite {
             file.persist_all(&bitmap)?;
         }
         Ok(SyncState {
@@ -206,16 +226,7 @@ impl SyncState {
     /// Memory follows only once the file is written: a failed save leaves the old generation
     /// (and no base) in both, so the next mark tries again, and fails until it works.
     fn new_generation_for_bitmap(&mut self, base: u64) -> Result<(), SyncStateError> {
-        let mut m = self.meta.clone();
-        push_history(&mut m.history, m.generation, MAX_HISTORY);
-        m.generation = random_id().map_err(SyncStateError::Random)?;
-        m.bitmap_generation = base;
-        meta::save(&self.image, &m)?;
-        self.meta = m;
-        info!(
-            "new generation {:016x} (replica may lack writes since {:016x})",
-            self.meta.generation, base
-        );
+        self.meta = new_generation_for_bitmap(&self.image, &self.meta, base)?;
         Ok(())
     }
 
@@ -297,6 +308,20 @@ impl SyncState {
         }
         Ok(())
     }
+}
+
+/// Saves `meta` with a new generation whose bitmap is relative to `base`; returns it.
+fn new_generation_for_bitmap(image: &Path, meta: &Meta, base: u64) -> Result<Meta, SyncStateError> {
+    let mut m = meta.clone();
+    push_history(&mut m.history, m.generation, MAX_HISTORY);
+    m.generation = random_id().map_err(SyncStateError::Random)?;
+    m.bitmap_generation = base;
+    meta::save(image, &m)?;
+    info!(
+        "new generation {:016x} (replica may lack writes since {:016x})",
+        m.generation, base
+    );
+    Ok(m)
 }
 
 /// Byte range of regions `[first, first + count)`, clamped to the image.
@@ -384,6 +409,106 @@ mod tests {
             s.bitmap.is_set(7),
             "the bit set before the failed persist was not written"
         );
+    }
+
+    /// A damaged bitmap block (a crash cannot make one: a block is one sector) reads as all
+    /// set: its regions are marked, under a new generation when the bitmap had no base, and
+    /// written back. Before, the file had no checksums and the damage was the state.
+    #[test]
+    fn a_damaged_bitmap_block_is_marked_out_of_sync() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let size = 5000 * REGION_SIZE; // 79 words: two blocks of 63
+        let g0 = SyncState::open(&img, size).unwrap().meta.generation;
+        let path = bitmap_file::bitmap_path(&img);
+        let mut raw = std::fs::read(&path).unwrap();
+        raw[2 * 512 + 40] ^= 0x04; // block 2: words 63.., regions 4032..4999
+        std::fs::write(&path, &raw).unwrap();
+        let s = SyncState::open(&img, size).unwrap();
+        assert_eq!(s.bitmap.count(), 5000 - 4032);
+        assert!(s.bitmap.is_set(4032) && s.bitmap.is_set(4999) && !s.bitmap.is_set(4031));
+        assert_ne!(s.meta.generation, g0, "bits without a base generation");
+        assert_eq!(s.meta.bitmap_generation, g0);
+        let g1 = s.meta.generation;
+        drop(s);
+        // Written back: the next open finds the same bits and no damage.
+        let s = SyncState::open(&img, size).unwrap();
+        assert_eq!(s.bitmap.count(), 5000 - 4032);
+        assert_eq!(s.meta.generation, g1);
+    }
+
+    /// A bitmap or metadata file that cannot be trusted at all stops the start, naming it.
+    #[test]
+    fn an_untrustworthy_bitmap_or_metadata_file_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let size = 64 * REGION_SIZE;
+        let mut s = SyncState::open(&img, size).unwrap();
+        s.mark(REGION_SIZE * 60, 1).unwrap();
+        drop(s);
+        let bitmap = bitmap_file::bitmap_path(&img);
+        let raw = std::fs::read(&bitmap).unwrap();
+        std::fs::write(&bitmap, &raw[..raw.len() - 5]).unwrap();
+        let e = SyncState::open(&img, size).unwrap_err().to_string();
+        assert!(
+            e.contains("disk.img.bitmap") && e.contains("remove it"),
+            "{e}"
+        );
+        // Removed, as the message says: every region out of sync (the metadata has a base).
+        std::fs::remove_file(&bitmap).unwrap();
+        let s = SyncState::open(&img, size).unwrap();
+        assert_eq!(s.out_of_sync_bytes(), size);
+        drop(s);
+        let meta_path = meta::meta_path(&img);
+        let text = std::fs::read_to_string(&meta_path).unwrap();
+        std::fs::write(&meta_path, text.replacen("\"role\"", "\"rolf\"", 1)).unwrap();
+        let e = SyncState::open(&img, size).unwrap_err().to_string();
+        assert!(e.contains("disk.img.meta is damaged"), "{e}");
+    }
+
+    /// Files written before checksums are read and rewritten in the new formats.
+    #[test]
+    fn format_1_files_are_upgraded() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let size = 64 * REGION_SIZE;
+        let m = Meta {
+            format: 1,
+            node_id: 3,
+            size,
+            role: Role::Primary,
+            disk_state: DiskState::UpToDate,
+            generation: 9,
+            bitmap_generation: 8,
+            history: vec![8],
+        };
+        std::fs::write(
+            meta::meta_path(&img),
+            serde_json::to_string_pretty(&m).unwrap(),
+        )
+        .unwrap();
+        let mut v1 = b"VHMBITMP".to_vec();
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&[0; 4]);
+        v1.extend_from_slice(&size.to_le_bytes());
+        v1.extend_from_slice(&REGION_SIZE.to_le_bytes());
+        v1.extend_from_slice(&(1u64 << 33).to_le_bytes());
+        std::fs::write(bitmap_file::bitmap_path(&img), &v1).unwrap();
+        let s = SyncState::open(&img, size).unwrap();
+        assert_eq!((s.meta.generation, s.meta.bitmap_generation), (9, 8));
+        assert_eq!(s.meta.format, META_FORMAT);
+        assert!(s.bitmap.is_set(33) && s.bitmap.count() == 1);
+        drop(s);
+        let text = std::fs::read_to_string(meta::meta_path(&img)).unwrap();
+        assert!(text.contains("crc32c"), "{text}");
+        assert_eq!(
+            std::fs::metadata(bitmap_file::bitmap_path(&img))
+                .unwrap()
+                .len(),
+            1024
+        );
+        let s = SyncState::open(&img, size).unwrap();
+        assert!(s.bitmap.is_set(33) && s.bitmap.count() == 1);
     }
 
     #[test]
