@@ -518,3 +518,229 @@ fn guest_changing_its_buffer_cannot_make_the_images_differ() {
     compare_files(&p.primary, &p.replica)
         .unwrap_or_else(|e| panic!("the two images got different bytes: {e}"));
 }
+
+// ------------------------------------------------------------------------------------------------
+// Issue 9, item 6: damaged metadata files are a clear error or read conservatively, never a
+// state. Each test damages a file the way the code before the fix misread, in a way that does
+// not depend on the file's format, and each fails on that code (it loaded the damage as state
+// and reported the pair in sync over differing data, or started where it must refuse).
+// ------------------------------------------------------------------------------------------------
+
+fn with_suffix(image: &Path, suffix: &str) -> PathBuf {
+    PathBuf::from(format!("{}{suffix}", image.display()))
+}
+
+/// Writes 64 KiB of pattern `seed` at each offset of an image file, bypassing every server:
+/// writes that reached only this image before a crash.
+fn write_behind_their_back(image: &Path, offs: &[u64], seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image)
+        .expect("open image");
+    for &off in offs {
+        f.write_all_at(&pattern(off, usz(REGION), seed), off)
+            .expect("write image");
+    }
+    f.sync_all().expect("fsync image");
+}
+
+/// A pair in sync, then both stopped cleanly.
+fn pair_in_sync(name: &str, size: u64) -> Pair {
+    let p = pair(name, size);
+    let mut node = p.node_on(&p.replica);
+    let mut b = p.serve(&p.primary, true);
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    stop(&mut b);
+    stop_node(&mut node);
+    p
+}
+
+/// A primary started on `image` with --peer that must refuse to start: its stderr.
+fn refused_start(p: &Pair, image: &Path) -> String {
+    let out = run_with_timeout(
+        Command::new(bin_path("vhost-mirror"))
+            .arg("serve")
+            .arg("--image")
+            .arg(image)
+            .arg("--socket")
+            .arg(p.dir.path().join("refused.sock"))
+            .arg("--peer")
+            .arg(format!("127.0.0.1:{}", p.port))
+            .arg("--secret-file")
+            .arg(&p.secret),
+        TIMEOUT,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "exit status {}: {stderr}",
+        out.status
+    );
+    stderr
+}
+
+/// 9.6a. A crash left writes on the primary in extents its activity log listed, and the log
+///       is garbage: every region is copied (the log cannot say which extents were hot).
+///       Before the fix the garbage read as "no hot extents": in sync, the images differ.
+#[test]
+fn garbage_activity_log_resyncs_the_whole_image() {
+    let _wd = Watchdog::new("garbage_al", Duration::from_secs(120));
+    let p = pair_in_sync("dur-al-garbage", 32 * MIB);
+    let offs: Vec<u64> = (0..5u64).map(|i| (7 + i * 89) * REGION).collect();
+    write_behind_their_back(&p.primary, &offs, 0xa16);
+    std::fs::write(with_suffix(&p.primary, ".al"), vec![0x5a; 8192]).expect("write .al");
+
+    let mut node = p.node_on(&p.replica);
+    let mut b = p.serve(&p.primary, true);
+    let st = wait_in_sync(&mut b, SYNC_TIMEOUT);
+    stop(&mut b);
+    stop_node(&mut node);
+    compare_files(&p.primary, &p.replica)
+        .unwrap_or_else(|e| panic!("in sync over differing data: {e}\n{}", pretty(&st)));
+    assert!(
+        b.log().contains("primary.img.al is damaged"),
+        "no WARN naming the log:\n{}",
+        b.log()
+    );
+}
+
+/// 9.6b. Writes made while the replica was away are recorded in the bitmap, then bitmap blocks
+///       are damaged (zeroed, length kept): their regions are copied. Before the fix the file
+///       had no checksums: the zeros were the state, those writes were never copied.
+#[test]
+fn damaged_bitmap_blocks_are_resynced() {
+    let _wd = Watchdog::new("damaged_bitmap", Duration::from_secs(180));
+    // Big enough that the regions written are past byte 512 of the bitmap in either format.
+    let p = pair_in_sync("dur-bitmap-blocks", 256 * MIB);
+    let mut alone = p.serve(&p.primary, false);
+    let offs: Vec<u64> = (0..6u64).map(|i| (4040 + i * 9) * REGION).collect();
+    write_regions(&alone, &offs, 0xb17);
+    stop(&mut alone);
+    let bitmap = with_suffix(&p.primary, ".bitmap");
+    let mut raw = std::fs::read(&bitmap).expect("read bitmap");
+    assert!(raw.len() > 512, "bitmap of {} bytes", raw.len());
+    raw[512..].fill(0);
+    std::fs::write(&bitmap, &raw).expect("write bitmap");
+
+    let mut node = p.node_on(&p.replica);
+    let mut b = p.serve(&p.primary, true);
+    let st = wait_in_sync(&mut b, SYNC_TIMEOUT);
+    stop(&mut b);
+    stop_node(&mut node);
+    compare_files(&p.primary, &p.replica)
+        .unwrap_or_else(|e| panic!("in sync over differing data: {e}\n{}", pretty(&st)));
+    assert!(
+        b.log().contains("primary.img.bitmap") && b.log().contains("damaged block"),
+        "no WARN naming the bitmap:\n{}",
+        b.log()
+    );
+}
+
+/// 9.6c. A bitmap cut mid-word: vhost-mirror refuses to start, naming the file and what to
+///       do; done (the file removed), every region is copied. Before the fix the cut was
+///       zero-padded and loaded: the bits of the last word's cut bytes were lost.
+#[test]
+fn bitmap_cut_mid_word_is_refused_until_removed() {
+    let _wd = Watchdog::new("bitmap_cut", Duration::from_secs(120));
+    let p = pair_in_sync("dur-bitmap-cut", 32 * MIB);
+    let mut alone = p.serve(&p.primary, false);
+    // The last regions: the last word's high bits, whatever the format.
+    let offs: Vec<u64> = (0..4u64).map(|i| (500 + i * 3) * REGION).collect();
+    write_regions(&alone, &offs, 0xc18);
+    stop(&mut alone);
+    let bitmap = with_suffix(&p.primary, ".bitmap");
+    let raw = std::fs::read(&bitmap).expect("read bitmap");
+    std::fs::write(&bitmap, &raw[..raw.len() - 5]).expect("cut bitmap");
+
+    let mut node = p.node_on(&p.replica);
+    let stderr = refused_start(&p, &p.primary);
+    assert!(
+        stderr.contains("primary.img.bitmap") && stderr.contains("remove it"),
+        "the refusal does not name the file and the remedy: {stderr}"
+    );
+    eprintln!("refused: {}", stderr.trim());
+
+    std::fs::remove_file(&bitmap).expect("remove bitmap");
+    let mut b = p.serve(&p.primary, true);
+    let st = wait_in_sync(&mut b, SYNC_TIMEOUT);
+    assert_eq!(
+        status_u64(&st, "resync_total_bytes"),
+        32 * MIB,
+        "{}",
+        pretty(&st)
+    );
+    stop(&mut b);
+    stop_node(&mut node);
+    compare_files(&p.primary, &p.replica).unwrap_or_else(|e| panic!("images differ: {e}"));
+}
+
+/// 9.6d. A bit flipped in the replica's metadata (a digit of its generation): access-node
+///       refuses to start and `promote --image` refuses, naming the file; done (the file
+///       removed), the replica pairs as unknown content and gets a full copy. Before the fix
+///       the flipped digit was loaded as the generation.
+#[test]
+fn damaged_replica_metadata_is_refused_until_removed() {
+    let _wd = Watchdog::new("damaged_meta", Duration::from_secs(120));
+    let p = pair_in_sync("dur-meta", 32 * MIB);
+    let meta = with_suffix(&p.replica, ".meta");
+    let mut text = std::fs::read(&meta).expect("read meta");
+    let key = b"\"generation\": ";
+    let at = text
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("a generation in the metadata")
+        + key.len();
+    text[at + 3] ^= 0x01; // a digit stays a digit
+    std::fs::write(&meta, &text).expect("write meta");
+
+    let out = run_with_timeout(
+        Command::new(bin_path("access-node"))
+            .arg("serve")
+            .arg("--image")
+            .arg(&p.replica)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", p.port))
+            .arg("--secret-file")
+            .arg(&p.secret),
+        TIMEOUT,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "exit status {}: {stderr}",
+        out.status
+    );
+    assert!(
+        stderr.contains("replica.img.meta is damaged") && stderr.contains("remove it"),
+        "the refusal does not name the file and the remedy: {stderr}"
+    );
+    eprintln!("refused: {}", stderr.trim());
+    let out = run_with_timeout(
+        Command::new(bin_path("access-node"))
+            .args(["promote", "--image"])
+            .arg(&p.replica),
+        TIMEOUT,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("replica.img.meta is damaged"),
+        "promote --image on damaged metadata: {} {stderr}",
+        out.status
+    );
+    assert_eq!(std::fs::read(&meta).expect("read meta"), text, "changed");
+
+    std::fs::remove_file(&meta).expect("remove meta");
+    let mut node = p.node_on(&p.replica);
+    let mut b = p.serve(&p.primary, true);
+    let st = wait_in_sync(&mut b, SYNC_TIMEOUT);
+    assert_eq!(
+        status_u64(&st, "resync_total_bytes"),
+        32 * MIB,
+        "{}",
+        pretty(&st)
+    );
+    stop(&mut b);
+    stop_node(&mut node);
+    compare_files(&p.primary, &p.replica).unwrap_or_else(|e| panic!("images differ: {e}"));
+}
