@@ -107,6 +107,16 @@ impl Slot {
         }
     }
 
+    /// Cuts off the primary holding the slot (its session ends at its next read); who it was.
+    pub fn cut(&self) -> Option<SocketAddr> {
+        let h = lock(&self.holder);
+        let h = h.as_ref()?;
+        if let Err(e) = h.stream.shutdown(Shutdown::Both) {
+            debug!("cutting off {}: {e}", h.peer);
+        }
+        Some(h.peer)
+    }
+
     /// Refuses every primary from now on and cuts off the one holding the slot (its session
     /// ends at its next read); returns who that was.
     pub fn fence(&self) -> Option<SocketAddr> {
@@ -138,6 +148,8 @@ pub struct Node {
     pub idle_timeout: Duration,
     live: AtomicUsize,
     pub preauth: PreAuth,
+    /// NoiseInits accepted so far (a captured one cannot be replayed).
+    pub replays: mirror_proto::secure::ReplayGuard,
     /// Connections that failed to authenticate (anyone can cause these: rate-limited).
     pub handshake_log: RateLimitedLog,
     /// Connections cut off to make room, or dropped at the thread cap.
@@ -161,6 +173,24 @@ impl Node {
                 .1
                 .wait(stopped)
                 .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Cuts off the attached primary if no whole frame came from it for the idle timeout
+    /// (its session's reads may be kept busy by a record trickled a byte at a time, which a
+    /// per-read timeout never sees).
+    fn cut_idle_primary(&self) {
+        if let Some(idle) = self.status.primary_idle() {
+            // A request being applied (a long fdatasync, say) is not idleness: the replica
+            // lock is held during it.
+            if idle > self.idle_timeout + REAP_INTERVAL && self.replica.try_lock().is_ok() {
+                if let Some(peer) = self.slot.cut() {
+                    warn!(
+                        "primary {peer}: no whole frame for {} s: cut off",
+                        idle.as_secs()
+                    );
+                }
+            }
         }
     }
 
@@ -273,6 +303,7 @@ impl Server {
             idle_timeout: config.idle_timeout,
             live: AtomicUsize::new(0),
             preauth: PreAuth::default(),
+            replays: Default::default(),
             handshake_log: RateLimitedLog::new("handshakes"),
             crowd_log: RateLimitedLog::new("connections"),
             stop: (Mutex::new(false), Condvar::new()),
@@ -326,6 +357,7 @@ impl Server {
             .spawn(move || loop {
                 std::thread::sleep(REAP_INTERVAL);
                 n.preauth.reap(n.handshake_timeout);
+                n.cut_idle_primary();
             })
             .map_err(ServeError::Thread)?;
         std::thread::Builder::new()
@@ -359,7 +391,10 @@ impl Server {
         let peer = match stream.peer_addr() {
             Ok(p) => p,
             Err(e) => {
-                warn!("connection without a peer address dropped: {e}");
+                // E.g. reset right after the connect: anyone can do this, often.
+                if self.node.crowd_log.tick().is_some() {
+                    warn!("connection without a peer address dropped: {e}");
+                }
                 return;
             }
         };
@@ -375,7 +410,9 @@ impl Server {
             Ok(c) => c,
             Err(e) => {
                 node.live.fetch_sub(1, Ordering::AcqRel);
-                warn!("connection from {peer} dropped: {e}");
+                if node.crowd_log.tick().is_some() {
+                    warn!("connection from {peer} dropped: {e}");
+                }
                 return;
             }
         };
@@ -412,7 +449,7 @@ impl Server {
 
 /// Whether a whole NoiseInit frame is already received on `stream` (without reading it).
 fn first_message_arrived(stream: &TcpStream) -> bool {
-    const LEN: usize = mirror_proto::frame::HEADER_LEN + mirror_proto::frame::NOISE_MSG_LEN;
+    const LEN: usize = mirror_proto::frame::HEADER_LEN + mirror_proto::frame::NOISE_INIT_LEN;
     let mut buf = [0u8; LEN];
     if stream.set_nonblocking(true).is_err() {
         return false;

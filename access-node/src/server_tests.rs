@@ -563,11 +563,11 @@ fn protocol_violations_drop_only_that_connection() {
     // Before the handshake.
     expect_dropped(&f, b"GET / HTTP/1.1\r\n\r\n", false);
     let mut bad_crc = Vec::new();
-    frame::encode(1, &Frame::NoiseInit { msg: [0; 48] }, &mut bad_crc);
+    frame::encode(1, &Frame::NoiseInit { msg: [0; 56] }, &mut bad_crc);
     bad_crc[10] ^= 1;
     expect_dropped(&f, &bad_crc, false);
     let mut truncated = Vec::new();
-    frame::encode(1, &Frame::NoiseInit { msg: [0; 48] }, &mut truncated);
+    frame::encode(1, &Frame::NoiseInit { msg: [0; 56] }, &mut truncated);
     truncated.truncate(30);
     expect_dropped(&f, &truncated, true);
     expect_dropped(&f, &MAGIC[..2], true);
@@ -633,6 +633,30 @@ fn protocol_violations_drop_only_that_connection() {
     // The server still serves a proper primary, and none of the bad writes landed.
     let (mut p, _) = f.attach(MIB);
     assert_eq!(p.read(0, 16), vec![1; 16]);
+}
+
+/// Review finding: a record trickled a byte at a time kept the attached session (and the
+/// slot) forever: each read got a byte before its timeout. The reaper cuts a primary that sent
+/// no whole frame for the idle timeout (1 s here), and the slot is free again.
+#[test]
+fn a_trickling_primary_is_cut_off_and_the_slot_freed() {
+    let f = Fixture::start();
+    let (mut p, _) = f.attach(MIB);
+    assert_eq!(p.write(0, &[1; 512]), Reply::Ack(AckStatus::Ok));
+    p.stream.write_all(&[0xff, 0xff]).unwrap();
+    let t0 = Instant::now();
+    let mut s = p.stream.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        while t0.elapsed() < Duration::from_secs(6) && s.write_all(&[0]).is_ok() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    f.wait_status("cut off", |v| v["peer_state"] == "disconnected");
+    let took = t0.elapsed();
+    assert!(took < Duration::from_secs(4), "cut off after {took:?}");
+    let (mut q, _) = f.attach(MIB);
+    assert_eq!(q.read(0, 512), vec![1; 512]);
+    let _ = trickle.join();
 }
 
 #[test]

@@ -153,7 +153,7 @@ fn noise(stream: &TcpStream, node: &Node) -> Result<secure::Keys, HandshakeFailu
         .and_then(|()| stream.set_write_timeout(Some(node.handshake_timeout)))
         .map_err(io)?;
     let mut s = stream;
-    match secure::respond(&mut s, &node.secret) {
+    match secure::respond(&mut s, &node.secret, &node.replays) {
         Ok(k) => Ok(k),
         Err(SecureError::OldVersion(v)) => {
             // The one thing said in clear: why a protocol 1 primary cannot attach.
@@ -174,7 +174,7 @@ enum HandshakeFailure {
     Io(#[source] io::Error),
     #[error(transparent)]
     Secure(SecureError),
-    #[error("its first record failed authentication (a replayed handshake?)")]
+    #[error("no first record that authenticates it")]
     FirstRecord(#[source] ConnError),
 }
 
@@ -309,11 +309,12 @@ impl<'n> Session<'n> {
         let peer = self.peer;
         let first = match self.reader.read_frame() {
             Ok(d) => d,
-            Err(ConnError::Io(e)) if e.kind() == io::ErrorKind::InvalidData => {
-                handshake_failed(node, peer, &HandshakeFailure::FirstRecord(ConnError::Io(e)));
+            // Not authenticated yet: counted and logged (rate-limited) like any failure
+            // before authentication.
+            Err(e) => {
+                handshake_failed(node, peer, &HandshakeFailure::FirstRecord(e));
                 return Ok(None);
             }
-            Err(e) => return Err(conn_error(e, node.handshake_timeout)),
         };
         authenticated();
         Counters::add(&node.status.counters.bytes_received, first.consumed as u64);
@@ -439,7 +440,9 @@ impl<'n> Session<'n> {
                     return Ok(End::Refused(code, reason));
                 }
                 f => {
-                    if apply(d.seq, f, &mut self.out, node, &mut logged, &mut rbuf)? {
+                    let lost = apply(d.seq, f, &mut self.out, node, &mut logged, &mut rbuf)?;
+                    node.status.primary_activity();
+                    if lost {
                         // Nothing after a lost write may be applied (a SyncDone already on
                         // the wire would make this image up to date without it).
                         self.flush_out()?;

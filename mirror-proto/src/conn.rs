@@ -2,6 +2,9 @@
 //! Decoding is `frame.rs`; what the frames mean is up to each side.
 
 use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use thiserror::Error;
 
@@ -93,6 +96,42 @@ impl<R: Read> FrameReader<R> {
             self.end = 0;
         }
         Ok(d)
+    }
+}
+
+/// Shuts a connection down unless disarmed (dropped) within `after`: an absolute deadline for
+/// a phase whose reads each have their own timeout (bytes trickled one at a time would
+/// otherwise keep it going for hours).
+pub struct Deadline {
+    done: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Deadline {
+    /// Arms the deadline for `stream` (a clone of the connection).
+    pub fn arm(stream: TcpStream, after: Duration) -> io::Result<Deadline> {
+        let done = Arc::new((Mutex::new(false), Condvar::new()));
+        let d = done.clone();
+        std::thread::Builder::new()
+            .name("deadline".into())
+            .spawn(move || {
+                let (m, cv) = &*d;
+                let g = m.lock().unwrap_or_else(|p| p.into_inner());
+                let (g, _) = cv
+                    .wait_timeout_while(g, after, |done| !*done)
+                    .unwrap_or_else(|p| p.into_inner());
+                if !*g {
+                    let _ = stream.shutdown(Shutdown::Both);
+                }
+            })?;
+        Ok(Deadline { done })
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        let (m, cv) = &*self.done;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
     }
 }
 

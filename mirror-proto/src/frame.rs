@@ -17,8 +17,11 @@ pub const MAGIC: [u8; 4] = *b"VHMP";
 /// Protocol 2: the Noise handshake (NoiseInit, NoiseReply) in clear, every later frame inside
 /// the encrypted records of `secure.rs`. Protocol 1 (HMAC challenge, frames in clear) is refused.
 pub const VERSION: u8 = 2;
-/// Length of each Noise handshake message (NNpsk0: an ephemeral key and an AEAD tag).
-pub const NOISE_MSG_LEN: usize = 48;
+/// Length of the first Noise handshake message (NNpsk0: an ephemeral key, the encrypted 8-byte
+/// timestamp, an AEAD tag).
+pub const NOISE_INIT_LEN: usize = 56;
+/// Length of the second Noise handshake message (an ephemeral key and an AEAD tag).
+pub const NOISE_REPLY_LEN: usize = 48;
 pub const HEADER_LEN: usize = 24;
 /// Largest data block one frame carries; larger writes are split by the sender.
 pub const MAX_DATA: usize = 1 << 20;
@@ -191,11 +194,11 @@ pub const NODE_FLAG_DISCARD_MY_DATA: u32 = 1;
 pub enum Frame<'a> {
     /// Primary -> replica, in clear: the first Noise handshake message (see `secure.rs`).
     NoiseInit {
-        msg: [u8; NOISE_MSG_LEN],
+        msg: [u8; NOISE_INIT_LEN],
     },
     /// Replica -> primary, in clear: the second Noise handshake message.
     NoiseReply {
-        msg: [u8; NOISE_MSG_LEN],
+        msg: [u8; NOISE_REPLY_LEN],
     },
     /// Either side: connection refused, with a reason for the log and status.
     Refuse {
@@ -378,7 +381,8 @@ pub fn encode(seq: u64, frame: &Frame<'_>, out: &mut Vec<u8>) {
     // Header with a zero length, patched below once the payload is known.
     put_header(out, k, 0, seq, 0);
     match frame {
-        Frame::NoiseInit { msg } | Frame::NoiseReply { msg } => out.extend_from_slice(msg),
+        Frame::NoiseInit { msg } => out.extend_from_slice(msg),
+        Frame::NoiseReply { msg } => out.extend_from_slice(msg),
         Frame::Flush | Frame::Goodbye => {}
         Frame::Refuse { code, reason } => {
             out.extend_from_slice(&code.to_wire().to_le_bytes());
@@ -575,9 +579,9 @@ impl<'a> Cur<'a> {
         a.copy_from_slice(b);
         Ok(u64::from_le_bytes(a))
     }
-    fn noise(&mut self) -> Result<[u8; NOISE_MSG_LEN], FrameError> {
-        let mut a = [0u8; NOISE_MSG_LEN];
-        a.copy_from_slice(self.take(NOISE_MSG_LEN)?);
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
         Ok(a)
     }
     fn rest(&mut self) -> &'a [u8] {
@@ -663,8 +667,8 @@ pub fn decode(buf: &[u8]) -> Result<Option<Decoded<'_>>, FrameError> {
         kind: name,
     };
     let frame = match h.kind {
-        kind::NOISE_INIT => Frame::NoiseInit { msg: c.noise()? },
-        kind::NOISE_REPLY => Frame::NoiseReply { msg: c.noise()? },
+        kind::NOISE_INIT => Frame::NoiseInit { msg: c.array()? },
+        kind::NOISE_REPLY => Frame::NoiseReply { msg: c.array()? },
         kind::REFUSE => {
             let code = RefuseCode::from_wire(c.u16()?);
             let r = c.rest();
@@ -764,7 +768,7 @@ mod tests {
 
     fn all_frames(data: &[u8]) -> Vec<Frame<'_>> {
         vec![
-            Frame::NoiseInit { msg: [1; 48] },
+            Frame::NoiseInit { msg: [1; 56] },
             Frame::NoiseReply { msg: [2; 48] },
             Frame::Refuse {
                 code: RefuseCode::SizeMismatch,

@@ -21,7 +21,9 @@ use snow::{HandshakeState, StatelessTransportState};
 use thiserror::Error;
 
 use crate::auth::Secret;
-use crate::frame::{self, Frame, FrameError, HEADER_LEN, MAGIC, NOISE_MSG_LEN, VERSION};
+use crate::frame::{
+    self, Frame, FrameError, HEADER_LEN, MAGIC, NOISE_INIT_LEN, NOISE_REPLY_LEN, VERSION,
+};
 
 /// The Noise protocol name.
 pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_SHA256";
@@ -44,9 +46,17 @@ pub enum SecureError {
     Io(#[source] io::Error),
     #[error(
         "the peer closed the connection during the handshake (it does not know this secret, \
-         or runs a vhost-mirror older than protocol {VERSION})"
+         runs a vhost-mirror older than protocol {VERSION}, or turned the connection away: \
+         its log says which)"
     )]
     Closed,
+    #[error("a replayed handshake (its ephemeral key was seen before)")]
+    Replayed,
+    #[error(
+        "the peer's clock ({theirs} s since 1970) is more than {MAX_CLOCK_SKEW_SECS} s from \
+         ours ({ours} s): a replayed handshake, or a wrong clock on one host"
+    )]
+    Clock { theirs: u64, ours: u64 },
     #[error(
         "the peer speaks vhost-mirror protocol {0}; this node speaks protocol {VERSION} \
          (encrypted link): upgrade the peer"
@@ -99,10 +109,14 @@ fn read_exact<S: Read>(s: &mut S, buf: &mut [u8]) -> Result<(), SecureError> {
     })
 }
 
-/// Reads one handshake frame of exactly `HEADER_LEN + NOISE_MSG_LEN` bytes: nothing else, and
-/// no more, is read before the peer has authenticated.
-fn read_handshake_frame<S: Read>(s: &mut S) -> Result<Frame<'static>, SecureError> {
-    let mut buf = [0u8; HEADER_LEN + NOISE_MSG_LEN];
+/// Reads one handshake frame of exactly `HEADER_LEN + N` bytes, of the kind `T` makes:
+/// nothing else, and no more, is read before the peer has authenticated.
+fn read_handshake_frame<S: Read, const N: usize>(
+    s: &mut S,
+    want: &'static str,
+    take: impl Fn(Frame<'_>) -> Option<[u8; N]>,
+) -> Result<[u8; N], SecureError> {
+    let mut buf = vec![0u8; HEADER_LEN + N];
     read_exact(s, &mut buf[..HEADER_LEN])?;
     if buf[..4] == MAGIC && buf[4] < VERSION {
         return Err(SecureError::OldVersion(buf[4]));
@@ -111,8 +125,8 @@ fn read_handshake_frame<S: Read>(s: &mut S) -> Result<Frame<'static>, SecureErro
         Some(n) if n == buf.len() => {}
         _ => {
             return Err(SecureError::Frame(FrameError::Malformed {
-                kind: "handshake",
-                what: "not the size of a Noise handshake message",
+                kind: want,
+                what: "not the size of that handshake message",
             }))
         }
     }
@@ -120,73 +134,136 @@ fn read_handshake_frame<S: Read>(s: &mut S) -> Result<Frame<'static>, SecureErro
     let d = frame::decode(&buf)
         .map_err(SecureError::Frame)?
         .ok_or(SecureError::Closed)?;
-    Ok(match d.frame {
-        Frame::NoiseInit { msg } => Frame::NoiseInit { msg },
-        Frame::NoiseReply { msg } => Frame::NoiseReply { msg },
-        f => {
-            return Err(SecureError::Unexpected {
-                expected: "NoiseInit or NoiseReply",
-                got: f.name(),
-            })
-        }
+    let got = d.frame.name();
+    take(d.frame).ok_or(SecureError::Unexpected {
+        expected: want,
+        got,
     })
 }
 
 fn send_frame<S: Write>(s: &mut S, f: &Frame<'_>) -> Result<(), SecureError> {
-    let mut out = Vec::with_capacity(HEADER_LEN + NOISE_MSG_LEN);
+    let mut out = Vec::with_capacity(HEADER_LEN + NOISE_INIT_LEN);
     frame::encode(0, f, &mut out);
     s.write_all(&out)
         .and_then(|()| s.flush())
         .map_err(SecureError::Io)
 }
 
-/// The primary's side: sends NoiseInit, reads and checks NoiseReply. The caller sets the
-/// socket's timeouts.
+/// Seconds since the Unix epoch (0 if the clock is before it).
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The primary's side: sends NoiseInit (carrying its clock, encrypted), reads and checks
+/// NoiseReply. The caller bounds the time it may take.
 pub fn initiate<S: Read + Write>(s: &mut S, secret: &Secret) -> Result<Keys, SecureError> {
     let mut hs = builder_state(secret, true)?;
-    let mut msg = [0u8; NOISE_MSG_LEN];
+    let mut msg = [0u8; NOISE_INIT_LEN];
     let n = hs
-        .write_message(&[], &mut msg)
+        .write_message(&now_secs().to_le_bytes(), &mut msg)
         .map_err(SecureError::Noise)?;
-    debug_assert_eq!(n, NOISE_MSG_LEN);
+    debug_assert_eq!(n, NOISE_INIT_LEN);
     send_frame(s, &Frame::NoiseInit { msg })?;
-    let reply = match read_handshake_frame(s)? {
-        Frame::NoiseReply { msg } => msg,
-        f => {
-            return Err(SecureError::Unexpected {
-                expected: "NoiseReply",
-                got: f.name(),
-            })
-        }
-    };
-    let mut payload = [0u8; NOISE_MSG_LEN];
+    let reply = read_handshake_frame(s, "NoiseReply", |f| match f {
+        Frame::NoiseReply { msg } => Some(msg),
+        _ => None,
+    })?;
+    let mut payload = [0u8; NOISE_REPLY_LEN];
     hs.read_message(&reply, &mut payload)
         .map_err(|_| SecureError::Auth)?;
     finish(hs)
 }
 
-/// The replica's side: reads and checks NoiseInit (exactly its bytes), answers NoiseReply.
-/// The peer counts as authenticated only once its first record decrypts: a NoiseInit can be
-/// replayed, but the replayer cannot read the answer or produce a record.
-pub fn respond<S: Read + Write>(s: &mut S, secret: &Secret) -> Result<Keys, SecureError> {
-    let init = match read_handshake_frame(s)? {
-        Frame::NoiseInit { msg } => msg,
-        f => {
-            return Err(SecureError::Unexpected {
-                expected: "NoiseInit",
-                got: f.name(),
-            })
+/// How far a NoiseInit's clock may be from ours (either way) and still be accepted: the
+/// replay cache must cover this long (the primary reconnects at most every 100 ms, in
+/// practice every few seconds while it cannot attach).
+pub const MAX_CLOCK_SKEW_SECS: u64 = 24 * 3600;
+/// NoiseInits remembered (their ephemeral keys): 2 MiB.
+pub const REPLAY_CACHE: usize = 65536;
+
+/// The NoiseInits a replica accepted (by their ephemeral key), so that a captured one cannot
+/// be replayed: a replay is refused before any key exchange. Only NoiseInits made with the
+/// secret enter it, so no one without the secret can flush it.
+#[derive(Debug, Default)]
+pub struct ReplayGuard {
+    inner: std::sync::Mutex<ReplayInner>,
+}
+
+#[derive(Debug, Default)]
+struct ReplayInner {
+    seen: std::collections::HashSet<[u8; 32]>,
+    order: std::collections::VecDeque<[u8; 32]>,
+}
+
+impl ReplayGuard {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ReplayInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn seen(&self, e: &[u8; 32]) -> bool {
+        self.lock().seen.contains(e)
+    }
+
+    /// Records `e`; false if it was already there (a replay racing the original).
+    fn insert(&self, e: [u8; 32]) -> bool {
+        let mut g = self.lock();
+        if !g.seen.insert(e) {
+            return false;
         }
-    };
+        g.order.push_back(e);
+        if g.order.len() > REPLAY_CACHE {
+            if let Some(old) = g.order.pop_front() {
+                g.seen.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+/// The replica's side: reads NoiseInit (exactly its bytes), refuses a replay (an ephemeral key
+/// seen before, or a clock more than [`MAX_CLOCK_SKEW_SECS`] from ours), checks it, answers
+/// NoiseReply. A NoiseInit that checks out was made with the secret for this connection; the
+/// peer still counts as authenticated only once its first record decrypts.
+pub fn respond<S: Read + Write>(
+    s: &mut S,
+    secret: &Secret,
+    replays: &ReplayGuard,
+) -> Result<Keys, SecureError> {
+    let init = read_handshake_frame(s, "NoiseInit", |f| match f {
+        Frame::NoiseInit { msg } => Some(msg),
+        _ => None,
+    })?;
+    let mut e = [0u8; 32];
+    e.copy_from_slice(&init[..32]);
+    // Before any key exchange: a replay costs a lookup.
+    if replays.seen(&e) {
+        return Err(SecureError::Replayed);
+    }
     let mut hs = builder_state(secret, false)?;
-    let mut payload = [0u8; NOISE_MSG_LEN];
-    hs.read_message(&init, &mut payload)
+    let mut payload = [0u8; NOISE_INIT_LEN];
+    let n = hs
+        .read_message(&init, &mut payload)
         .map_err(|_| SecureError::Auth)?;
-    let mut msg = [0u8; NOISE_MSG_LEN];
+    let mut clock = [0u8; 8];
+    if n != clock.len() {
+        return Err(SecureError::Auth);
+    }
+    clock.copy_from_slice(&payload[..8]);
+    let theirs = u64::from_le_bytes(clock);
+    let ours = now_secs();
+    if theirs.abs_diff(ours) > MAX_CLOCK_SKEW_SECS {
+        return Err(SecureError::Clock { theirs, ours });
+    }
+    if !replays.insert(e) {
+        return Err(SecureError::Replayed);
+    }
+    let mut msg = [0u8; NOISE_REPLY_LEN];
     let n = hs
         .write_message(&[], &mut msg)
         .map_err(SecureError::Noise)?;
-    debug_assert_eq!(n, NOISE_MSG_LEN);
+    debug_assert_eq!(n, NOISE_REPLY_LEN);
     send_frame(s, &Frame::NoiseReply { msg })?;
     finish(hs)
 }
@@ -290,6 +367,8 @@ pub struct SecureReader<R> {
     plain: Box<[u8]>,
     plain_start: usize,
     plain_end: usize,
+    /// A record failed to decrypt: nothing more is read from this connection.
+    failed: bool,
 }
 
 impl<R> SecureReader<R> {
@@ -303,6 +382,7 @@ impl<R> SecureReader<R> {
             plain: vec![0; MAX_RECORD].into_boxed_slice(),
             plain_start: 0,
             plain_end: 0,
+            failed: false,
         }
     }
 
@@ -324,7 +404,9 @@ impl<R: Read> SecureReader<R> {
                 RECORD_HEADER
             } else {
                 let len = usize::from(u16::from_be_bytes([self.raw[0], self.raw[1]]));
-                if len < TAG_LEN {
+                // An empty record would read as the end of the stream: never sent, refused.
+                if len <= TAG_LEN {
+                    self.failed = true;
                     return Err(io::Error::new(io::ErrorKind::InvalidData, Tampered));
                 }
                 RECORD_HEADER + len
@@ -348,7 +430,10 @@ impl<R: Read> SecureReader<R> {
             .keys
             .0
             .read_message(self.nonce, &self.raw[RECORD_HEADER..end], into)
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, Tampered))?;
+            .map_err(|_| {
+                self.failed = true;
+                io::Error::new(io::ErrorKind::InvalidData, Tampered)
+            })?;
         self.nonce += 1;
         Ok(n)
     }
@@ -356,6 +441,9 @@ impl<R: Read> SecureReader<R> {
 
 impl<R: Read> Read for SecureReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.failed {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, Tampered));
+        }
         if buf.is_empty() {
             return Ok(0);
         }
@@ -378,8 +466,8 @@ impl<R: Read> Read for SecureReader<R> {
             let mut plain = std::mem::take(&mut self.plain);
             let r = self.decrypt(end, &mut plain);
             self.plain = plain;
-            self.plain_start = 0;
             self.plain_end = r?;
+            self.plain_start = 0;
         }
     }
 }
@@ -407,7 +495,7 @@ mod tests {
         let (ps, rs) = (secret(ps), secret(rs));
         let mut b2 = b.try_clone().unwrap();
         let t = std::thread::spawn(move || {
-            let r = respond(&mut b2, &rs);
+            let r = respond(&mut b2, &rs, &ReplayGuard::default());
             if r.is_err() {
                 // What a replica does with a failed handshake: close.
                 let _ = b2.shutdown(std::net::Shutdown::Both);
@@ -517,9 +605,78 @@ mod tests {
         // (Its first bytes read as a record length; more of the attacker's bytes follow.)
         injected.resize(injected.len() + MAX_RECORD + 2, 0x55);
         check(injected, "an injected frame");
-        // A too-short record.
+        // A too-short record, an empty one (a tag only).
         check(vec![0, 3, 1, 2, 3], "a record shorter than its tag");
+        check(vec![0, 16], "an empty record");
+        // After a failure, nothing more comes out.
+        let mut bad = wire.clone();
+        bad[RECORD_HEADER] ^= 1;
+        let mut rd = SecureReader::new(io::Cursor::new(bad), r.clone());
+        let mut buf = [0u8; 4];
+        assert!(rd.read(&mut buf).is_err());
+        assert!(
+            rd.read(&mut buf).is_err(),
+            "a read after a failed record succeeded"
+        );
         drop((a, b));
+    }
+
+    /// Review finding: a captured NoiseInit replayed on new connections got the replica's
+    /// NoiseReply and a slot each time. A replay is refused before any key exchange.
+    #[test]
+    fn a_replayed_noise_init_is_refused() {
+        let secret = secret(S);
+        let guard = ReplayGuard::default();
+        // The primary's first message, as a sniffer sees it.
+        let mut wire = Vec::new();
+        let _ = initiate(&mut Recorder(&mut wire), &secret);
+        let first = wire[..HEADER_LEN + NOISE_INIT_LEN].to_vec();
+        let mut s = io::Cursor::new(first.clone());
+        assert!(respond(&mut ReadWrite(&mut s), &secret, &guard).is_ok());
+        for _ in 0..3 {
+            let mut s = io::Cursor::new(first.clone());
+            let e = respond(&mut ReadWrite(&mut s), &secret, &guard).unwrap_err();
+            assert!(matches!(e, SecureError::Replayed), "{e}");
+        }
+        // The cache is bounded.
+        for i in 0..(REPLAY_CACHE + 10) as u64 {
+            let mut e = [0u8; 32];
+            e[..8].copy_from_slice(&i.to_le_bytes());
+            guard.insert(e);
+        }
+        assert!(guard.lock().seen.len() <= REPLAY_CACHE);
+    }
+
+    /// A NoiseInit whose clock is far from ours (an old capture) is refused.
+    #[test]
+    fn a_noise_init_from_another_day_is_refused() {
+        let secret = secret(S);
+        let mut hs = builder_state(&secret, true).unwrap();
+        let mut msg = [0u8; NOISE_INIT_LEN];
+        let old = now_secs() - MAX_CLOCK_SKEW_SECS - 60;
+        hs.write_message(&old.to_le_bytes(), &mut msg).unwrap();
+        let mut bytes = Vec::new();
+        frame::encode(0, &Frame::NoiseInit { msg }, &mut bytes);
+        let mut s = io::Cursor::new(bytes);
+        let e = respond(&mut ReadWrite(&mut s), &secret, &ReplayGuard::default()).unwrap_err();
+        assert!(matches!(e, SecureError::Clock { .. }), "{e}");
+    }
+
+    /// Takes what is written; reads nothing (the handshake then ends with Closed).
+    struct Recorder<'a>(&'a mut Vec<u8>);
+    impl Read for Recorder<'_> {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Ok(0)
+        }
+    }
+    impl Write for Recorder<'_> {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
     }
 
     #[test]
@@ -531,7 +688,7 @@ mod tests {
         v1[20..24].copy_from_slice(&crc.to_le_bytes());
         let mut s = io::Cursor::new(v1);
         let mut rw = ReadWrite(&mut s);
-        let e = respond(&mut rw, &secret(S)).unwrap_err();
+        let e = respond(&mut rw, &secret(S), &ReplayGuard::default()).unwrap_err();
         assert!(matches!(e, SecureError::OldVersion(1)), "{e}");
         assert!(e.to_string().contains("upgrade"), "{e}");
     }
@@ -550,7 +707,7 @@ mod tests {
             &mut big,
         );
         let mut s = io::Cursor::new(big);
-        let e = respond(&mut ReadWrite(&mut s), &secret(S)).unwrap_err();
+        let e = respond(&mut ReadWrite(&mut s), &secret(S), &ReplayGuard::default()).unwrap_err();
         assert!(matches!(e, SecureError::Frame(_)), "{e}");
         assert_eq!(s.position(), HEADER_LEN as u64);
     }

@@ -255,7 +255,7 @@ fn serve_fake(
     script: &impl Fn(usize, &Frame<'_>, &Seen) -> Option<Option<Frame<'static>>>,
 ) {
     let mut s = stream;
-    let Ok(keys) = secure::respond(&mut s, secret) else {
+    let Ok(keys) = secure::respond(&mut s, secret, &Default::default()) else {
         return;
     };
     let mut w = SecureWriter::new(stream, keys.clone());

@@ -1081,7 +1081,7 @@ fn encoded(f: &Frame<'_>) -> Vec<u8> {
 
 /// A header (of a NoiseInit) with payload length `len`, version `version`, and a valid CRC.
 fn header_with(len: u32, version: u8) -> Vec<u8> {
-    let mut h = encoded(&Frame::NoiseInit { msg: [7; 48] });
+    let mut h = encoded(&Frame::NoiseInit { msg: [7; 56] });
     h.truncate(HEADER_LEN);
     h[4] = version;
     h[16..20].copy_from_slice(&len.to_le_bytes());
@@ -1134,7 +1134,7 @@ fn first_frame(bytes: &[u8]) -> Option<String> {
 fn garbage_to_node(node: &mut AccessNode, attached: bool) {
     let mut junk = pattern(0, 1024, 0x6A);
     junk.truncate(1000);
-    let hello = encoded(&Frame::NoiseInit { msg: [1; 48] });
+    let hello = encoded(&Frame::NoiseInit { msg: [1; 56] });
     let mut bad_crc = hello.clone();
     bad_crc[21] ^= 0x55;
     let attach_first = {

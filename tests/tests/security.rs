@@ -151,6 +151,25 @@ fn a_relay_can_neither_read_guest_data_nor_inject_writes() {
         "the guest's data crossed the link in clear"
     );
 
+    // The primary's NoiseInit, replayed on new connections (review finding: each replay got a
+    // NoiseReply and a slot nothing could evict): closed at once, not a byte back.
+    let init_len = frame::HEADER_LEN + frame::NOISE_INIT_LEN;
+    let captured = seen[..init_len].to_vec();
+    for i in 0..3 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(&captured).expect("replay");
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        assert!(got.is_empty(), "replay {i} got {} bytes back", got.len());
+    }
+    assert!(
+        wait_until(TIMEOUT, || node.log().contains("replayed handshake")),
+        "the replays were not recognised; log:\n{}",
+        node.log()
+    );
+
     // Inject a Write of the attacker's bytes at offset 0 into the primary's stream, as a
     // protocol 1 frame would have been accepted.
     let evil = vec![0xE7u8; 4096];
@@ -251,7 +270,7 @@ fn idle_and_slow_connections_do_not_keep_a_primary_out() {
     let stop = Arc::new(AtomicBool::new(false));
     let mut hs = Vec::new();
     let mut init = Vec::new();
-    frame::encode(0, &Frame::NoiseInit { msg: [3; 48] }, &mut init);
+    frame::encode(0, &Frame::NoiseInit { msg: [3; 56] }, &mut init);
     for i in 0..60 {
         let stop = stop.clone();
         let init = init.clone();

@@ -20,6 +20,8 @@ use mirror_proto::secure::{SecureReader, SecureWriter};
 
 /// A request that got no reply for this long kills the link.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the sender looks for requests without a reply for [`REPLY_TIMEOUT`].
+const STUCK_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// An idle link sends a Ping this often.
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 /// Once this many bytes were written since the last Flush, the link sends one of its own: the
@@ -222,6 +224,8 @@ impl Link {
     ) -> std::io::Result<Arc<Link>> {
         let stream = writer.get_ref().try_clone()?;
         stream.set_read_timeout(Some(Duration::from_secs(1)))?;
+        // A replica that stops reading fails the send instead of blocking it forever.
+        stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
         let link = Arc::new(Link {
             out: Mutex::new(Out {
                 buf: Vec::with_capacity(1 << 20),
@@ -431,9 +435,23 @@ impl Link {
 
     fn send_loop(self: Arc<Self>, mut stream: LinkWriter) {
         let mut spare = Vec::with_capacity(1 << 20);
+        let mut last_check = Instant::now();
         loop {
             let mut g = self.lock();
-            while g.alive && g.buf.is_empty() {
+            loop {
+                // Replies are checked here too, not only when a read times out: a record
+                // trickled a byte at a time keeps the receiver's reads from ever timing out.
+                if last_check.elapsed() >= STUCK_CHECK_INTERVAL {
+                    last_check = Instant::now();
+                    if g.pending.values().any(|p| p.sent.elapsed() > REPLY_TIMEOUT) {
+                        drop(g);
+                        self.fail(&format!("no reply from the replica for {REPLY_TIMEOUT:?}"));
+                        return;
+                    }
+                }
+                if !g.alive || !g.buf.is_empty() {
+                    break;
+                }
                 let idle = g.last_send.elapsed();
                 if idle >= PING_INTERVAL {
                     let nanos = idle.as_nanos() as u64;
@@ -442,7 +460,7 @@ impl Link {
                 }
                 g = self
                     .wake_sender
-                    .wait_timeout(g, PING_INTERVAL - idle)
+                    .wait_timeout(g, (PING_INTERVAL - idle).min(STUCK_CHECK_INTERVAL))
                     .map(|(g, _)| g)
                     .unwrap_or_else(|p| p.into_inner().0);
             }
@@ -656,7 +674,7 @@ pub(crate) mod testing {
         let secret = Secret::from_bytes(b"0123456789abcdef").unwrap();
         let r = secret.clone();
         let t = std::thread::spawn(move || {
-            let keys = secure::respond(&mut peer, &r).unwrap();
+            let keys = secure::respond(&mut peer, &r, &Default::default()).unwrap();
             TestPeer {
                 reader: FrameReader::new(SecureReader::new(
                     peer.try_clone().unwrap(),
@@ -749,6 +767,33 @@ mod tests {
             "no flush of the link's own"
         );
         link.fail("done");
+    }
+
+    /// Review finding: a record trickled a byte at a time never lets a read time out; the
+    /// link must still die REPLY_TIMEOUT after an unanswered request, marking it first.
+    #[test]
+    fn a_trickled_record_does_not_keep_the_link_alive() {
+        let (link, marked, peer) = link_with_slow_on_down();
+        let w = link
+            .send_write_with(0, 4, false, |b| b.extend_from_slice(&[1, 2, 3, 4]))
+            .unwrap();
+        let mut raw = peer.writer.get_ref().try_clone().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let trickle = std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = raw.write_all(&[0xff, 0xff]);
+            while !st.load(Ordering::SeqCst) && raw.write_all(&[0]).is_ok() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let t0 = Instant::now();
+        let r = w.wait();
+        stop.store(true, Ordering::SeqCst);
+        let _ = trickle.join();
+        assert_eq!(r, Err(LinkDown));
+        assert!(t0.elapsed() < REPLY_TIMEOUT + Duration::from_secs(3));
+        assert!(marked.load(Ordering::SeqCst), "failed before the marks");
     }
 
     /// Issue 9: "no byte limit on the link's send buffer". A replica that stops reading

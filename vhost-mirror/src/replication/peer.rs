@@ -124,6 +124,9 @@ fn connect(
         }
     })?;
     let io = |e| HandshakeError::Conn(ConnError::Io(e));
+    // The whole handshake, Attach included, within HANDSHAKE_TIMEOUT however the bytes come.
+    let _deadline =
+        conn::Deadline::arm(stream.try_clone().map_err(io)?, HANDSHAKE_TIMEOUT).map_err(io)?;
     stream.set_nodelay(true).map_err(io)?;
     stream
         .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
