@@ -335,14 +335,16 @@ pub fn render_table(v: &Value) -> String {
     if has("out_of_sync_bytes") {
         let oos = u("out_of_sync_bytes");
         let done = u("resync_done_bytes");
+        // Saturating: the document may come from anywhere (a debug build panicked on overflow).
+        let total = done.saturating_add(oos);
         if b("resyncing") {
             row(
                 "resync",
                 format!(
                     "{} {} of {} copied",
-                    progress_bar(done, done + oos, 30),
+                    progress_bar(done, total, 30),
                     human_bytes(done),
-                    human_bytes(done + oos)
+                    human_bytes(total)
                 ),
             );
         }
@@ -503,6 +505,15 @@ mod tests {
         }));
         assert!(!t.contains('\x1b') && !t.contains('\x07'), "{t:?}");
         assert!(t.contains("evil\\u{1b}]0;pwned\\u{7}"), "{t}");
+    }
+
+    #[test]
+    fn huge_counters_do_not_overflow() {
+        // Seen while writing fuzz/control_line: done + out of sync overflowed.
+        let t = render_table(&serde_json::json!({
+            "resyncing": true, "out_of_sync_bytes": u64::MAX, "resync_done_bytes": u64::MAX,
+        }));
+        assert!(t.contains("100.0%"), "{t}");
     }
 
     #[test]
