@@ -103,13 +103,17 @@ summary() {
 }
 
 echo "== fuzz: ${secs}s per target${FUZZ_RUNS:+ (or $runs executions)}, $jobs at a time; logs in $out"
-pending=("${targets[@]}")
-while [ "${#pending[@]}" -gt 0 ]; do
-    batch=("${pending[@]:0:$jobs}")
-    pending=("${pending[@]:$jobs}")
-    for t in "${batch[@]}"; do run_one "$t" & done
-    wait
+# At most $jobs targets at a time; the next one starts as soon as one ends.
+running=0
+for t in "${targets[@]}"; do
+    if [ "$running" -ge "$jobs" ]; then
+        wait -n || true
+        running=$((running - 1))
+    fi
+    run_one "$t" &
+    running=$((running + 1))
 done
+wait
 
 failed=0
 printf '%-18s %6s %13s %8s %8s %12s %8s\n' target secs executions cov ft corpus crashes
