@@ -1,5 +1,5 @@
 //! `generation::decide` on the pairs of `NodeInfo` that two real nodes can reach: the input is a
-//! history of events on hosts A and B (start either program, stop or crash, connect, guest
+//! history of up to 64 events on hosts A and B (start either program, stop or crash, connect, guest
 //! writes, replica flushes, link failures, failed replica writes, a replica's power loss,
 //! resync completion, promote with or without `--force`, `--discard-my-data`, deleting the
 //! metadata), applied with the generation rules of the code this mirrors:
@@ -496,7 +496,7 @@ pub fn run(data: &[u8]) {
         next_write: 0,
         log: Vec::new(),
     };
-    for _ in 0..200 {
+    for _ in 0..64 {
         if u.is_empty() || w.step(&mut u).is_err() {
             break;
         }
