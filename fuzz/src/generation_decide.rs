@@ -1,6 +1,6 @@
 //! `generation::decide` on the pairs of `NodeInfo` that two real nodes can reach: the input is a
-//! history of up to 64 events on hosts A and B (start either program, stop or crash, connect, guest
-//! writes, replica flushes, link failures, failed replica writes, a replica's power loss,
+//! history of up to 64 events on hosts A and B (start either program, stop or crash, connect,
+//! guest writes, replica flushes, link failures, failed replica writes, a replica's power loss,
 //! resync completion, promote with or without `--force`, `--discard-my-data`, deleting the
 //! metadata), applied with the generation rules of the code this mirrors:
 //! `vhost-mirror/src/replication/out_of_sync.rs` (`SyncState::open`, `mark_ranges`,
