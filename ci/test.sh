@@ -46,4 +46,5 @@ echo "== VM tier (QEMU, TCG unless KVM works): file server, then failover and fa
 cargo test -p vhost-mirror-tests --locked --test vm -- --nocapture
 cargo test -p vhost-mirror-tests --locked --test failover -- --nocapture --test-threads=1
 
+bash ci/fuzz.sh --replay
 echo "== all tiers passed"

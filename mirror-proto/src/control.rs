@@ -83,7 +83,8 @@ pub type Handler = Arc<dyn Fn(&str) -> Value + Send + Sync>;
 /// e.g. to stop the process once the client has its answer.
 pub type AfterReply = Arc<dyn Fn(&str, &Value) + Send + Sync>;
 
-const MAX_REQUEST: u64 = 256;
+/// Longest request line read (bytes, with its newline).
+pub const MAX_REQUEST: u64 = 256;
 /// How long [`request`] waits for a reply.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -150,15 +151,27 @@ pub fn spawn_server_then(
 fn handle(stream: UnixStream, handler: &Handler, after: &AfterReply) -> io::Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    serve_request(&stream, &stream, handler, after)
+}
+
+/// One request of the protocol on any byte stream: reads one line (at most [`MAX_REQUEST`]
+/// bytes, invalid UTF-8 replaced, surrounding whitespace trimmed), passes it to `handler`,
+/// writes the reply as one line of JSON, then runs `after`. (The socket server's body; public
+/// for the fuzz targets.)
+pub fn serve_request(
+    reader: impl Read,
+    mut writer: impl Write,
+    handler: &Handler,
+    after: &AfterReply,
+) -> io::Result<()> {
     let mut raw = Vec::new();
-    BufReader::new((&stream).take(MAX_REQUEST)).read_until(b'\n', &mut raw)?;
+    BufReader::new(reader.take(MAX_REQUEST)).read_until(b'\n', &mut raw)?;
     let line = String::from_utf8_lossy(&raw);
     let command = line.trim();
     let reply = handler(command);
-    let mut w = &stream;
-    let written = w
+    let written = writer
         .write_all(reply.to_string().as_bytes())
-        .and_then(|()| w.write_all(b"\n"));
+        .and_then(|()| writer.write_all(b"\n"));
     after(command, &reply);
     written
 }
@@ -322,14 +335,16 @@ pub fn render_table(v: &Value) -> String {
     if has("out_of_sync_bytes") {
         let oos = u("out_of_sync_bytes");
         let done = u("resync_done_bytes");
+        // Saturating: the document may come from anywhere (a debug build panicked on overflow).
+        let total = done.saturating_add(oos);
         if b("resyncing") {
             row(
                 "resync",
                 format!(
                     "{} {} of {} copied",
-                    progress_bar(done, done + oos, 30),
+                    progress_bar(done, total, 30),
                     human_bytes(done),
-                    human_bytes(done + oos)
+                    human_bytes(total)
                 ),
             );
         }
@@ -490,6 +505,15 @@ mod tests {
         }));
         assert!(!t.contains('\x1b') && !t.contains('\x07'), "{t:?}");
         assert!(t.contains("evil\\u{1b}]0;pwned\\u{7}"), "{t}");
+    }
+
+    #[test]
+    fn huge_counters_do_not_overflow() {
+        // Seen while writing fuzz/control_line: done + out of sync overflowed.
+        let t = render_table(&serde_json::json!({
+            "resyncing": true, "out_of_sync_bytes": u64::MAX, "resync_done_bytes": u64::MAX,
+        }));
+        assert!(t.contains("100.0%"), "{t}");
     }
 
     #[test]

@@ -1,26 +1,13 @@
 //! vhost-mirror: a vhost-user-blk backend that serves a VM's disk from a raw image.
 
-mod args;
-mod blk_config;
-mod config;
-mod device;
-mod disk;
-mod executor;
-mod flusher;
-mod frontend;
-mod replication;
-mod request;
-mod server;
-mod stats;
-
 use std::process::ExitCode;
 
 use clap::Parser;
 use mirror_proto::control;
-
-use crate::args::{Cli, Command};
-use crate::config::ServeConfig;
 use mirror_proto::sys::error_chain as chain;
+use vhost_mirror::args::{Cli, Command};
+use vhost_mirror::config::ServeConfig;
+use vhost_mirror::server;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();

@@ -233,13 +233,15 @@ impl Request {
         };
         self.writable.truncate(last + 1);
         let last = &mut self.writable[last];
-        let status = last.addr.unchecked_add(u64::from(last.len) - 1);
-        if !mem.check_range(status, 1, Permissions::Write) {
+        // A buffer that wraps around the address space has no last byte (and an unchecked
+        // sum would wrap into guest memory, or panic in a debug build).
+        let status = last.addr.checked_add(u64::from(last.len) - 1);
+        let Some(status) = status.filter(|&s| mem.check_range(s, 1, Permissions::Write)) else {
             return Err(ParseError::BadAddress {
-                addr: status.0,
-                len: 1,
+                addr: status.map_or(last.addr.0, |s| s.0),
+                len: if status.is_some() { 1 } else { last.len },
             });
-        }
+        };
         self.status = Some(status);
         last.len -= 1;
         if let Some(e) = first_err {
@@ -761,6 +763,27 @@ mod tests {
         assert_eq!(req.status, Some(GuestAddress(0x30_0000)));
         let (req, r) = parse(&m, &[d(0x10_0000, 16, R), d(0x200_0000, 1, W)]);
         assert!(matches!(r, Err(ParseError::BadAddress { .. })));
+        assert_eq!(req.status, None);
+    }
+
+    #[test]
+    fn status_buffer_wrapping_around_the_address_space() {
+        // Found by fuzz/virtio_request: the status byte's address was computed with an
+        // unchecked sum (a panic in a debug build; in a release build an address that wraps
+        // to the start of guest memory, where the IOERR status was then written).
+        let m = mem();
+        header(&m, 0x10_0000, VIRTIO_BLK_T_IN, 0);
+        let (req, r) = parse(
+            &m,
+            &[d(0x10_0000, 16, R), d(0xffff_ffff_ffff_f000, 0x2000, W)],
+        );
+        assert_eq!(
+            r,
+            Err(ParseError::BadAddress {
+                addr: 0xffff_ffff_ffff_f000,
+                len: 0x2000
+            })
+        );
         assert_eq!(req.status, None);
     }
 

@@ -1,0 +1,3 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| vhost_mirror_fuzz::generation_decide::run(data));
