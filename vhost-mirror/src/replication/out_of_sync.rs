@@ -34,6 +34,12 @@ pub enum SyncStateError {
     ActivityLog(#[from] mirror_proto::activity_log::AlError),
     #[error("{0} is a secondary's image (run `access-node promote` first, or remove its .meta to start afresh)")]
     NotPrimary(PathBuf),
+    #[error(
+        "{path} is {state}: it was a primary that rejoined as a replica and its resync did not \
+         finish, so it holds a mix of old and new data; let it finish as a replica, or run \
+         `access-node promote --force` to serve it anyway"
+    )]
+    NotUpToDate { path: PathBuf, state: &'static str },
 }
 
 /// The primary's replication state for one image.
@@ -83,6 +89,15 @@ impl SyncState {
                 }
                 if m.role != Role::Primary {
                     return Err(SyncStateError::NotPrimary(image.to_owned()));
+                }
+                // Found by fuzzing generation::decide: a role-primary image that is not up to
+                // date (a failback's resync cut short) was served, and writes made on it were
+                // later overwritten by the other side's partial resync without a split brain.
+                if m.disk_state != DiskState::UpToDate {
+                    return Err(SyncStateError::NotUpToDate {
+                        path: image.to_owned(),
+                        state: m.disk_state.as_str(),
+                    });
                 }
                 m
             }
@@ -509,6 +524,27 @@ mod tests {
         );
         let s = SyncState::open(&img, size).unwrap();
         assert!(s.bitmap.is_set(33) && s.bitmap.count() == 1);
+    }
+
+    /// Fuzzing finding (fuzz/findings/generation_decide): a primary's image whose metadata is
+    /// not up to date (a failback's resync into it was cut short) must not be served.
+    #[test]
+    fn a_primary_image_that_is_not_up_to_date_is_refused() {
+        for state in [DiskState::Inconsistent, DiskState::Outdated] {
+            let d = tempfile::tempdir().unwrap();
+            let img = d.path().join("disk.img");
+            let s = SyncState::open(&img, 1 << 20).unwrap();
+            let mut m = s.meta.clone();
+            drop(s);
+            m.disk_state = state;
+            meta::save(&img, &m).unwrap();
+            let e = SyncState::open(&img, 1 << 20).unwrap_err();
+            assert!(
+                matches!(e, SyncStateError::NotUpToDate { .. }),
+                "{state:?}: {e}"
+            );
+            assert!(e.to_string().contains("promote --force"), "{e}");
+        }
     }
 
     #[test]
