@@ -357,7 +357,9 @@ impl Request {
 
 fn check_range(sector: u64, sectors: u64, capacity: u64) -> Result<(), ParseError> {
     match sector.checked_add(sectors) {
-        Some(end) if end <= capacity => Ok(()),
+        // The byte offsets must fit too (found by fuzzing with a capacity beyond 2^55 sectors,
+        // which no real image has: `sector * 512` overflowed).
+        Some(end) if end <= capacity && end.checked_mul(SECTOR_SIZE).is_some() => Ok(()),
         _ => Err(ParseError::OutOfRange {
             sector,
             sectors,
@@ -493,6 +495,15 @@ mod tests {
         descs.push(d(0x30_0000, 1, W));
         let (_, r) = parse(&m, &descs);
         assert!(matches!(r, Err(ParseError::TooMuchData(..))), "{r:?}");
+    }
+
+    /// Fuzzing finding: with a capacity over 2^55 sectors a sector passed the range check
+    /// and its byte offset overflowed.
+    #[test]
+    fn byte_offsets_never_overflow() {
+        assert!(check_range(u64::MAX / 512 + 1, 0, u64::MAX).is_err());
+        assert!(check_range(u64::MAX / 512 - 8, 8, u64::MAX).is_ok());
+        assert!(check_range(u64::MAX / 512, 1, u64::MAX).is_err());
     }
 
     #[test]
