@@ -43,7 +43,8 @@ struct Args {
     /// Output directory for bench.json and bench.md (default: <target dir>/bench).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Systems: qsd, local, mirror, qemu-mirror (= qemu-mirror-unix + qemu-mirror-tcp).
+    /// Systems: qsd, local, mirror, mirror-base (needs --baseline-bin-dir), qemu-mirror
+    /// (= qemu-mirror-unix + qemu-mirror-tcp).
     #[arg(long, value_delimiter = ',')]
     systems: Option<Vec<String>>,
     /// Workloads (default: all; see the list in --help of the output).
@@ -56,6 +57,11 @@ struct Args {
     /// Where vhost-mirror and access-node are (default: the directory of this executable).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// vhost-mirror and access-node of another build (e.g. the commit before a change): adds
+    /// the system mirror-base (mirror with these binaries), measured interleaved with the
+    /// others, and the ratios mirror/mirror-base (throughput per workload, resync).
+    #[arg(long, value_name = "DIR")]
+    baseline_bin_dir: Option<PathBuf>,
     /// Directory for images and logs (default: <out>/work; wiped at start, removed at the end).
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -72,7 +78,7 @@ struct Args {
     #[arg(long)]
     no_rss: bool,
     /// Also profile vhost-mirror (and access-node) with `perf record -g` during 4k randwrite
-    /// QD32 on mirror and local; top symbols go into the report.
+    /// QD32 on mirror, mirror-base and local; top symbols go into the report.
     #[arg(long)]
     perf: bool,
     /// Loopback TCP round trips per RTT measurement.
@@ -97,6 +103,16 @@ struct Config {
     perf: bool,
     rtt_count: usize,
     resync_iterations: usize,
+}
+
+impl Config {
+    /// The systems whose resync is measured: mirror, and mirror-base if it runs.
+    fn resync_systems(&self) -> Vec<System> {
+        [System::Mirror, System::MirrorBase]
+            .into_iter()
+            .filter(|&s| s == System::Mirror || self.systems.contains(&s))
+            .collect()
+    }
 }
 
 /// One run's numbers.
@@ -172,6 +188,8 @@ pub struct Results {
     pub cells: BTreeMap<(usize, usize), Vec<RunStats>>,
     pub rtt_us: Vec<f64>,
     pub resync: Option<Value>,
+    /// The resync of mirror-base, measured interleaved with `resync`.
+    pub resync_base: Option<Value>,
     pub nbdcopy: Option<Value>,
     pub rss: Option<Value>,
     pub perf: Option<Value>,
@@ -205,15 +223,20 @@ fn default_bin_dir() -> Result<PathBuf> {
 
 fn resolve(args: &Args, bin_dir: &Path) -> Result<Config> {
     let smoke = args.smoke;
-    let systems = match &args.systems {
-        None => ALL_SYSTEMS.to_vec(),
+    let base = args.baseline_bin_dir.is_some();
+    let mut systems: Vec<System> = match &args.systems {
+        None => ALL_SYSTEMS
+            .iter()
+            .copied()
+            .filter(|&s| s != System::MirrorBase)
+            .collect(),
         Some(list) => {
             let mut v: Vec<System> = Vec::new();
             for item in list {
                 let s = System::parse_list(item.trim()).ctx(|| {
                     format!(
-                        "unknown system {item:?} (known: qsd, local, mirror, qemu-mirror, \
-                         qemu-mirror-unix, qemu-mirror-tcp)"
+                        "unknown system {item:?} (known: qsd, local, mirror, mirror-base, \
+                         qemu-mirror, qemu-mirror-unix, qemu-mirror-tcp)"
                     )
                 })?;
                 for x in s {
@@ -222,14 +245,21 @@ fn resolve(args: &Args, bin_dir: &Path) -> Result<Config> {
                     }
                 }
             }
-            // Keep the canonical order (table columns).
-            ALL_SYSTEMS
-                .iter()
-                .copied()
-                .filter(|s| v.contains(s))
-                .collect()
+            v
         }
     };
+    if systems.contains(&System::MirrorBase) && !base {
+        return Err("system mirror-base needs --baseline-bin-dir".to_string());
+    }
+    if base && !systems.contains(&System::MirrorBase) {
+        systems.push(System::MirrorBase);
+    }
+    // Keep the canonical order (table columns).
+    let systems: Vec<System> = ALL_SYSTEMS
+        .iter()
+        .copied()
+        .filter(|s| systems.contains(s))
+        .collect();
     let workloads: Vec<&'static Workload> = match &args.workloads {
         None => WORKLOADS.iter().collect(),
         Some(list) => {
@@ -318,6 +348,16 @@ fn real_main(args: Args) -> Result<()> {
                 p.display()
             ));
         }
+        if let Some(d) = &args.baseline_bin_dir {
+            let p = d.join(b);
+            if !p.is_file() {
+                return Err(format!(
+                    "--baseline-bin-dir: {} not found (build the baseline with `cargo build \
+                     --release -p vhost-mirror -p access-node` in its checkout)",
+                    p.display()
+                ));
+            }
+        }
     }
     let needs_qemu = cfg.systems.iter().any(|s| s.needs_qemu());
     for prog in ["qemu-storage-daemon", "qemu-nbd"] {
@@ -338,6 +378,7 @@ fn real_main(args: Args) -> Result<()> {
     std::fs::create_dir_all(&run_dir).ctx(|| format!("create {}", run_dir.display()))?;
     let env = Env {
         bin_dir: bin_dir.clone(),
+        baseline_bin_dir: args.baseline_bin_dir.clone(),
         work: work.clone(),
         run: run_dir.clone(),
         sync_timeout: Duration::from_secs(if cfg.smoke { 60 } else { 600 }),
@@ -349,7 +390,7 @@ fn real_main(args: Args) -> Result<()> {
         + (cfg.rounds * 2 * cfg.systems.len()) as f64 * if cfg.smoke { 5.0 } else { 60.0 }
         + if cfg.rss { cfg.rss_secs * 1.5 } else { 0.0 }
         + if cfg.resync {
-            cfg.rounds as f64 * 60.0 + 120.0
+            (cfg.rounds as f64 * 60.0 + 120.0) * cfg.resync_systems().len() as f64
         } else {
             0.0
         }
@@ -398,7 +439,7 @@ fn real_main(args: Args) -> Result<()> {
         let _ = std::fs::remove_dir_all(&work);
     }
 
-    let envinfo = environment_info(&bin_dir);
+    let envinfo = environment_info(&env);
     let config_json = json!({
         "mode": if cfg.smoke { "smoke" } else { "full" },
         "rounds": cfg.rounds,
@@ -406,6 +447,7 @@ fn real_main(args: Args) -> Result<()> {
         "warmup_secs": cfg.warmup,
         "image_mib": cfg.image_bytes >> 20,
         "systems": cfg.systems.iter().map(|s| s.name()).collect::<Vec<_>>(),
+        "baseline_bin_dir": env.baseline_bin_dir.as_ref().map(|d| d.display().to_string()),
         "workloads": cfg.workloads.iter().map(|w| w.name).collect::<Vec<_>>(),
         "rss_secs": if cfg.rss { Some(cfg.rss_secs) } else { None },
         "rtt_count": cfg.rtt_count,
@@ -466,7 +508,7 @@ fn remove_images(dir: &Path) {
     }
 }
 
-fn environment_info(bin_dir: &Path) -> Value {
+fn environment_info(env: &Env) -> Value {
     let first_line = |prog: &str, args: &[&str]| -> Option<String> {
         util::run_capture(prog, Command::new(prog).args(args), Duration::from_secs(10))
             .ok()
@@ -486,7 +528,10 @@ fn environment_info(bin_dir: &Path) -> Value {
         "qemu_storage_daemon": util::version_of("qemu-storage-daemon"),
         "qemu_nbd": util::version_of("qemu-nbd"),
         "nbdcopy": util::version_of("nbdcopy"),
-        "vhost_mirror": util::version_of(&bin_dir.join("vhost-mirror").display().to_string()),
+        "vhost_mirror": util::version_of(&env.bin(System::Mirror, "vhost-mirror").display().to_string()),
+        "vhost_mirror_baseline": env.baseline_bin_dir.as_ref().and_then(|_| {
+            util::version_of(&env.bin(System::MirrorBase, "vhost-mirror").display().to_string())
+        }),
     })
 }
 
@@ -557,6 +602,7 @@ fn run_all(cfg: &Config, env: &Env) -> Result<Results> {
         cells: BTreeMap::new(),
         rtt_us: Vec::new(),
         resync: None,
+        resync_base: None,
         nbdcopy: None,
         rss: None,
         perf: None,
@@ -627,14 +673,24 @@ fn run_all(cfg: &Config, env: &Env) -> Result<Results> {
         res.perf = Some(profile(cfg, env)?);
     }
     if cfg.resync || cfg.rss {
-        let (rs, mut pair) = resync::measure(env, cfg.image_bytes, cfg.resync_iterations)?;
+        // The memory measurement needs this build's pair; the resync runs both builds'.
+        let resync_systems = if cfg.resync {
+            cfg.resync_systems()
+        } else {
+            vec![System::Mirror]
+        };
+        let iterations = if cfg.resync { cfg.resync_iterations } else { 0 };
+        let (rs, mut pair) = resync::measure(env, &resync_systems, cfg.image_bytes, iterations)?;
         if cfg.resync {
-            let changed = rs
+            let mut rs = rs.into_iter();
+            let rs_main = rs.next().ctx(|| "resync: no result".to_string())?;
+            let changed = rs_main
                 .get("changed_regions")
                 .and_then(Value::as_u64)
                 .unwrap_or(0)
                 * resync::REGION;
-            res.resync = Some(rs);
+            res.resync = Some(rs_main);
+            res.resync_base = rs.next();
             res.nbdcopy = Some(resync::nbdcopy(env, changed, cfg.resync_iterations)?);
         }
         if cfg.rss {
@@ -668,8 +724,8 @@ fn measure_run(
     Ok(m)
 }
 
-/// `perf record -g` of vhost-mirror (and access-node) during 4k randwrite QD32, on mirror and
-/// local; returns the top symbols.
+/// `perf record -g` of vhost-mirror (and access-node) during 4k randwrite QD32, on mirror,
+/// mirror-base and local; returns the top symbols.
 fn profile(cfg: &Config, env: &Env) -> Result<Value> {
     if !util::in_path("perf") {
         return Ok(json!({"available": false, "reason": "perf not found"}));
@@ -677,7 +733,7 @@ fn profile(cfg: &Config, env: &Env) -> Result<Value> {
     let wl = client::workload("randwrite-4k-qd32").ctx(|| "workload".to_string())?;
     let secs = cfg.secs.max(if cfg.smoke { 0.5 } else { 5.0 });
     let mut out = serde_json::Map::new();
-    for s in [System::Mirror, System::Local] {
+    for s in [System::Mirror, System::MirrorBase, System::Local] {
         if !cfg.systems.contains(&s) {
             continue;
         }
@@ -763,4 +819,45 @@ fn profile(cfg: &Config, env: &Env) -> Result<Value> {
         inst.stop();
     }
     Ok(json!({"available": true, "workload": wl.name, "secs": secs, "systems": out}))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn systems_of(args: &[&str]) -> Result<Vec<&'static str>> {
+        let a = Args::try_parse_from(std::iter::once("bench").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        let cfg = resolve(&a, Path::new("/nonexistent/target/release"))?;
+        Ok(cfg.systems.iter().map(|s| s.name()).collect())
+    }
+
+    #[test]
+    fn mirror_base_runs_only_with_a_baseline_and_always_with_one() {
+        assert!(!systems_of(&[]).unwrap().contains(&"mirror-base"));
+        assert!(systems_of(&["--systems", "mirror,mirror-base"]).is_err());
+        assert_eq!(
+            systems_of(&[
+                "--baseline-bin-dir",
+                "/b",
+                "--systems",
+                "qemu-mirror,mirror-base,mirror"
+            ])
+            .unwrap(),
+            [
+                "mirror",
+                "mirror-base",
+                "qemu-mirror-unix",
+                "qemu-mirror-tcp"
+            ]
+        );
+        assert_eq!(
+            systems_of(&["--baseline-bin-dir", "/b", "--systems", "mirror"]).unwrap(),
+            ["mirror", "mirror-base"]
+        );
+        assert_eq!(
+            systems_of(&["--baseline-bin-dir", "/b"]).unwrap().len(),
+            ALL_SYSTEMS.len()
+        );
+    }
 }

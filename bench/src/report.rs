@@ -75,6 +75,22 @@ pub fn build(
     };
     let wl_index = |name: &str| workloads.iter().position(|w| w.name == name);
     let rtt = util::median(&res.rtt_us);
+    let has_base = systems.contains(&System::MirrorBase);
+    // mirror/mirror-base throughput of each round (the systems ran next to each other).
+    let round_ratios = |wi: usize| -> Vec<f64> {
+        match (
+            res.cells.get(&(wi, sys_index(System::Mirror))),
+            res.cells.get(&(wi, sys_index(System::MirrorBase))),
+        ) {
+            (Some(m), Some(b)) => m
+                .iter()
+                .zip(b)
+                .filter(|(_, b)| b.mib_s > 0.0)
+                .map(|(m, b)| m.mib_s / b.mib_s)
+                .collect(),
+            _ => Vec::new(),
+        }
+    };
 
     // ---------------------------------------------------------------- results and ratios
     let mut results = Vec::new();
@@ -91,6 +107,8 @@ pub fn build(
     }
     let mut ratios = Vec::new();
     let mut ratio_rows = Vec::new();
+    // Per workload: mirror/mirror-base, mirror-base/qemu-mirror (the faster), mirror/qemu-mirror.
+    let mut base_rows = Vec::new();
     for (wi, wl) in workloads.iter().enumerate() {
         let qu = thr(wi, System::QemuMirrorUnix);
         let qt = thr(wi, System::QemuMirrorTcp);
@@ -108,7 +126,7 @@ pub fn build(
             ratio(mirror, qt),
             ratio(mirror, thr(wi, System::Local)),
         );
-        ratios.push(json!({
+        let mut row = json!({
             "workload": wl.name,
             "local/qsd": r.0,
             "mirror/qemu-mirror": r.1,
@@ -116,7 +134,18 @@ pub fn build(
             "mirror/qemu-mirror-unix": r.2,
             "mirror/qemu-mirror-tcp": r.3,
             "mirror/local": r.4,
-        }));
+        });
+        if has_base {
+            let b = thr(wi, System::MirrorBase);
+            let rr = round_ratios(wi);
+            let rb = (ratio(mirror, b), ratio(b, best));
+            row["mirror/mirror-base"] = json!(rb.0);
+            row["mirror/mirror-base_per_round"] = json!(rr);
+            row["mirror-base/qemu-mirror"] = json!(rb.1);
+            row["mirror-base/local"] = json!(ratio(b, thr(wi, System::Local)));
+            base_rows.push((wi, rb, rr));
+        }
+        ratios.push(row);
         ratio_rows.push((wl.name, r, best_name));
     }
 
@@ -258,6 +287,7 @@ pub fn build(
         "ratios": ratios,
         "qd1_write_latency": qd1,
         "resync": res.resync,
+        "resync_baseline": res.resync_base,
         "nbdcopy": res.nbdcopy,
         "rss": res.rss,
         "perf": res.perf,
@@ -400,6 +430,43 @@ pub fn build(
         );
     }
 
+    if has_base {
+        let _ = writeln!(
+            md,
+            "\n## Against the baseline build (mirror-base)\n\nmirror-base = mirror with the \
+             vhost-mirror and access-node of {} ({}), run interleaved with the others. \
+             mirror/mirror-base: median throughput of this build over the baseline's (< 1: this \
+             build is slower), then the same ratio in each round; mean latency and CPU per GiB of \
+             both; both against qemu-mirror (the faster transport).\n\n| workload | \
+             mirror/mirror-base | per round | mean latency us (mirror / base) | CPU s/GiB (mirror \
+             / base) | mirror/qemu-mirror | mirror-base/qemu-mirror |\n| --- | ---: | --- | ---: \
+             | ---: | ---: | ---: |",
+            cfgv["baseline_bin_dir"].as_str().unwrap_or("?"),
+            e["vhost_mirror_baseline"].as_str().unwrap_or("version ?"),
+        );
+        for (wi, rb, rr) in &base_rows {
+            let (m, b) = (med(*wi, System::Mirror), med(*wi, System::MirrorBase));
+            let pair = |f: &dyn Fn(&RunStats) -> String| match (&m, &b) {
+                (Some(m), Some(b)) => format!("{} / {}", f(m), f(b)),
+                _ => "-".into(),
+            };
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                workloads[*wi].name,
+                fmt_ratio(rb.0),
+                rr.iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                pair(&|r| fmt_us(r.mean_us)),
+                pair(&|r| format!("{:.2}", r.cpu_s_per_gib)),
+                fmt_ratio(ratio_rows.get(*wi).and_then(|x| x.1 .1)),
+                fmt_ratio(rb.1),
+            );
+        }
+    }
+
     if let Some(r) = &res.resync {
         let _ = writeln!(md, "\n## Resync\n");
         let _ = writeln!(
@@ -438,6 +505,27 @@ pub fn build(
             ini["secs"].as_f64().unwrap_or(f64::NAN),
             ini["mib_s"].as_f64().unwrap_or(f64::NAN)
         );
+        if let Some(rb) = &res.resync_base {
+            let rate = |v: &Value| v["median_mib_s"].as_f64();
+            let initial = |v: &Value| v["initial_full_sync"]["mib_s"].as_f64();
+            let _ = writeln!(
+                md,
+                "\nmirror-base (the baseline build, measured the same way, interleaved): runs {:?} \
+                 MiB/s, median {} MiB/s; initial full sync {} MiB/s. mirror/mirror-base: resync \
+                 {}, initial full sync {}.",
+                rb["iterations"]
+                    .as_array()
+                    .map(|a| a
+                        .iter()
+                        .map(|x| x["mib_s"].as_f64().unwrap_or(0.0).round())
+                        .collect::<Vec<_>>())
+                    .unwrap_or_default(),
+                rate(rb).map_or("-".into(), |v| format!("{v:.0}")),
+                initial(rb).map_or("-".into(), |v| format!("{v:.0}")),
+                fmt_ratio(ratio(rate(r), rate(rb))),
+                fmt_ratio(ratio(initial(r), initial(rb))),
+            );
+        }
         if let Some(n) = &res.nbdcopy {
             if n["available"].as_bool() == Some(true) {
                 let _ = writeln!(

@@ -9,14 +9,17 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::client::{self, Client};
-use crate::systems::{self, control_status, is_in_sync, status_str, status_u64, Env};
+use crate::systems::{self, control_status, is_in_sync, status_str, status_u64, Env, System};
 use crate::util::{self, ChildGuard, Ctx, Mem, Result, Rng};
 
 /// One out-of-sync bitmap region (resync copies whole regions).
 pub const REGION: u64 = 64 * 1024;
 
-/// A vhost-mirror + access-node pair whose access-node can be stopped and restarted.
+/// A vhost-mirror + access-node pair whose access-node can be stopped and restarted, with its
+/// resync measurements so far.
 pub struct Pair {
+    system: System,
+    tag: &'static str,
     vm: ChildGuard,
     node: Option<ChildGuard>,
     socket: PathBuf,
@@ -24,13 +27,62 @@ pub struct Pair {
     port: u16,
     replica: PathBuf,
     primary: PathBuf,
+    size: u64,
+    initial: Value,
+    iters: Vec<Value>,
 }
 
-const TAG: &str = "resync";
-
 impl Pair {
+    /// Starts system `s` (mirror or mirror-base) on a fresh image of `size` bytes and waits
+    /// for (and times) the initial full sync.
+    fn start(env: &Env, s: System, size: u64) -> Result<Pair> {
+        let tag = if s == System::MirrorBase {
+            "resync-base"
+        } else {
+            "resync"
+        };
+        let dir = env.work.join(tag);
+        std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+        let primary = dir.join("primary.img");
+        let replica = dir.join("replica.img");
+        let _ = std::fs::remove_file(&replica);
+        util::write_random_file(&primary, size, 0x7e5c)?;
+        // SAFETY: sync(2) has no preconditions.
+        unsafe { libc::sync() };
+        let port = util::free_port()?;
+        let (node, _) = systems::spawn_access_node(env, s, tag, &replica, port)?;
+        let (vm, socket, control) =
+            systems::spawn_vhost_mirror(env, s, tag, &primary, 1, Some(port))?;
+        let mut pair = Pair {
+            system: s,
+            tag,
+            vm,
+            node: Some(node),
+            socket,
+            control,
+            port,
+            replica,
+            primary,
+            size,
+            initial: Value::Null,
+            iters: Vec::new(),
+        };
+        let t0 = Instant::now();
+        let st = pair.wait_status("the initial full sync", env.sync_timeout, is_in_sync)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let bytes = status_u64(&st, "resync_total_bytes");
+        eprintln!(
+            "bench: resync ({}): initial full sync of {} MiB in {secs:.2}s",
+            s.name(),
+            bytes >> 20
+        );
+        pair.initial = json!({"bytes": bytes, "secs": secs, "mib_s": mib_s(bytes, secs)});
+        Ok(pair)
+    }
+
     fn start_node(&mut self, env: &Env) -> Result<()> {
-        let (n, _) = systems::spawn_access_node(env, TAG, &self.replica, self.port)?;
+        let (n, _) =
+            systems::spawn_access_node(env, self.system, self.tag, &self.replica, self.port)?;
         self.node = Some(n);
         Ok(())
     }
@@ -85,6 +137,154 @@ impl Pair {
         let _ = std::fs::remove_file(&self.primary);
         let _ = std::fs::remove_file(&self.replica);
     }
+
+    /// Measurement `it`: the replica stops, 10% of the regions (the same ones for every pair
+    /// in measurement `it`) get random data, the replica comes back; times the resync.
+    fn resync_once(&mut self, env: &Env, it: usize) -> Result<()> {
+        let regions = self.size / REGION;
+        let changed = (regions / 10).max(1);
+        let name = self.system.name();
+        // The guest flushes (a replica only counts as having what it flushed: ranges it has
+        // not flushed yet are out of sync when it goes away), then the replica is stopped.
+        {
+            let mut c = Client::connect(&self.socket, 1, REGION as usize, Duration::from_secs(10))?;
+            c.write_offsets(&[], REGION as usize, 1, 0)?;
+        }
+        let oos_flushed = status_u64(&self.status()?, "out_of_sync_bytes");
+        // Stop the replica, and wait until the primary noticed.
+        if let Some(mut n) = self.node.take() {
+            n.terminate(Duration::from_secs(30));
+        }
+        let st = self.wait_status(
+            "the primary to see the replica gone",
+            Duration::from_secs(30),
+            |v| status_str(v, "peer_state") != "connected",
+        )?;
+        let oos_stopped = status_u64(&st, "out_of_sync_bytes");
+        if oos_flushed + oos_stopped > 0 {
+            eprintln!(
+                "bench: resync ({name}) {}: NOTE: {} MiB out of sync after the guest's flush, {} \
+                 MiB after the replica stopped (before any write)",
+                it + 1,
+                oos_flushed >> 20,
+                oos_stopped >> 20
+            );
+        }
+        // 10% of the regions, chosen at random, get random data.
+        let mut rng = Rng::new(0x1000 + it as u64);
+        let mut idx: Vec<u64> = (0..regions).collect();
+        for i in 0..changed as usize {
+            let j = i + usize::try_from(rng.below(regions - i as u64)).unwrap_or(0);
+            idx.swap(i, j);
+        }
+        let mut offs: Vec<u64> = idx[..changed as usize].iter().map(|r| r * REGION).collect();
+        offs.sort_unstable();
+        {
+            let mut c = Client::connect(
+                &self.socket,
+                1,
+                8 * REGION as usize,
+                Duration::from_secs(10),
+            )?;
+            c.write_offsets(&offs, REGION as usize, 8, 0xd1ff + it as u64)?;
+        }
+        let st = self.status()?;
+        let oos = status_u64(&st, "out_of_sync_bytes");
+        let before = status_u64(&st, "resync_total_bytes");
+        let log_before = self.vm.log_text().len();
+
+        // Bring the replica back and watch the resync.
+        let t_restart = Instant::now();
+        self.start_node(env)?;
+        let t_listening = Instant::now();
+        let mut t_connected: Option<Instant> = None;
+        let deadline = Instant::now() + env.sync_timeout;
+        let st = loop {
+            let st = self.status()?;
+            let now = Instant::now();
+            if t_connected.is_none()
+                && (status_str(&st, "peer_state") == "connected"
+                    || st.get("resyncing").and_then(Value::as_bool) == Some(true))
+            {
+                t_connected = Some(now);
+            }
+            if is_in_sync(&st) {
+                break st;
+            }
+            if now >= deadline {
+                return Err(format!(
+                    "{name}: resync did not finish within {:?}; status: {st}",
+                    env.sync_timeout
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        let t_done = Instant::now();
+        let bytes = status_u64(&st, "resync_total_bytes").saturating_sub(before);
+        let t_conn = t_connected.unwrap_or(t_done);
+        let secs = (t_done - t_conn).as_secs_f64();
+        let log = self.vm.log_text();
+        let logged = log.get(log_before..).and_then(parse_resync_log);
+        eprintln!(
+            "bench: resync ({name}) {}: {changed} regions ({} MiB) written, out of sync {} MiB; \
+             resynced {} MiB in {secs:.3}s after reconnect ({:.0} MiB/s; {:.2}s after restart){}",
+            it + 1,
+            (changed * REGION) >> 20,
+            oos >> 20,
+            bytes >> 20,
+            mib_s(bytes, secs),
+            (t_done - t_restart).as_secs_f64(),
+            logged.map_or(String::new(), |(b, s)| format!(
+                "; vhost-mirror's log: {} MiB in {s:.3}s = {:.0} MiB/s",
+                b >> 20,
+                mib_s(b, s)
+            ))
+        );
+        self.iters.push(json!({
+            "changed_regions": changed,
+            "changed_bytes": changed * REGION,
+            "out_of_sync_bytes": oos,
+            "out_of_sync_bytes_before_writes": oos_stopped,
+            "resync_bytes": bytes,
+            "secs_reconnect_to_in_sync": secs,
+            "secs_restart_to_in_sync": (t_done - t_restart).as_secs_f64(),
+            "secs_node_start": (t_listening - t_restart).as_secs_f64(),
+            "mib_s": mib_s(bytes, secs),
+            "log_bytes": logged.map(|l| l.0),
+            "log_secs": logged.map(|l| l.1),
+            "log_mib_s": logged.map(|(b, s)| mib_s(b, s)),
+        }));
+        Ok(())
+    }
+
+    /// The JSON section of this pair's measurements.
+    fn summary(&self) -> Value {
+        let regions = self.size / REGION;
+        let rates: Vec<f64> = self
+            .iters
+            .iter()
+            .filter_map(|v| v.get("mib_s").and_then(Value::as_f64))
+            .collect();
+        let log_rates: Vec<f64> = self
+            .iters
+            .iter()
+            .filter_map(|v| v.get("log_mib_s").and_then(Value::as_f64))
+            .collect();
+        json!({
+            "system": self.system.name(),
+            "image_bytes": self.size,
+            "region_bytes": REGION,
+            "regions": regions,
+            "changed_regions": (regions / 10).max(1),
+            "initial_full_sync": self.initial,
+            "iterations": self.iters,
+            "median_mib_s": util::median(&rates),
+            "median_log_mib_s": util::median(&log_rates),
+            "measure": "bytes = the increase of resync_total_bytes; time = from the first status poll (1 ms \
+                        interval) that shows the peer connected until the first that shows it in sync \
+                        (excludes the primary's reconnect backoff and the node's start-up)",
+        })
+    }
 }
 
 /// Parses vhost-mirror's "resync finished: N bytes in X.XXs" log line (the last one in `log`).
@@ -110,176 +310,35 @@ fn mib_s(bytes: u64, secs: f64) -> f64 {
     }
 }
 
-/// Starts the pair on a fresh image of `size` bytes and measures the resync after 10% of the
-/// regions changed while the replica was stopped, `iterations` times. Returns the JSON section
-/// and the running pair (in sync).
-pub fn measure(env: &Env, size: u64, iterations: usize) -> Result<(Value, Pair)> {
-    let dir = env.work.join(TAG);
-    std::fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
-    let primary = dir.join("primary.img");
-    let replica = dir.join("replica.img");
-    let _ = std::fs::remove_file(&replica);
-    util::write_random_file(&primary, size, 0x7e5c)?;
-    // SAFETY: sync(2) has no preconditions.
-    unsafe { libc::sync() };
-    let port = util::free_port()?;
-    let (node, _) = systems::spawn_access_node(env, TAG, &replica, port)?;
-    let (vm, socket, control) = systems::spawn_vhost_mirror(env, TAG, &primary, 1, Some(port))?;
-    let mut pair = Pair {
-        vm,
-        node: Some(node),
-        socket,
-        control,
-        port,
-        replica,
-        primary,
-    };
-    let t0 = Instant::now();
-    let st = pair.wait_status("the initial full sync", env.sync_timeout, is_in_sync)?;
-    let initial_secs = t0.elapsed().as_secs_f64();
-    let initial_bytes = status_u64(&st, "resync_total_bytes");
-    eprintln!(
-        "bench: resync: initial full sync of {} MiB in {initial_secs:.2}s",
-        initial_bytes >> 20
-    );
-
-    let regions = size / REGION;
-    let changed = (regions / 10).max(1);
-    let mut iters = Vec::new();
-    for it in 0..iterations {
-        // The guest flushes (a replica only counts as having what it flushed: ranges it has
-        // not flushed yet are out of sync when it goes away), then the replica is stopped.
-        {
-            let mut c = Client::connect(&pair.socket, 1, REGION as usize, Duration::from_secs(10))?;
-            c.write_offsets(&[], REGION as usize, 1, 0)?;
-        }
-        let oos_flushed = status_u64(&pair.status()?, "out_of_sync_bytes");
-        // Stop the replica, and wait until the primary noticed.
-        if let Some(mut n) = pair.node.take() {
-            n.terminate(Duration::from_secs(30));
-        }
-        let st = pair.wait_status(
-            "the primary to see the replica gone",
-            Duration::from_secs(30),
-            |v| status_str(v, "peer_state") != "connected",
-        )?;
-        let oos_stopped = status_u64(&st, "out_of_sync_bytes");
-        if oos_flushed + oos_stopped > 0 {
-            eprintln!(
-                "bench: resync {}: NOTE: {} MiB out of sync after the guest's flush, {} MiB after \
-                 the replica stopped (before any write)",
-                it + 1,
-                oos_flushed >> 20,
-                oos_stopped >> 20
-            );
-        }
-        // 10% of the regions, chosen at random, get random data.
-        let mut rng = Rng::new(0x1000 + it as u64);
-        let mut idx: Vec<u64> = (0..regions).collect();
-        for i in 0..changed as usize {
-            let j = i + usize::try_from(rng.below(regions - i as u64)).unwrap_or(0);
-            idx.swap(i, j);
-        }
-        let mut offs: Vec<u64> = idx[..changed as usize].iter().map(|r| r * REGION).collect();
-        offs.sort_unstable();
-        {
-            let mut c = Client::connect(
-                &pair.socket,
-                1,
-                8 * REGION as usize,
-                Duration::from_secs(10),
-            )?;
-            c.write_offsets(&offs, REGION as usize, 8, 0xd1ff + it as u64)?;
-        }
-        let st = pair.status()?;
-        let oos = status_u64(&st, "out_of_sync_bytes");
-        let before = status_u64(&st, "resync_total_bytes");
-        let log_before = pair.vm.log_text().len();
-
-        // Bring the replica back and watch the resync.
-        let t_restart = Instant::now();
-        pair.start_node(env)?;
-        let t_listening = Instant::now();
-        let mut t_connected: Option<Instant> = None;
-        let deadline = Instant::now() + env.sync_timeout;
-        let st = loop {
-            let st = pair.status()?;
-            let now = Instant::now();
-            if t_connected.is_none()
-                && (status_str(&st, "peer_state") == "connected"
-                    || st.get("resyncing").and_then(Value::as_bool) == Some(true))
-            {
-                t_connected = Some(now);
-            }
-            if is_in_sync(&st) {
-                break st;
-            }
-            if now >= deadline {
-                return Err(format!(
-                    "resync did not finish within {:?}; status: {st}",
-                    env.sync_timeout
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
-        let t_done = Instant::now();
-        let bytes = status_u64(&st, "resync_total_bytes").saturating_sub(before);
-        let t_conn = t_connected.unwrap_or(t_done);
-        let secs = (t_done - t_conn).as_secs_f64();
-        let log = pair.vm.log_text();
-        let logged = log.get(log_before..).and_then(parse_resync_log);
-        eprintln!(
-            "bench: resync {}: {changed} regions ({} MiB) written, out of sync {} MiB; resynced {} \
-             MiB in {secs:.3}s after reconnect ({:.0} MiB/s; {:.2}s after restart){}",
-            it + 1,
-            (changed * REGION) >> 20,
-            oos >> 20,
-            bytes >> 20,
-            mib_s(bytes, secs),
-            (t_done - t_restart).as_secs_f64(),
-            logged.map_or(String::new(), |(b, s)| format!(
-                "; vhost-mirror's log: {} MiB in {s:.3}s = {:.0} MiB/s",
-                b >> 20,
-                mib_s(b, s)
-            ))
-        );
-        iters.push(json!({
-            "changed_regions": changed,
-            "changed_bytes": changed * REGION,
-            "out_of_sync_bytes": oos,
-            "out_of_sync_bytes_before_writes": oos_stopped,
-            "resync_bytes": bytes,
-            "secs_reconnect_to_in_sync": secs,
-            "secs_restart_to_in_sync": (t_done - t_restart).as_secs_f64(),
-            "secs_node_start": (t_listening - t_restart).as_secs_f64(),
-            "mib_s": mib_s(bytes, secs),
-            "log_bytes": logged.map(|l| l.0),
-            "log_secs": logged.map(|l| l.1),
-            "log_mib_s": logged.map(|(b, s)| mib_s(b, s)),
-        }));
+/// Resync after 10% of the regions changed while the replica was stopped, `iterations` times,
+/// for each of `systems` (mirror and/or mirror-base, each its own pair on its own image of
+/// `size` bytes; the iterations interleaved between the pairs). Returns one JSON section per
+/// system, in order, and the first system's pair, running and in sync (the others are stopped).
+pub fn measure(
+    env: &Env,
+    systems: &[System],
+    size: u64,
+    iterations: usize,
+) -> Result<(Vec<Value>, Pair)> {
+    let mut pairs = Vec::new();
+    for &s in systems {
+        pairs.push(Pair::start(env, s, size)?);
     }
-    let rates: Vec<f64> = iters
-        .iter()
-        .filter_map(|v| v.get("mib_s").and_then(Value::as_f64))
-        .collect();
-    let log_rates: Vec<f64> = iters
-        .iter()
-        .filter_map(|v| v.get("log_mib_s").and_then(Value::as_f64))
-        .collect();
-    let out = json!({
-        "image_bytes": size,
-        "region_bytes": REGION,
-        "regions": regions,
-        "changed_regions": changed,
-        "initial_full_sync": {"bytes": initial_bytes, "secs": initial_secs, "mib_s": mib_s(initial_bytes, initial_secs)},
-        "iterations": iters,
-        "median_mib_s": util::median(&rates),
-        "median_log_mib_s": util::median(&log_rates),
-        "measure": "bytes = the increase of resync_total_bytes; time = from the first status poll (1 ms \
-                    interval) that shows the peer connected until the first that shows it in sync \
-                    (excludes the primary's reconnect backoff and the node's start-up)",
-    });
-    Ok((out, pair))
+    let n = pairs.len();
+    for it in 0..iterations {
+        for k in 0..n {
+            pairs[(k + it) % n].resync_once(env, it)?;
+        }
+    }
+    let out = pairs.iter().map(Pair::summary).collect();
+    let mut rest = pairs.into_iter();
+    let first = rest
+        .next()
+        .ctx(|| "resync: no system to measure".to_string())?;
+    for p in rest {
+        p.stop();
+    }
+    Ok((out, first))
 }
 
 /// nbdcopy of a file of `bytes` random bytes from a qemu-nbd export to a qemu-nbd export, both

@@ -1,6 +1,7 @@
 //! The systems under test, each started as real processes serving a vhost-user-blk socket:
-//! qemu-storage-daemon, vhost-mirror alone, vhost-mirror + access-node, and
-//! qemu-storage-daemon with a write-blocking `blockdev-mirror` to qemu-nbd (unix or TCP).
+//! qemu-storage-daemon, vhost-mirror alone, vhost-mirror + access-node (this build's, and
+//! optionally a baseline build's), and qemu-storage-daemon with a write-blocking
+//! `blockdev-mirror` to qemu-nbd (unix or TCP).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -17,6 +18,8 @@ pub enum System {
     Qsd,
     Local,
     Mirror,
+    /// `Mirror` with the binaries of `--baseline-bin-dir` (another build, e.g. before a change).
+    MirrorBase,
     QemuMirrorUnix,
     QemuMirrorTcp,
 }
@@ -25,6 +28,7 @@ pub const ALL_SYSTEMS: &[System] = &[
     System::Qsd,
     System::Local,
     System::Mirror,
+    System::MirrorBase,
     System::QemuMirrorUnix,
     System::QemuMirrorTcp,
 ];
@@ -35,6 +39,7 @@ impl System {
             System::Qsd => "qsd",
             System::Local => "local",
             System::Mirror => "mirror",
+            System::MirrorBase => "mirror-base",
             System::QemuMirrorUnix => "qemu-mirror-unix",
             System::QemuMirrorTcp => "qemu-mirror-tcp",
         }
@@ -46,6 +51,7 @@ impl System {
             System::Qsd => "qemu-storage-daemon, vhost-user-blk export of the raw image (file, cache.direct=off)",
             System::Local => "vhost-mirror serve, no peer",
             System::Mirror => "vhost-mirror serve --peer 127.0.0.1 + access-node serve (loopback TCP), in sync",
+            System::MirrorBase => "as mirror, with the vhost-mirror and access-node binaries of --baseline-bin-dir",
             System::QemuMirrorUnix => "qemu-storage-daemon + blockdev-mirror sync=full copy-mode=write-blocking (ready) to qemu-nbd over a unix socket",
             System::QemuMirrorTcp => "qemu-storage-daemon + blockdev-mirror sync=full copy-mode=write-blocking (ready) to qemu-nbd over loopback TCP",
         }
@@ -57,6 +63,7 @@ impl System {
             "qsd" => vec![System::Qsd],
             "local" => vec![System::Local],
             "mirror" => vec![System::Mirror],
+            "mirror-base" => vec![System::MirrorBase],
             "qemu-mirror" => vec![System::QemuMirrorUnix, System::QemuMirrorTcp],
             "qemu-mirror-unix" => vec![System::QemuMirrorUnix],
             "qemu-mirror-tcp" => vec![System::QemuMirrorTcp],
@@ -71,6 +78,11 @@ impl System {
         )
     }
 
+    /// vhost-mirror replicating to an access-node.
+    pub fn is_mirror(self) -> bool {
+        matches!(self, System::Mirror | System::MirrorBase)
+    }
+
     pub fn is_qemu_mirror(self) -> bool {
         matches!(self, System::QemuMirrorUnix | System::QemuMirrorTcp)
     }
@@ -80,6 +92,8 @@ impl System {
 pub struct Env {
     /// vhost-mirror and access-node.
     pub bin_dir: PathBuf,
+    /// vhost-mirror and access-node of the baseline build (system `mirror-base`).
+    pub baseline_bin_dir: Option<PathBuf>,
     /// Images and logs.
     pub work: PathBuf,
     /// Sockets (a short path: unix socket paths are limited to 108 bytes).
@@ -89,8 +103,12 @@ pub struct Env {
 }
 
 impl Env {
-    pub fn bin(&self, name: &str) -> PathBuf {
-        self.bin_dir.join(name)
+    /// The program `name` (vhost-mirror, access-node) as system `s` runs it.
+    pub fn bin(&self, s: System, name: &str) -> PathBuf {
+        match (s, &self.baseline_bin_dir) {
+            (System::MirrorBase, Some(d)) => d.join(name),
+            _ => self.bin_dir.join(name),
+        }
     }
 
     /// `work/<system>/`, created.
@@ -107,7 +125,9 @@ impl Env {
     /// The replica (mirror) or NBD target (qemu-mirror) image.
     pub fn second_image(&self, s: System) -> Option<PathBuf> {
         match s {
-            System::Mirror => Some(self.work.join(s.name()).join("replica.img")),
+            System::Mirror | System::MirrorBase => {
+                Some(self.work.join(s.name()).join("replica.img"))
+            }
             System::QemuMirrorUnix | System::QemuMirrorTcp => {
                 Some(self.work.join(s.name()).join("target.img"))
             }
@@ -259,7 +279,7 @@ impl Instance {
     pub fn ensure_ready(&mut self, timeout: Duration) -> Result<()> {
         self.check_running()?;
         if let Some(ctl) = self.control.clone() {
-            if self.system == System::Mirror {
+            if self.system.is_mirror() {
                 wait_in_sync(self, &ctl, timeout)?;
             }
         }
@@ -352,9 +372,11 @@ fn remove_stale(p: &Path) {
     let _ = std::fs::remove_file(p);
 }
 
-/// `vhost-mirror serve` on `image` (with `peer` = (port, secret) if replicating).
+/// `vhost-mirror serve` (system `s`'s binary) on `image`, replicating to 127.0.0.1:`peer` if
+/// given.
 pub fn spawn_vhost_mirror(
     env: &Env,
+    s: System,
     tag: &str,
     image: &Path,
     nq: usize,
@@ -364,7 +386,7 @@ pub fn spawn_vhost_mirror(
     let control = env.run.join(format!("{tag}.ctl.sock"));
     remove_stale(&socket);
     remove_stale(&control);
-    let mut cmd = Command::new(env.bin("vhost-mirror"));
+    let mut cmd = Command::new(env.bin(s, "vhost-mirror"));
     cmd.arg("serve")
         .arg("--image")
         .arg(image)
@@ -390,9 +412,10 @@ pub fn spawn_vhost_mirror(
     Ok((c, socket, control))
 }
 
-/// `access-node serve` on 127.0.0.1:`port`, waiting until it listens.
+/// `access-node serve` (system `s`'s binary) on 127.0.0.1:`port`, waiting until it listens.
 pub fn spawn_access_node(
     env: &Env,
+    s: System,
     tag: &str,
     image: &Path,
     port: u16,
@@ -401,7 +424,7 @@ pub fn spawn_access_node(
     remove_stale(&control);
     let log = env.work.join(format!("{tag}.access-node.log"));
     let already = std::fs::read_to_string(&log).map_or(0, |s| s.len());
-    let mut cmd = Command::new(env.bin("access-node"));
+    let mut cmd = Command::new(env.bin(s, "access-node"));
     cmd.arg("serve")
         .arg("--image")
         .arg(image)
@@ -545,7 +568,7 @@ pub fn start(env: &Env, s: System, nq: usize) -> Result<Instance> {
             }
         }
         System::Local => {
-            let (c, socket, control) = spawn_vhost_mirror(env, tag, &image, nq, None)?;
+            let (c, socket, control) = spawn_vhost_mirror(env, s, tag, &image, nq, None)?;
             Instance {
                 system: s,
                 socket,
@@ -555,11 +578,11 @@ pub fn start(env: &Env, s: System, nq: usize) -> Result<Instance> {
                 files: vec![image],
             }
         }
-        System::Mirror => {
+        System::Mirror | System::MirrorBase => {
             let replica = dir.join("replica.img");
             let port = util::free_port()?;
-            let (node, _) = spawn_access_node(env, tag, &replica, port)?;
-            let (c, socket, control) = spawn_vhost_mirror(env, tag, &image, nq, Some(port))?;
+            let (node, _) = spawn_access_node(env, s, tag, &replica, port)?;
+            let (c, socket, control) = spawn_vhost_mirror(env, s, tag, &image, nq, Some(port))?;
             Instance {
                 system: s,
                 socket,

@@ -1,5 +1,6 @@
 //! `bench --smoke` runs every system and workload briefly and writes its tables: checks that the
 //! JSON and Markdown files exist and hold a row for every workload and system (never a speed).
+//! The baseline build (`--baseline-bin-dir`, system mirror-base) is this build again.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -9,6 +10,7 @@ const SYSTEMS: &[&str] = &[
     "qsd",
     "local",
     "mirror",
+    "mirror-base",
     "qemu-mirror-unix",
     "qemu-mirror-tcp",
 ];
@@ -65,6 +67,8 @@ fn smoke_run_writes_a_table_row_for_every_workload_and_system() {
     let log = std::fs::File::create(&log_path).expect("create log");
     let mut child = Command::new(&bench)
         .arg("--smoke")
+        .arg("--baseline-bin-dir")
+        .arg(&dir)
         .arg("--out")
         .arg(out.path())
         .stdin(Stdio::null())
@@ -123,11 +127,21 @@ fn smoke_run_writes_a_table_row_for_every_workload_and_system() {
     }
     let ratios = v["ratios"].as_array().expect("ratios array");
     assert_eq!(ratios.len(), WORKLOADS.len(), "one ratio row per workload");
+    for r in ratios {
+        assert!(
+            r["mirror/mirror-base"].is_number(),
+            "no mirror/mirror-base ratio: {r}"
+        );
+    }
     assert!(
         v["targets"].as_array().is_some_and(|t| !t.is_empty()),
         "targets missing"
     );
     assert!(v["resync"].is_object(), "resync section missing");
+    assert!(
+        v["resync_baseline"].is_object(),
+        "resync of mirror-base missing"
+    );
     assert!(v["rss"].is_object(), "rss section missing");
 
     // Markdown: the throughput table has a column per system and a row per workload.
@@ -160,5 +174,9 @@ fn smoke_run_writes_a_table_row_for_every_workload_and_system() {
         );
     }
     assert!(md.contains("## Ratios"), "bench.md has no ratios table");
+    assert!(
+        md.contains("## Against the baseline build"),
+        "bench.md has no mirror/mirror-base table"
+    );
     assert!(md.contains("## Targets"), "bench.md has no targets table");
 }
