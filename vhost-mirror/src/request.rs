@@ -170,8 +170,6 @@ impl Request {
 
     /// Parses `chain` into `self`. On error, `self.status` still says where the status byte
     /// goes (if the chain has one), so the caller can report the failure to the guest.
-    /// `capacity_sectors` is the image's size in sectors, so at most `u64::MAX / 512`: every
-    /// accepted sector range then has a byte offset that fits in a `u64`.
     pub fn parse<M>(
         &mut self,
         chain: DescriptorChain<M>,
