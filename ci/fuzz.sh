@@ -87,7 +87,7 @@ summary() {
     local t=$1 log=$out/$1.log
     local took rc execs cov ft corp crashes
     read -r took rc <"$out/$t.rc"
-    execs=$(awk -F: '/stat::number_of_executed_units/ {gsub(/ /, "", $2); print $2}' "$log" | tail -n1)
+    execs=$(awk -F: '/stat::number_of_executed_units/ {gsub(/ /, "", $NF); print $NF}' "$log" | tail -n1)
     # The last status line: "#N  REDUCE|NEW|pulse|DONE  cov: C ft: F corp: K/S ...".
     cov=$(grep -Eo 'cov: [0-9]+' "$log" | tail -n1 | awk '{print $2}')
     ft=$(grep -Eo 'ft: [0-9]+' "$log" | tail -n1 | awk '{print $2}')
