@@ -12,8 +12,9 @@
 # Prints per target: seconds, executions, coverage (libFuzzer's cov: edges, ft: features),
 # corpus size, crashes; exits non-zero on any crash (the input is in fuzz/artifacts/TARGET/).
 # Installs what it needs on Debian 12 (g++ for libFuzzer, cargo-fuzz); idempotent. On a
-# stable toolchain the build uses RUSTC_BOOTSTRAP=1 (cargo-fuzz passes -Z flags) and no
-# sanitizer (the code under test is safe Rust; debug assertions and overflow checks are on).
+# stable toolchain: no sanitizer (AddressSanitizer needs nightly; the code under test is safe
+# Rust; debug assertions and overflow checks are on) and RUSTC_BOOTSTRAP=1 (what the recorded
+# runs used; with --sanitizer none cargo-fuzz's flags are all stable ones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -51,8 +52,6 @@ if ! cargo fuzz --version 2>/dev/null | grep -q " $cargo_fuzz_version"; then
     echo "fuzz: installing cargo-fuzz $cargo_fuzz_version"
     cargo install cargo-fuzz --version "$cargo_fuzz_version" --locked
 fi
-# cargo-fuzz passes -Z flags (sanitizer coverage options): fine on nightly, and on stable with
-# RUSTC_BOOTSTRAP=1.
 rustc --version | grep -q nightly || export RUSTC_BOOTSTRAP=1
 fuzz_flags=(--sanitizer none --debug-assertions)
 
@@ -88,7 +87,7 @@ summary() {
     local t=$1 log=$out/$1.log
     local took rc execs cov ft corp crashes
     read -r took rc <"$out/$t.rc"
-    execs=$(awk -F: '/stat::number_of_executed_units/ {gsub(/ /, "", $2); print $2}' "$log" | tail -n1)
+    execs=$(awk -F: '/stat::number_of_executed_units/ {gsub(/ /, "", $NF); print $NF}' "$log" | tail -n1)
     # The last status line: "#N  REDUCE|NEW|pulse|DONE  cov: C ft: F corp: K/S ...".
     cov=$(grep -Eo 'cov: [0-9]+' "$log" | tail -n1 | awk '{print $2}')
     ft=$(grep -Eo 'ft: [0-9]+' "$log" | tail -n1 | awk '{print $2}')
