@@ -318,9 +318,11 @@ impl<W: Write> SecureWriter<W> {
         }
         for group in data.chunks(WRITE_RECORDS * MAX_RECORD_PLAIN) {
             let records = group.len().div_ceil(MAX_RECORD_PLAIN);
-            self.out.clear();
-            self.out
-                .resize(group.len() + records * (RECORD_HEADER + TAG_LEN), 0);
+            // Grown once, never shrunk or cleared: every byte sent is written just below.
+            let need = group.len() + records * (RECORD_HEADER + TAG_LEN);
+            if self.out.len() < need {
+                self.out.resize(need, 0);
+            }
             let mut at = 0;
             for chunk in group.chunks(MAX_RECORD_PLAIN) {
                 let end = at + RECORD_HEADER + chunk.len() + TAG_LEN;
@@ -354,16 +356,19 @@ impl<W: Write> Write for SecureWriter<W> {
     }
 }
 
-/// Decrypts records and hands out their plaintext. A read that fails (a timeout, say) keeps
-/// the partial record: nothing is lost if the caller reads again.
+/// Decrypts records and hands out their plaintext. Reads from the stream as much as is there
+/// (up to [`RAW_BUFFER`]) and hands out the plaintext of every complete record that fits the
+/// caller's buffer in one call: one receive and one read for many small frames. A read that
+/// fails (a timeout, say) keeps the partial record: nothing is lost if the caller reads again.
 pub struct SecureReader<R> {
     inner: R,
     keys: Keys,
     nonce: u64,
-    /// The record being received: header, then ciphertext.
+    /// Received bytes not yet decrypted: `raw[raw_start..raw_end]`, records back to back.
     raw: Box<[u8]>,
-    raw_len: usize,
-    /// Plaintext of the last record not yet handed out.
+    raw_start: usize,
+    raw_end: usize,
+    /// Plaintext of a record too large for the caller's buffer, not yet handed out.
     plain: Box<[u8]>,
     plain_start: usize,
     plain_end: usize,
@@ -371,14 +376,18 @@ pub struct SecureReader<R> {
     failed: bool,
 }
 
+/// Bytes received from the stream at most in one read.
+pub const RAW_BUFFER: usize = 256 * 1024;
+
 impl<R> SecureReader<R> {
     pub fn new(inner: R, keys: Keys) -> Self {
         SecureReader {
             inner,
             keys,
             nonce: 0,
-            raw: vec![0; RECORD_HEADER + MAX_RECORD].into_boxed_slice(),
-            raw_len: 0,
+            raw: vec![0; RAW_BUFFER].into_boxed_slice(),
+            raw_start: 0,
+            raw_end: 0,
             plain: vec![0; MAX_RECORD].into_boxed_slice(),
             plain_start: 0,
             plain_end: 0,
@@ -390,51 +399,72 @@ impl<R> SecureReader<R> {
         &self.inner
     }
 
-    /// Whether decrypted bytes are waiting (a read returns them without touching the socket).
+    /// Whether plaintext can be read without touching the stream (decrypted bytes, or a
+    /// complete record, are waiting).
     pub fn has_buffered(&self) -> bool {
-        self.plain_start < self.plain_end
+        self.plain_start < self.plain_end || matches!(self.complete_record(), Ok(Some(_)))
+    }
+
+    /// The ciphertext length of the complete record at `raw_start`, if there is one. An empty
+    /// record (it would read as the end of the stream) is never sent: refused.
+    fn complete_record(&self) -> Result<Option<usize>, Tampered> {
+        let avail = &self.raw[self.raw_start..self.raw_end];
+        if avail.len() < RECORD_HEADER {
+            return Ok(None);
+        }
+        let len = usize::from(u16::from_be_bytes([avail[0], avail[1]]));
+        if len <= TAG_LEN {
+            return Err(Tampered);
+        }
+        Ok((avail.len() >= RECORD_HEADER + len).then_some(len))
+    }
+
+    fn tampered(&mut self) -> io::Error {
+        self.failed = true;
+        io::Error::new(io::ErrorKind::InvalidData, Tampered)
     }
 }
 
 impl<R: Read> SecureReader<R> {
-    /// Receives one whole record. `Ok(None)`: the stream ended cleanly between records.
-    fn receive(&mut self) -> io::Result<Option<usize>> {
+    /// Receives more bytes (one read). `Ok(false)`: the stream ended cleanly between records.
+    fn receive(&mut self) -> io::Result<bool> {
+        // Move a partial record to the front when it could not otherwise complete.
+        if self.raw_start > 0 && self.raw_start + RECORD_HEADER + MAX_RECORD > self.raw.len() {
+            self.raw.copy_within(self.raw_start..self.raw_end, 0);
+            self.raw_end -= self.raw_start;
+            self.raw_start = 0;
+        }
+        // A full buffer always holds a complete record (one fits after `raw_start`).
+        debug_assert!(self.raw_end < self.raw.len());
         loop {
-            let need = if self.raw_len < RECORD_HEADER {
-                RECORD_HEADER
-            } else {
-                let len = usize::from(u16::from_be_bytes([self.raw[0], self.raw[1]]));
-                // An empty record would read as the end of the stream: never sent, refused.
-                if len <= TAG_LEN {
-                    self.failed = true;
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, Tampered));
-                }
-                RECORD_HEADER + len
-            };
-            if self.raw_len == need && need > RECORD_HEADER {
-                self.raw_len = 0;
-                return Ok(Some(need));
-            }
-            match self.inner.read(&mut self.raw[self.raw_len..need]) {
-                Ok(0) if self.raw_len == 0 => return Ok(None),
+            match self.inner.read(&mut self.raw[self.raw_end..]) {
+                Ok(0) if self.raw_start == self.raw_end => return Ok(false),
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-                Ok(n) => self.raw_len += n,
+                Ok(n) => {
+                    self.raw_end += n;
+                    return Ok(true);
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
     }
 
-    fn decrypt(&mut self, end: usize, into: &mut [u8]) -> io::Result<usize> {
-        let n = self
+    /// Decrypts the complete record of ciphertext length `len` at `raw_start` into `into`
+    /// (at least `len` bytes: smaller buffers make the crypto library allocate).
+    fn decrypt(&mut self, len: usize, into: &mut [u8]) -> io::Result<usize> {
+        let at = self.raw_start + RECORD_HEADER;
+        let r = self
             .keys
             .0
-            .read_message(self.nonce, &self.raw[RECORD_HEADER..end], into)
-            .map_err(|_| {
-                self.failed = true;
-                io::Error::new(io::ErrorKind::InvalidData, Tampered)
-            })?;
+            .read_message(self.nonce, &self.raw[at..at + len], into);
+        let n = r.map_err(|_| self.tampered())?;
         self.nonce += 1;
+        self.raw_start = at + len;
+        if self.raw_start == self.raw_end {
+            self.raw_start = 0;
+            self.raw_end = 0;
+        }
         Ok(n)
     }
 }
@@ -447,27 +477,50 @@ impl<R: Read> Read for SecureReader<R> {
         if buf.is_empty() {
             return Ok(0);
         }
+        if self.plain_start < self.plain_end {
+            let n = buf.len().min(self.plain_end - self.plain_start);
+            buf[..n].copy_from_slice(&self.plain[self.plain_start..self.plain_start + n]);
+            self.plain_start += n;
+            return Ok(n);
+        }
+        let mut done = 0;
         loop {
-            if self.has_buffered() {
-                let n = buf.len().min(self.plain_end - self.plain_start);
-                buf[..n].copy_from_slice(&self.plain[self.plain_start..self.plain_start + n]);
-                self.plain_start += n;
+            let len = match self.complete_record() {
+                Ok(Some(len)) => len,
+                Err(Tampered) => {
+                    let e = self.tampered();
+                    return if done > 0 { Ok(done) } else { Err(e) };
+                }
+                Ok(None) => {
+                    if done > 0 {
+                        // Never block with plaintext in hand.
+                        return Ok(done);
+                    }
+                    if !self.receive()? {
+                        return Ok(0);
+                    }
+                    continue;
+                }
+            };
+            if buf.len() - done >= len {
+                // Straight into the caller's buffer: no second copy.
+                match self.decrypt(len, &mut buf[done..]) {
+                    Ok(n) => done += n,
+                    // The plaintext of the records before it is handed out first.
+                    Err(e) => return if done > 0 { Ok(done) } else { Err(e) },
+                }
+            } else if done > 0 {
+                return Ok(done);
+            } else {
+                let mut plain = std::mem::take(&mut self.plain);
+                let r = self.decrypt(len, &mut plain);
+                self.plain = plain;
+                self.plain_end = r?;
+                let n = buf.len().min(self.plain_end);
+                buf[..n].copy_from_slice(&self.plain[..n]);
+                self.plain_start = n;
                 return Ok(n);
             }
-            let Some(end) = self.receive()? else {
-                return Ok(0);
-            };
-            // Decryption works in place in a buffer as long as the ciphertext (smaller ones
-            // make the crypto library allocate).
-            if buf.len() >= end - RECORD_HEADER {
-                // Straight into the caller's buffer: no second copy.
-                return self.decrypt(end, buf);
-            }
-            let mut plain = std::mem::take(&mut self.plain);
-            let r = self.decrypt(end, &mut plain);
-            self.plain = plain;
-            self.plain_end = r?;
-            self.plain_start = 0;
         }
     }
 }
@@ -546,6 +599,80 @@ mod tests {
         drop((pw, rw, pr));
         let mut rest = Vec::new();
         assert_eq!(rr.read_to_end(&mut rest).unwrap(), 0);
+    }
+
+    /// Counts the reads made on the stream under it.
+    struct Counting<R> {
+        inner: R,
+        reads: usize,
+    }
+
+    impl<R: Read> Read for Counting<R> {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            self.reads += 1;
+            self.inner.read(b)
+        }
+    }
+
+    #[test]
+    fn many_small_records_arrive_in_one_receive_and_one_read() {
+        let (p, r, a, b) = pair(S, S);
+        let (p, r) = (p.unwrap(), r.unwrap());
+        // 100 records of 40 bytes (an ack each), as the replica sends them when coalesced.
+        let mut wire = Vec::new();
+        let mut w = SecureWriter::new(&mut wire, p);
+        for i in 0..100u8 {
+            w.send(&[i; 40]).unwrap();
+        }
+        drop((a, b));
+        let mut rd = SecureReader::new(
+            Counting {
+                inner: io::Cursor::new(wire),
+                reads: 0,
+            },
+            r,
+        );
+        assert!(!rd.has_buffered());
+        let mut buf = vec![0u8; 256 * 1024];
+        // A first small read receives everything, decrypts one record, keeps the rest.
+        assert_eq!(rd.read(&mut buf[..40]).unwrap(), 40);
+        assert_eq!(rd.get_ref().reads, 1);
+        assert!(rd.has_buffered(), "complete records wait in the buffer");
+        let n = rd.read(&mut buf).unwrap();
+        assert_eq!(n, 99 * 40, "every complete record in one read");
+        assert_eq!(rd.get_ref().reads, 1, "without touching the stream");
+        assert!(
+            (1..100u8).all(|i| buf[(usize::from(i) - 1) * 40..usize::from(i) * 40]
+                .iter()
+                .all(|&x| x == i))
+        );
+        assert!(!rd.has_buffered());
+        assert_eq!(rd.read(&mut buf).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_records_before_a_damaged_one_are_handed_out_first() {
+        let (p, r, a, b) = pair(S, S);
+        let (p, r) = (p.unwrap(), r.unwrap());
+        let mut wire = Vec::new();
+        let mut w = SecureWriter::new(&mut wire, p);
+        for i in 0..3u8 {
+            w.send(&[i; 100]).unwrap();
+        }
+        drop((a, b));
+        // Flip a byte of the third record's ciphertext.
+        let third = 2 * (RECORD_HEADER + 100 + TAG_LEN) + RECORD_HEADER + 5;
+        wire[third] ^= 1;
+        let mut rd = SecureReader::new(io::Cursor::new(wire), r);
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(rd.read(&mut buf).unwrap(), 200);
+        assert!(buf[..100].iter().all(|&x| x == 0) && buf[100..200].iter().all(|&x| x == 1));
+        let e = rd.read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            rd.read(&mut buf).is_err(),
+            "nothing more after a failed record"
+        );
     }
 
     #[test]

@@ -192,6 +192,8 @@ struct Out {
     /// Flushes in flight, oldest first, each with the writes it will make durable.
     flushing: Vec<(u64, Vec<(u64, u64)>)>,
     last_send: Instant,
+    /// Writers waiting for room in `buf` (the sender wakes them only if there are any).
+    room_waiters: usize,
 }
 
 /// The link's receiving side: frames out of decrypted records.
@@ -237,6 +239,7 @@ impl Link {
                 compacted_len: 0,
                 flushing: Vec::new(),
                 last_send: Instant::now(),
+                room_waiters: 0,
             }),
             wake_sender: Condvar::new(),
             room: Condvar::new(),
@@ -265,7 +268,9 @@ impl Link {
     fn lock_with_room(&self) -> MutexGuard<'_, Out> {
         let mut g = self.lock();
         while g.alive && g.buf.len() >= MAX_SEND_BUFFER {
+            g.room_waiters += 1;
             g = self.room.wait(g).unwrap_or_else(|p| p.into_inner());
+            g.room_waiters -= 1;
         }
         g
     }
@@ -469,8 +474,12 @@ impl Link {
             }
             std::mem::swap(&mut g.buf, &mut spare);
             g.last_send = Instant::now();
+            // Only a full buffer makes writers wait: no wake-up (a futex call) otherwise.
+            let waiters = g.room_waiters > 0;
             drop(g);
-            self.room.notify_all();
+            if waiters {
+                self.room.notify_all();
+            }
             if let Err(e) = stream.send(&spare) {
                 self.fail(&format!("send failed: {e}"));
                 return;
