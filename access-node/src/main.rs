@@ -4,6 +4,7 @@
 mod args;
 mod cache;
 mod config;
+mod flusher;
 mod preauth;
 mod promote;
 mod replica;

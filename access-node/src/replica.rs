@@ -188,6 +188,23 @@ impl Replica {
         }
     }
 
+    /// Promoted: no primary's request is served any more.
+    pub fn is_fenced(&self) -> bool {
+        self.fenced
+    }
+
+    /// A second handle of the open image (for the session's flusher thread: `fdatasync`
+    /// through it covers every write made through this one).
+    pub fn image_file(&self) -> Result<File, ReplicaError> {
+        self.image()?
+            .file
+            .try_clone()
+            .map_err(|source| ReplicaError::Open {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
     /// Image size in bytes (0: no image yet).
     pub fn size(&self) -> u64 {
         self.image.as_ref().map_or(0, |i| i.size)
@@ -357,12 +374,6 @@ impl Replica {
         }
         self.invalidate(offset, len);
         zero_range(&self.image()?.file, offset, len, unmap)
-    }
-
-    /// A primary's Flush: refused once promoted.
-    pub fn flush_request(&self) -> Result<(), ReplicaError> {
-        self.live()?;
-        self.flush()
     }
 
     /// Makes every completed write durable (fdatasync).

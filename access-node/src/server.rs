@@ -156,9 +156,35 @@ pub struct Node {
     crowd_log: RateLimitedLog,
     /// Set (and signalled) when the server should stop: after a promotion.
     stop: (Mutex<bool>, Condvar),
+    /// Held by a session's flusher during an `fdatasync` and, if it fails, while the image is
+    /// recorded outdated; a promotion takes it first (lock order: `flush_gate`, `replica`).
+    pub flush_gate: Mutex<()>,
+    /// Tests: replaces the flusher's `fdatasync` (to hold it, or to fail it).
+    #[cfg(test)]
+    pub sync_hook: Mutex<Option<SyncHook>>,
+}
+
+#[cfg(test)]
+#[derive(Clone)]
+pub struct SyncHook(pub std::sync::Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>);
+
+#[cfg(test)]
+impl std::fmt::Debug for SyncHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncHook")
+    }
 }
 
 impl Node {
+    /// The flusher's `fdatasync` of the image.
+    pub fn sync_image(&self, file: &std::fs::File) -> std::io::Result<()> {
+        #[cfg(test)]
+        if let Some(h) = lock(&self.sync_hook).clone() {
+            (h.0)()?;
+        }
+        file.sync_data()
+    }
+
     /// Tells [`Server::serve`] to return.
     pub fn request_stop(&self) {
         *lock(&self.stop.0) = true;
@@ -183,7 +209,10 @@ impl Node {
         if let Some(idle) = self.status.primary_idle() {
             // A request being applied (a long fdatasync, say) is not idleness: the replica
             // lock is held during it.
-            if idle > self.idle_timeout + REAP_INTERVAL && self.replica.try_lock().is_ok() {
+            if idle > self.idle_timeout + REAP_INTERVAL
+                && self.replica.try_lock().is_ok()
+                && self.flush_gate.try_lock().is_ok()
+            {
                 if let Some(peer) = self.slot.cut() {
                     warn!(
                         "primary {peer}: no whole frame for {} s: cut off",
@@ -199,6 +228,8 @@ impl Node {
     /// the reply is out.
     pub fn promote(&self, force: bool) -> Result<Value, ReplicaError> {
         // The replica lock waits for the request being applied; none starts while it is held.
+        // A running flush first: its outcome (the image outdated if it failed) decides.
+        let _gate = lock(&self.flush_gate);
         let mut replica = lock(&self.replica);
         let p = replica.promote(force)?;
         let cut = self.slot.fence();
@@ -307,6 +338,9 @@ impl Server {
             handshake_log: RateLimitedLog::new("handshakes"),
             crowd_log: RateLimitedLog::new("connections"),
             stop: (Mutex::new(false), Condvar::new()),
+            flush_gate: Mutex::new(()),
+            #[cfg(test)]
+            sync_hook: Mutex::new(None),
         });
         if let Some(l) = control_listener {
             let n = node.clone();

@@ -1079,3 +1079,126 @@ fn on_primary_loss_runs_once_per_attach_after_the_primary_went_silent() {
         lines(&log)
     );
 }
+
+/// Holds the flusher's `fdatasync` until `release` gets the outcome to report.
+fn hold_flushes(f: &Fixture) -> (mpsc::Receiver<()>, mpsc::Sender<std::io::Result<()>>) {
+    let (started_tx, started) = mpsc::channel::<()>();
+    let (release, outcome) = mpsc::channel::<std::io::Result<()>>();
+    let started_tx = std::sync::Mutex::new(started_tx);
+    let outcome = std::sync::Mutex::new(outcome);
+    *lock(&f.node.sync_hook) = Some(SyncHook(std::sync::Arc::new(move || {
+        let _ = lock(&started_tx).send(());
+        lock(&outcome)
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or(Ok(()))
+    })));
+    (started, release)
+}
+
+#[test]
+fn writes_behind_a_flush_are_applied_and_acked_while_it_runs() {
+    let f = Fixture::start();
+    let (mut p, _) = f.attach(MIB);
+    let (started, release) = hold_flushes(&f);
+    let w1 = p.send(&Frame::Write {
+        offset: 0,
+        resync: false,
+        data: &pattern(1, 4096),
+    });
+    let fl = p.send(&Frame::Flush);
+    started
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the flush started");
+    let w2 = p.send(&Frame::Write {
+        offset: 8192,
+        resync: false,
+        data: &pattern(2, 4096),
+    });
+    // The write before the flush is answered first; the one behind it while the flush runs.
+    assert_eq!(p.recv(), (w1, Reply::Ack(AckStatus::Ok)));
+    assert_eq!(p.recv(), (w2, Reply::Ack(AckStatus::Ok)));
+    assert_eq!(p.read(8192, 4096), pattern(2, 4096));
+    release.send(Ok(())).unwrap();
+    assert_eq!(p.recv(), (fl, Reply::Ack(AckStatus::Ok)));
+    // Flushes queued while one runs are answered by the next fdatasync, in order (one or two
+    // fdatasyncs, depending on when the second arrives: both outcomes are ready).
+    let (a, b) = (p.send(&Frame::Flush), p.send(&Frame::Flush));
+    release.send(Ok(())).unwrap();
+    release.send(Ok(())).unwrap();
+    assert_eq!(p.recv(), (a, Reply::Ack(AckStatus::Ok)));
+    assert_eq!(p.recv(), (b, Reply::Ack(AckStatus::Ok)));
+    assert_eq!(f.status()["flushes"], 3);
+}
+
+#[test]
+fn a_failed_flush_is_recorded_before_it_is_answered_and_no_sync_done_behind_it_counts() {
+    let f = Fixture::start();
+    let (mut p, _) = f.attach(MIB);
+    sync(&mut p, 0x10);
+    assert_eq!(meta_of(&f.image).disk_state, DiskState::UpToDate);
+    let (started, release) = hold_flushes(&f);
+    assert_eq!(p.write(0, &pattern(3, 4096)), Reply::Ack(AckStatus::Ok));
+    let fl = p.send(&Frame::Flush);
+    started.recv_timeout(Duration::from_secs(5)).unwrap();
+    // A write behind the flush, applied while it runs.
+    p.send(&Frame::Write {
+        offset: 4096,
+        resync: false,
+        data: &pattern(5, 4096),
+    });
+    // A resync's end behind the flush, on the wire before it fails.
+    let done = p.send(&Frame::SyncDone { generation: 0x11 });
+    std::thread::sleep(Duration::from_millis(100));
+    release
+        .send(Err(std::io::Error::from_raw_os_error(libc::EIO)))
+        .unwrap();
+    let (s, r) = loop {
+        let (s, r) = p.recv();
+        if s == fl {
+            break (s, r);
+        }
+    };
+    assert_eq!((s, r), (fl, Reply::Ack(AckStatus::IoError)));
+    // Recorded before the answer.
+    assert_eq!(meta_of(&f.image).disk_state, DiskState::Outdated);
+    // Until the session closes: the SyncDone gets no Ok.
+    while let Ok(d) = p.link.as_mut().unwrap().0.read_frame() {
+        assert!(
+            d.seq != done
+                || d.frame
+                    == (Frame::Ack {
+                        status: AckStatus::IoError
+                    }),
+            "SyncDone answered {:?}",
+            d.frame
+        );
+    }
+    // A SyncDone behind the failed flush is not applied: never up to date without what the
+    // flush lost.
+    let m = meta_of(&f.image);
+    assert_eq!((m.disk_state, m.generation), (DiskState::Outdated, 0x10));
+    assert!(f.status()["errors"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn a_promotion_waits_for_a_running_flush_and_its_outcome() {
+    let f = Fixture::start();
+    let (mut p, _) = f.attach(MIB);
+    sync(&mut p, 0x10);
+    let (started, release) = hold_flushes(&f);
+    assert_eq!(p.write(0, &pattern(4, 4096)), Reply::Ack(AckStatus::Ok));
+    p.send(&Frame::Flush);
+    started.recv_timeout(Duration::from_secs(5)).unwrap();
+    let node = f.node.clone();
+    let promotion = std::thread::spawn(move || node.promote(false));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!promotion.is_finished(), "promote went ahead of the flush");
+    release
+        .send(Err(std::io::Error::from_raw_os_error(libc::EIO)))
+        .unwrap();
+    let r = promotion.join().unwrap();
+    assert!(
+        matches!(r, Err(ReplicaError::NotUpToDate { .. })),
+        "an image whose flush failed was promoted: {r:?}"
+    );
+}

@@ -5,6 +5,7 @@
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
@@ -16,6 +17,7 @@ use mirror_proto::secure::{self, SecureError, SecureReader, SecureWriter};
 use thiserror::Error;
 
 use crate::chain;
+use crate::flusher::FlushQueue;
 use crate::replica::ReplicaError;
 use crate::server::{lock, ClaimError, Node, SlotGuard};
 use crate::status::{Counters, PeerState};
@@ -63,7 +65,8 @@ enum End {
 struct Session<'n> {
     stream: &'n TcpStream,
     reader: FrameReader<SecureReader<&'n TcpStream>>,
-    writer: SecureWriter<&'n TcpStream>,
+    /// Shared with the flusher thread, which writes the answers to Flushes.
+    writer: &'n Mutex<SecureWriter<&'n TcpStream>>,
     out: Vec<u8>,
     node: &'n Node,
     peer: SocketAddr,
@@ -83,10 +86,11 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, node: &Node, preauth_id: u64) 
             return;
         }
     };
+    let writer = Mutex::new(SecureWriter::new(&stream, keys.clone()));
     let mut s = Session {
         stream: &stream,
-        reader: FrameReader::new(SecureReader::new(&stream, keys.clone())),
-        writer: SecureWriter::new(&stream, keys),
+        reader: FrameReader::new(SecureReader::new(&stream, keys)),
+        writer: &writer,
         out: Vec::with_capacity(64 * 1024),
         node,
         peer,
@@ -250,7 +254,7 @@ impl<'n> Session<'n> {
         if self.out.is_empty() {
             return Ok(());
         }
-        flush_pending(&mut self.writer, &mut self.out, self.node)
+        flush_pending(self.writer, &mut self.out, self.node)
     }
 
     fn send(&mut self, seq: u64, f: &Frame<'_>) -> Result<(), SessionError> {
@@ -412,35 +416,80 @@ impl<'n> Session<'n> {
         }
     }
 
-    /// Applies requests until the primary leaves or the link fails.
+    /// Applies requests until the primary leaves or the link fails. Flushes run on a flusher
+    /// thread beside it (`flusher.rs`), so the requests behind a Flush are applied while it
+    /// runs.
     fn data_phase(&mut self) -> Result<End, SessionError> {
         let node = self.node;
         self.set_timeouts(node.idle_timeout)?;
+        let flushes = FlushQueue::default();
+        let (writer, stream) = (self.writer, self.stream);
+        std::thread::scope(|scope| {
+            let flusher = std::thread::Builder::new()
+                .name("replica-flush".into())
+                .spawn_scoped(scope, || flushes.run(node, writer, stream))
+                .map_err(SessionError::Io)?;
+            let r = self.apply_requests(&flushes);
+            flushes.stop();
+            let _ = flusher.join();
+            r
+        })
+    }
+
+    fn apply_requests(&mut self, flushes: &FlushQueue) -> Result<End, SessionError> {
+        let node = self.node;
         let mut logged = Logged::default();
         let mut rbuf = Vec::new();
         loop {
             let d = match self.reader.read_frame() {
                 Ok(d) => d,
+                // Waiting for a long fdatasync is not idleness (the primary waits too).
+                Err(e) if e.is_timeout() && flushes.busy() => continue,
                 Err(e) => {
                     // Replies already computed still go out if the link allows.
-                    let _ = flush_pending(&mut self.writer, &mut self.out, node);
+                    let _ = flush_pending(self.writer, &mut self.out, node);
+                    if flushes.failed().is_some() {
+                        return Err(SessionError::LostWrite);
+                    }
                     return Err(conn_error(e, node.idle_timeout));
                 }
             };
             Counters::add(&node.status.counters.bytes_received, d.consumed as u64);
             node.status.primary_activity();
+            let seq = d.seq;
+            if flushes.failed().is_some() {
+                // A flush failed: nothing behind it is applied (it was answered, the image is
+                // recorded outdated).
+                self.flush_out()?;
+                self.linger();
+                return Err(SessionError::LostWrite);
+            }
             match d.frame {
                 Frame::Goodbye => {
-                    flush_pending(&mut self.writer, &mut self.out, node)?;
+                    flushes.drain();
+                    flush_pending(self.writer, &mut self.out, node)?;
                     return Ok(End::Goodbye);
                 }
                 Frame::Refuse { code, reason } => {
                     let reason = mirror_proto::control::escape_controls(reason);
-                    flush_pending(&mut self.writer, &mut self.out, node)?;
+                    flush_pending(self.writer, &mut self.out, node)?;
                     return Ok(End::Refused(code, reason));
                 }
+                Frame::Flush => {
+                    // The answers to everything before it go out first: the primary sees a
+                    // Flush's ack only after the acks of the writes it covers.
+                    self.flush_out()?;
+                    flushes.push(seq);
+                    continue;
+                }
                 f => {
-                    let lost = apply(d.seq, f, &mut self.out, node, &mut logged, &mut rbuf)?;
+                    if matches!(f, Frame::SyncDone { .. }) && flushes.drain().is_some() {
+                        // Recorded up to date without what a failed flush lost: never.
+                        self.flush_out()?;
+                        self.linger();
+                        return Err(SessionError::LostWrite);
+                    }
+                    let lost = apply(seq, f, &mut self.out, node, &mut logged, &mut rbuf)?;
                     node.status.primary_activity();
                     if lost {
                         // Nothing after a lost write may be applied (a SyncDone already on
@@ -459,14 +508,17 @@ impl<'n> Session<'n> {
 }
 
 fn flush_pending(
-    w: &mut SecureWriter<&TcpStream>,
+    w: &Mutex<SecureWriter<&TcpStream>>,
     out: &mut Vec<u8>,
     node: &Node,
 ) -> Result<(), SessionError> {
     if out.is_empty() {
         return Ok(());
     }
-    w.send(out).map_err(SessionError::Io)?;
+    w.lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .send(out)
+        .map_err(SessionError::Io)?;
     Counters::add(&node.status.counters.bytes_sent, out.len() as u64);
     out.clear();
     Ok(())
@@ -497,7 +549,7 @@ fn apply(
     let mut rep = lock(&node.replica);
     let changes_data = matches!(
         f,
-        Frame::Write { .. } | Frame::Discard { .. } | Frame::WriteZeroes { .. } | Frame::Flush
+        Frame::Write { .. } | Frame::Discard { .. } | Frame::WriteZeroes { .. }
     );
     let result = match f {
         Frame::Write {
@@ -524,10 +576,6 @@ fn apply(
         Frame::WriteZeroes { offset, len, unmap } => {
             Counters::add(&c.write_zeroes, 1);
             rep.write_zeroes(offset, len, unmap)
-        }
-        Frame::Flush => {
-            Counters::add(&c.flushes, 1);
-            rep.flush_request()
         }
         Frame::Read { offset, len } => {
             Counters::add(&c.reads, 1);

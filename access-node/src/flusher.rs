@@ -1,0 +1,176 @@
+//! The replica's FLUSH, off the request pipeline: a primary's Flush is answered after an
+//! `fdatasync` that started after every request received before it had been applied, while
+//! the session goes on applying the requests behind it. Flushes that arrive while one runs
+//! are answered together by the next `fdatasync` (it covers them all).
+//!
+//! Invariants (ARCHITECTURE.md, "The replica's flushes"):
+//! - a Flush is acknowledged Ok only after an `fdatasync` that began after the last request
+//!   before it was applied (the session queues it only then), and after the acks of those
+//!   requests are on the wire (the session writes them out first);
+//! - a failed `fdatasync` is recorded (image outdated, durably) before any answer; if it cannot
+//!   be, the connection is closed without an answer; after a failure every later Flush fails
+//!   too, and the session ends;
+//! - a promotion waits for a running `fdatasync` and its outcome (`Node::flush_gate`), so an
+//!   image whose writeback just failed is never promoted as up to date.
+
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+
+use log::error;
+use mirror_proto::frame::{self, AckStatus, Frame};
+use mirror_proto::secure::SecureWriter;
+
+use crate::chain;
+use crate::replica::ReplicaError;
+use crate::server::{lock, Node};
+use crate::status::Counters;
+
+/// What the session and the flusher thread share.
+#[derive(Default)]
+pub struct FlushQueue {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// Sequence numbers of Flushes waiting for an `fdatasync` that starts after them.
+    waiting: Vec<u64>,
+    /// An `fdatasync` is running.
+    busy: bool,
+    /// A flush failed: how it was answered (every later one gets the same).
+    failed: Option<AckStatus>,
+    stop: bool,
+}
+
+impl FlushQueue {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues the Flush `seq` (every request before it has been applied, and answered).
+    pub fn push(&self, seq: u64) {
+        self.lock().waiting.push(seq);
+        self.changed.notify_all();
+    }
+
+    /// Whether a Flush is queued or being flushed (the primary is waiting for it: not idle).
+    pub fn busy(&self) -> bool {
+        let s = self.lock();
+        s.busy || !s.waiting.is_empty()
+    }
+
+    /// The answer a failed flush got, if one failed.
+    pub fn failed(&self) -> Option<AckStatus> {
+        self.lock().failed
+    }
+
+    /// Waits until every queued Flush is answered; the answer of a failed one, if any failed.
+    pub fn drain(&self) -> Option<AckStatus> {
+        let mut s = self.lock();
+        while s.busy || !s.waiting.is_empty() {
+            s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+        s.failed
+    }
+
+    /// Tells the flusher thread to return once the queue is empty.
+    pub fn stop(&self) {
+        self.lock().stop = true;
+        self.changed.notify_all();
+    }
+
+    /// The flusher thread: `fdatasync`s the replica image for each batch of queued Flushes
+    /// and answers them on `writer`.
+    pub fn run(&self, node: &Node, writer: &Mutex<SecureWriter<&TcpStream>>, stream: &TcpStream) {
+        let mut out = Vec::new();
+        loop {
+            let (batch, failed) = {
+                let mut s = self.lock();
+                while s.waiting.is_empty() && !s.stop {
+                    s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+                }
+                if s.waiting.is_empty() {
+                    return;
+                }
+                s.busy = true;
+                (std::mem::take(&mut s.waiting), s.failed)
+            };
+            let ack = match failed {
+                Some(ack) => Some(ack),
+                None => self.flush(node),
+            };
+            out.clear();
+            for &seq in &batch {
+                let status = ack.unwrap_or(AckStatus::Ok);
+                frame::encode(seq, &Frame::Ack { status }, &mut out);
+            }
+            Counters::add(&node.status.counters.flushes, batch.len() as u64);
+            // `None`: a failed flush that could not be recorded; no answer, the link ends.
+            let sent = ack.is_some() && {
+                let mut w = writer.lock().unwrap_or_else(PoisonError::into_inner);
+                let r = w.send(&out);
+                Counters::add(&node.status.counters.bytes_sent, out.len() as u64);
+                r.is_ok()
+            };
+            // Fenced (promoted meanwhile): the connection is cut anyway; nothing was lost.
+            let lost = !matches!(ack, Some(AckStatus::Ok | AckStatus::Fenced));
+            {
+                let mut s = self.lock();
+                s.busy = false;
+                if lost && s.failed.is_none() {
+                    s.failed = Some(ack.unwrap_or(AckStatus::IoError));
+                }
+            }
+            self.changed.notify_all();
+            if !sent || lost {
+                // The session ends (its next read fails): nothing behind a lost flush is
+                // applied any more than it must.
+                let _ = stream.shutdown(Shutdown::Read);
+            }
+        }
+    }
+
+    /// One `fdatasync` under the flush gate. `Some(Ok)`: durable; `Some(status)`: failed and
+    /// recorded (image outdated) or refused; `None`: failed and not recorded.
+    fn flush(&self, node: &Node) -> Option<AckStatus> {
+        let _gate = lock(&node.flush_gate);
+        // A handle for this flush only (a promoted image must not stay open, nor locked).
+        let file = {
+            let rep = lock(&node.replica);
+            if rep.is_fenced() {
+                return Some(AckStatus::Fenced);
+            }
+            rep.image_file()
+        };
+        let r = file.and_then(|f| {
+            node.sync_image(&f).map_err(|source| ReplicaError::Io {
+                op: "fdatasync",
+                offset: 0,
+                source,
+            })
+        });
+        let Err(ack) = r else {
+            return Some(AckStatus::Ok);
+        };
+        let status = ack.ack_status();
+        Counters::add(&node.status.counters.errors, 1);
+        let mut rep = lock(&node.replica);
+        if let Err(me) = rep.mark_outdated() {
+            error!(
+                "image {}: flush failed ({}) and it cannot be recorded that the image is \
+                 outdated: {}; dropping the primary",
+                node.status.image().display(),
+                chain(&ack),
+                chain(&me)
+            );
+            return None;
+        }
+        error!(
+            "image {}: {} (answered {status:?}); the image is outdated, the session ends",
+            node.status.image().display(),
+            chain(&ack)
+        );
+        Some(status)
+    }
+}
