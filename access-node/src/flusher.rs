@@ -3,7 +3,7 @@
 //! the session goes on applying the requests behind it. Flushes that arrive while one runs
 //! are answered together by the next `fdatasync` (it covers them all).
 //!
-//! Invariants (ARCHITECTURE.md, "The replica's flushes"):
+//! Invariants (ARCHITECTURE.md, "Durability", invariant 8):
 //! - a Flush is acknowledged Ok only after an `fdatasync` that began after the last request
 //!   before it was applied (the session queues it only then), and after the acks of those
 //!   requests are on the wire (the session writes them out first);
@@ -24,6 +24,30 @@ use crate::chain;
 use crate::replica::ReplicaError;
 use crate::server::{lock, Node};
 use crate::status::Counters;
+
+/// Ends the queue if the flusher panics mid-batch: not busy any more, failed (the batch was
+/// never answered: the primary's link times out and resyncs).
+struct FailOnUnwind<'a>(&'a FlushQueue);
+
+impl Drop for FailOnUnwind<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.busy = false;
+        s.stop = true;
+        s.failed.get_or_insert(AckStatus::IoError);
+        drop(s);
+        self.0.changed.notify_all();
+    }
+}
+
+/// Stops the flusher when dropped (the session's loop ended, also by a panic).
+pub struct StopOnDrop<'a>(pub &'a FlushQueue);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.stop();
+    }
+}
 
 /// What the session and the flusher thread share.
 #[derive(Default)]
@@ -96,6 +120,8 @@ impl FlushQueue {
                 s.busy = true;
                 (std::mem::take(&mut s.waiting), s.failed)
             };
+            // A panic below must not leave `busy` set (the session would wait forever).
+            let unwinding = FailOnUnwind(self);
             let ack = match failed {
                 Some(ack) => Some(ack),
                 None => self.flush(node),
@@ -123,6 +149,7 @@ impl FlushQueue {
                 }
             }
             self.changed.notify_all();
+            std::mem::forget(unwinding);
             if !sent || lost {
                 // The session ends (its next read fails): nothing behind a lost flush is
                 // applied any more than it must.
@@ -135,28 +162,38 @@ impl FlushQueue {
     /// recorded (image outdated) or refused; `None`: failed and not recorded.
     fn flush(&self, node: &Node) -> Option<AckStatus> {
         let _gate = lock(&node.flush_gate);
-        // A handle for this flush only (a promoted image must not stay open, nor locked).
+        // The image is released (promotion) only under the gate: it stays open meanwhile.
         let file = {
             let rep = lock(&node.replica);
             if rep.is_fenced() {
                 return Some(AckStatus::Fenced);
             }
-            rep.image_file()
+            rep.syncer()
         };
         let r = file.and_then(|f| {
-            node.sync_image(&f).map_err(|source| ReplicaError::Io {
+            f.sync().map_err(|source| ReplicaError::Io {
                 op: "fdatasync",
                 offset: 0,
                 source,
             })
+        });
+        let mut rep = lock(&node.replica);
+        // Another path's fdatasync (a failed promote, say) may have been told of the error
+        // this one would have seen: the kernel reports it once.
+        let r = r.and_then(|()| match rep.writeback_failed() {
+            false => Ok(()),
+            true => Err(ReplicaError::Io {
+                op: "fdatasync",
+                offset: 0,
+                source: std::io::Error::other("an earlier fdatasync of this image failed"),
+            }),
         });
         let Err(ack) = r else {
             return Some(AckStatus::Ok);
         };
         let status = ack.ack_status();
         Counters::add(&node.status.counters.errors, 1);
-        let mut rep = lock(&node.replica);
-        if let Err(me) = rep.mark_outdated() {
+        if let Err(me) = rep.flush_failed() {
             error!(
                 "image {}: flush failed ({}) and it cannot be recorded that the image is \
                  outdated: {}; dropping the primary",

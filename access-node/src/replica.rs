@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use log::{info, warn};
+use log::{error, info, warn};
 use mirror_proto::activity_log::{self, AlError};
 use mirror_proto::auth::{self, AuthError};
 use mirror_proto::bitmap::Bitmap;
@@ -117,7 +117,9 @@ fn is_no_space(e: &io::Error) -> bool {
 
 #[derive(Debug)]
 struct Image {
-    file: File,
+    /// Shared with the session's flusher for the length of one `fdatasync` (no second
+    /// descriptor: a `dup` can fail, a `close` can flush).
+    file: Arc<File>,
     size: u64,
 }
 
@@ -134,6 +136,41 @@ pub struct Replica {
     fenced: bool,
     /// Announce NODE_FLAG_DISCARD_MY_DATA (until a resync finished).
     discard_my_data: bool,
+    /// An `fdatasync` of the image failed: the kernel reports a writeback error once, to one
+    /// caller, so every later flush, through any path, must fail too.
+    writeback_failed: bool,
+    /// Tests: runs before every `fdatasync` of the image (to hold it, or to fail it).
+    #[cfg(test)]
+    pub sync_hook: Option<SyncHook>,
+}
+
+#[cfg(test)]
+#[derive(Clone)]
+pub struct SyncHook(pub Arc<dyn Fn() -> io::Result<()> + Send + Sync>);
+
+#[cfg(test)]
+impl std::fmt::Debug for SyncHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncHook")
+    }
+}
+
+/// An image's `fdatasync`, as every path does it (the flusher's, promote's, SyncDone's, the
+/// final ones).
+pub struct Syncer {
+    file: Arc<File>,
+    #[cfg(test)]
+    hook: Option<SyncHook>,
+}
+
+impl Syncer {
+    pub fn sync(&self) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(h) = &self.hook {
+            (h.0)()?;
+        }
+        self.file.sync_data()
+    }
 }
 
 /// What [`Replica::promote`] did.
@@ -165,6 +202,9 @@ impl Replica {
             status,
             fenced: false,
             discard_my_data: false,
+            writeback_failed: false,
+            #[cfg(test)]
+            sync_hook: None,
         };
         r.publish();
         Ok(r)
@@ -193,16 +233,26 @@ impl Replica {
         self.fenced
     }
 
-    /// A second handle of the open image (for the session's flusher thread: `fdatasync`
-    /// through it covers every write made through this one).
-    pub fn image_file(&self) -> Result<File, ReplicaError> {
-        self.image()?
-            .file
-            .try_clone()
-            .map_err(|source| ReplicaError::Open {
-                path: self.path.clone(),
-                source,
-            })
+    /// The image's `fdatasync`, for the session's flusher thread (which holds `Node::flush_gate`
+    /// meanwhile; the image is released only under it).
+    pub fn syncer(&self) -> Result<Syncer, ReplicaError> {
+        Ok(Syncer {
+            file: self.image()?.file.clone(),
+            #[cfg(test)]
+            hook: self.sync_hook.clone(),
+        })
+    }
+
+    /// Whether an `fdatasync` of the image ever failed.
+    pub fn writeback_failed(&self) -> bool {
+        self.writeback_failed
+    }
+
+    /// An `fdatasync` of the image failed (here or in the flusher): from now on every flush
+    /// fails, and the image is recorded outdated (durably) before anyone hears of it.
+    pub fn flush_failed(&mut self) -> Result<(), ReplicaError> {
+        self.writeback_failed = true;
+        self.mark_outdated()
     }
 
     /// Image size in bytes (0: no image yet).
@@ -270,6 +320,13 @@ impl Replica {
         self.live()?;
         if size == 0 {
             return Err(ReplicaError::EmptyPrimary);
+        }
+        if self.writeback_failed {
+            // A failed fdatasync in an earlier session: the image is recorded outdated (now,
+            // if that failed then) and the new primary resyncs what it sent unflushed; the
+            // kernel reported the error already, flushes from here on are real again.
+            self.mark_outdated()?;
+            self.writeback_failed = false;
         }
         if self.image.is_none() {
             // Someone may have put an image there since startup.
@@ -376,16 +433,30 @@ impl Replica {
         zero_range(&self.image()?.file, offset, len, unmap)
     }
 
-    /// Makes every completed write durable (fdatasync).
-    pub fn flush(&self) -> Result<(), ReplicaError> {
-        match &self.image {
-            Some(img) => img.file.sync_data().map_err(|source| ReplicaError::Io {
+    /// Makes every completed write durable (fdatasync). A failure is sticky and recorded
+    /// (`flush_failed`): a writeback error is reported only once.
+    pub fn flush(&mut self) -> Result<(), ReplicaError> {
+        let r = match &self.image {
+            Some(_) if self.writeback_failed => Err(io::Error::other(
+                "an earlier fdatasync of this image failed: its data may be incomplete",
+            )),
+            Some(_) => self.syncer().map_or(Ok(()), |s| s.sync()),
+            None => Ok(()),
+        };
+        r.map_err(|source| {
+            if let Err(me) = self.flush_failed() {
+                error!(
+                    "{}: cannot record that the image is outdated after a failed fdatasync: {}",
+                    self.path.display(),
+                    crate::chain(&me)
+                );
+            }
+            ReplicaError::Io {
                 op: "fdatasync",
                 offset: 0,
                 source,
-            }),
-            None => Ok(()),
-        }
+            }
+        })
     }
 
     /// Reads through the cache.
@@ -644,7 +715,10 @@ fn open_existing(path: &Path) -> Result<Option<Image>, ReplicaError> {
     }
     lock(&file, path)?;
     let size = file_size(&file).map_err(open_err)?;
-    Ok(Some(Image { file, size }))
+    Ok(Some(Image {
+        file: Arc::new(file),
+        size,
+    }))
 }
 
 /// Creates a sparse image of `size` bytes; nothing is left behind if that fails.
@@ -666,7 +740,10 @@ fn create(path: &Path, size: u64) -> Result<Image, ReplicaError> {
         let _ = std::fs::remove_file(path);
         return Err(e);
     }
-    Ok(Image { file, size })
+    Ok(Image {
+        file: Arc::new(file),
+        size,
+    })
 }
 
 /// An exclusive lock: two servers must never share an image.

@@ -159,32 +159,9 @@ pub struct Node {
     /// Held by a session's flusher during an `fdatasync` and, if it fails, while the image is
     /// recorded outdated; a promotion takes it first (lock order: `flush_gate`, `replica`).
     pub flush_gate: Mutex<()>,
-    /// Tests: replaces the flusher's `fdatasync` (to hold it, or to fail it).
-    #[cfg(test)]
-    pub sync_hook: Mutex<Option<SyncHook>>,
-}
-
-#[cfg(test)]
-#[derive(Clone)]
-pub struct SyncHook(pub std::sync::Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>);
-
-#[cfg(test)]
-impl std::fmt::Debug for SyncHook {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SyncHook")
-    }
 }
 
 impl Node {
-    /// The flusher's `fdatasync` of the image.
-    pub fn sync_image(&self, file: &std::fs::File) -> std::io::Result<()> {
-        #[cfg(test)]
-        if let Some(h) = lock(&self.sync_hook).clone() {
-            (h.0)()?;
-        }
-        file.sync_data()
-    }
-
     /// Tells [`Server::serve`] to return.
     pub fn request_stop(&self) {
         *lock(&self.stop.0) = true;
@@ -339,8 +316,6 @@ impl Server {
             crowd_log: RateLimitedLog::new("connections"),
             stop: (Mutex::new(false), Condvar::new()),
             flush_gate: Mutex::new(()),
-            #[cfg(test)]
-            sync_hook: Mutex::new(None),
         });
         if let Some(l) = control_listener {
             let n = node.clone();
@@ -548,8 +523,10 @@ fn spawn_signal_handler(node: Arc<Node>, control: Option<PathBuf>) -> Result<(),
         .name("signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
-                // Holding the replica lock: no request is half applied, none starts.
-                let replica = lock(&node.replica);
+                // Holding the replica lock: no request is half applied, none starts (and the
+                // flush gate first: a session's running flush ends, and its outcome counts).
+                let _gate = lock(&node.flush_gate);
+                let mut replica = lock(&node.replica);
                 let code = match replica.flush() {
                     Ok(()) => 0,
                     Err(e) => {

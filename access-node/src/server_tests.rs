@@ -22,6 +22,7 @@ use serde_json::Value;
 
 use super::*;
 use crate::config::{PrimaryLoss, ServeConfig};
+use crate::replica::SyncHook;
 
 const SECRET: &[u8] = b"correct horse battery staple";
 const MIB: u64 = 1 << 20;
@@ -1086,7 +1087,7 @@ fn hold_flushes(f: &Fixture) -> (mpsc::Receiver<()>, mpsc::Sender<std::io::Resul
     let (release, outcome) = mpsc::channel::<std::io::Result<()>>();
     let started_tx = std::sync::Mutex::new(started_tx);
     let outcome = std::sync::Mutex::new(outcome);
-    *lock(&f.node.sync_hook) = Some(SyncHook(std::sync::Arc::new(move || {
+    lock(&f.node.replica).sync_hook = Some(SyncHook(std::sync::Arc::new(move || {
         let _ = lock(&started_tx).send(());
         lock(&outcome)
             .recv_timeout(Duration::from_secs(10))
@@ -1201,4 +1202,31 @@ fn a_promotion_waits_for_a_running_flush_and_its_outcome() {
         matches!(r, Err(ReplicaError::NotUpToDate { .. })),
         "an image whose flush failed was promoted: {r:?}"
     );
+}
+
+#[test]
+fn a_writeback_error_reported_to_a_failed_promote_fails_the_next_flush() {
+    let f = Fixture::start();
+    let (mut p, _) = f.attach(MIB);
+    sync(&mut p, 0x10);
+    assert_eq!(p.write(0, &pattern(6, 4096)), Reply::Ack(AckStatus::Ok));
+    // The kernel tells one fdatasync of the error, the promote's; the next one succeeds.
+    let failed_once = std::sync::atomic::AtomicBool::new(false);
+    lock(&f.node.replica).sync_hook = Some(SyncHook(std::sync::Arc::new(move || {
+        if failed_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        }
+    })));
+    let r = f.node.promote(false);
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(meta_of(&f.image).disk_state, DiskState::Outdated);
+    // The primary's write was lost with that writeback: its Flush must not say durable.
+    assert_eq!(p.call(&Frame::Flush), Reply::Ack(AckStatus::IoError));
+    assert!(p.is_closed());
+    // The next primary attaches (and would resync the outdated image); flushes are real again.
+    let (mut p2, info) = f.attach(MIB);
+    assert_eq!(info.disk_state, DiskState::Outdated);
+    assert_eq!(p2.call(&Frame::Flush), Reply::Ack(AckStatus::Ok));
 }

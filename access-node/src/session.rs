@@ -17,7 +17,7 @@ use mirror_proto::secure::{self, SecureError, SecureReader, SecureWriter};
 use thiserror::Error;
 
 use crate::chain;
-use crate::flusher::FlushQueue;
+use crate::flusher::{FlushQueue, StopOnDrop};
 use crate::replica::ReplicaError;
 use crate::server::{lock, ClaimError, Node, SlotGuard};
 use crate::status::{Counters, PeerState};
@@ -429,8 +429,9 @@ impl<'n> Session<'n> {
                 .name("replica-flush".into())
                 .spawn_scoped(scope, || flushes.run(node, writer, stream))
                 .map_err(SessionError::Io)?;
+            let stop = StopOnDrop(&flushes);
             let r = self.apply_requests(&flushes);
-            flushes.stop();
+            drop(stop);
             let _ = flusher.join();
             r
         })
@@ -466,8 +467,11 @@ impl<'n> Session<'n> {
             }
             match d.frame {
                 Frame::Goodbye => {
-                    flushes.drain();
+                    let failed = flushes.drain();
                     flush_pending(self.writer, &mut self.out, node)?;
+                    if failed.is_some() {
+                        return Err(SessionError::LostWrite);
+                    }
                     return Ok(End::Goodbye);
                 }
                 Frame::Refuse { code, reason } => {
@@ -549,7 +553,10 @@ fn apply(
     let mut rep = lock(&node.replica);
     let changes_data = matches!(
         f,
-        Frame::Write { .. } | Frame::Discard { .. } | Frame::WriteZeroes { .. }
+        Frame::Write { .. }
+            | Frame::Discard { .. }
+            | Frame::WriteZeroes { .. }
+            | Frame::SyncDone { .. }
     );
     let result = match f {
         Frame::Write {

@@ -26,8 +26,8 @@ const STUCK_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 /// Once this many bytes were written since the last Flush, the link sends one of its own: the
 /// replica's unflushed data (and what a dying link must mark and resync) stays bounded
-/// however rarely the guest flushes. (A Flush stalls the replica's pipeline while it
-/// `fdatasync`s: large, so that it is rare.)
+/// however rarely the guest flushes. (Large, so that it is rare: each costs the replica an
+/// `fdatasync`, though its pipeline goes on meanwhile.)
 pub const AUTO_FLUSH_BYTES: u64 = 8 << 30;
 /// Likewise for the number of separate unflushed ranges (the memory they take), counted after
 /// compaction to whole 64 KiB regions (which is what a dying link marks anyway).

@@ -29,9 +29,9 @@ use crate::disk::DiskError;
 const RUN_REGIONS: u64 = MAX_DATA as u64 / REGION_SIZE;
 /// Resync writes in flight (each holds its range until acknowledged).
 const WINDOW: usize = 8;
-/// Acknowledged runs per batch (each batch ends with a Flush, which stalls the replica while it
-/// `fdatasync`s: 256 MiB between them, so that a typical resync needs one, which SyncDone's
-/// flush then finds done); at most two batches wait for their Flush.
+/// Acknowledged runs per batch (each batch ends with a Flush, an `fdatasync` on the replica,
+/// which goes on applying meanwhile: 256 MiB between them, so that a typical resync needs
+/// one, which SyncDone's flush then finds done); at most two batches wait for their Flush.
 const BATCH: usize = 256;
 /// Persist the (shrinking) bitmap after this many bytes.
 const PERSIST_EVERY: u64 = 64 << 20;
