@@ -28,6 +28,12 @@ pub struct Workload {
     pub seq: bool,
     /// A flush after every this many writes (0: never).
     pub flush_every: usize,
+    /// The flushes are a guest's fsync: a flush is sent once the `flush_every` writes before it
+    /// have completed, and the next write once the flush has completed. Such a group (its
+    /// writes and their flush) counts as one operation, its latency from the submission of its
+    /// first write to the completion of its flush. Without it a flush takes the next free slot
+    /// while other writes are in flight, and writes are the operations.
+    pub fsync: bool,
     /// Client queues (one thread each); the backend is started with this many queues.
     pub queues: usize,
 }
@@ -47,6 +53,7 @@ pub const WORKLOADS: &[Workload] = &[
         qd: 1,
         seq: false,
         flush_every: 0,
+        fsync: false,
         queues: 1,
     },
     Workload {
@@ -56,6 +63,7 @@ pub const WORKLOADS: &[Workload] = &[
         qd: 32,
         seq: false,
         flush_every: 0,
+        fsync: false,
         queues: 1,
     },
     Workload {
@@ -65,6 +73,7 @@ pub const WORKLOADS: &[Workload] = &[
         qd: 1,
         seq: false,
         flush_every: 0,
+        fsync: false,
         queues: 1,
     },
     Workload {
@@ -74,6 +83,7 @@ pub const WORKLOADS: &[Workload] = &[
         qd: 32,
         seq: false,
         flush_every: 0,
+        fsync: false,
         queues: 1,
     },
     Workload {
@@ -83,6 +93,27 @@ pub const WORKLOADS: &[Workload] = &[
         qd: 32,
         seq: false,
         flush_every: 32,
+        fsync: false,
+        queues: 1,
+    },
+    Workload {
+        name: "randwrite-4k-qd32-flush8",
+        op: Op::Write,
+        bs: 4096,
+        qd: 32,
+        seq: false,
+        flush_every: 8,
+        fsync: false,
+        queues: 1,
+    },
+    Workload {
+        name: "writeflush-4k-qd1",
+        op: Op::Write,
+        bs: 4096,
+        qd: 1,
+        seq: false,
+        flush_every: 1,
+        fsync: true,
         queues: 1,
     },
     Workload {
@@ -92,6 +123,7 @@ pub const WORKLOADS: &[Workload] = &[
         qd: 4,
         seq: true,
         flush_every: 0,
+        fsync: false,
         queues: 1,
     },
     Workload {
@@ -101,6 +133,7 @@ pub const WORKLOADS: &[Workload] = &[
         qd: 32,
         seq: false,
         flush_every: 0,
+        fsync: false,
         queues: 2,
     },
 ];
@@ -114,10 +147,11 @@ pub fn workload(name: &str) -> Option<&'static Workload> {
 #[derive(Debug, Default)]
 pub struct Measure {
     pub secs: f64,
-    /// Reads or writes (flushes not included).
+    /// Reads or writes (flushes not included); with `Workload::fsync`, groups of writes and
+    /// their flush.
     pub ops: u64,
     pub bytes: u64,
-    /// Latency of every counted read/write in ns, sorted.
+    /// Latency of every counted operation in ns, sorted.
     pub lat_ns: Vec<u32>,
     pub flushes: u64,
     pub flush_lat_ns_sum: u128,
@@ -276,6 +310,12 @@ impl Client {
         if wl.qd * wl.bs > self.per_queue {
             return Err(format!("{}: buffer too small", wl.name));
         }
+        if wl.fsync && (wl.op != Op::Write || wl.flush_every == 0) {
+            return Err(format!(
+                "{}: fsync groups need writes and flush_every",
+                wl.name
+            ));
+        }
         let blocks = self.capacity / wl.bs as u64;
         if blocks == 0 {
             return Err(format!("{}: disk smaller than one request", wl.name));
@@ -370,6 +410,9 @@ fn drive(
     let mut in_flight = 0usize;
     let mut cursor = (blocks / 2 * seed) % blocks;
     let mut writes_since_flush = 0usize;
+    // fsync mode: the flush of the current group is in flight; the submission of its first write.
+    let mut fsync_flush_in_flight = false;
+    let mut group_t0 = Instant::now();
     let expected =
         usize::try_from((t_end - t_start).as_secs_f64() as u64 * 300_000 * wl.qd.min(4) as u64)
             .unwrap_or(1 << 20)
@@ -382,9 +425,16 @@ fn drive(
     loop {
         let now = Instant::now();
         if now < t_end {
-            while let Some(slot) = free.pop() {
-                if wl.flush_every > 0 && writes_since_flush >= wl.flush_every {
+            while let Some(&slot) = free.last() {
+                let flush_due = wl.flush_every > 0 && writes_since_flush >= wl.flush_every;
+                if wl.fsync && (fsync_flush_in_flight || (flush_due && in_flight > 0)) {
+                    // An fsync: its flush waits for its writes, the next write for the flush.
+                    break;
+                }
+                free.pop();
+                if flush_due {
                     writes_since_flush = 0;
+                    fsync_flush_in_flight = wl.fsync;
                     q.flush(slot, flags);
                     slots[slot] = Slot::Flush(Instant::now());
                 } else {
@@ -397,14 +447,18 @@ fn drive(
                     };
                     let off = blk * wl.bs as u64;
                     let p = (buf + slot * wl.bs) as *mut u8;
+                    let t0 = Instant::now();
                     match wl.op {
                         Op::Read => q.read(off, p, wl.bs, slot, flags),
                         Op::Write => {
+                            if writes_since_flush == 0 {
+                                group_t0 = t0;
+                            }
                             q.write(off, p, wl.bs, slot, flags);
                             writes_since_flush += 1;
                         }
                     }
-                    slots[slot] = Slot::Io(Instant::now());
+                    slots[slot] = Slot::Io(t0);
                 }
                 in_flight += 1;
             }
@@ -443,15 +497,24 @@ fn drive(
             }
             match state {
                 Slot::Free => return Err(format!("completion for free slot {slot}")),
-                Slot::Io(t0) if counted => {
+                Slot::Io(t0) if counted && !wl.fsync => {
                     m.ops += 1;
                     m.bytes += wl.bs as u64;
                     let ns = (t - t0).as_nanos();
                     m.lat_ns.push(u32::try_from(ns).unwrap_or(u32::MAX));
                 }
-                Slot::Flush(t0) if counted => {
-                    m.flushes += 1;
-                    m.flush_lat_ns_sum += (t - t0).as_nanos();
+                Slot::Flush(t0) => {
+                    if counted {
+                        m.flushes += 1;
+                        m.flush_lat_ns_sum += (t - t0).as_nanos();
+                        if wl.fsync {
+                            m.ops += 1;
+                            m.bytes += (wl.flush_every * wl.bs) as u64;
+                            let ns = (t - group_t0).as_nanos();
+                            m.lat_ns.push(u32::try_from(ns).unwrap_or(u32::MAX));
+                        }
+                    }
+                    fsync_flush_in_flight = false;
                 }
                 _ => {}
             }
@@ -461,4 +524,32 @@ fn drive(
         }
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_table_is_consistent() {
+        for (i, w) in WORKLOADS.iter().enumerate() {
+            assert!(
+                WORKLOADS[..i].iter().all(|x| x.name != w.name),
+                "{} twice",
+                w.name
+            );
+            assert!(w.qd >= 1 && w.queues >= 1 && w.bs >= 512, "{w:?}");
+            if w.fsync {
+                assert!(w.op == Op::Write && w.flush_every > 0, "{w:?}");
+            }
+            if w.flush_every > 0 {
+                assert_eq!(w.op, Op::Write, "{w:?}");
+            }
+            assert_eq!(workload(w.name).map(|x| x.name), Some(w.name));
+        }
+        let wf = workload("writeflush-4k-qd1").expect("writeflush-4k-qd1");
+        assert!(wf.fsync && wf.qd == 1 && wf.flush_every == 1 && wf.bs == 4096);
+        let f8 = workload("randwrite-4k-qd32-flush8").expect("randwrite-4k-qd32-flush8");
+        assert!(!f8.fsync && f8.qd == 32 && f8.flush_every == 8 && f8.bs == 4096);
+    }
 }

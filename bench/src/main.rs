@@ -43,8 +43,10 @@ struct Args {
     /// Output directory for bench.json and bench.md (default: <target dir>/bench).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Systems: qsd, local, mirror, mirror-base (needs --baseline-bin-dir), qemu-mirror
-    /// (= qemu-mirror-unix + qemu-mirror-tcp).
+    /// Systems: qsd (qemu-storage-daemon, default options), qsd-best (qemu-storage-daemon with
+    /// aio=io_uring and the export on an iothread), local, mirror, mirror-base (needs
+    /// --baseline-bin-dir), qemu-mirror (= qemu-mirror-unix + qemu-mirror-tcp). Default: all but
+    /// mirror-base.
     #[arg(long, value_delimiter = ',')]
     systems: Option<Vec<String>>,
     /// Workloads (default: all; see the list in --help of the output).
@@ -235,8 +237,8 @@ fn resolve(args: &Args, bin_dir: &Path) -> Result<Config> {
             for item in list {
                 let s = System::parse_list(item.trim()).ctx(|| {
                     format!(
-                        "unknown system {item:?} (known: qsd, local, mirror, mirror-base, \
-                         qemu-mirror, qemu-mirror-unix, qemu-mirror-tcp)"
+                        "unknown system {item:?} (known: qsd, qsd-best, local, mirror, \
+                         mirror-base, qemu-mirror, qemu-mirror-unix, qemu-mirror-tcp)"
                     )
                 })?;
                 for x in s {
@@ -830,6 +832,21 @@ mod tests {
             .map_err(|e| e.to_string())?;
         let cfg = resolve(&a, Path::new("/nonexistent/target/release"))?;
         Ok(cfg.systems.iter().map(|s| s.name()).collect())
+    }
+
+    #[test]
+    fn qsd_keeps_its_meaning_and_qsd_best_runs_by_default() {
+        assert_eq!(systems_of(&["--systems", "qsd"]).unwrap(), ["qsd"]);
+        assert_eq!(
+            systems_of(&["--systems", "qsd-best"]).unwrap(),
+            ["qsd-best"]
+        );
+        assert_eq!(
+            systems_of(&["--systems", "qsd-best,local,qsd"]).unwrap(),
+            ["qsd", "qsd-best", "local"]
+        );
+        let all = systems_of(&[]).unwrap();
+        assert!(all.contains(&"qsd") && all.contains(&"qsd-best"), "{all:?}");
     }
 
     #[test]

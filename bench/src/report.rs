@@ -20,6 +20,44 @@ struct Target {
     met: Option<bool>,
 }
 
+/// The throughput ratios of one workload (`None`: a system did not run).
+struct Ratios {
+    local_qsd: Option<f64>,
+    local_qsd_best: Option<f64>,
+    /// local over the faster of qsd and qsd-best.
+    local_best_qsd: Option<f64>,
+    best_qsd: &'static str,
+    /// mirror over the faster of qemu-mirror's transports.
+    mirror_qm: Option<f64>,
+    best_qm: &'static str,
+    mirror_qmu: Option<f64>,
+    mirror_qmt: Option<f64>,
+    mirror_local: Option<f64>,
+}
+
+/// One of the ratios issue 10 sets a target for.
+struct Issue10 {
+    ratio: &'static str,
+    workload: &'static str,
+    value: f64,
+    detail: String,
+    target: &'static str,
+    met: bool,
+}
+
+/// The faster of two systems' numbers, with its name.
+fn faster(
+    a: (Option<f64>, &'static str),
+    b: (Option<f64>, &'static str),
+) -> (Option<f64>, &'static str) {
+    match (a.0, b.0) {
+        (Some(x), Some(y)) if y > x => b,
+        (Some(_), _) => a,
+        (None, Some(_)) => b,
+        (None, None) => (None, "-"),
+    }
+}
+
 fn sys_index(s: System) -> usize {
     ALL_SYSTEMS.iter().position(|&x| x == s).unwrap_or(0)
 }
@@ -106,34 +144,39 @@ pub fn build(
         }
     }
     let mut ratios = Vec::new();
-    let mut ratio_rows = Vec::new();
+    let mut ratio_rows: Vec<(&'static str, Ratios)> = Vec::new();
     // Per workload: mirror/mirror-base, mirror-base/qemu-mirror (the faster), mirror/qemu-mirror.
     let mut base_rows = Vec::new();
     for (wi, wl) in workloads.iter().enumerate() {
         let qu = thr(wi, System::QemuMirrorUnix);
         let qt = thr(wi, System::QemuMirrorTcp);
-        let (best, best_name) = match (qu, qt) {
-            (Some(u), Some(t)) if t > u => (Some(t), "tcp"),
-            (Some(u), _) => (Some(u), "unix"),
-            (None, Some(t)) => (Some(t), "tcp"),
-            (None, None) => (None, "-"),
-        };
+        let (best, best_name) = faster((qu, "unix"), (qt, "tcp"));
+        let (qsd, qsd_best) = (thr(wi, System::Qsd), thr(wi, System::QsdBest));
+        let (best_qsd, best_qsd_name) = faster((qsd, "qsd"), (qsd_best, "qsd-best"));
         let mirror = thr(wi, System::Mirror);
-        let r = (
-            ratio(thr(wi, System::Local), thr(wi, System::Qsd)),
-            ratio(mirror, best),
-            ratio(mirror, qu),
-            ratio(mirror, qt),
-            ratio(mirror, thr(wi, System::Local)),
-        );
+        let local = thr(wi, System::Local);
+        let r = Ratios {
+            local_qsd: ratio(local, qsd),
+            local_qsd_best: ratio(local, qsd_best),
+            local_best_qsd: ratio(local, best_qsd),
+            best_qsd: best_qsd_name,
+            mirror_qm: ratio(mirror, best),
+            best_qm: best_name,
+            mirror_qmu: ratio(mirror, qu),
+            mirror_qmt: ratio(mirror, qt),
+            mirror_local: ratio(mirror, local),
+        };
         let mut row = json!({
             "workload": wl.name,
-            "local/qsd": r.0,
-            "mirror/qemu-mirror": r.1,
-            "qemu-mirror_faster_transport": best_name,
-            "mirror/qemu-mirror-unix": r.2,
-            "mirror/qemu-mirror-tcp": r.3,
-            "mirror/local": r.4,
+            "local/qsd": r.local_qsd,
+            "local/qsd-best": r.local_qsd_best,
+            "local/max(qsd,qsd-best)": r.local_best_qsd,
+            "qsd_faster_configuration": r.best_qsd,
+            "mirror/qemu-mirror": r.mirror_qm,
+            "qemu-mirror_faster_transport": r.best_qm,
+            "mirror/qemu-mirror-unix": r.mirror_qmu,
+            "mirror/qemu-mirror-tcp": r.mirror_qmt,
+            "mirror/local": r.mirror_local,
         });
         if has_base {
             let b = thr(wi, System::MirrorBase);
@@ -146,25 +189,27 @@ pub fn build(
             base_rows.push((wi, rb, rr));
         }
         ratios.push(row);
-        ratio_rows.push((wl.name, r, best_name));
+        ratio_rows.push((wl.name, r));
     }
 
     // ---------------------------------------------------------------- targets
     let mut targets: Vec<Target> = Vec::new();
-    for (name, r, _) in &ratio_rows {
+    for (name, r) in &ratio_rows {
         targets.push(Target {
             name: format!("local/qsd >= 1.0 on {name}"),
-            value: fmt_ratio(r.0),
-            met: r.0.map(|v| v >= 1.0),
+            value: fmt_ratio(r.local_qsd),
+            met: r.local_qsd.map(|v| v >= 1.0),
         });
     }
     for (wname, min) in [("randwrite-4k-qd32", 1.5), ("seqwrite-1m-qd4", 1.2)] {
         let r = ratio_rows.iter().find(|x| x.0 == wname);
-        let v = r.and_then(|x| x.1 .1);
+        let v = r.and_then(|x| x.1.mirror_qm);
         targets.push(Target {
             name: format!("mirror/qemu-mirror >= {min} on {wname}"),
             value: match r {
-                Some(x) if v.is_some() => format!("{} (vs qemu-mirror-{})", fmt_ratio(v), x.2),
+                Some(x) if v.is_some() => {
+                    format!("{} (vs qemu-mirror-{})", fmt_ratio(v), x.1.best_qm)
+                }
                 _ => "-".into(),
             },
             met: v.map(|v| v >= min),
@@ -174,7 +219,7 @@ pub fn build(
         let v = ratio_rows
             .iter()
             .find(|x| x.0 == "randwrite-4k-qd32")
-            .and_then(|x| x.1 .4);
+            .and_then(|x| x.1.mirror_local);
         targets.push(Target {
             name: "mirror/local >= 0.5 on randwrite-4k-qd32".into(),
             value: fmt_ratio(v),
@@ -211,6 +256,101 @@ pub fn build(
                 value: "-".into(),
                 met: None,
             }),
+        }
+    }
+    // fsync latency: a 4k write then a flush at QD1, the pair's latency.
+    let mut fsync = Value::Null;
+    let fsync_medians = wl_index("writeflush-4k-qd1").map(|i| {
+        (
+            med(i, System::Mirror),
+            med(i, System::Local),
+            med(i, System::QemuMirrorUnix),
+            med(i, System::QemuMirrorTcp),
+        )
+    });
+    if let Some((m, l, qu, qt)) = &fsync_medians {
+        let mean = |r: &Option<RunStats>| r.map(|r| r.mean_us);
+        let p99 = |r: &Option<RunStats>| r.map(|r| r.p99_us);
+        fsync = json!({
+            "workload": "writeflush-4k-qd1",
+            "mirror_mean_us": mean(m), "local_mean_us": mean(l),
+            "mirror_p99_us": p99(m), "local_p99_us": p99(l),
+            "qemu_mirror_unix_mean_us": mean(qu), "qemu_mirror_tcp_mean_us": mean(qt),
+            "mirror/local_mean": ratio(mean(m), mean(l)),
+            "mirror/local_p99": ratio(p99(m), p99(l)),
+        });
+    }
+
+    // ---------------------------------------------------------------- issue 10's ratios
+    let mut issue10: Vec<Issue10> = Vec::new();
+    for (wl, (name, r)) in workloads.iter().zip(&ratio_rows) {
+        if let (Op::Write, Some(v)) = (wl.op, r.mirror_qm) {
+            issue10.push(Issue10 {
+                ratio: "mirror/qemu-mirror",
+                workload: name,
+                value: v,
+                detail: format!("vs qemu-mirror-{}", r.best_qm),
+                target: ">= 2.5",
+                met: v >= 2.5,
+            });
+        }
+    }
+    for (name, r) in &ratio_rows {
+        if let ("randwrite-4k-qd32" | "seqwrite-1m-qd4", Some(v)) = (*name, r.mirror_local) {
+            issue10.push(Issue10 {
+                ratio: "mirror/local",
+                workload: name,
+                value: v,
+                detail: String::new(),
+                target: ">= 0.6",
+                met: v >= 0.6,
+            });
+        }
+    }
+    for (name, r) in &ratio_rows {
+        if let Some(v) = r.local_best_qsd {
+            issue10.push(Issue10 {
+                ratio: "local/max(qsd, qsd-best)",
+                workload: name,
+                value: v,
+                detail: format!("vs {}", r.best_qsd),
+                target: ">= 1.3",
+                met: v >= 1.3,
+            });
+        }
+    }
+    if let Some((Some(m), Some(l), _, _)) = &fsync_medians {
+        if let Some(v) = ratio(Some(m.mean_us), Some(l.mean_us)) {
+            issue10.push(Issue10 {
+                ratio: "fsync latency mirror/local (mean)",
+                workload: "writeflush-4k-qd1",
+                value: v,
+                detail: format!(
+                    "write+flush {:.1} vs {:.1} us (p99 {} vs {} us)",
+                    m.mean_us,
+                    l.mean_us,
+                    fmt_us(m.p99_us),
+                    fmt_us(l.p99_us)
+                ),
+                target: "<= 1.5",
+                met: v <= 1.5,
+            });
+        }
+    }
+    if let Some(d) = qd1.as_object() {
+        let g = |k: &str| d.get(k).and_then(Value::as_f64);
+        if let (Some(diff), Some(rtt)) = (g("diff_mean_us"), g("rtt_us")) {
+            if rtt > 0.0 {
+                let v = diff / rtt;
+                issue10.push(Issue10 {
+                    ratio: "QD1 write latency (mirror - local) / loopback RTT",
+                    workload: "randwrite-4k-qd1",
+                    value: v,
+                    detail: format!("+{diff:.1} us, RTT {rtt:.1} us"),
+                    target: "<= 1.5",
+                    met: v <= 1.5,
+                });
+            }
         }
     }
     let resync_rate = res
@@ -279,13 +419,19 @@ pub fn build(
         "systems": systems.iter().map(|s| json!({"name": s.name(), "description": s.describe()})).collect::<Vec<_>>(),
         "workloads": workloads.iter().map(|w| json!({
             "name": w.name, "op": if w.op == Op::Read {"read"} else {"write"}, "bs": w.bs,
-            "qd": w.qd, "sequential": w.seq, "flush_every": w.flush_every, "queues": w.queues,
-            "unit": if w.shows_bandwidth() {"MiB/s"} else {"IOPS"},
+            "qd": w.qd, "sequential": w.seq, "flush_every": w.flush_every, "fsync": w.fsync,
+            "queues": w.queues,
+            "unit": if w.shows_bandwidth() {"MiB/s"} else if w.fsync {"fsyncs/s"} else {"IOPS"},
         })).collect::<Vec<_>>(),
         "rtt_us": {"samples": res.rtt_us, "median": rtt},
         "results": results,
         "ratios": ratios,
         "qd1_write_latency": qd1,
+        "fsync_latency": fsync,
+        "issue10_ratios": issue10.iter().map(|i| json!({
+            "ratio": i.ratio, "workload": i.workload, "value": i.value, "detail": i.detail,
+            "target": i.target, "met": i.met,
+        })).collect::<Vec<_>>(),
         "resync": res.resync,
         "resync_baseline": res.resync_base,
         "nbdcopy": res.nbdcopy,
@@ -336,7 +482,8 @@ pub fn build(
     };
     let _ = writeln!(
         md,
-        "## Throughput and latency\n\nIOPS (4 KiB) or MiB/s (1 MiB), then p50 / p99 latency in us.\n"
+        "## Throughput and latency\n\nIOPS (4 KiB) or MiB/s (1 MiB), then p50 / p99 latency in us. \
+         writeflush-4k-qd1 counts write+flush pairs (fsyncs) per second and their latency.\n"
     );
     header(&mut md, "workload");
     for (wi, wl) in workloads.iter().enumerate() {
@@ -390,20 +537,26 @@ pub fn build(
     }
     let _ = writeln!(
         md,
-        "\n## Ratios (median throughput)\n\nqemu-mirror = the faster of its unix-socket and \
-         loopback-TCP NBD targets, per workload.\n\n| workload | local/qsd | mirror/qemu-mirror | \
-         (faster) | mirror/qemu-mirror-unix | mirror/qemu-mirror-tcp | mirror/local |\n| --- | ---: \
-         | ---: | --- | ---: | ---: | ---: |"
+        "\n## Ratios (median throughput)\n\nmax(qsd, qsd-best) = the faster of \
+         qemu-storage-daemon's two configurations, qemu-mirror = the faster of its unix-socket and \
+         loopback-TCP NBD targets, per workload.\n\n| workload | local/qsd | local/qsd-best | \
+         local/max(qsd, qsd-best) | (faster) | mirror/qemu-mirror | (faster) | \
+         mirror/qemu-mirror-unix | mirror/qemu-mirror-tcp | mirror/local |\n| --- | ---: | ---: \
+         | ---: | --- | ---: | --- | ---: | ---: | ---: |"
     );
-    for (name, r, best) in &ratio_rows {
+    for (name, r) in &ratio_rows {
         let _ = writeln!(
             md,
-            "| {name} | {} | {} | {best} | {} | {} | {} |",
-            fmt_ratio(r.0),
-            fmt_ratio(r.1),
-            fmt_ratio(r.2),
-            fmt_ratio(r.3),
-            fmt_ratio(r.4)
+            "| {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            fmt_ratio(r.local_qsd),
+            fmt_ratio(r.local_qsd_best),
+            fmt_ratio(r.local_best_qsd),
+            r.best_qsd,
+            fmt_ratio(r.mirror_qm),
+            r.best_qm,
+            fmt_ratio(r.mirror_qmu),
+            fmt_ratio(r.mirror_qmt),
+            fmt_ratio(r.mirror_local)
         );
     }
     let _ = writeln!(
@@ -427,6 +580,48 @@ pub fn build(
             g("diff_mean_us"),
             g("diff_p50_us"),
             g("two_rtt_us")
+        );
+    }
+    if let Some(d) = fsync.as_object() {
+        let g = |k: &str| d.get(k).and_then(Value::as_f64).map_or("-".into(), fmt_us);
+        let _ = writeln!(
+            md,
+            "fsync (writeflush-4k-qd1: a 4k write, then a flush once it completed, at QD1): \
+             mirror mean {} us (p99 {}), local mean {} us (p99 {}), qemu-mirror-unix mean {} us, \
+             qemu-mirror-tcp mean {} us; mirror/local {} (mean), {} (p99).",
+            g("mirror_mean_us"),
+            g("mirror_p99_us"),
+            g("local_mean_us"),
+            g("local_p99_us"),
+            g("qemu_mirror_unix_mean_us"),
+            g("qemu_mirror_tcp_mean_us"),
+            fmt_ratio(d.get("mirror/local_mean").and_then(Value::as_f64)),
+            fmt_ratio(d.get("mirror/local_p99").and_then(Value::as_f64)),
+        );
+    }
+
+    let _ = writeln!(
+        md,
+        "\n## Issue 10's ratios\n\nThe ratios issue 10 sets targets for, from this run \
+         (throughput unless it says latency; a ratio whose systems did not run is left out).\n\n\
+         | ratio | workload | value | | target | |\n| --- | --- | ---: | --- | --- | --- |"
+    );
+    for i in &issue10 {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.2} | {} | {} | {} |",
+            i.ratio,
+            i.workload,
+            i.value,
+            i.detail,
+            i.target,
+            mark(Some(i.met))
+        );
+    }
+    if issue10.is_empty() {
+        let _ = writeln!(
+            md,
+            "| (none: the systems they compare did not run) | | | | | |"
         );
     }
 
@@ -461,7 +656,7 @@ pub fn build(
                     .join(" "),
                 pair(&|r| fmt_us(r.mean_us)),
                 pair(&|r| format!("{:.2}", r.cpu_s_per_gib)),
-                fmt_ratio(ratio_rows.get(*wi).and_then(|x| x.1 .1)),
+                fmt_ratio(ratio_rows.get(*wi).and_then(|x| x.1.mirror_qm)),
                 fmt_ratio(rb.1),
             );
         }
@@ -655,7 +850,13 @@ pub fn build(
             },
             w.qd,
             w.queues,
-            if w.flush_every > 0 {
+            if w.fsync {
+                format!(
+                    ", a flush once {} write(s) completed and the next write once it completed \
+                     (a guest's fsync): IOPS and latency are of these write(s)+flush",
+                    w.flush_every
+                )
+            } else if w.flush_every > 0 {
                 format!(", a flush after every {} writes", w.flush_every)
             } else {
                 String::new()

@@ -1,5 +1,6 @@
 //! The systems under test, each started as real processes serving a vhost-user-blk socket:
-//! qemu-storage-daemon, vhost-mirror alone, vhost-mirror + access-node (this build's, and
+//! qemu-storage-daemon (default options, and at its best: io_uring and an iothread), vhost-mirror
+//! alone, vhost-mirror + access-node (this build's, and
 //! optionally a baseline build's), and qemu-storage-daemon with a write-blocking
 //! `blockdev-mirror` to qemu-nbd (unix or TCP).
 
@@ -16,6 +17,8 @@ use crate::util::{self, ChildGuard, Ctx, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum System {
     Qsd,
+    /// qemu-storage-daemon at its best: `aio=io_uring` and the export on its own iothread.
+    QsdBest,
     Local,
     Mirror,
     /// `Mirror` with the binaries of `--baseline-bin-dir` (another build, e.g. before a change).
@@ -26,6 +29,7 @@ pub enum System {
 
 pub const ALL_SYSTEMS: &[System] = &[
     System::Qsd,
+    System::QsdBest,
     System::Local,
     System::Mirror,
     System::MirrorBase,
@@ -37,6 +41,7 @@ impl System {
     pub fn name(self) -> &'static str {
         match self {
             System::Qsd => "qsd",
+            System::QsdBest => "qsd-best",
             System::Local => "local",
             System::Mirror => "mirror",
             System::MirrorBase => "mirror-base",
@@ -48,7 +53,8 @@ impl System {
     /// What runs, for the Markdown legend.
     pub fn describe(self) -> &'static str {
         match self {
-            System::Qsd => "qemu-storage-daemon, vhost-user-blk export of the raw image (file, cache.direct=off)",
+            System::Qsd => "qemu-storage-daemon, vhost-user-blk export of the raw image (file, cache.direct=off, default aio=threads)",
+            System::QsdBest => "qemu-storage-daemon at its best: as qsd, but the file opened with aio=io_uring and the export on its own iothread (--object iothread, iothread= on the export)",
             System::Local => "vhost-mirror serve, no peer",
             System::Mirror => "vhost-mirror serve --peer 127.0.0.1 + access-node serve (loopback TCP), in sync",
             System::MirrorBase => "as mirror, with the vhost-mirror and access-node binaries of --baseline-bin-dir",
@@ -61,6 +67,7 @@ impl System {
     pub fn parse_list(item: &str) -> Option<Vec<System>> {
         Some(match item {
             "qsd" => vec![System::Qsd],
+            "qsd-best" => vec![System::QsdBest],
             "local" => vec![System::Local],
             "mirror" => vec![System::Mirror],
             "mirror-base" => vec![System::MirrorBase],
@@ -74,7 +81,7 @@ impl System {
     pub fn needs_qemu(self) -> bool {
         matches!(
             self,
-            System::Qsd | System::QemuMirrorUnix | System::QemuMirrorTcp
+            System::Qsd | System::QsdBest | System::QemuMirrorUnix | System::QemuMirrorTcp
         )
     }
 
@@ -271,6 +278,19 @@ impl Instance {
     pub fn check_running(&mut self) -> Result<()> {
         for p in &mut self.procs {
             p.check_running()?;
+        }
+        if self.system == System::QsdBest {
+            for p in &self.procs {
+                if let Some(line) = io_uring_complaint(&p.log_text()) {
+                    return Err(format!(
+                        "qsd-best: {} cannot use io_uring on this machine, it said {line:?} (it \
+                         falls back to its thread pool, and qsd-best would silently be qsd with \
+                         an iothread); check /proc/sys/kernel/io_uring_disabled, the seccomp \
+                         policy and RLIMIT_MEMLOCK, or leave qsd-best out of --systems",
+                        p.name()
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -506,29 +526,48 @@ pub fn spawn_qemu_nbd(
     Ok((c, server))
 }
 
-/// qemu-storage-daemon exporting `image` over vhost-user-blk (and a QMP monitor if `qmp`).
+/// A line of qemu-storage-daemon's log (not the `==== command` line the benchmark writes) about
+/// io_uring. QEMU opens `aio=io_uring` files without setting io_uring up; each thread's
+/// AioContext sets it up at its first request (QEMU 8.2+; at open and on a move to an iothread
+/// in 7.2), and where that fails it reports "Unable to use linux io_uring, falling back to
+/// thread pool" on stderr and carries on with threads.
+fn io_uring_complaint(log: &str) -> Option<&str> {
+    log.lines()
+        .filter(|l| !l.starts_with("==== "))
+        .find(|l| l.contains("io_uring"))
+}
+
+/// qemu-storage-daemon exporting `image` over vhost-user-blk (and a QMP monitor if `qmp`);
+/// `best`: the file with `aio=io_uring` and the export on its own iothread (else QEMU's
+/// defaults: `aio=threads`, the export in the main loop).
 fn spawn_qsd(
     env: &Env,
     tag: &str,
     image: &Path,
     nq: usize,
     qmp: Option<&Path>,
+    best: bool,
 ) -> Result<(ChildGuard, PathBuf)> {
     let socket = env.run.join(format!("{tag}.vhost.sock"));
     remove_stale(&socket);
     let mut cmd = Command::new("qemu-storage-daemon");
+    if best {
+        cmd.arg("--object").arg("iothread,id=iot0");
+    }
     cmd.arg("--blockdev")
         .arg(format!(
-            "driver=file,node-name=file0,filename={},cache.direct=off",
-            image.display()
+            "driver=file,node-name=file0,filename={},cache.direct=off{}",
+            image.display(),
+            if best { ",aio=io_uring" } else { "" }
         ))
         .arg("--blockdev")
         .arg("driver=raw,node-name=raw0,file=file0")
         .arg("--export")
         .arg(format!(
             "type=vhost-user-blk,id=exp0,node-name=raw0,addr.type=unix,addr.path={},\
-             writable=on,num-queues={nq}",
-            socket.display()
+             writable=on,num-queues={nq}{}",
+            socket.display(),
+            if best { ",iothread=iot0" } else { "" }
         ));
     if let Some(q) = qmp {
         remove_stale(q);
@@ -542,7 +581,13 @@ fn spawn_qsd(
     }
     let log = env.work.join(format!("{tag}.qemu-storage-daemon.log"));
     let mut c = ChildGuard::spawn("qemu-storage-daemon", &mut cmd, Some(&log))?;
-    wait_path(&socket, &mut c)?;
+    wait_path(&socket, &mut c).map_err(|e| {
+        if best {
+            format!("qsd-best (aio=io_uring, export on an iothread) did not start: {e}")
+        } else {
+            e
+        }
+    })?;
     if let Some(q) = qmp {
         wait_path(q, &mut c)?;
     }
@@ -556,8 +601,8 @@ pub fn start(env: &Env, s: System, nq: usize) -> Result<Instance> {
     let image = env.image(s);
     let tag = s.name();
     let mut inst = match s {
-        System::Qsd => {
-            let (c, socket) = spawn_qsd(env, tag, &image, nq, None)?;
+        System::Qsd | System::QsdBest => {
+            let (c, socket) = spawn_qsd(env, tag, &image, nq, None, s == System::QsdBest)?;
             Instance {
                 system: s,
                 socket,
@@ -597,7 +642,7 @@ pub fn start(env: &Env, s: System, nq: usize) -> Result<Instance> {
             let (nbd, server) =
                 spawn_qemu_nbd(env, tag, &target, s == System::QemuMirrorTcp, false)?;
             let qmp_path = env.run.join(format!("{tag}.qmp.sock"));
-            let (c, socket) = spawn_qsd(env, tag, &image, nq, Some(&qmp_path))?;
+            let (c, socket) = spawn_qsd(env, tag, &image, nq, Some(&qmp_path), false)?;
             let mut qmp = Qmp::connect(&qmp_path).map_err(|e| format!("{e}{}", c.log_tail()))?;
             qmp.execute(
                 "blockdev-add",
@@ -651,4 +696,29 @@ pub fn prepare_images(env: &Env, systems: &[System], size: u64) -> Result<()> {
     // SAFETY: sync(2) has no preconditions.
     unsafe { libc::sync() };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_uring_fallback_in_the_log_is_found_and_the_command_line_is_not() {
+        let ok = "==== \"qemu-storage-daemon\" \"--blockdev\" \"driver=file,aio=io_uring\"\n";
+        assert_eq!(io_uring_complaint(ok), None);
+        let bad = format!(
+            "{ok}qemu-storage-daemon: Unable to use linux io_uring, falling back to thread pool: \
+             failed to init linux io_uring ring: Operation not permitted\n"
+        );
+        assert!(io_uring_complaint(&bad).is_some_and(|l| l.contains("falling back")));
+    }
+
+    #[test]
+    fn qsd_and_qsd_best_are_separate_names() {
+        assert_eq!(System::parse_list("qsd"), Some(vec![System::Qsd]));
+        assert_eq!(System::parse_list("qsd-best"), Some(vec![System::QsdBest]));
+        for &s in ALL_SYSTEMS {
+            assert_eq!(System::parse_list(s.name()), Some(vec![s]));
+        }
+    }
 }

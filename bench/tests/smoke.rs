@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 const SYSTEMS: &[&str] = &[
     "qsd",
+    "qsd-best",
     "local",
     "mirror",
     "mirror-base",
@@ -20,6 +21,8 @@ const WORKLOADS: &[&str] = &[
     "randwrite-4k-qd1",
     "randwrite-4k-qd32",
     "randwrite-4k-qd32-flush32",
+    "randwrite-4k-qd32-flush8",
+    "writeflush-4k-qd1",
     "seqwrite-1m-qd4",
     "randwrite-4k-qd32-2q",
 ];
@@ -128,11 +131,60 @@ fn smoke_run_writes_a_table_row_for_every_workload_and_system() {
     let ratios = v["ratios"].as_array().expect("ratios array");
     assert_eq!(ratios.len(), WORKLOADS.len(), "one ratio row per workload");
     for r in ratios {
-        assert!(
-            r["mirror/mirror-base"].is_number(),
-            "no mirror/mirror-base ratio: {r}"
-        );
+        for k in [
+            "mirror/mirror-base",
+            "mirror/qemu-mirror",
+            "mirror/local",
+            "local/qsd",
+            "local/qsd-best",
+            "local/max(qsd,qsd-best)",
+        ] {
+            assert!(r[k].is_number(), "no {k} ratio: {r}");
+        }
     }
+    // The fsync workload: write+flush pairs, one flush per pair.
+    let wf = results
+        .iter()
+        .find(|r| r["workload"] == "writeflush-4k-qd1" && r["system"] == "mirror")
+        .expect("writeflush-4k-qd1 on mirror");
+    assert!(
+        wf["median"]["flush_mean_us"].is_number()
+            && wf["median"]["lat_mean_us"].as_f64() >= wf["median"]["flush_mean_us"].as_f64(),
+        "writeflush-4k-qd1: the pair's latency includes its flush: {wf}"
+    );
+    assert!(
+        v["fsync_latency"]["mirror/local_mean"].is_number(),
+        "fsync latency ratio missing: {}",
+        v["fsync_latency"]
+    );
+    // Issue 10's ratios: every write workload against qemu-mirror, every workload against the
+    // faster qsd, the fsync latency.
+    let i10 = v["issue10_ratios"]
+        .as_array()
+        .expect("issue10_ratios array");
+    let has = |ratio: &str, w: &str| {
+        i10.iter()
+            .any(|x| x["ratio"] == ratio && x["workload"] == w && x["value"].is_number())
+    };
+    for w in WORKLOADS {
+        assert!(
+            has("local/max(qsd, qsd-best)", w),
+            "no local/max(qsd, qsd-best) for {w}"
+        );
+        if w.contains("write") {
+            assert!(
+                has("mirror/qemu-mirror", w),
+                "no mirror/qemu-mirror for {w}"
+            );
+        }
+    }
+    for w in ["randwrite-4k-qd32", "seqwrite-1m-qd4"] {
+        assert!(has("mirror/local", w), "no mirror/local for {w}");
+    }
+    assert!(
+        has("fsync latency mirror/local (mean)", "writeflush-4k-qd1"),
+        "no fsync latency ratio"
+    );
     assert!(
         v["targets"].as_array().is_some_and(|t| !t.is_empty()),
         "targets missing"
@@ -174,6 +226,10 @@ fn smoke_run_writes_a_table_row_for_every_workload_and_system() {
         );
     }
     assert!(md.contains("## Ratios"), "bench.md has no ratios table");
+    assert!(
+        md.contains("## Issue 10's ratios"),
+        "bench.md has no table of issue 10's ratios"
+    );
     assert!(
         md.contains("## Against the baseline build"),
         "bench.md has no mirror/mirror-base table"
