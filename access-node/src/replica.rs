@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use mirror_proto::activity_log::{self, AlError};
 use mirror_proto::auth::{self, AuthError};
 use mirror_proto::bitmap::Bitmap;
@@ -349,6 +349,9 @@ impl Replica {
                         primary: size,
                     });
                 }
+                // Whatever filled the cache before (a resync, a copy), the primary's small
+                // writes should find small folios (`drop_clean_cache`).
+                drop_clean_cache(&img.file, &self.path);
             }
             None => {
                 self.image = Some(create(&self.path, size)?);
@@ -562,6 +565,10 @@ impl Replica {
         if std::mem::take(&mut self.discard_my_data) {
             info!("--discard-my-data served its purpose: later attaches keep this node's data");
         }
+        // The resync's writes are durable (clean): their large folios go.
+        if let Some(img) = &self.image {
+            drop_clean_cache(&img.file, &self.path);
+        }
         Ok(())
     }
 
@@ -744,6 +751,24 @@ fn create(path: &Path, size: u64) -> Result<Image, ReplicaError> {
         file: Arc::new(file),
         size,
     })
+}
+
+/// Drops the image's clean pages from the page cache (advisory: a failure is only logged).
+/// The kernel caches a file in folios as large as the writes or reads that filled it (up to
+/// 2 MiB with ext4 on 6.x kernels), and a 4 KiB write into a large folio walks all of its
+/// buffer heads: after a resync's 1 MiB writes, the guest's 4 KiB writes cost the replica
+/// 45-50 us each instead of 6-7 (measured here). Nothing reads the replica's cache in normal
+/// operation, so it is dropped once the resync's writes are durable.
+fn drop_clean_cache(file: &File, path: &Path) {
+    // SAFETY: posix_fadvise on a file descriptor we own; no memory is passed.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        debug!(
+            "{}: posix_fadvise(DONTNEED): {}",
+            path.display(),
+            io::Error::from_raw_os_error(r)
+        );
+    }
 }
 
 /// An exclusive lock: two servers must never share an image.
