@@ -4,6 +4,7 @@
 //! own thread and its own state, so queues never wait for each other on the I/O path.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -23,6 +24,7 @@ use crate::blk_config::{off, read_config, DeviceModel, ID_BYTES};
 use crate::disk::RawImage;
 use mirror_proto::sys::error_chain as chain;
 
+use crate::completion::QueueEvent;
 use crate::executor::{self, Completion, Deferred, IovecBuf, Target};
 use crate::flusher::Flusher;
 use crate::replication::Mirror;
@@ -71,6 +73,14 @@ pub struct Device {
     pub mirror: Option<Arc<Mirror>>,
     /// Runs the fdatasync of guest FLUSH requests in the background.
     pub flusher: Flusher,
+    /// Per queue: signalled when one of its deferred requests finished (`completion.rs`).
+    pub events: Vec<Arc<QueueEvent>>,
+}
+
+/// The epoll `data` of a queue thread's completion event (0..num_queues are the kicks, and
+/// num_queues the library's own event).
+fn completion_event_id(num_queues: usize) -> u16 {
+    num_queues as u16 + 1
 }
 
 impl Device {
@@ -80,9 +90,12 @@ impl Device {
         id: [u8; ID_BYTES],
         mirror: Option<Arc<Mirror>>,
         flusher: Flusher,
-    ) -> Self {
+    ) -> io::Result<Self> {
         let n = usize::from(model.num_queues);
-        Device {
+        let events = (0..n)
+            .map(|_| QueueEvent::new().map(Arc::new))
+            .collect::<io::Result<_>>()?;
+        Ok(Device {
             disk,
             model,
             counters: (0..n).map(|_| QueueCounters::default()).collect(),
@@ -93,6 +106,39 @@ impl Device {
             id,
             mirror,
             flusher,
+            events,
+        })
+    }
+
+    /// Registers queue `q`'s completion event in its thread's event loop (one per frontend
+    /// connection: a new daemon has new loops).
+    pub fn register_completion_event<B>(
+        &self,
+        q: usize,
+        handler: &vhost_user_backend::VringEpollHandler<B>,
+    ) -> io::Result<()>
+    where
+        B: VhostUserBackend,
+    {
+        let ev = self
+            .events
+            .get(q)
+            .ok_or_else(|| io::Error::other(format!("no queue {q}")))?;
+        handler.register_listener(
+            ev.as_raw_fd(),
+            EventSet::IN,
+            u64::from(completion_event_id(self.events.len())),
+        )
+    }
+
+    /// Finishes every deferred request of every queue, waiting for their background parts,
+    /// after the frontend went away (the workers are gone; nothing is written to guest
+    /// memory): the ordering table, the activity log and the out-of-sync records are as if
+    /// each had completed.
+    pub fn finish_all_deferred(&self) {
+        for (q, w) in self.workers.iter().enumerate() {
+            let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+            drain_deferred(&mut w.deferred, self.mirror.as_deref(), &self.counters[q]);
         }
     }
 
@@ -102,7 +148,14 @@ impl Device {
         self.stopping.store(true, Ordering::SeqCst);
         self.workers
             .iter()
-            .map(|w| w.lock().unwrap_or_else(|p| p.into_inner()))
+            .enumerate()
+            .map(|(q, w)| {
+                let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+                // Requests the worker left deferred between two wake-ups: their replica part
+                // and bookkeeping finish before the flushes of shutdown.
+                drain_deferred(&mut w.deferred, self.mirror.as_deref(), &self.counters[q]);
+                w
+            })
             .collect()
     }
 }
@@ -124,7 +177,8 @@ impl BlkBackend {
         }
     }
 
-    /// Drains the queue: parse, execute, complete, then notify the guest once per batch.
+    /// Drains the queue: parse, execute, complete what is ready, then notify the guest once
+    /// per batch. Returns whether requests stay deferred (their completion event is armed).
     fn process_queue(&self, queue: usize, vring: &VringRwLock) -> io::Result<bool> {
         let dev = &*self.dev;
         let Some(worker) = dev.workers.get(queue) else {
@@ -189,8 +243,29 @@ impl BlkBackend {
                 }
             };
         }
+        // Completes every deferred request that is ready (without waiting); how many.
+        macro_rules! harvest {
+            () => {{
+                let mut n = 0usize;
+                let mut k = 0;
+                while k < deferred.len() {
+                    if deferred[k].is_ready(mirror) {
+                        let d = deferred.remove(k);
+                        done!(executor::finish_deferred(&mem, mirror, counters, d));
+                        n += 1;
+                    } else {
+                        k += 1;
+                    }
+                }
+                if n > 0 {
+                    settle_holds!();
+                }
+                n
+            }};
+        }
+        let event = &dev.events[queue];
         loop {
-            // On shutdown, take no new requests; the ones in flight still complete below.
+            // On shutdown, take no new requests; the ones deferred are finished by `quiesce`.
             while !dev.stopping.load(Ordering::Acquire) {
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
                     break;
@@ -208,7 +283,7 @@ impl BlkBackend {
                         // the requests behind this one go on meanwhile.
                         QueueCounters::add(&counters.flushes, 1);
                         let remote = mirror.map(|m| m.start_flush());
-                        deferred.push(Deferred {
+                        let d = Deferred {
                             head,
                             completion: Completion {
                                 status: VIRTIO_BLK_S_OK as u8,
@@ -218,7 +293,9 @@ impl BlkBackend {
                             remote,
                             local_ok: true,
                             flush: Some(dev.flusher.submit()),
-                        });
+                        };
+                        d.notify_when_ready(mirror, event);
+                        deferred.push(d);
                         if deferred.len() >= MAX_DEFERRED {
                             let d = deferred.remove(0);
                             done!(executor::finish_deferred(&mem, mirror, counters, d));
@@ -247,14 +324,16 @@ impl BlkBackend {
                         );
                         match remote {
                             Some((remote, local_ok)) => {
-                                deferred.push(Deferred {
+                                let d = Deferred {
                                     head,
                                     completion: c,
                                     status_addr: request.status,
                                     remote: Some(remote),
                                     local_ok,
                                     flush: None,
-                                });
+                                };
+                                d.notify_when_ready(mirror, event);
+                                deferred.push(d);
                                 if deferred.len() >= MAX_DEFERRED {
                                     let d = deferred.remove(0);
                                     done!(executor::finish_deferred(&mem, mirror, counters, d));
@@ -292,29 +371,15 @@ impl BlkBackend {
             if deferred.is_empty() {
                 break;
             }
-            // Nothing new from the guest. Tell it about what is complete, then wait for the
-            // oldest deferred request (its fdatasync or the replica's ack) while watching the
-            // ring: new requests go out while older ones are still in flight.
-            if state
-                .get_queue_mut()
-                .needs_notification(&*mem)
-                .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?
-            {
-                state.signal_used_queue()?;
-            }
-            let watch_ring = !dev.stopping.load(Ordering::Acquire);
-            if !wait_ready_or_new(&state, &mem, &deferred[0], mirror, watch_ring) {
-                continue;
-            }
-            let d = deferred.remove(0);
-            done!(executor::finish_deferred(&mem, mirror, counters, d));
-            let mut k = 0;
-            while k < deferred.len() {
-                if deferred[k].is_ready(mirror) {
-                    let d = deferred.remove(k);
-                    done!(executor::finish_deferred(&mem, mirror, counters, d));
-                } else {
-                    k += 1;
+            // Nothing new from the guest: complete what is ready. The rest signals this
+            // queue's completion event when it finishes, and the worker goes back to its
+            // event loop (where a kick or that event brings it back here); it never sleeps on
+            // one request. Armed first, then looked at again: a request that finished in
+            // between is seen now, one that finishes later signals.
+            if harvest!() == 0 {
+                dev.events[queue].arm();
+                if harvest!() == 0 {
+                    break;
                 }
             }
             settle_holds!();
@@ -327,26 +392,14 @@ impl BlkBackend {
         {
             state.signal_used_queue()?;
         }
-        Ok(used_any)
+        Ok(!deferred.is_empty())
     }
 }
 
-/// Waits until `oldest` is ready (true) or, if `watch_ring`, the guest added a request
-/// (false). Sleeps on the request's completion, looking at the ring every 50 µs.
-fn wait_ready_or_new(
-    state: &vhost_user_backend::VringState<GuestMemoryAtomic<GuestMemoryMmap>>,
-    mem: &GuestMemoryMmap,
-    oldest: &Deferred,
-    mirror: Option<&Mirror>,
-    watch_ring: bool,
-) -> bool {
-    loop {
-        if watch_ring && ring_has_new(state.get_queue(), mem) {
-            return false;
-        }
-        if oldest.wait_ready_timeout(mirror, std::time::Duration::from_micros(50)) {
-            return true;
-        }
+/// Finishes deferred requests without a guest to tell (it disconnected, or we stop).
+fn drain_deferred(deferred: &mut Vec<Deferred>, mirror: Option<&Mirror>, c: &QueueCounters) {
+    for d in deferred.drain(..) {
+        executor::finish_detached(mirror, c, d);
     }
 }
 
@@ -459,9 +512,24 @@ impl VhostUserBackend for BlkBackend {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
         // One queue per thread: the vring is vrings[0] and the queue index is the thread's.
-        let Some(vring) = vrings.get(usize::from(device_event)) else {
-            return Err(io::Error::other(format!("unknown event {device_event}")));
+        let vring = if device_event == completion_event_id(self.dev.events.len()) {
+            // Deferred requests finished.
+            let Some(ev) = self.dev.events.get(thread_id) else {
+                return Err(io::Error::other(format!("no completion event {thread_id}")));
+            };
+            ev.consume();
+            match vrings.first() {
+                Some(v) if v.get_ref().get_queue().ready() => v,
+                // Not started (or reset): its requests are finished when the frontend goes.
+                _ => return Ok(()),
+            }
+        } else {
+            let Some(vring) = vrings.get(usize::from(device_event)) else {
+                return Err(io::Error::other(format!("unknown event {device_event}")));
+            };
+            vring
         };
+        let mut pending;
         loop {
             if self.event_idx.load(Ordering::Relaxed) {
                 // Disable notifications while draining, re-enable, and drain again if the
@@ -470,7 +538,7 @@ impl VhostUserBackend for BlkBackend {
                     vring
                         .disable_notification()
                         .map_err(|e| io::Error::other(format!("disable_notification: {e}")))?;
-                    self.process_queue(thread_id, vring)?;
+                    pending = self.process_queue(thread_id, vring)?;
                     if !vring
                         .enable_notification()
                         .map_err(|e| io::Error::other(format!("enable_notification: {e}")))?
@@ -480,11 +548,13 @@ impl VhostUserBackend for BlkBackend {
                     }
                 }
             } else {
-                self.process_queue(thread_id, vring)?;
+                pending = self.process_queue(thread_id, vring)?;
             }
             // A short poll before sleeping (--poll-us): the next request often comes within
-            // microseconds; catching it here saves a wake-up.
-            if !self.poll_ring(vring) {
+            // microseconds; catching it here saves a wake-up. Not while requests are in
+            // flight: their completion event wakes us, and the CPU is better left to the
+            // threads finishing them.
+            if pending || !self.poll_ring(vring) {
                 break;
             }
         }

@@ -165,16 +165,17 @@ pub struct Deferred {
 }
 
 impl Deferred {
-    /// Waits at most `d` for the next missing part; true if the request is ready.
-    pub fn wait_ready_timeout(&self, mirror: Option<&Mirror>, d: std::time::Duration) -> bool {
+    /// Signals `ev` when each missing part finishes.
+    pub fn notify_when_ready(
+        &self,
+        mirror: Option<&Mirror>,
+        ev: &std::sync::Arc<crate::completion::QueueEvent>,
+    ) {
         if let Some(f) = &self.flush {
-            if !f.wait_done_timeout(d) {
-                return false;
-            }
+            f.notify_when_done(ev);
         }
-        match (&self.remote, mirror) {
-            (Some(r), Some(m)) => m.wait_answered_timeout(r, d),
-            _ => true,
+        if let (Some(r), Some(m)) = (&self.remote, mirror) {
+            m.notify_when_answered(r, ev);
         }
     }
 
@@ -321,30 +322,10 @@ pub fn finish_deferred(
     mem: &GuestMemoryMmap,
     mirror: Option<&Mirror>,
     counters: &QueueCounters,
-    d: Deferred,
+    mut d: Deferred,
 ) -> Finished {
-    let mut ok = d.completion.status == VIRTIO_BLK_S_OK as u8;
-    let mut fresh_failure = false;
-    let mut hold = None;
-    let mut local_ok = d.local_ok;
-    if let Some(f) = &d.flush {
-        if f.wait().is_err() {
-            local_ok = false;
-            if ok {
-                ok = false;
-                fresh_failure = true;
-            }
-        }
-    }
-    if let (Some(remote), Some(m)) = (d.remote, mirror) {
-        let (recorded, h) = m.finish(remote, local_ok);
-        hold = h;
-        if !recorded && ok {
-            fresh_failure = true;
-        }
-    }
+    let (fresh_failure, hold) = settle(mirror, counters, &mut d);
     if fresh_failure {
-        QueueCounters::add(&counters.errors, 1);
         if let Some(addr) = d.status_addr {
             let _ = mem.write_obj(VIRTIO_BLK_S_IOERR as u8, addr);
         }
@@ -365,6 +346,46 @@ pub fn finish_deferred(
         used_len: d.completion.used_len,
         hold,
     }
+}
+
+/// Finishes a deferred request whose guest is gone (disconnected, or we stop): waits for its
+/// background parts and does the replica's bookkeeping; nothing goes to guest memory.
+pub fn finish_detached(mirror: Option<&Mirror>, counters: &QueueCounters, mut d: Deferred) {
+    let _ = settle(mirror, counters, &mut d);
+}
+
+/// Waits for a deferred request's background parts and records their outcome (the replica's
+/// part through `Mirror::finish`). Returns whether the request fails for the guest although
+/// its completion said OK, and the range to hold the guest on (suspend mode).
+fn settle(
+    mirror: Option<&Mirror>,
+    counters: &QueueCounters,
+    d: &mut Deferred,
+) -> (bool, Option<(u64, u64)>) {
+    let mut ok = d.completion.status == VIRTIO_BLK_S_OK as u8;
+    let mut fresh_failure = false;
+    let mut hold = None;
+    let mut local_ok = d.local_ok;
+    if let Some(f) = &d.flush {
+        if f.wait().is_err() {
+            local_ok = false;
+            if ok {
+                ok = false;
+                fresh_failure = true;
+            }
+        }
+    }
+    if let (Some(remote), Some(m)) = (d.remote.take(), mirror) {
+        let (recorded, h) = m.finish(remote, local_ok);
+        hold = h;
+        if !recorded && ok {
+            fresh_failure = true;
+        }
+    }
+    if fresh_failure {
+        QueueCounters::add(&counters.errors, 1);
+    }
+    (fresh_failure, hold)
 }
 
 /// Executes `req` (already validated) and writes its status byte.

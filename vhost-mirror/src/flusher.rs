@@ -8,41 +8,45 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use log::error;
 
+use crate::completion::QueueEvent;
 use crate::disk::RawImage;
 
 /// The outcome of one flush, once the flusher got to it.
 #[derive(Debug, Default)]
 pub struct FlushTicket {
-    result: Mutex<Option<Result<(), String>>>,
+    result: Mutex<TicketState>,
     done: Condvar,
 }
 
+#[derive(Debug, Default)]
+struct TicketState {
+    result: Option<Result<(), String>>,
+    /// The queue worker's completion event, signalled with the outcome.
+    notify: Option<Arc<QueueEvent>>,
+}
+
 impl FlushTicket {
-    fn lock(&self) -> MutexGuard<'_, Option<Result<(), String>>> {
+    fn lock(&self) -> MutexGuard<'_, TicketState> {
         self.result.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn is_done(&self) -> bool {
-        self.lock().is_some()
+        self.lock().result.is_some()
     }
 
-    /// Waits at most `d` for the fdatasync; true if it is done.
-    pub fn wait_done_timeout(&self, d: std::time::Duration) -> bool {
-        let g = self.lock();
-        if g.is_some() {
-            return true;
+    /// Signals `ev` when the fdatasync is done (nothing if it is already).
+    pub fn notify_when_done(&self, ev: &Arc<QueueEvent>) {
+        let mut g = self.lock();
+        if g.result.is_none() {
+            g.notify = Some(ev.clone());
         }
-        self.done
-            .wait_timeout(g, d)
-            .map(|(g, _)| g.is_some())
-            .unwrap_or_else(|p| p.into_inner().0.is_some())
     }
 
     /// Waits for the fdatasync; Err carries the reason it failed.
     pub fn wait(&self) -> Result<(), String> {
         let mut g = self.lock();
         loop {
-            if let Some(r) = g.as_ref() {
+            if let Some(r) = g.result.as_ref() {
                 return r.clone();
             }
             g = self.done.wait(g).unwrap_or_else(|p| p.into_inner());
@@ -50,8 +54,14 @@ impl FlushTicket {
     }
 
     fn complete(&self, r: Result<(), String>) {
-        *self.lock() = Some(r);
+        let mut g = self.lock();
+        g.result = Some(r);
+        let notify = g.notify.take();
+        drop(g);
         self.done.notify_all();
+        if let Some(n) = notify {
+            n.signal();
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod args;
 pub mod blk_config;
+mod completion;
 pub mod config;
 mod device;
 mod disk;

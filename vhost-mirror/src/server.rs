@@ -129,7 +129,8 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         device_id(&config.image),
         mirror.clone(),
         flusher,
-    );
+    )
+    .map_err(ServeError::Thread)?;
     device.poll = config.poll;
     let dev = Arc::new(device);
 
@@ -188,6 +189,11 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         let backend = BlkBackend::new(dev.clone(), mem.clone());
         let mut daemon = VhostUserDaemon::new("vhost-mirror".into(), backend, mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
+        // Each queue's completion event, beside its kick in the queue's own event loop.
+        for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            dev.register_completion_event(q, handler)
+                .map_err(|e| ServeError::Daemon(format!("completion event of queue {q}: {e}")))?;
+        }
         // The daemon connects to the private hand-off socket; the relay joins it to `stream`.
         let relay = match frontends.attach(stream, |path| {
             daemon.start_client(path).map_err(|e| e.to_string())
@@ -211,8 +217,10 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         }
         relay.close();
         state.connected.store(false, Ordering::Relaxed);
-        // Joins the queue workers: every request they took is complete after this.
+        // Joins the queue workers; then the requests they deferred are finished (the guest is
+        // gone: only the replica's part and the bookkeeping).
         drop(daemon);
+        dev.finish_all_deferred();
         if let Err(e) = disk.flush() {
             error!("flush after disconnect failed: {}", chain(&e));
         }

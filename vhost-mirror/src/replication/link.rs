@@ -18,6 +18,8 @@ use mirror_proto::conn::{ConnError, FrameReader};
 use mirror_proto::frame::{self, AckStatus, Frame, MAX_DATA};
 use mirror_proto::secure::{SecureReader, SecureWriter};
 
+use crate::completion::QueueEvent;
+
 /// A request that got no reply for this long kills the link.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the sender looks for requests without a reply for [`REPLY_TIMEOUT`].
@@ -66,6 +68,8 @@ struct WaiterSlot {
     reply: Option<Result<Reply, LinkDown>>,
     /// Someone sleeps in `wait` (only then does `complete` need a wake-up syscall).
     sleeping: bool,
+    /// The queue worker's completion event, signalled with the reply.
+    notify: Option<Arc<QueueEvent>>,
 }
 
 impl Waiter {
@@ -73,9 +77,22 @@ impl Waiter {
         let mut g = self.slot.lock().unwrap_or_else(|p| p.into_inner());
         g.reply = Some(r);
         let wake = g.sleeping;
+        let notify = g.notify.take();
         drop(g);
         if wake {
             self.ready.notify_all();
+        }
+        if let Some(n) = notify {
+            n.signal();
+        }
+    }
+
+    /// Signals `ev` when the reply arrives (nothing if it is already there: the worker looks
+    /// at its requests after arming `ev`).
+    pub fn notify_when_ready(&self, ev: &Arc<QueueEvent>) {
+        let mut g = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        if g.reply.is_none() {
+            g.notify = Some(ev.clone());
         }
     }
 
@@ -86,21 +103,6 @@ impl Waiter {
             .unwrap_or_else(|p| p.into_inner())
             .reply
             .is_some()
-    }
-
-    /// Waits at most `d` for the reply; true if it is there.
-    pub fn wait_ready_timeout(&self, d: std::time::Duration) -> bool {
-        let mut g = self.slot.lock().unwrap_or_else(|p| p.into_inner());
-        if g.reply.is_none() {
-            g.sleeping = true;
-            g = self
-                .ready
-                .wait_timeout(g, d)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|p| p.into_inner().0);
-            g.sleeping = false;
-        }
-        g.reply.is_some()
     }
 
     /// Blocks until the reply (or the link's death) arrives.

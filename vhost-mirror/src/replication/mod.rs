@@ -28,6 +28,7 @@ use mirror_proto::frame::{AckStatus, DiskState, Frame, MAX_DATA};
 use serde_json::{json, Value};
 use thiserror::Error;
 
+use crate::completion::QueueEvent;
 use crate::disk::RawImage;
 use activity_log::ActivityLog;
 use inflight::{Inflight, Owner, Token};
@@ -487,18 +488,17 @@ impl Mirror {
         }
     }
 
+    /// Signals `ev` when each of `remote`'s replies arrives.
+    pub fn notify_when_answered(&self, remote: &Remote, ev: &Arc<QueueEvent>) {
+        for w in &remote.waiters {
+            w.notify_when_ready(ev);
+        }
+    }
+
     /// Whether every reply of `remote` has arrived ([`Mirror::finish`] will not wait for the
     /// replica).
     pub fn is_answered(&self, remote: &Remote) -> bool {
         remote.waiters.iter().all(|w| w.is_ready())
-    }
-
-    /// Waits at most `d` for the replica's next missing reply; true if all are there.
-    pub fn wait_answered_timeout(&self, remote: &Remote, d: Duration) -> bool {
-        match remote.waiters.iter().find(|w| !w.is_ready()) {
-            Some(w) => w.wait_ready_timeout(d) && self.is_answered(remote),
-            None => true,
-        }
     }
 
     /// Waits for the replica's replies, records failures, releases the range. `local_ok`:
@@ -788,8 +788,13 @@ mod tests {
             !m.is_answered(&remote),
             "the write counts as done before the replica flushed it"
         );
+        // The queue worker's completion event is signalled once the last reply is in.
+        let ev = Arc::new(QueueEvent::new().unwrap());
+        m.notify_when_answered(&remote, &ev);
+        ev.arm();
         conn::send(&mut w, seq_f, &ack).unwrap();
-        assert!(m.wait_answered_timeout(&remote, Duration::from_secs(5)));
+        assert!(ev.wait_signalled(Duration::from_secs(5)));
+        assert!(m.is_answered(&remote));
         assert_eq!(m.finish(remote, true), (true, None));
     }
 
