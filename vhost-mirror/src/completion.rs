@@ -38,6 +38,12 @@ impl QueueEvent {
         }
     }
 
+    /// Wakes the worker whether or not it asked (shutdown: it must finish what it deferred).
+    pub fn force_signal(&self) {
+        self.armed.store(false, Ordering::SeqCst);
+        let _ = self.fd.write(1);
+    }
+
     /// The worker is about to go back to its event loop: the next `signal` wakes it. It must
     /// look at its deferred requests once more after this (one may have finished just before).
     pub fn arm(&self) {

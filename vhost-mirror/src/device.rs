@@ -66,6 +66,8 @@ pub struct Device {
     pub writeback: AtomicBool,
     /// Set on shutdown: workers stop taking new requests.
     pub stopping: AtomicBool,
+    /// The frontend went away: workers take no new requests until the next one connects.
+    pub frontend_gone: AtomicBool,
     /// How long a worker keeps looking at its ring for new requests before it sleeps.
     pub poll: std::time::Duration,
     pub id: [u8; ID_BYTES],
@@ -102,12 +104,19 @@ impl Device {
             workers: (0..n).map(|_| Mutex::new(QueueWorker::default())).collect(),
             writeback: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
+            frontend_gone: AtomicBool::new(false),
             poll: std::time::Duration::ZERO,
             id,
             mirror,
             flusher,
             events,
         })
+    }
+
+    /// Whether workers take new requests (not shutting down, the frontend still there). When
+    /// not, requests stay on the ring: nothing may loop on "the ring has some".
+    fn accepting(&self) -> bool {
+        !self.stopping.load(Ordering::Acquire) && !self.frontend_gone.load(Ordering::Acquire)
     }
 
     /// Registers queue `q`'s completion event in its thread's event loop (one per frontend
@@ -131,14 +140,40 @@ impl Device {
         )
     }
 
-    /// Finishes every deferred request of every queue, waiting for their background parts,
-    /// after the frontend went away (the workers are gone; nothing is written to guest
-    /// memory): the ordering table, the activity log and the out-of-sync records are as if
-    /// each had completed.
+    /// After the frontend went away (before its daemon, and so the queue workers, are
+    /// dropped): no worker takes a new request, and every deferred one is finished, waiting
+    /// for its background parts; nothing is written to guest memory. The ordering table, the
+    /// activity log and the out-of-sync records are as if each had completed.
     pub fn finish_all_deferred(&self) {
-        for (q, w) in self.workers.iter().enumerate() {
-            let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
-            drain_deferred(&mut w.deferred, self.mirror.as_deref(), &self.counters[q]);
+        self.frontend_gone.store(true, Ordering::SeqCst);
+        drop(self.lock_all_drained());
+    }
+
+    /// Locks every queue worker and finishes what each deferred (no guest told). A worker
+    /// that holds its lock while it waits in the ordering table for a range another queue's
+    /// deferred request holds gets it once that one is finished here: so the workers are
+    /// locked in rounds, whichever is free, never in a fixed order.
+    fn lock_all_drained(&self) -> Vec<std::sync::MutexGuard<'_, QueueWorker>> {
+        let mut guards: Vec<Option<std::sync::MutexGuard<'_, QueueWorker>>> =
+            self.workers.iter().map(|_| None).collect();
+        loop {
+            for (q, w) in self.workers.iter().enumerate() {
+                if guards[q].is_some() {
+                    continue;
+                }
+                let g = match w.try_lock() {
+                    Ok(g) => g,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => continue,
+                };
+                let mut g = g;
+                drain_deferred(&mut g.deferred, self.mirror.as_deref(), &self.counters[q]);
+                guards[q] = Some(g);
+            }
+            if guards.iter().all(Option::is_some) {
+                return guards.into_iter().flatten().collect();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 
@@ -146,17 +181,12 @@ impl Device {
     /// another (the returned guards hold every worker).
     pub fn quiesce(&self) -> Vec<std::sync::MutexGuard<'_, QueueWorker>> {
         self.stopping.store(true, Ordering::SeqCst);
-        self.workers
-            .iter()
-            .enumerate()
-            .map(|(q, w)| {
-                let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
-                // Requests the worker left deferred between two wake-ups: their replica part
-                // and bookkeeping finish before the flushes of shutdown.
-                drain_deferred(&mut w.deferred, self.mirror.as_deref(), &self.counters[q]);
-                w
-            })
-            .collect()
+        // Workers with deferred requests wake and complete them to the guest (waiting for
+        // them); what is left (a ring not running) is finished without the guest.
+        for e in &self.events {
+            e.force_signal();
+        }
+        self.lock_all_drained()
     }
 }
 
@@ -166,28 +196,32 @@ pub struct BlkBackend {
     dev: Arc<Device>,
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     event_idx: Arc<AtomicBool>,
+    /// Each queue's vring, once its worker saw it (for `stop_vring`, which is not given it).
+    vrings: Arc<Vec<Mutex<Option<VringRwLock>>>>,
 }
 
 impl BlkBackend {
     pub fn new(dev: Arc<Device>, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> Self {
+        let n = dev.workers.len();
         BlkBackend {
             dev,
             mem,
             event_idx: Arc::new(AtomicBool::new(false)),
+            vrings: Arc::new((0..n).map(|_| Mutex::new(None)).collect()),
         }
     }
 
     /// Drains the queue: parse, execute, complete what is ready, then notify the guest once
     /// per batch. Returns whether requests stay deferred (their completion event is armed).
-    fn process_queue(&self, queue: usize, vring: &VringRwLock) -> io::Result<bool> {
+    /// `drain`: take no new request and finish every deferred one, waiting for them (the ring
+    /// is being stopped); also so on shutdown (`dev.stopping`).
+    fn process_queue(&self, queue: usize, vring: &VringRwLock, drain: bool) -> io::Result<bool> {
         let dev = &*self.dev;
         let Some(worker) = dev.workers.get(queue) else {
             return Err(io::Error::other(format!("no worker for queue {queue}")));
         };
         let mut worker = worker.lock().unwrap_or_else(|p| p.into_inner());
-        if dev.stopping.load(Ordering::Acquire) {
-            return Ok(false);
-        }
+        let stopping = || drain || !dev.accepting();
         let QueueWorker {
             request,
             iov,
@@ -224,14 +258,25 @@ impl BlkBackend {
                 }
             }};
         }
+        // Finishes every deferred request (waiting for each), then puts them on the used ring:
+        // all are finished (their ranges released) even if the ring refuses one.
+        macro_rules! finish_all {
+            () => {{
+                let finished: Vec<executor::Finished> = deferred
+                    .drain(..)
+                    .map(|d| executor::finish_deferred(&mem, mirror, counters, d))
+                    .collect();
+                for f in finished {
+                    done!(f);
+                }
+            }};
+        }
         // Holds the guest on what is set aside, but only once this worker holds no range in the
         // ordering table (resync may need it to clear what the guest waits for).
         macro_rules! settle_holds {
             () => {
                 if !held.is_empty() {
-                    for d in deferred.drain(..) {
-                        done!(executor::finish_deferred(&mem, mirror, counters, d));
-                    }
+                    finish_all!();
                     if let Some(m) = mirror {
                         for &(_, _, r) in &held {
                             m.hold(r);
@@ -263,10 +308,20 @@ impl BlkBackend {
                 n
             }};
         }
+        // At most MAX_DEFERRED in flight: completes what is ready, or else waits for the oldest.
+        macro_rules! make_room {
+            () => {
+                if deferred.len() >= MAX_DEFERRED && harvest!() == 0 {
+                    let d = deferred.remove(0);
+                    done!(executor::finish_deferred(&mem, mirror, counters, d));
+                    settle_holds!();
+                }
+            };
+        }
         let event = &dev.events[queue];
         loop {
-            // On shutdown, take no new requests; the ones deferred are finished by `quiesce`.
-            while !dev.stopping.load(Ordering::Acquire) {
+            // When stopping, take no new requests; the deferred ones are finished below.
+            while !stopping() {
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
                     break;
                 };
@@ -296,11 +351,7 @@ impl BlkBackend {
                         };
                         d.notify_when_ready(mirror, event);
                         deferred.push(d);
-                        if deferred.len() >= MAX_DEFERRED {
-                            let d = deferred.remove(0);
-                            done!(executor::finish_deferred(&mem, mirror, counters, d));
-                            settle_holds!();
-                        }
+                        make_room!();
                         continue;
                     }
                     (Ok(()), Some(m)) if request.is_mirrored() => {
@@ -310,9 +361,7 @@ impl BlkBackend {
                             Some((off, len)) => Some(match m.try_reserve(queue, off, len) {
                                 Some(t) => t,
                                 None => {
-                                    for d in deferred.drain(..) {
-                                        done!(executor::finish_deferred(&mem, mirror, counters, d));
-                                    }
+                                    finish_all!();
                                     settle_holds!();
                                     m.reserve(queue, off, len)
                                 }
@@ -334,11 +383,7 @@ impl BlkBackend {
                                 };
                                 d.notify_when_ready(mirror, event);
                                 deferred.push(d);
-                                if deferred.len() >= MAX_DEFERRED {
-                                    let d = deferred.remove(0);
-                                    done!(executor::finish_deferred(&mem, mirror, counters, d));
-                                    settle_holds!();
-                                }
+                                make_room!();
                                 continue;
                             }
                             None => c,
@@ -369,6 +414,12 @@ impl BlkBackend {
                 add_used(&mut state, head, completion.used_len)?;
             }
             if deferred.is_empty() {
+                break;
+            }
+            if stopping() {
+                // The ring stops (or we do): every deferred request completes now.
+                finish_all!();
+                settle_holds!();
                 break;
             }
             // Nothing new from the guest: complete what is ready. The rest signals this
@@ -419,7 +470,7 @@ impl BlkBackend {
         }
         let mem = self.mem.memory();
         let start = std::time::Instant::now();
-        while start.elapsed() < poll && !self.dev.stopping.load(Ordering::Relaxed) {
+        while start.elapsed() < poll && self.dev.accepting() {
             if ring_has_new(vring.get_ref().get_queue(), &mem) {
                 return true;
             }
@@ -501,6 +552,20 @@ impl VhostUserBackend for BlkBackend {
         new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
     }
 
+    /// The frontend stops ring `q` (GET_VRING_BASE): every request the worker deferred
+    /// completes first (waiting for it), so the index the frontend gets back covers exactly
+    /// the requests it will see completed.
+    fn stop_vring(&self, q: u32) -> io::Result<()> {
+        let vring = self
+            .vrings
+            .get(q as usize)
+            .and_then(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone());
+        match vring {
+            Some(v) => self.process_queue(q as usize, &v, true).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
     fn handle_event(
         &self,
         device_event: u16,
@@ -519,8 +584,9 @@ impl VhostUserBackend for BlkBackend {
             };
             ev.consume();
             match vrings.first() {
-                Some(v) if v.get_ref().get_queue().ready() => v,
-                // Not started (or reset): its requests are finished when the frontend goes.
+                Some(v) if v.get_ref().get_queue().ready() && v.get_ref().is_enabled() => v,
+                // Stopped (its requests were completed by `stop_vring`) or disabled (they are,
+                // at the next kick once enabled, or when it stops).
                 _ => return Ok(()),
             }
         } else {
@@ -529,6 +595,12 @@ impl VhostUserBackend for BlkBackend {
             };
             vring
         };
+        if let Some(slot) = self.vrings.get(thread_id) {
+            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(vring.clone());
+            }
+        }
         let mut pending;
         loop {
             if self.event_idx.load(Ordering::Relaxed) {
@@ -538,17 +610,17 @@ impl VhostUserBackend for BlkBackend {
                     vring
                         .disable_notification()
                         .map_err(|e| io::Error::other(format!("disable_notification: {e}")))?;
-                    pending = self.process_queue(thread_id, vring)?;
+                    pending = self.process_queue(thread_id, vring, false)?;
                     if !vring
                         .enable_notification()
                         .map_err(|e| io::Error::other(format!("enable_notification: {e}")))?
-                        || self.dev.stopping.load(Ordering::Acquire)
+                        || !self.dev.accepting()
                     {
                         break;
                     }
                 }
             } else {
-                pending = self.process_queue(thread_id, vring)?;
+                pending = self.process_queue(thread_id, vring, false)?;
             }
             // A short poll before sleeping (--poll-us): the next request often comes within
             // microseconds; catching it here saves a wake-up. Not while requests are in

@@ -186,6 +186,7 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
             }
         };
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        dev.frontend_gone.store(false, Ordering::SeqCst);
         let backend = BlkBackend::new(dev.clone(), mem.clone());
         let mut daemon = VhostUserDaemon::new("vhost-mirror".into(), backend, mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
@@ -217,10 +218,10 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         }
         relay.close();
         state.connected.store(false, Ordering::Relaxed);
-        // Joins the queue workers; then the requests they deferred are finished (the guest is
-        // gone: only the replica's part and the bookkeeping).
-        drop(daemon);
+        // The requests the workers deferred are finished (the guest is gone: only the
+        // replica's part and the bookkeeping), then the workers are joined.
         dev.finish_all_deferred();
+        drop(daemon);
         if let Err(e) = disk.flush() {
             error!("flush after disconnect failed: {}", chain(&e));
         }
