@@ -49,6 +49,9 @@ impl Drop for StopOnDrop<'_> {
     }
 }
 
+/// Flushes waiting for the next `fdatasync`, at most (a batch's answers: about 100 KiB).
+pub const MAX_WAITING: usize = 4096;
+
 /// What the session and the flusher thread share.
 #[derive(Default)]
 pub struct FlushQueue {
@@ -72,9 +75,17 @@ impl FlushQueue {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues the Flush `seq` (every request before it has been applied, and answered).
+    /// Queues the Flush `seq` (every request before it has been applied, and answered). At
+    /// most [`MAX_WAITING`] wait: beyond that the session waits for the running `fdatasync`
+    /// to end (it takes them all), so a peer sending Flushes as fast as it can makes neither
+    /// this queue nor the batch of answers grow without bound.
     pub fn push(&self, seq: u64) {
-        self.lock().waiting.push(seq);
+        let mut s = self.lock();
+        while s.waiting.len() >= MAX_WAITING && !s.stop {
+            s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+        }
+        s.waiting.push(seq);
+        drop(s);
         self.changed.notify_all();
     }
 
@@ -118,7 +129,11 @@ impl FlushQueue {
                     return;
                 }
                 s.busy = true;
-                (std::mem::take(&mut s.waiting), s.failed)
+                let taken = (std::mem::take(&mut s.waiting), s.failed);
+                drop(s);
+                // Room again for a session waiting in `push`.
+                self.changed.notify_all();
+                taken
             };
             // A panic below must not leave `busy` set (the session would wait forever).
             let unwinding = FailOnUnwind(self);
@@ -209,5 +224,31 @@ impl FlushQueue {
             chain(&ack)
         );
         Some(status)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_flood_of_flushes_waits_for_room_instead_of_growing_the_queue() {
+        let q = FlushQueue::default();
+        for seq in 0..MAX_WAITING as u64 {
+            q.push(seq);
+        }
+        std::thread::scope(|s| {
+            let t = s.spawn(|| q.push(u64::MAX));
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(!t.is_finished(), "a push beyond MAX_WAITING did not wait");
+            assert_eq!(q.lock().waiting.len(), MAX_WAITING);
+            // The flusher takes the batch: room again.
+            let taken = std::mem::take(&mut q.lock().waiting);
+            q.changed.notify_all();
+            assert_eq!(taken.len(), MAX_WAITING);
+            t.join().unwrap();
+        });
+        assert_eq!(q.lock().waiting, vec![u64::MAX]);
     }
 }

@@ -184,8 +184,8 @@ impl Node {
     /// per-read timeout never sees).
     fn cut_idle_primary(&self) {
         if let Some(idle) = self.status.primary_idle() {
-            // A request being applied (a long fdatasync, say) is not idleness: the replica
-            // lock is held during it.
+            // A request being applied, or a Flush's long fdatasync, is not idleness: the
+            // replica lock (a request) or `flush_gate` (a Flush) is held during it.
             if idle > self.idle_timeout + REAP_INTERVAL
                 && self.replica.try_lock().is_ok()
                 && self.flush_gate.try_lock().is_ok()

@@ -1,7 +1,9 @@
 //! One connection from a primary: the handshake of PROTOCOL.md (the Noise handshake of
 //! `mirror_proto::secure`, then Attach inside the encrypted link: refuse a second primary,
 //! check or create the image), then the data phase: requests applied one at a time in arrival
-//! order, replies coalesced into one write whenever the input runs dry.
+//! order, replies coalesced into one write whenever the input runs dry. Flushes are answered
+//! by a flusher thread (`flusher.rs`) after the replies before them, so replies to requests
+//! behind a Flush may come first.
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -42,8 +42,9 @@ pub struct ServeArgs {
     /// Serve the image read-only (VIRTIO_BLK_F_RO).
     #[arg(long)]
     pub readonly: bool,
-    /// After draining its ring, a queue worker watches it this many microseconds for new
-    /// requests before it sleeps (0: sleep at once). Trades CPU for latency.
+    /// After draining its ring with nothing in flight, a queue worker watches it this many
+    /// microseconds for new requests before it sleeps (0: sleep at once; with requests in
+    /// flight it sleeps at once, woken by their completion). Trades CPU for latency.
     #[arg(long, default_value_t = 32, value_name = "US")]
     pub poll_us: u64,
     /// Unix socket for `vhost-mirror status`.

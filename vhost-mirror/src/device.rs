@@ -31,12 +31,13 @@ use crate::replication::Mirror;
 use crate::request::{ParseError, Request, RequestType};
 use crate::stats::QueueCounters;
 
-/// State of one queue worker, kept across connections. Its mutex is taken only by that
-/// queue's worker thread, and by shutdown to wait for the request in flight.
+/// State of one queue worker, kept across connections. Its mutex is taken by that queue's
+/// worker thread, by `stop_vring` (GET_VRING_BASE) and by `lock_all_drained` (shutdown, a
+/// frontend gone).
 pub struct QueueWorker {
     request: Request,
     iov: IovecBuf,
-    /// Requests whose local part is done and whose replica part is in flight.
+    /// Requests whose background parts (replica ack, a FLUSH's `fdatasync`) are in flight.
     deferred: Vec<Deferred>,
     /// Bad requests are logged at most once per few seconds (a guest can send any number).
     bad_log: RefusalLog,
@@ -68,7 +69,8 @@ pub struct Device {
     pub stopping: AtomicBool,
     /// The frontend went away: workers take no new requests until the next one connects.
     pub frontend_gone: AtomicBool,
-    /// How long a worker keeps looking at its ring for new requests before it sleeps.
+    /// How long a worker with nothing in flight keeps looking at its ring for new requests
+    /// before it sleeps (with requests deferred it sleeps at once, woken by their completion).
     pub poll: std::time::Duration,
     pub id: [u8; ID_BYTES],
     /// Synchronous replication, when a peer is configured.

@@ -152,7 +152,8 @@ fn copy_from_guest(
     at == start + len
 }
 
-/// The replicated part of a write-type request, waiting for the replica's answer.
+/// A request whose background parts are in flight: the replica's answer (a mirrored
+/// write-type request or FLUSH) and/or a FLUSH's local `fdatasync`.
 pub struct Deferred {
     pub head: u16,
     pub completion: Completion,
