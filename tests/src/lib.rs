@@ -989,6 +989,75 @@ impl Drop for AccessNode {
     }
 }
 
+/// A mirrored pair's files in a test dir of its own: a sparse primary image of `size`, the
+/// replica image's path beside it (access-node creates it), a secret and a free port for the
+/// access node.
+pub struct Pair {
+    pub primary: PathBuf,
+    pub replica: PathBuf,
+    pub secret: PathBuf,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+}
+
+impl Pair {
+    pub fn new(name: &str, size: u64) -> Pair {
+        let dir = test_dir(name);
+        let primary = dir.path().join("primary.img");
+        create_image(&primary, size);
+        let secret = secret_file(dir.path(), &format!("the secret of {name}\n"));
+        Pair {
+            replica: dir.path().join("replica.img"),
+            primary,
+            secret,
+            port: free_port(),
+            dir,
+        }
+    }
+
+    /// access-node serving the replica image.
+    pub fn node(&self) -> AccessNode {
+        self.node_with(&AccessNodeOpts::default())
+    }
+
+    pub fn node_with(&self, o: &AccessNodeOpts) -> AccessNode {
+        AccessNode::spawn(self.dir.path(), &self.replica, self.port, &self.secret, o)
+    }
+
+    /// access-node serving `image` (a failback: the old primary's image).
+    pub fn node_on(&self, image: &Path) -> AccessNode {
+        AccessNode::spawn(
+            self.dir.path(),
+            image,
+            self.port,
+            &self.secret,
+            &AccessNodeOpts::default(),
+        )
+    }
+
+    /// vhost-mirror serving `image`, mirrored to the access node if `peer`.
+    pub fn serve(&self, image: &Path, peer: bool) -> Backend {
+        let opts = if peer {
+            BackendOpts::mirrored(self.port, &self.secret)
+        } else {
+            BackendOpts::default()
+        };
+        Backend::spawn(
+            self.dir.path(),
+            image,
+            &BackendOpts {
+                kind: Some(BackendKind::VhostMirror),
+                ..opts
+            },
+        )
+    }
+
+    /// vhost-mirror serving the primary image, mirrored.
+    pub fn mirror(&self) -> Backend {
+        self.serve(&self.primary, true)
+    }
+}
+
 fn print_log_tail(what: &str, log: &Path) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let tail: Vec<&str> = text.lines().rev().take(40).collect();

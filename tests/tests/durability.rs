@@ -20,9 +20,8 @@ use mirror_proto::conn::{self, FrameReader};
 use mirror_proto::frame::{AckStatus, DiskState, Frame, NodeInfo, Role};
 use mirror_proto::secure::{self, SecureReader, SecureWriter};
 use vhost_mirror_tests::{
-    bin_path, compare_files, create_image, free_port, pattern, run_with_timeout, secret_file,
-    status_str, status_u64, test_dir, wait_in_sync, wait_status, AccessNode, AccessNodeOpts,
-    Backend, BackendKind, BackendOpts, Client, Watchdog, REGION, TIMEOUT,
+    bin_path, compare_files, pattern, run_with_timeout, status_str, status_u64, wait_in_sync,
+    wait_status, AccessNode, Backend, Client, Pair, Watchdog, REGION, TIMEOUT,
 };
 
 const MIB: u64 = 1024 * 1024;
@@ -34,55 +33,6 @@ fn usz(x: u64) -> usize {
 
 fn pretty(v: &serde_json::Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
-}
-
-struct Pair {
-    primary: PathBuf,
-    replica: PathBuf,
-    secret: PathBuf,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-fn pair(name: &str, size: u64) -> Pair {
-    let dir = test_dir(name);
-    let primary = dir.path().join("primary.img");
-    create_image(&primary, size);
-    let secret = secret_file(dir.path(), &format!("the secret of {name}\n"));
-    Pair {
-        replica: dir.path().join("replica.img"),
-        primary,
-        secret,
-        port: free_port(),
-        dir,
-    }
-}
-
-impl Pair {
-    fn node_on(&self, image: &Path) -> AccessNode {
-        AccessNode::spawn(
-            self.dir.path(),
-            image,
-            self.port,
-            &self.secret,
-            &AccessNodeOpts::default(),
-        )
-    }
-    fn serve(&self, image: &Path, peer: bool) -> Backend {
-        let opts = if peer {
-            BackendOpts::mirrored(self.port, &self.secret)
-        } else {
-            BackendOpts::default()
-        };
-        Backend::spawn(
-            self.dir.path(),
-            image,
-            &BackendOpts {
-                kind: Some(BackendKind::VhostMirror),
-                ..opts
-            },
-        )
-    }
 }
 
 fn stop(b: &mut Backend) {
@@ -133,7 +83,7 @@ fn promote_image(image: &Path) {
 #[test]
 fn image_served_alone_keeps_its_out_of_sync_bits() {
     let _wd = Watchdog::new("image_served_alone", Duration::from_secs(120));
-    let p = pair("dur-alone", 32 * MIB);
+    let p = Pair::new("dur-alone", 32 * MIB);
     let mut node = p.node_on(&p.replica);
     let mut b = p.serve(&p.primary, true);
     wait_in_sync(&mut b, SYNC_TIMEOUT);
@@ -178,7 +128,7 @@ fn image_served_alone_keeps_its_out_of_sync_bits() {
 #[test]
 fn promoted_image_served_alone_resyncs_the_old_primary() {
     let _wd = Watchdog::new("promoted_alone", Duration::from_secs(120));
-    let p = pair("dur-promoted-alone", 32 * MIB);
+    let p = Pair::new("dur-promoted-alone", 32 * MIB);
     let mut node = p.node_on(&p.replica);
     let mut b = p.serve(&p.primary, true);
     wait_in_sync(&mut b, SYNC_TIMEOUT);
@@ -321,7 +271,7 @@ fn ack() -> Option<Option<Frame<'static>>> {
 #[test]
 fn resync_clears_bits_only_after_the_replica_flushed() {
     let _wd = Watchdog::new("resync_flush_before_clear", Duration::from_secs(120));
-    let p = pair("dur-resync-clear", 32 * MIB);
+    let p = Pair::new("dur-resync-clear", 32 * MIB);
     let mut node = p.node_on(&p.replica);
     let mut b = p.serve(&p.primary, true);
     wait_in_sync(&mut b, SYNC_TIMEOUT);
@@ -390,7 +340,7 @@ fn resync_clears_bits_only_after_the_replica_flushed() {
 #[test]
 fn no_guest_write_reaches_a_replica_before_sync_start() {
     let _wd = Watchdog::new("sync_start_first", Duration::from_secs(120));
-    let p = pair("dur-sync-start", 32 * MIB);
+    let p = Pair::new("dur-sync-start", 32 * MIB);
     let mut b = p.serve(&p.primary, true);
     // Something out of sync (the replica never attached): every attach needs a resync.
     write_regions(&b, &[0], 0xd4);
@@ -473,7 +423,7 @@ unsafe impl Send for BufPtr {}
 #[test]
 fn guest_changing_its_buffer_cannot_make_the_images_differ() {
     let _wd = Watchdog::new("buffer_read_once", Duration::from_secs(120));
-    let p = pair("dur-read-once", 32 * MIB);
+    let p = Pair::new("dur-read-once", 32 * MIB);
     let mut node = p.node_on(&p.replica);
     let mut b = p.serve(&p.primary, true);
     wait_in_sync(&mut b, SYNC_TIMEOUT);
@@ -547,13 +497,26 @@ fn write_behind_their_back(image: &Path, offs: &[u64], seed: u64) {
 
 /// A pair in sync, then both stopped cleanly.
 fn pair_in_sync(name: &str, size: u64) -> Pair {
-    let p = pair(name, size);
+    let p = Pair::new(name, size);
     let mut node = p.node_on(&p.replica);
     let mut b = p.serve(&p.primary, true);
     wait_in_sync(&mut b, SYNC_TIMEOUT);
     stop(&mut b);
     stop_node(&mut node);
     p
+}
+
+/// Serves the pair until in sync, stops both sides and checks that the images are identical;
+/// the stopped primary (for its log).
+fn resync_and_compare(p: &Pair) -> Backend {
+    let mut node = p.node_on(&p.replica);
+    let mut b = p.serve(&p.primary, true);
+    let st = wait_in_sync(&mut b, SYNC_TIMEOUT);
+    stop(&mut b);
+    stop_node(&mut node);
+    compare_files(&p.primary, &p.replica)
+        .unwrap_or_else(|e| panic!("in sync over differing data: {e}\n{}", pretty(&st)));
+    b
 }
 
 /// A primary started on `image` with --peer that must refuse to start: its stderr.
@@ -591,13 +554,7 @@ fn garbage_activity_log_resyncs_the_whole_image() {
     write_behind_their_back(&p.primary, &offs, 0xa16);
     std::fs::write(with_suffix(&p.primary, ".al"), vec![0x5a; 8192]).expect("write .al");
 
-    let mut node = p.node_on(&p.replica);
-    let mut b = p.serve(&p.primary, true);
-    let st = wait_in_sync(&mut b, SYNC_TIMEOUT);
-    stop(&mut b);
-    stop_node(&mut node);
-    compare_files(&p.primary, &p.replica)
-        .unwrap_or_else(|e| panic!("in sync over differing data: {e}\n{}", pretty(&st)));
+    let b = resync_and_compare(&p);
     assert!(
         b.log().contains("primary.img.al is damaged"),
         "no WARN naming the log:\n{}",
@@ -623,13 +580,7 @@ fn damaged_bitmap_blocks_are_resynced() {
     raw[512..].fill(0);
     std::fs::write(&bitmap, &raw).expect("write bitmap");
 
-    let mut node = p.node_on(&p.replica);
-    let mut b = p.serve(&p.primary, true);
-    let st = wait_in_sync(&mut b, SYNC_TIMEOUT);
-    stop(&mut b);
-    stop_node(&mut node);
-    compare_files(&p.primary, &p.replica)
-        .unwrap_or_else(|e| panic!("in sync over differing data: {e}\n{}", pretty(&st)));
+    let b = resync_and_compare(&p);
     assert!(
         b.log().contains("primary.img.bitmap") && b.log().contains("damaged block"),
         "no WARN naming the bitmap:\n{}",

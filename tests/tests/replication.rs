@@ -21,10 +21,10 @@ use mirror_proto::auth::Secret;
 use mirror_proto::frame::{self, Frame, HEADER_LEN, MAX_PAYLOAD};
 use vhost_mirror_tests::{
     bin_path, check_pattern, check_zeros, classify_block, compare_files, create_image, errno_name,
-    fill_pattern, free_port, is_in_sync, pattern, pattern_word, read_file_range, run_with_timeout,
-    secret_file, status_str, status_u64, test_dir, wait_in_sync, wait_node_status, wait_status,
+    fill_pattern, is_in_sync, pattern, pattern_word, read_file_range, run_with_timeout,
+    secret_file, status_str, status_u64, wait_in_sync, wait_node_status, wait_status,
     write_file_pattern, AccessNode, AccessNodeOpts, Backend, BackendKind, BackendOpts, Client,
-    ClientOpts, ClientQueue, Op, Watchdog, REGION, TIMEOUT,
+    ClientOpts, ClientQueue, Op, Pair, Watchdog, REGION, TIMEOUT,
 };
 
 const KIB: u64 = 1024;
@@ -338,45 +338,6 @@ fn client_opts() -> ClientOpts {
     }
 }
 
-/// Temp dir, primary image (sparse, `size`), secret and a free port for the access node.
-struct Setup {
-    primary: PathBuf,
-    replica: PathBuf,
-    secret: PathBuf,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-fn setup(name: &str, size: u64) -> Setup {
-    let dir = test_dir(name);
-    let primary = dir.path().join("primary.img");
-    create_image(&primary, size);
-    let secret = secret_file(dir.path(), &format!("secret of {name}\n"));
-    Setup {
-        replica: dir.path().join("replica.img"),
-        primary,
-        secret,
-        port: free_port(),
-        dir,
-    }
-}
-
-impl Setup {
-    fn node(&self) -> AccessNode {
-        self.node_with(&AccessNodeOpts::default())
-    }
-    fn node_with(&self, o: &AccessNodeOpts) -> AccessNode {
-        AccessNode::spawn(self.dir.path(), &self.replica, self.port, &self.secret, o)
-    }
-    fn mirror(&self) -> Backend {
-        Backend::spawn(
-            self.dir.path(),
-            &self.primary,
-            &mirror_opts(self.port, &self.secret),
-        )
-    }
-}
-
 // ------------------------------------------------------------------------------------------------
 // 1. Mirrored random writes
 // ------------------------------------------------------------------------------------------------
@@ -389,7 +350,7 @@ fn mirrored_random_writes_identical() {
     let _wd = Watchdog::new("mirrored_random_writes_identical", Duration::from_secs(120));
     let t0 = Instant::now();
     let size = 64 * MIB;
-    let s = setup("mirror-rand", size);
+    let s = Pair::new("mirror-rand", size);
     assert!(!s.replica.exists());
     let mut node = s.node();
     let mut b = s.mirror();
@@ -518,7 +479,7 @@ fn writes_during_throttled_resync_two_queues() {
     );
     let t0 = Instant::now();
     let size = 64 * MIB;
-    let s = setup("mirror-race", size);
+    let s = Pair::new("mirror-race", size);
     let init = 0x7777;
     write_file_pattern(&s.primary, init);
     let mut node = s.node();
@@ -631,7 +592,7 @@ fn replica_killed_and_restarted_under_load() {
     );
     let t0 = Instant::now();
     let size = 64 * MIB;
-    let s = setup("mirror-kill", size);
+    let s = Pair::new("mirror-kill", size);
     let mut node = s.node();
     let mut b = s.mirror();
     let st = wait_in_sync(&mut b, SYNC_TIMEOUT);
@@ -792,7 +753,7 @@ fn primary_restarted_while_peer_away() {
     );
     let t0 = Instant::now();
     let size = 64 * MIB;
-    let s = setup("mirror-restart", size);
+    let s = Pair::new("mirror-restart", size);
     let mut node = s.node();
     let mut b = s.mirror();
     wait_in_sync(&mut b, SYNC_TIMEOUT);
@@ -902,7 +863,7 @@ fn wrong_secret_no_secret_wrong_size_refused() {
 
     // (a) wrong secret.
     {
-        let s = setup("mirror-auth", size);
+        let s = Pair::new("mirror-auth", size);
         let other = secret_file(s.dir.path(), "another secret, long enough\n");
         let mut node = AccessNode::spawn(
             s.dir.path(),
@@ -963,7 +924,7 @@ fn wrong_secret_no_secret_wrong_size_refused() {
 
     // (b) --peer without --secret-file.
     {
-        let s = setup("mirror-nosecret", size);
+        let s = Pair::new("mirror-nosecret", size);
         let out = run_with_timeout(
             Command::new(bin_path("vhost-mirror"))
                 .arg("serve")
@@ -990,7 +951,7 @@ fn wrong_secret_no_secret_wrong_size_refused() {
 
     // (c) replica image of another size.
     {
-        let s = setup("mirror-size", size);
+        let s = Pair::new("mirror-size", size);
         let rsize = 32 * MIB;
         create_image(&s.replica, rsize);
         write_file_pattern(&s.replica, 0xC0C0);
@@ -1289,7 +1250,7 @@ fn garbage_to_listeners() {
     let _wd = Watchdog::new("garbage_to_listeners", Duration::from_secs(120));
     let t0 = Instant::now();
     let size = 16 * MIB;
-    let s = setup("mirror-garbage", size);
+    let s = Pair::new("mirror-garbage", size);
     let mut node = s.node();
 
     // Idle node.
@@ -1416,7 +1377,7 @@ fn replica_disk_full_then_space_back() {
     let t0 = Instant::now();
     let size = 64 * MIB;
     let limit = 8 * MIB;
-    let s = setup("mirror-full", size);
+    let s = Pair::new("mirror-full", size);
     // Pre-created sparse: a limited process could not even extend the file to its size.
     create_image(&s.replica, size);
     let mut node = s.node_with(&AccessNodeOpts {
@@ -1598,7 +1559,7 @@ fn replica_flush_failure_marks_out_of_sync() {
     );
     let t0 = Instant::now();
     let size = 16 * MIB;
-    let s = setup("mirror-fsyncfail", size);
+    let s = Pair::new("mirror-fsyncfail", size);
     let shim = build_failsync_shim(s.dir.path());
     let flag = s.dir.path().join("fail-fdatasync-now");
     let mut node = s.node_with(&AccessNodeOpts {
@@ -1675,7 +1636,7 @@ fn suspend_mode_holds_writes_until_the_peer_returns() {
         "suspend_mode_holds_writes_until_the_peer_returns",
         4 * TIMEOUT,
     );
-    let s = setup("suspend", 16 * MIB);
+    let s = Pair::new("suspend", 16 * MIB);
     let mut node = s.node();
     let mut opts = mirror_opts(s.port, &s.secret);
     opts.extra_args
@@ -1780,7 +1741,7 @@ ssize_t preadv64(int fd, const struct iovec *iov, int cnt, off_t off) {
 #[test]
 fn local_read_error_served_by_the_replica() {
     let _wd = Watchdog::new("local_read_error_served_by_the_replica", 4 * TIMEOUT);
-    let s = setup("mirror-readfail", 16 * MIB);
+    let s = Pair::new("mirror-readfail", 16 * MIB);
     let src = s.dir.path().join("failread.c");
     let so = s.dir.path().join("failread.so");
     std::fs::write(&src, FAILREAD_C).expect("write shim source");
@@ -1851,7 +1812,7 @@ fn local_read_error_served_by_the_replica() {
 #[test]
 fn writes_behind_a_slow_flush_complete_before_it() {
     let _wd = Watchdog::new("writes_behind_a_slow_flush", Duration::from_secs(120));
-    let s = setup("behind_flush", 128 * MIB);
+    let s = Pair::new("behind_flush", 128 * MIB);
     let _node = s.node();
     let mut b = s.mirror();
     wait_in_sync(&mut b, SYNC_TIMEOUT);

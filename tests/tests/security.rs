@@ -109,24 +109,14 @@ fn a_relay_can_neither_read_guest_data_nor_inject_writes() {
         "a_relay_can_neither_read_guest_data_nor_inject_writes",
         Duration::from_secs(180),
     );
-    let dir = test_dir("sec-relay");
-    let primary = dir.path().join("primary.img");
-    let replica = dir.path().join("replica.img");
-    create_image(&primary, 64 * MIB);
-    let secret = secret_file(dir.path(), "the relay test's shared secret\n");
-    let port = free_port();
-    let mut node = AccessNode::spawn(
-        dir.path(),
-        &replica,
-        port,
-        &secret,
-        &AccessNodeOpts::default(),
-    );
+    let p = Pair::new("sec-relay", 64 * MIB);
+    let (primary, replica, secret, port) = (&p.primary, &p.replica, &p.secret, p.port);
+    let mut node = p.node();
     let relay = Relay::start(port);
     let mut b = Backend::spawn(
-        dir.path(),
-        &primary,
-        &BackendOpts::mirrored(relay.port, &secret),
+        p.dir.path(),
+        primary,
+        &BackendOpts::mirrored(relay.port, secret),
     );
     wait_in_sync(&mut b, TIMEOUT);
 
@@ -199,16 +189,16 @@ fn a_relay_can_neither_read_guest_data_nor_inject_writes() {
     );
     wait_in_sync(&mut b, TIMEOUT);
     c.q().flush().expect("flush");
-    let head = read_file_range(&replica, 0, 4096);
+    let head = read_file_range(replica, 0, 4096);
     assert!(
         !head.contains(&0xE7),
         "the attacker's bytes reached the replica image"
     );
-    assert_eq!(read_file_range(&replica, MIB, 32), &marker[..32]);
+    assert_eq!(read_file_range(replica, MIB, 32), &marker[..32]);
     drop(c);
     b.terminate(TIMEOUT);
     node.terminate(TIMEOUT);
-    compare_files(&primary, &replica).unwrap_or_else(|e| panic!("images differ: {e}"));
+    compare_files(primary, replica).unwrap_or_else(|e| panic!("images differ: {e}"));
 }
 
 /// An attached NodeInfo for a fake primary of `size` bytes.
@@ -413,20 +403,14 @@ fn a_hostile_guest_and_a_stalled_replica_do_not_grow_the_primary() {
         "a_hostile_guest_and_a_stalled_replica_do_not_grow_the_primary",
         Duration::from_secs(240),
     );
-    let dir = test_dir("sec-memory");
-    let primary = dir.path().join("primary.img");
-    let replica = dir.path().join("replica.img");
-    create_image(&primary, 256 * MIB);
-    let secret = secret_file(dir.path(), "the memory test's shared secret\n");
-    let port = free_port();
-    let mut node = AccessNode::spawn(
-        dir.path(),
-        &replica,
-        port,
-        &secret,
-        &AccessNodeOpts::default(),
+    let p = Pair::new("sec-memory", 256 * MIB);
+    let (primary, replica) = (&p.primary, &p.replica);
+    let mut node = p.node();
+    let mut b = Backend::spawn(
+        p.dir.path(),
+        primary,
+        &BackendOpts::mirrored(p.port, &p.secret),
     );
-    let mut b = Backend::spawn(dir.path(), &primary, &BackendOpts::mirrored(port, &secret));
     wait_in_sync(&mut b, Duration::from_secs(60));
     let mut c = Client::connect_with(
         b.socket(),
@@ -491,5 +475,5 @@ fn a_hostile_guest_and_a_stalled_replica_do_not_grow_the_primary() {
     drop(c);
     b.terminate(TIMEOUT);
     node.terminate(TIMEOUT);
-    compare_files(&primary, &replica).unwrap_or_else(|e| panic!("images differ: {e}"));
+    compare_files(primary, replica).unwrap_or_else(|e| panic!("images differ: {e}"));
 }

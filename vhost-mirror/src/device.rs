@@ -199,7 +199,7 @@ pub struct BlkBackend {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     event_idx: Arc<AtomicBool>,
     /// Each queue's vring, once its worker saw it (for `stop_vring`, which is not given it).
-    vrings: Arc<Vec<Mutex<Option<VringRwLock>>>>,
+    vrings: Arc<Vec<std::sync::OnceLock<VringRwLock>>>,
 }
 
 impl BlkBackend {
@@ -209,7 +209,7 @@ impl BlkBackend {
             dev,
             mem,
             event_idx: Arc::new(AtomicBool::new(false)),
-            vrings: Arc::new((0..n).map(|_| Mutex::new(None)).collect()),
+            vrings: Arc::new((0..n).map(|_| std::sync::OnceLock::new()).collect()),
         }
     }
 
@@ -558,12 +558,8 @@ impl VhostUserBackend for BlkBackend {
     /// completes first (waiting for it), so the index the frontend gets back covers exactly
     /// the requests it will see completed.
     fn stop_vring(&self, q: u32) -> io::Result<()> {
-        let vring = self
-            .vrings
-            .get(q as usize)
-            .and_then(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone());
-        match vring {
-            Some(v) => self.process_queue(q as usize, &v, true).map(|_| ()),
+        match self.vrings.get(q as usize).and_then(|s| s.get()) {
+            Some(v) => self.process_queue(q as usize, v, true).map(|_| ()),
             None => Ok(()),
         }
     }
@@ -598,10 +594,7 @@ impl VhostUserBackend for BlkBackend {
             vring
         };
         if let Some(slot) = self.vrings.get(thread_id) {
-            let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
-            if slot.is_none() {
-                *slot = Some(vring.clone());
-            }
+            slot.get_or_init(|| vring.clone());
         }
         let mut pending;
         loop {
