@@ -234,6 +234,9 @@ fn dirty_data_of_a_deleted_file_is_discarded() {
     fs::write(&img, vec![1u8; 3 * PAGE]).expect("write");
     assert_eq!(fx.fs.stats().dirty_files, 1);
     fs::remove_file(&img).expect("unlink");
+    // The kernel sends the close's RELEASE asynchronously: until it arrives the file counts
+    // as open (and keeps its data, below). Look for a moment.
+    wait_until(Duration::from_secs(5), || fx.fs.stats().dirty_files == 0);
     let st = fx.fs.stats();
     assert_eq!((st.dirty_files, st.dirty_bytes), (0, 0), "{st:?}");
 
