@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the performance benchmark (issue 5): installs what it needs, builds the release binaries,
 # runs the full benchmark with its defaults (3 rounds x 3 s per run, 1 GiB images, resync against
-# nbdcopy, 60 s of memory sampling) and says where the tables are.
+# nbdcopy, 600 s of memory sampling under mixed load) and says where the tables are.
 # Usage (as root on Debian 12): bash ci/bench.sh [bench options, e.g. --perf, --rounds 5, --smoke]
 # Idempotent: a second run installs nothing and overwrites the previous tables.
 set -euo pipefail

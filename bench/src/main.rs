@@ -70,7 +70,7 @@ struct Args {
     /// Keep the work directory (logs) at the end.
     #[arg(long)]
     keep_work: bool,
-    /// Seconds of load while sampling resident memory (default 60, --smoke 2).
+    /// Seconds of load while sampling resident memory (default 600, --smoke 2).
     #[arg(long)]
     rss_secs: Option<f64>,
     /// Skip the resync / nbdcopy measurement.
@@ -79,10 +79,13 @@ struct Args {
     /// Skip the resident-memory measurement.
     #[arg(long)]
     no_rss: bool,
-    /// Also profile vhost-mirror (and access-node) with `perf record -g` during 4k randwrite
-    /// QD32 on mirror, mirror-base and local; top symbols go into the report.
+    /// Also profile vhost-mirror (and access-node) with `perf record -g` during each of
+    /// --perf-workloads on mirror, mirror-base and local; top symbols go into the report.
     #[arg(long)]
     perf: bool,
+    /// The workloads --perf profiles.
+    #[arg(long, value_delimiter = ',', default_value = "randwrite-4k-qd32")]
+    perf_workloads: Vec<String>,
     /// Loopback TCP round trips per RTT measurement.
     #[arg(long, default_value_t = 10_000)]
     rtt_count: usize,
@@ -103,6 +106,7 @@ struct Config {
     resync: bool,
     rss: bool,
     perf: bool,
+    perf_workloads: Vec<&'static Workload>,
     rtt_count: usize,
     resync_iterations: usize,
 }
@@ -128,6 +132,11 @@ pub struct RunStats {
     pub cpu_s_per_gib: f64,
     pub flush_mean_us: Option<f64>,
     pub ops: u64,
+    /// From vhost-mirror's status totals over the run (where a request's time goes): mean
+    /// local fdatasync, replica write round trip, replica flush round trip, us.
+    pub fdatasync_us: Option<f64>,
+    pub link_write_us: Option<f64>,
+    pub link_flush_us: Option<f64>,
 }
 
 impl RunStats {
@@ -153,7 +162,24 @@ impl RunStats {
             flush_mean_us: (m.flushes > 0)
                 .then(|| m.flush_lat_ns_sum as f64 / m.flushes as f64 / 1000.0),
             ops: m.ops,
+            fdatasync_us: None,
+            link_write_us: None,
+            link_flush_us: None,
         }
+    }
+
+    /// Adds the means of vhost-mirror's status totals between `before` and `after`.
+    fn with_breakdown(mut self, before: Option<[u64; 6]>, after: Option<[u64; 6]>) -> Self {
+        if let (Some(b), Some(a)) = (before, after) {
+            let mean = |i: usize| {
+                let n = a[i].saturating_sub(b[i]);
+                (n > 0).then(|| a[i + 1].saturating_sub(b[i + 1]) as f64 / n as f64 / 1000.0)
+            };
+            self.fdatasync_us = mean(0);
+            self.link_write_us = mean(2);
+            self.link_flush_us = mean(4);
+        }
+        self
     }
 
     fn median(v: &[RunStats]) -> Option<RunStats> {
@@ -168,6 +194,15 @@ impl RunStats {
             cpu_s_per_gib: med(&|r| r.cpu_s_per_gib).unwrap_or(f64::NAN),
             flush_mean_us: util::median(&fl),
             ops: v.iter().map(|r| r.ops).sum(),
+            fdatasync_us: util::median(
+                &v.iter().filter_map(|r| r.fdatasync_us).collect::<Vec<_>>(),
+            ),
+            link_write_us: util::median(
+                &v.iter().filter_map(|r| r.link_write_us).collect::<Vec<_>>(),
+            ),
+            link_flush_us: util::median(
+                &v.iter().filter_map(|r| r.link_flush_us).collect::<Vec<_>>(),
+            ),
         })
     }
 
@@ -181,6 +216,9 @@ impl RunStats {
             "cpu_s_per_gib": self.cpu_s_per_gib,
             "flush_mean_us": self.flush_mean_us,
             "ops": self.ops,
+            "local_fdatasync_mean_us": self.fdatasync_us,
+            "replica_write_rtt_mean_us": self.link_write_us,
+            "replica_flush_rtt_mean_us": self.link_flush_us,
         })
     }
 }
@@ -193,6 +231,8 @@ pub struct Results {
     /// The resync of mirror-base, measured interleaved with `resync`.
     pub resync_base: Option<Value>,
     pub nbdcopy: Option<Value>,
+    /// nbdcopy of as many bytes as the image (the initial full sync's peer).
+    pub nbdcopy_full: Option<Value>,
     pub rss: Option<Value>,
     pub perf: Option<Value>,
     pub started: String,
@@ -299,7 +339,7 @@ fn resolve(args: &Args, bin_dir: &Path) -> Result<Config> {
         Some(o) => o.clone(),
         None => bin_dir.parent().unwrap_or(bin_dir).join("bench"),
     };
-    let rss_secs = args.rss_secs.unwrap_or(if smoke { 2.0 } else { 60.0 });
+    let rss_secs = args.rss_secs.unwrap_or(if smoke { 2.0 } else { 600.0 });
     Ok(Config {
         smoke,
         rounds,
@@ -314,6 +354,11 @@ fn resolve(args: &Args, bin_dir: &Path) -> Result<Config> {
         resync: !args.no_resync,
         rss: !args.no_rss,
         perf: args.perf,
+        perf_workloads: args
+            .perf_workloads
+            .iter()
+            .map(|w| client::workload(w).ctx(|| format!("--perf-workloads: no workload {w}")))
+            .collect::<Result<_>>()?,
         rtt_count: if smoke {
             args.rtt_count.min(2000)
         } else {
@@ -396,7 +441,11 @@ fn real_main(args: Args) -> Result<()> {
         } else {
             0.0
         }
-        + if cfg.perf { 120.0 } else { 0.0 };
+        + if cfg.perf {
+            60.0 * cfg.perf_workloads.len() as f64
+        } else {
+            0.0
+        };
     watchdog(Duration::from_secs_f64(if cfg.smoke {
         90.0_f64.max(est)
     } else {
@@ -606,6 +655,7 @@ fn run_all(cfg: &Config, env: &Env) -> Result<Results> {
         resync: None,
         resync_base: None,
         nbdcopy: None,
+        nbdcopy_full: None,
         rss: None,
         perf: None,
         started,
@@ -640,8 +690,9 @@ fn run_all(cfg: &Config, env: &Env) -> Result<Results> {
                     let si = (k + round + wi) % n;
                     let inst = &mut insts[si];
                     inst.ensure_ready(env.sync_timeout)?;
+                    let before = status_totals(inst);
                     let m = measure_run(inst, wl, warmup, secs)?;
-                    let st = RunStats::from_measure(&m);
+                    let st = RunStats::from_measure(&m).with_breakdown(before, status_totals(inst));
                     eprintln!(
                         "bench:   r{} {:<26} {:<17} {:>9.0} IOPS {:>8.1} MiB/s  mean {:>7.1} p50 \
                          {:>7.1} p99 {:>8.1} us  cpu {:>6.2} s/GiB{}",
@@ -694,6 +745,11 @@ fn run_all(cfg: &Config, env: &Env) -> Result<Results> {
             res.resync = Some(rs_main);
             res.resync_base = rs.next();
             res.nbdcopy = Some(resync::nbdcopy(env, changed, cfg.resync_iterations)?);
+            res.nbdcopy_full = Some(resync::nbdcopy(
+                env,
+                cfg.image_bytes,
+                cfg.resync_iterations.min(3),
+            )?);
         }
         if cfg.rss {
             eprintln!("bench: resident memory under {:.0}s of load", cfg.rss_secs);
@@ -702,6 +758,24 @@ fn run_all(cfg: &Config, env: &Env) -> Result<Results> {
         pair.stop();
     }
     Ok(res)
+}
+
+/// vhost-mirror's totals of local fdatasyncs, replica write acks and replica flush acks (each
+/// a count, then nanoseconds), if it has a control socket and reports them.
+fn status_totals(inst: &Instance) -> Option<[u64; 6]> {
+    let v = systems::control_status(inst.control.as_ref()?).ok()?;
+    v.get("local_fdatasyncs")?;
+    Some(
+        [
+            "local_fdatasyncs",
+            "local_fdatasync_ns",
+            "link_write_acks",
+            "link_write_ns",
+            "link_flush_acks",
+            "link_flush_ns",
+        ]
+        .map(|k| systems::status_u64(&v, k)),
+    )
 }
 
 /// One measured run on a running system: connect, run, disconnect.
@@ -726,30 +800,42 @@ fn measure_run(
     Ok(m)
 }
 
-/// `perf record -g` of vhost-mirror (and access-node) during 4k randwrite QD32, on mirror,
-/// mirror-base and local; returns the top symbols.
+/// `perf record -g` of vhost-mirror (and access-node) during each of `--perf-workloads`, on
+/// mirror, mirror-base and local; returns the top symbols.
 fn profile(cfg: &Config, env: &Env) -> Result<Value> {
     if !util::in_path("perf") {
         return Ok(json!({"available": false, "reason": "perf not found"}));
     }
-    let wl = client::workload("randwrite-4k-qd32").ctx(|| "workload".to_string())?;
     let secs = cfg.secs.max(if cfg.smoke { 0.5 } else { 5.0 });
+    let mut runs = Vec::new();
+    for &wl in &cfg.perf_workloads {
+        runs.push(profile_one(cfg, env, wl, secs)?);
+    }
+    Ok(json!({"available": true, "secs": secs, "runs": runs}))
+}
+
+/// The profile of one workload on each of mirror, mirror-base and local.
+fn profile_one(cfg: &Config, env: &Env, wl: &'static Workload, secs: f64) -> Result<Value> {
     let mut out = serde_json::Map::new();
     for s in [System::Mirror, System::MirrorBase, System::Local] {
         if !cfg.systems.contains(&s) {
             continue;
         }
-        let mut inst = systems::start(env, s, 1)?;
+        let mut inst = systems::start(env, s, wl.queues)?;
         let mut perfs = Vec::new();
         for who in ["vhost-mirror", "access-node"] {
             let Some(pid) = inst.proc_pid(who) else {
                 continue;
             };
-            let data = cfg.out.join(format!("perf-{}-{who}.data", s.name()));
+            let data = cfg
+                .out
+                .join(format!("perf-{}-{}-{who}.data", wl.name, s.name()));
             // perf keeps the previous file as .old: start clean instead.
             let _ = std::fs::remove_file(&data);
             let _ = std::fs::remove_file(data.with_extension("data.old"));
-            let log = env.work.join(format!("perf-{}-{who}.log", s.name()));
+            let log = env
+                .work
+                .join(format!("perf-{}-{}-{who}.log", wl.name, s.name()));
             let g = ChildGuard::spawn(
                 "perf",
                 Command::new("perf")
@@ -797,7 +883,9 @@ fn profile(cfg: &Config, env: &Env) -> Result<Value> {
                     .arg("0.5"),
                 Duration::from_secs(120),
             )?;
-            let txt = cfg.out.join(format!("perf-{}-{who}.txt", s.name()));
+            let txt = cfg
+                .out
+                .join(format!("perf-{}-{}-{who}.txt", wl.name, s.name()));
             let _ = std::fs::write(&txt, &outp);
             let top: Vec<Value> = outp
                 .lines()
@@ -820,7 +908,7 @@ fn profile(cfg: &Config, env: &Env) -> Result<Value> {
         out.insert(s.name().to_string(), Value::Object(sys_out));
         inst.stop();
     }
-    Ok(json!({"available": true, "workload": wl.name, "secs": secs, "systems": out}))
+    Ok(json!({"workload": wl.name, "systems": out}))
 }
 
 #[cfg(test)]

@@ -353,6 +353,73 @@ pub fn build(
             }
         }
     }
+    // Resync and initial sync against nbdcopy on the same bytes; memory flat under load.
+    {
+        let rate = |v: &Option<Value>, path: &[&str]| {
+            let mut x = v.as_ref()?;
+            for k in path {
+                x = x.get(*k)?;
+            }
+            x.as_f64()
+        };
+        for (what, ours, theirs, detail) in [
+            (
+                "resync / nbdcopy (same bytes)",
+                rate(&res.resync, &["median_mib_s"]),
+                rate(&res.nbdcopy, &["median_mib_s"]),
+                "changed regions",
+            ),
+            (
+                "initial full sync / nbdcopy (same bytes)",
+                rate(&res.resync, &["initial_full_sync", "mib_s"]),
+                rate(&res.nbdcopy_full, &["median_mib_s"]),
+                "whole image",
+            ),
+        ] {
+            if let (Some(a), Some(b)) = (ours, theirs) {
+                if b > 0.0 {
+                    issue10.push(Issue10 {
+                        ratio: what,
+                        workload: "-",
+                        value: a / b,
+                        detail: format!("{detail}: {a:.0} vs {b:.0} MiB/s"),
+                        target: ">= 1.0",
+                        met: a / b >= 1.0,
+                    });
+                }
+            }
+        }
+        if let Some(r) = &res.rss {
+            for (who, key) in [
+                ("vhost-mirror", "vhost_mirror"),
+                ("access-node", "access_node"),
+            ] {
+                let p = &r[key];
+                if let (Some(g), Some(flat)) = (p["growth_mib"].as_f64(), p["flat"].as_bool()) {
+                    issue10.push(Issue10 {
+                        ratio: if who == "vhost-mirror" {
+                            "vhost-mirror resident memory growth, MiB"
+                        } else {
+                            "access-node resident memory growth, MiB"
+                        },
+                        workload: "mixed",
+                        value: g,
+                        detail: format!(
+                            "{:.0} s of mixed load; own memory (VmRSS - RssShmem), peak of the \
+                             last third vs the first ({:.1} vs {:.1} MiB)",
+                            r["secs"].as_f64().unwrap_or(0.0),
+                            p["max_private_last_third_mib"].as_f64().unwrap_or(f64::NAN),
+                            p["max_private_first_third_mib"]
+                                .as_f64()
+                                .unwrap_or(f64::NAN)
+                        ),
+                        target: "flat (<= 4 MiB)",
+                        met: flat,
+                    });
+                }
+            }
+        }
+    }
     let resync_rate = res
         .resync
         .as_ref()
@@ -435,6 +502,7 @@ pub fn build(
         "resync": res.resync,
         "resync_baseline": res.resync_base,
         "nbdcopy": res.nbdcopy,
+        "nbdcopy_full_image": res.nbdcopy_full,
         "rss": res.rss,
         "perf": res.perf,
         "targets": targets.iter().map(|t| json!({"target": t.name, "value": t.value, "met": t.met})).collect::<Vec<_>>(),
@@ -519,6 +587,43 @@ pub fn build(
             let _ = write!(md, " {cell} |");
         }
         md.push('\n');
+    }
+    let _ = writeln!(
+        md,
+        "\n## Where the time goes (vhost-mirror's status)\n\nMeans over each run from \
+         vhost-mirror's status totals, medians over rounds, us: the client's request latency \
+         (and its flushes), the local image's fdatasync (the flusher thread), the replica's \
+         write and flush round trips (sent to acked, the replica's fdatasync included). A \
+         mirrored flush completes when both its local fdatasync and its replica flush did; on \
+         this machine both images share one disk.\n\n| workload | system | request | flush | \
+         local fdatasync | replica write RTT | replica flush RTT |\n| --- | --- | ---: | ---: | \
+         ---: | ---: | ---: |"
+    );
+    let opt_us = |x: Option<f64>| x.map_or("-".into(), fmt_us);
+    for (wi, wl) in workloads.iter().enumerate() {
+        if wl.op != Op::Write {
+            continue;
+        }
+        for &s in systems {
+            if !matches!(s, System::Local | System::Mirror | System::MirrorBase) {
+                continue;
+            }
+            let Some(r) = med(wi, s) else { continue };
+            if r.fdatasync_us.is_none() && r.link_write_us.is_none() {
+                continue;
+            }
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                wl.name,
+                s.name(),
+                fmt_us(r.mean_us),
+                opt_us(r.flush_mean_us),
+                opt_us(r.fdatasync_us),
+                opt_us(r.link_write_us),
+                opt_us(r.link_flush_us)
+            );
+        }
     }
     let _ = writeln!(
         md,
@@ -738,6 +843,22 @@ pub fn build(
                     nbd_rate.map_or("-".into(), |v| format!("{v:.0}")),
                     n["method"].as_str().unwrap_or("")
                 );
+                if let Some(f) = res.nbdcopy_full.as_ref().filter(|f| f["available"] == true) {
+                    let _ = writeln!(
+                        md,
+                        "\nnbdcopy of as many bytes as the image (the initial full sync's peer, \
+                         the same method): {} MiB, runs {:?} MiB/s, median {:.0} MiB/s.",
+                        f["bytes"].as_u64().unwrap_or(0) >> 20,
+                        f["runs_mib_s"]
+                            .as_array()
+                            .map(|a| a
+                                .iter()
+                                .map(|x| x.as_f64().unwrap_or(0.0).round())
+                                .collect::<Vec<_>>())
+                            .unwrap_or_default(),
+                        f["median_mib_s"].as_f64().unwrap_or(f64::NAN)
+                    );
+                }
             } else {
                 let _ = writeln!(
                     md,
@@ -788,7 +909,7 @@ pub fn build(
 
     let _ = writeln!(
         md,
-        "\n## Targets\n\n| target | value | |\n| --- | --- | --- |"
+        "\n## Issue 5's targets (the first version's, kept for comparison)\n\n| target | value | |\n| --- | --- | --- |"
     );
     for t in &targets {
         let _ = writeln!(md, "| {} | {} | {} |", t.name, t.value, mark(t.met));
@@ -801,7 +922,13 @@ pub fn build(
         targets.len() - met - missed
     );
 
-    if let Some(p) = &res.perf {
+    let perf_runs = res
+        .perf
+        .as_ref()
+        .and_then(|p| p["runs"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    for p in &perf_runs {
         if let Some(sys) = p["systems"].as_object() {
             let _ = writeln!(
                 md,

@@ -185,6 +185,18 @@ fn smoke_run_writes_a_table_row_for_every_workload_and_system() {
         has("fsync latency mirror/local (mean)", "writeflush-4k-qd1"),
         "no fsync latency ratio"
     );
+    for r in [
+        "resync / nbdcopy (same bytes)",
+        "initial full sync / nbdcopy (same bytes)",
+    ] {
+        assert!(has(r, "-"), "no {r} in issue 10's ratios");
+    }
+    for r in [
+        "vhost-mirror resident memory growth, MiB",
+        "access-node resident memory growth, MiB",
+    ] {
+        assert!(has(r, "mixed"), "no {r} in issue 10's ratios");
+    }
     assert!(
         v["targets"].as_array().is_some_and(|t| !t.is_empty()),
         "targets missing"
@@ -234,5 +246,12 @@ fn smoke_run_writes_a_table_row_for_every_workload_and_system() {
         md.contains("## Against the baseline build"),
         "bench.md has no mirror/mirror-base table"
     );
-    assert!(md.contains("## Targets"), "bench.md has no targets table");
+    assert!(
+        md.contains("## Issue 5's targets"),
+        "bench.md has no table of the first version's targets"
+    );
+    assert!(
+        md.contains("## Where the time goes") && md.contains("| writeflush-4k-qd1 | mirror |"),
+        "bench.md has no breakdown of the mirrored fsync's time"
+    );
 }

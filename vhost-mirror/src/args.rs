@@ -47,6 +47,12 @@ pub struct ServeArgs {
     /// flight it sleeps at once, woken by their completion). Trades CPU for latency.
     #[arg(long, default_value_t = 32, value_name = "US")]
     pub poll_us: u64,
+    /// With requests in flight (waiting for the replica or an fdatasync) and none ready, a
+    /// queue worker watches them and its ring this many microseconds before it sleeps until
+    /// their completion event (0: sleep at once). Trades CPU for latency: a replica's ack
+    /// often comes within it, and is then taken without a wake-up.
+    #[arg(long, default_value_t = 100, value_name = "US")]
+    pub poll_inflight_us: u64,
     /// Unix socket for `vhost-mirror status`.
     #[arg(long, value_name = "CTL")]
     pub control: Option<PathBuf>,

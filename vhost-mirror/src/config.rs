@@ -24,6 +24,8 @@ pub enum ConfigError {
     ResyncRate,
     #[error("--poll-us must be at most 1000, got {0}")]
     PollUs(u64),
+    #[error("--poll-inflight-us must be at most 10000, got {0}")]
+    PollInflightUs(u64),
     #[error(transparent)]
     Secret(#[from] AuthError),
     #[error("--num-queues must be between 1 and {MAX_QUEUES}, got {0}")]
@@ -48,6 +50,7 @@ pub struct ServeConfig {
     pub socket_access: SocketAccess,
     pub mirror: Option<MirrorConfig>,
     pub poll: std::time::Duration,
+    pub poll_inflight: std::time::Duration,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -65,6 +68,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
         }
         if a.poll_us > 1000 {
             return Err(ConfigError::PollUs(a.poll_us));
+        }
+        if a.poll_inflight_us > 10_000 {
+            return Err(ConfigError::PollInflightUs(a.poll_inflight_us));
         }
         let socket_access = SocketAccess {
             group: match &a.socket_group {
@@ -121,6 +127,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             socket_access,
             mirror,
             poll: std::time::Duration::from_micros(a.poll_us),
+            poll_inflight: std::time::Duration::from_micros(a.poll_inflight_us),
         })
     }
 }
@@ -137,6 +144,7 @@ mod tests {
             queue_size: 256,
             readonly: false,
             poll_us: 32,
+            poll_inflight_us: 100,
             control: None,
             socket_group: None,
             peer: None,

@@ -72,6 +72,9 @@ pub struct Device {
     /// How long a worker with nothing in flight keeps looking at its ring for new requests
     /// before it sleeps (with requests deferred it sleeps at once, woken by their completion).
     pub poll: std::time::Duration,
+    /// How long a worker whose requests are all in flight (waiting for the replica or an
+    /// fdatasync) watches them and its ring before it sleeps until their completion event.
+    pub poll_inflight: std::time::Duration,
     pub id: [u8; ID_BYTES],
     /// Synchronous replication, when a peer is configured.
     pub mirror: Option<Arc<Mirror>>,
@@ -108,6 +111,7 @@ impl Device {
             stopping: AtomicBool::new(false),
             frontend_gone: AtomicBool::new(false),
             poll: std::time::Duration::ZERO,
+            poll_inflight: std::time::Duration::ZERO,
             id,
             mirror,
             flusher,
@@ -240,9 +244,9 @@ impl BlkBackend {
         };
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
-        let mut used_any = false;
-        let mut add_used = |state: &mut vhost_user_backend::VringState<_>, head, len| {
-            used_any = true;
+        let used_any = std::cell::Cell::new(false);
+        let add_used = |state: &mut vhost_user_backend::VringState<_>, head, len| {
+            used_any.set(true);
             state
                 .get_queue_mut()
                 .add_used(&*mem, head, len)
@@ -317,6 +321,19 @@ impl BlkBackend {
                     let d = deferred.remove(0);
                     done!(executor::finish_deferred(&mem, mirror, counters, d));
                     settle_holds!();
+                }
+            };
+        }
+        // Tells the guest about what was put on the used ring (if it wants to hear).
+        macro_rules! notify_guest {
+            () => {
+                if used_any.replace(false)
+                    && state
+                        .get_queue_mut()
+                        .needs_notification(&*mem)
+                        .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?
+                {
+                    state.signal_used_queue()?;
                 }
             };
         }
@@ -430,6 +447,26 @@ impl BlkBackend {
             // one request. Armed first, then looked at again: a request that finished in
             // between is seen now, one that finishes later signals.
             if harvest!() == 0 {
+                // --poll-inflight-us: watch the requests in flight and the ring a while
+                // before sleeping (a wake-up costs more than the wait on an idle vCPU). The
+                // guest hears of what completed so far first.
+                if !dev.poll_inflight.is_zero() {
+                    notify_guest!();
+                    let start = std::time::Instant::now();
+                    let mut hit = false;
+                    while start.elapsed() < dev.poll_inflight && !stopping() {
+                        if deferred.iter().any(|d| d.is_ready(mirror))
+                            || ring_has_new(state.get_queue(), &mem)
+                        {
+                            hit = true;
+                            break;
+                        }
+                        std::hint::spin_loop();
+                    }
+                    if hit {
+                        continue;
+                    }
+                }
                 dev.events[queue].arm();
                 if harvest!() == 0 {
                     break;
@@ -437,14 +474,7 @@ impl BlkBackend {
             }
             settle_holds!();
         }
-        if used_any
-            && state
-                .get_queue_mut()
-                .needs_notification(&*mem)
-                .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?
-        {
-            state.signal_used_queue()?;
-        }
+        notify_guest!();
         Ok(!deferred.is_empty())
     }
 }

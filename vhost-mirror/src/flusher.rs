@@ -4,7 +4,9 @@
 //! One thread; flushes that arrive while an fdatasync runs are served together by the next one
 //! (each was submitted before it started, so it covers every write completed before them).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
 
 use log::error;
 
@@ -70,8 +72,16 @@ struct Shared {
     wake: Condvar,
 }
 
+/// How many fdatasyncs ran and how long they took in all (status: where a flush's time goes).
+#[derive(Debug, Default)]
+pub struct FlushStats {
+    pub count: AtomicU64,
+    pub nanos: AtomicU64,
+}
+
 pub struct Flusher {
     shared: Arc<Shared>,
+    pub stats: Arc<FlushStats>,
 }
 
 impl Flusher {
@@ -82,6 +92,8 @@ impl Flusher {
             wake: Condvar::new(),
         });
         let s = shared.clone();
+        let stats = Arc::new(FlushStats::default());
+        let st = stats.clone();
         std::thread::Builder::new()
             .name("flusher".into())
             .spawn(move || loop {
@@ -92,16 +104,20 @@ impl Flusher {
                     }
                     std::mem::take(&mut *q)
                 };
+                let t0 = Instant::now();
                 let r = disk.flush().map_err(|e| {
                     let msg = mirror_proto::sys::error_chain(&e);
                     error!("flush failed: {msg}");
                     msg
                 });
+                st.count.fetch_add(1, Ordering::Relaxed);
+                st.nanos
+                    .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 for t in batch {
                     t.complete(r.clone());
                 }
             })?;
-        Ok(Flusher { shared })
+        Ok(Flusher { shared, stats })
     }
 
     /// Queues a flush of every write completed so far.

@@ -89,6 +89,9 @@ impl ServerState {
             "bytes_written": c.bytes_written,
             "errors": c.errors,
             "unsupported": c.unsupported,
+            // Totals (a client takes differences): where a flush's time goes.
+            "local_fdatasyncs": self.dev.flusher.stats.count.load(Ordering::Relaxed),
+            "local_fdatasync_ns": self.dev.flusher.stats.nanos.load(Ordering::Relaxed),
         });
         if let (Some(m), Some(obj)) = (&self.dev.mirror, v.as_object_mut()) {
             if let serde_json::Value::Object(r) = m.status() {
@@ -132,6 +135,7 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     )
     .map_err(ServeError::Thread)?;
     device.poll = config.poll;
+    device.poll_inflight = config.poll_inflight;
     let dev = Arc::new(device);
 
     let access = config.socket_access;

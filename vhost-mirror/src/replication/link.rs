@@ -128,6 +128,9 @@ pub struct LinkStats {
     pub write_latency_ns: AtomicU64,
     /// Exponentially weighted average write round trip, ns.
     pub write_latency_ewma_ns: AtomicU64,
+    /// Flushes the replica answered Ok, and their round trips in all, ns.
+    pub flush_acks: AtomicU64,
+    pub flush_latency_ns: AtomicU64,
 }
 
 impl LinkStats {
@@ -569,6 +572,11 @@ impl Link {
             drop(g);
             if p.measure && reply == Reply::Ack(AckStatus::Ok) {
                 self.stats.record_write_latency(p.sent.elapsed());
+            } else if p.is_flush {
+                self.stats.flush_acks.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .flush_latency_ns
+                    .fetch_add(p.sent.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
             if let Some(w) = p.waiter {
                 w.complete(Ok(reply));

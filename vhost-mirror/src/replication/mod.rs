@@ -680,6 +680,11 @@ impl Mirror {
             "generation": generation,
             "link_write_latency_us": self.stats.avg_write_latency_us(),
             "link_write_latency_ewma_us": self.stats.write_latency_ewma_ns.load(Ordering::Relaxed) / 1000,
+            // Totals (a client takes differences): write and flush round trips to the replica.
+            "link_write_acks": self.stats.write_acks.load(Ordering::Relaxed),
+            "link_write_ns": self.stats.write_latency_ns.load(Ordering::Relaxed),
+            "link_flush_acks": self.stats.flush_acks.load(Ordering::Relaxed),
+            "link_flush_ns": self.stats.flush_latency_ns.load(Ordering::Relaxed),
             "bytes_sent": self.stats.bytes_sent.load(Ordering::Relaxed),
             "bytes_received": self.stats.bytes_received.load(Ordering::Relaxed),
         })
