@@ -9,7 +9,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -19,6 +19,9 @@ pub struct QueueEvent {
     fd: EventFd,
     /// The worker went back to its event loop with deferred requests and wants a signal.
     armed: AtomicBool,
+    /// Signals so far, armed or not: a worker spinning on its requests in flight
+    /// (`--poll-inflight-us`) watches this instead of each of them.
+    count: AtomicU64,
 }
 
 impl QueueEvent {
@@ -26,11 +29,13 @@ impl QueueEvent {
         Ok(QueueEvent {
             fd: EventFd::new(EFD_NONBLOCK)?,
             armed: AtomicBool::new(false),
+            count: AtomicU64::new(0),
         })
     }
 
     /// A deferred request finished (or part of it did): wakes the worker if it asked.
     pub fn signal(&self) {
+        self.count.fetch_add(1, Ordering::Release);
         if self.armed.swap(false, Ordering::AcqRel) {
             // A full counter (never, at 2^64 - 1) or a closed fd: the worker still finds the
             // request ready on its next wake-up.
@@ -48,6 +53,12 @@ impl QueueEvent {
     /// look at its deferred requests once more after this (one may have finished just before).
     pub fn arm(&self) {
         self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// How many signals so far (whether or not armed): changes once a request that asked for
+    /// one finished.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
     }
 
     /// Clears the eventfd (the worker woke up for it).

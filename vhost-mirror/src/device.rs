@@ -338,12 +338,18 @@ impl BlkBackend {
             };
         }
         let event = &dev.events[queue];
+        // The in-flight poll counts new requests on the ring as a reason to go round again,
+        // unless that once found nothing to take (a ring whose index is off: no busy loop).
+        let mut watch_ring = true;
+        let mut woke_for_ring = false;
         loop {
+            let mut took_any = false;
             // When stopping, take no new requests; the deferred ones are finished below.
             while !stopping() {
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
                     break;
                 };
+                took_any = true;
                 let head = chain.head_index();
                 let parsed = request.parse(
                     chain,
@@ -356,7 +362,8 @@ impl BlkBackend {
                         // Local fdatasync in the background, the replica's flush on the link;
                         // the requests behind this one go on meanwhile.
                         QueueCounters::add(&counters.flushes, 1);
-                        let remote = mirror.map(|m| m.start_flush());
+                        let last = !ring_has_new(state.get_queue(), &mem);
+                        let remote = mirror.map(|m| m.start_flush(last));
                         let d = Deferred {
                             head,
                             completion: Completion {
@@ -387,8 +394,20 @@ impl BlkBackend {
                             }),
                             None => None,
                         };
+                        // The last request at hand goes on the wire from here (no wake-up
+                        // of the link's sender); with more behind it, the sender batches.
+                        let last = !ring_has_new(state.get_queue(), &mem);
                         let (c, remote) = executor::execute_mirrored(
-                            request, &mem, &target, iov, counters, m, token,
+                            request,
+                            &mem,
+                            &target,
+                            iov,
+                            counters,
+                            executor::Mirrored {
+                                mirror: m,
+                                token,
+                                direct: last,
+                            },
                         );
                         match remote {
                             Some((remote, local_ok)) => {
@@ -432,6 +451,10 @@ impl BlkBackend {
                 };
                 add_used(&mut state, head, completion.used_len)?;
             }
+            if woke_for_ring && !took_any {
+                watch_ring = false;
+            }
+            woke_for_ring = false;
             if deferred.is_empty() {
                 break;
             }
@@ -446,6 +469,8 @@ impl BlkBackend {
             // event loop (where a kick or that event brings it back here); it never sleeps on
             // one request. Armed first, then looked at again: a request that finished in
             // between is seen now, one that finishes later signals.
+            // Read before looking: a request that finishes after the look changes it.
+            let signals = event.count();
             if harvest!() == 0 {
                 // --poll-inflight-us: watch the requests in flight and the ring a while
                 // before sleeping (a wake-up costs more than the wait on an idle vCPU). The
@@ -455,10 +480,13 @@ impl BlkBackend {
                     let start = std::time::Instant::now();
                     let mut hit = false;
                     while start.elapsed() < dev.poll_inflight && !stopping() {
-                        if deferred.iter().any(|d| d.is_ready(mirror))
-                            || ring_has_new(state.get_queue(), &mem)
-                        {
+                        if event.count() != signals {
                             hit = true;
+                            break;
+                        }
+                        if watch_ring && ring_has_new(state.get_queue(), &mem) {
+                            hit = true;
+                            woke_for_ring = true;
                             break;
                         }
                         std::hint::spin_loop();

@@ -119,20 +119,13 @@ fn guest_iovecs(
     Ok(())
 }
 
-/// Copies `len` bytes starting `skip` bytes into the request's guest buffers to `out`. False
+/// Fills `out` with the bytes starting `skip` bytes into the request's guest buffers. False
 /// if part of the buffers is not in guest memory (any more).
-fn copy_from_guest(
-    mem: &GuestMemoryMmap,
-    data: &[Segment],
-    mut skip: u64,
-    len: usize,
-    out: &mut Vec<u8>,
-) -> bool {
-    let start = out.len();
-    out.resize(start + len, 0);
-    let mut at = start;
+fn copy_from_guest(mem: &GuestMemoryMmap, data: &[Segment], mut skip: u64, out: &mut [u8]) -> bool {
+    let len = out.len();
+    let mut at = 0;
     for seg in data {
-        if at == start + len {
+        if at == len {
             break;
         }
         let seg_len = u64::from(seg.len);
@@ -140,7 +133,7 @@ fn copy_from_guest(
             skip -= seg_len;
             continue;
         }
-        let n = ((seg_len - skip) as usize).min(start + len - at);
+        let n = ((seg_len - skip) as usize).min(len - at);
         let addr = vm_memory::GuestAddress(seg.addr.0 + skip);
         if mem.read_slice(&mut out[at..at + n], addr).is_err() {
             warn!("guest buffer at {:#x} is not in guest memory", addr.0);
@@ -149,7 +142,7 @@ fn copy_from_guest(
         at += n;
         skip = 0;
     }
-    at == start + len
+    at == len
 }
 
 /// A request whose background parts are in flight: the replica's answer (a mirrored
@@ -190,6 +183,15 @@ impl Deferred {
     }
 }
 
+/// How a write-type request goes to the replica.
+pub struct Mirrored<'a> {
+    pub mirror: &'a Mirror,
+    /// Its range in the ordering table (None: not a write-type request after all).
+    pub token: Option<Token>,
+    /// The last request at hand: the worker may put it on the wire itself.
+    pub direct: bool,
+}
+
 /// Executes a write-type request (OUT, DISCARD, WRITE_ZEROES) on a mirrored device:
 /// the request goes to the replica first (or is recorded as out of sync), then to the local
 /// image. The guest's completion waits for [`finish_deferred`].
@@ -203,9 +205,13 @@ pub fn execute_mirrored(
     target: &Target<'_>,
     iov: &mut IovecBuf,
     counters: &QueueCounters,
-    mirror: &Mirror,
-    token: Option<Token>,
+    mirrored: Mirrored<'_>,
 ) -> (Completion, Option<(Remote, bool)>) {
+    let Mirrored {
+        mirror,
+        token,
+        direct,
+    } = mirrored;
     let Some(token) = token else {
         return (execute(req, mem, target, iov, counters), None);
     };
@@ -240,24 +246,25 @@ pub fn execute_mirrored(
             let mut local: Result<(), DiskError> = Ok(());
             let mut done = 0u64;
             while done < len {
-                let n = (len - done).min(MAX_DATA as u64);
-                iov.1.clear();
-                if !copy_from_guest(mem, &req.data, done, n as usize, &mut iov.1) {
+                let n = (len - done).min(MAX_DATA as u64) as usize;
+                // Zero-filled only when it grows (not per request: a 1 MiB memset each).
+                if iov.1.len() < n {
+                    iov.1.resize(n, 0);
+                }
+                let chunk = &mut iov.1[..n];
+                if !copy_from_guest(mem, &req.data, done, chunk) {
                     mirror.fail_request(remote);
                     QueueCounters::add(&counters.errors, 1);
                     return (complete(mem, req, VIRTIO_BLK_S_IOERR as u8, 0), None);
                 }
-                if let Err(e) = mirror.send_data(&mut remote, offset + done, &iov.1) {
+                if let Err(e) = mirror.send_data(&mut remote, offset + done, chunk, direct) {
                     mirror.fail_request(remote);
                     return refused(e);
                 }
                 if local.is_ok() {
-                    local = target.disk.write_at(&iov.1, offset + done);
+                    local = target.disk.write_at(chunk, offset + done);
                 }
-                done += n;
-            }
-            if iov.1.capacity() > 2 * MAX_DATA {
-                iov.1 = Vec::new();
+                done += n as u64;
             }
             let local = local.and_then(|()| sync_if_writethrough(target));
             status_of(mem, req, local, counters, |c| {
@@ -265,7 +272,7 @@ pub fn execute_mirrored(
             })
         }
         WriteOp::Discard | WriteOp::WriteZeroes { .. } => {
-            if let Err(e) = mirror.send_op(&mut remote, op) {
+            if let Err(e) = mirror.send_op(&mut remote, op, direct) {
                 mirror.fail_request(remote);
                 return refused(e);
             }

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -42,6 +43,11 @@ const COMPACT_AT: usize = 4096;
 /// primary's memory grow (the buffer and the batch being sent hold at most twice this, plus
 /// one frame).
 pub const MAX_SEND_BUFFER: usize = 16 << 20;
+/// A queue worker that queued a request on an empty buffer sends it itself (no wake-up of the
+/// sender thread) when the batch is at most this large; larger ones go to the sender thread.
+const DIRECT_MAX: usize = 64 * 1024;
+/// ... and only while the socket holds at most this many unsent bytes (so it does not block).
+const DIRECT_SOCKET_QUEUE: usize = 256 * 1024;
 /// Compaction granularity: the out-of-sync bitmap's region.
 const COMPACT_GRAIN: u64 = mirror_proto::bitmap::REGION_SIZE;
 
@@ -211,6 +217,9 @@ pub type OnDown = Box<dyn Fn(&[(u64, u64)], &str) + Send + Sync>;
 
 pub struct Link {
     out: Mutex<Out>,
+    /// The sending half and a spare buffer, held by whoever is putting bytes on the wire (the
+    /// sender thread, or a queue worker sending its own small request directly).
+    writer: Mutex<(LinkWriter, Vec<u8>)>,
     wake_sender: Condvar,
     /// Signalled when the sender took the send buffer (or the link died).
     room: Condvar,
@@ -246,6 +255,7 @@ impl Link {
                 last_send: Instant::now(),
                 room_waiters: 0,
             }),
+            writer: Mutex::new((writer, Vec::with_capacity(1 << 20))),
             wake_sender: Condvar::new(),
             room: Condvar::new(),
             stream,
@@ -257,7 +267,7 @@ impl Link {
         let l = link.clone();
         std::thread::Builder::new()
             .name("link-send".into())
-            .spawn(move || l.send_loop(writer))?;
+            .spawn(move || l.send_loop())?;
         let l = link.clone();
         std::thread::Builder::new()
             .name("link-recv".into())
@@ -285,12 +295,14 @@ impl Link {
     }
 
     /// Queues a write whose data `fill` appends to the send buffer (one copy, straight from
-    /// its source). `len` must be at most [`MAX_DATA`].
+    /// its source). `len` must be at most [`MAX_DATA`]. `direct`: the caller may put it on
+    /// the wire itself (see [`Link::kick`]).
     pub fn send_write_with(
         &self,
         offset: u64,
         len: u64,
         resync: bool,
+        direct: bool,
         fill: impl FnOnce(&mut Vec<u8>),
     ) -> Result<Arc<Waiter>, LinkDown> {
         debug_assert!(len as usize <= MAX_DATA);
@@ -318,17 +330,102 @@ impl Link {
                 is_flush: false,
             },
         );
+        let queued = g.buf.len();
         drop(g);
-        // The sender only ever sleeps on an empty buffer.
-        if was_empty {
-            self.wake_sender.notify_one();
-        }
+        self.kick(was_empty, direct, queued);
         Ok(w)
     }
 
+    /// Gets what was just queued on its way. Only the writer that found the buffer empty has
+    /// to (the others' frames go with its). A small batch the caller sends itself when
+    /// `direct` (a queue worker with no further request at hand: no wake-up of the sender
+    /// thread on the way to the wire) and the socket has room (it must not block a queue
+    /// worker); the rest wakes the sender thread, so that a queue worker goes on with its
+    /// next request while a large batch is encrypted and sent.
+    fn kick(&self, was_empty: bool, direct: bool, queued: usize) {
+        if !was_empty {
+            return;
+        }
+        if direct && queued <= DIRECT_MAX && self.socket_has_room() {
+            self.push_once();
+        } else {
+            // The sender only ever sleeps on an empty buffer.
+            self.wake_sender.notify_one();
+        }
+    }
+
+    /// Whether the socket's send queue is short (then a small send does not block).
+    fn socket_has_room(&self) -> bool {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ on a socket fd we own writes one c_int, which `queued` is.
+        let r = unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        r == 0 && usize::try_from(queued).is_ok_and(|q| q <= DIRECT_SOCKET_QUEUE)
+    }
+
+    /// Sends one batch, unless someone else is sending (their batch, or the sender thread's
+    /// next one, takes it). Whatever was queued meanwhile goes to the sender thread: a queue
+    /// worker never ends up sending other queues' traffic.
+    fn push_once(&self) {
+        let mut w = match self.writer.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::WouldBlock) => {
+                // The holder looks at the buffer again once it let go of the writer.
+                return;
+            }
+            Err(std::sync::TryLockError::Poisoned(_)) => {
+                self.fail("the link's writer panicked");
+                return;
+            }
+        };
+        self.send_batch(&mut w);
+        drop(w);
+        // Queued while we held the writer (its writer found the buffer empty, our try_lock
+        // taken): nobody else is sending it.
+        let g = self.lock();
+        if g.alive && !g.buf.is_empty() {
+            drop(g);
+            self.wake_sender.notify_one();
+        }
+    }
+
+    /// Takes the send buffer (if anything is in it) and writes it; false if there was nothing
+    /// to send or the link failed.
+    fn send_batch(&self, w: &mut (LinkWriter, Vec<u8>)) -> bool {
+        let (stream, spare) = w;
+        let mut g = self.lock();
+        if !g.alive || g.buf.is_empty() {
+            return false;
+        }
+        std::mem::swap(&mut g.buf, spare);
+        g.last_send = Instant::now();
+        // Only a full buffer makes writers wait: no wake-up (a futex call) otherwise.
+        let waiters = g.room_waiters > 0;
+        drop(g);
+        if waiters {
+            self.room.notify_all();
+        }
+        let r = stream.send(spare);
+        let n = spare.len() as u64;
+        spare.clear();
+        if spare.capacity() > 8 << 20 {
+            spare.shrink_to(1 << 20);
+        }
+        if let Err(e) = r {
+            self.fail(&format!("send failed: {e}"));
+            return false;
+        }
+        self.stats.bytes_sent.fetch_add(n, Ordering::Relaxed);
+        true
+    }
+
     /// Queues a request frame of the data phase (Write, Discard, WriteZeroes, Flush, Read,
-    /// SyncStart, SyncDone).
+    /// SyncStart, SyncDone), for the sender thread to send.
     pub fn send(&self, frame: Frame<'_>) -> Result<Arc<Waiter>, LinkDown> {
+        self.send_frame(frame, false)
+    }
+
+    /// As [`Link::send`]; `direct`: the caller may put it on the wire itself ([`Link::kick`]).
+    pub fn send_frame(&self, frame: Frame<'_>, direct: bool) -> Result<Arc<Waiter>, LinkDown> {
         // The bytes a write-type request changes: marked out of sync if it is never answered.
         let range = match frame {
             Frame::Write { offset, data, .. } => Some((offset, data.len() as u64)),
@@ -369,10 +466,9 @@ impl Link {
                 is_flush,
             },
         );
+        let queued = g.buf.len();
         drop(g);
-        if was_empty {
-            self.wake_sender.notify_one();
-        }
+        self.kick(was_empty, direct, queued);
         Ok(w)
     }
 
@@ -443,8 +539,7 @@ impl Link {
         }
     }
 
-    fn send_loop(self: Arc<Self>, mut stream: LinkWriter) {
-        let mut spare = Vec::with_capacity(1 << 20);
+    fn send_loop(self: Arc<Self>) {
         let mut last_check = Instant::now();
         loop {
             let mut g = self.lock();
@@ -477,25 +572,11 @@ impl Link {
             if !g.alive {
                 return;
             }
-            std::mem::swap(&mut g.buf, &mut spare);
-            g.last_send = Instant::now();
-            // Only a full buffer makes writers wait: no wake-up (a futex call) otherwise.
-            let waiters = g.room_waiters > 0;
             drop(g);
-            if waiters {
-                self.room.notify_all();
-            }
-            if let Err(e) = stream.send(&spare) {
-                self.fail(&format!("send failed: {e}"));
-                return;
-            }
-            self.stats
-                .bytes_sent
-                .fetch_add(spare.len() as u64, Ordering::Relaxed);
-            spare.clear();
-            if spare.capacity() > 8 << 20 {
-                spare.shrink_to(1 << 20);
-            }
+            // Everything queued until the buffer is empty (a queue worker sending its own
+            // batch right now is waited for; its leftovers are ours).
+            let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            while self.send_batch(&mut w) {}
         }
     }
 
@@ -743,7 +824,7 @@ mod tests {
             marked.load(Ordering::SeqCst),
             "send returned LinkDown before the dying link's marks were made"
         );
-        let r = link.send_write_with(0, 4, false, |b| b.extend_from_slice(&[1, 2, 3, 4]));
+        let r = link.send_write_with(0, 4, false, false, |b| b.extend_from_slice(&[1, 2, 3, 4]));
         assert_eq!(r.err(), Some(LinkDown));
         killer.join().unwrap();
     }
@@ -761,7 +842,7 @@ mod tests {
         // Eight small writes per region: compacted, they never reach the limit.
         for i in 0..(8 * COMPACT_AT as u64) {
             let _w = link
-                .send_write_with(i * region / 8, 512, false, |b| {
+                .send_write_with(i * region / 8, 512, false, false, |b| {
                     b.extend_from_slice(&[0; 512])
                 })
                 .unwrap();
@@ -775,7 +856,7 @@ mod tests {
         let base = 1 << 40;
         for i in 0..(AUTO_FLUSH_RANGES as u64 + 10) {
             let _w = link
-                .send_write_with(base + i * 2 * region, 512, false, |b| {
+                .send_write_with(base + i * 2 * region, 512, false, false, |b| {
                     b.extend_from_slice(&[0; 512])
                 })
                 .unwrap();
@@ -794,7 +875,7 @@ mod tests {
     fn a_trickled_record_does_not_keep_the_link_alive() {
         let (link, marked, peer) = link_with_slow_on_down();
         let w = link
-            .send_write_with(0, 4, false, |b| b.extend_from_slice(&[1, 2, 3, 4]))
+            .send_write_with(0, 4, false, false, |b| b.extend_from_slice(&[1, 2, 3, 4]))
             .unwrap();
         let mut raw = peer.writer.get_ref().try_clone().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -825,7 +906,9 @@ mod tests {
             let data = vec![0x5au8; MAX_DATA];
             let mut sent = 0usize;
             while l
-                .send_write_with(0, MAX_DATA as u64, false, |b| b.extend_from_slice(&data))
+                .send_write_with(0, MAX_DATA as u64, false, false, |b| {
+                    b.extend_from_slice(&data)
+                })
                 .is_ok()
             {
                 sent += 1;

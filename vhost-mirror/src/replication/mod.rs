@@ -357,26 +357,37 @@ impl Mirror {
     /// Sends one chunk (at most [`MAX_DATA`] bytes) of a write's data, already copied out of
     /// guest memory, to the replica; without a link it records the chunk out of sync
     /// (degrade) or waits for the link (suspend, while nothing of the request was sent).
+    /// `direct`: the caller (a queue worker with no further request at hand) may put it on
+    /// the wire itself instead of waking the link's sender thread.
     pub fn send_data(
         &self,
         remote: &mut Remote,
         offset: u64,
         data: &[u8],
+        direct: bool,
     ) -> Result<(), MirrorError> {
         self.send_with(remote, offset, data.len() as u64, |link| {
-            link.send_write_with(offset, data.len() as u64, false, |b| {
+            link.send_write_with(offset, data.len() as u64, false, direct, |b| {
                 b.extend_from_slice(data)
             })
         })
     }
 
-    /// Sends a DISCARD or WRITE_ZEROES of the whole range of `remote`.
-    pub fn send_op(&self, remote: &mut Remote, op: WriteOp) -> Result<(), MirrorError> {
+    /// Sends a DISCARD or WRITE_ZEROES of the whole range of `remote` (`direct`: as for
+    /// [`Mirror::send_data`]).
+    pub fn send_op(
+        &self,
+        remote: &mut Remote,
+        op: WriteOp,
+        direct: bool,
+    ) -> Result<(), MirrorError> {
         let (offset, len) = remote.range;
         self.send_with(remote, offset, len, |link| match op {
             WriteOp::Write => Err(LinkDown),
-            WriteOp::Discard => link.send(Frame::Discard { offset, len }),
-            WriteOp::WriteZeroes { unmap } => link.send(Frame::WriteZeroes { offset, len, unmap }),
+            WriteOp::Discard => link.send_frame(Frame::Discard { offset, len }, direct),
+            WriteOp::WriteZeroes { unmap } => {
+                link.send_frame(Frame::WriteZeroes { offset, len, unmap }, direct)
+            }
         })
     }
 
@@ -467,7 +478,7 @@ impl Mirror {
 
     /// Starts a flush on the replica (no waiter: no replica to flush). Also an activity-log
     /// barrier: completed by [`Mirror::finish`] once both sides are durable.
-    pub fn start_flush(&self) -> Remote {
+    pub fn start_flush(&self, direct: bool) -> Remote {
         let mut remote = Remote::new(None, (0, 0));
         remote.barrier = Some(self.activity_log.barrier_begin());
         if self.cfg.peer.is_none() {
@@ -475,7 +486,7 @@ impl Mirror {
         }
         loop {
             if let Some(link) = self.current_link() {
-                if let Ok(w) = link.send(Frame::Flush) {
+                if let Ok(w) = link.send_frame(Frame::Flush, direct) {
                     remote.waiters.push(w);
                     remote.link = Some(link);
                     return remote;
@@ -764,7 +775,7 @@ mod tests {
     fn write(m: &Mirror, offset: u64, durable: bool) -> Remote {
         let t = m.try_reserve(0, offset, 4096).unwrap();
         let mut r = m.begin_write(t, offset, 4096).unwrap();
-        m.send_data(&mut r, offset, &[7u8; 4096]).unwrap();
+        m.send_data(&mut r, offset, &[7u8; 4096], false).unwrap();
         if durable {
             m.send_durable(&mut r).unwrap();
         }
