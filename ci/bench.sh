@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the performance benchmark (issue 5): installs what it needs, builds the release binaries,
 # runs the full benchmark with its defaults (3 rounds x 3 s per run, 1 GiB images, resync against
-# nbdcopy, 600 s of memory sampling under mixed load) and says where the tables are.
+# nbdcopy, 600 s of memory sampling under mixed load, a perf profile of each workload whose
+# issue-10 target was missed) and says where the tables are.
 # Usage (as root on Debian 12): bash ci/bench.sh [bench options, e.g. --perf, --rounds 5, --smoke]
 # Idempotent: a second run installs nothing and overwrites the previous tables.
 set -euo pipefail
@@ -10,10 +11,12 @@ cd "$(dirname "$0")/.."
 # QEMU 10 (qemu-storage-daemon, qemu-nbd) and the Rust toolchain check.
 bash ci/setup.sh
 
-# nbdcopy (the resync baseline); perf only when asked to profile.
-need_pkgs=(libnbd-bin qemu-utils)
+# nbdcopy (the resync baseline); perf: every full run profiles the workloads whose issue-10
+# targets it missed (`--perf`, added unless given or --smoke).
+need_pkgs=(libnbd-bin qemu-utils linux-perf)
+extra=(--perf)
 for a in "$@"; do
-    [ "$a" = "--perf" ] && need_pkgs+=(linux-perf)
+    case "$a" in --perf | --smoke) extra=() ;; esac
 done
 missing=()
 for p in "${need_pkgs[@]}"; do
@@ -36,7 +39,7 @@ cargo build --release --locked -p bench -p vhost-mirror -p access-node
 
 target_dir="${CARGO_TARGET_DIR:-target}"
 echo "== benchmark"
-"$target_dir/release/bench" "$@"
+"$target_dir/release/bench" "${extra[@]}" "$@"
 
 out="$target_dir/bench"
 prev=""

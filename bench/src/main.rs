@@ -83,8 +83,9 @@ struct Args {
     /// --perf-workloads on mirror, mirror-base and local; top symbols go into the report.
     #[arg(long)]
     perf: bool,
-    /// The workloads --perf profiles.
-    #[arg(long, value_delimiter = ',', default_value = "randwrite-4k-qd32")]
+    /// The workloads --perf profiles (default: each workload with a missed issue-10 target in
+    /// this run, or randwrite-4k-qd32 if none missed).
+    #[arg(long, value_delimiter = ',')]
     perf_workloads: Vec<String>,
     /// Loopback TCP round trips per RTT measurement.
     #[arg(long, default_value_t = 10_000)]
@@ -442,7 +443,7 @@ fn real_main(args: Args) -> Result<()> {
             0.0
         }
         + if cfg.perf {
-            60.0 * cfg.perf_workloads.len() as f64
+            60.0 * cfg.perf_workloads.len().max(cfg.workloads.len()) as f64
         } else {
             0.0
         };
@@ -723,7 +724,12 @@ fn run_all(cfg: &Config, env: &Env) -> Result<Results> {
     }
 
     if cfg.perf {
-        res.perf = Some(profile(cfg, env)?);
+        let wls = if cfg.perf_workloads.is_empty() {
+            missed_workloads(cfg, &res)
+        } else {
+            cfg.perf_workloads.clone()
+        };
+        res.perf = Some(profile(cfg, env, &wls)?);
     }
     if cfg.resync || cfg.rss {
         // The memory measurement needs this build's pair; the resync runs both builds'.
@@ -800,15 +806,41 @@ fn measure_run(
     Ok(m)
 }
 
+/// The workloads of this run with a missed issue-10 target (the report's own verdicts), in
+/// the run's order; randwrite-4k-qd32 if none.
+fn missed_workloads(cfg: &Config, res: &Results) -> Vec<&'static Workload> {
+    let rep = report::build(&cfg.systems, &cfg.workloads, res, Value::Null, Value::Null);
+    let missed: Vec<String> = rep.json["issue10_ratios"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|r| r["met"] == false)
+                .filter_map(|r| r["workload"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let wls: Vec<&'static Workload> = cfg
+        .workloads
+        .iter()
+        .copied()
+        .filter(|w| missed.iter().any(|m| m == w.name))
+        .collect();
+    if wls.is_empty() {
+        client::workload("randwrite-4k-qd32").into_iter().collect()
+    } else {
+        wls
+    }
+}
+
 /// `perf record -g` of vhost-mirror (and access-node) during each of `--perf-workloads`, on
 /// mirror, mirror-base and local; returns the top symbols.
-fn profile(cfg: &Config, env: &Env) -> Result<Value> {
+fn profile(cfg: &Config, env: &Env, wls: &[&'static Workload]) -> Result<Value> {
     if !util::in_path("perf") {
         return Ok(json!({"available": false, "reason": "perf not found"}));
     }
     let secs = cfg.secs.max(if cfg.smoke { 0.5 } else { 5.0 });
     let mut runs = Vec::new();
-    for &wl in &cfg.perf_workloads {
+    for &wl in wls {
         runs.push(profile_one(cfg, env, wl, secs)?);
     }
     Ok(json!({"available": true, "secs": secs, "runs": runs}))
