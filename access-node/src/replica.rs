@@ -484,6 +484,30 @@ impl Replica {
         Ok(())
     }
 
+    /// Appends the block hashes (`mirror_proto::blockhash`) of `offset..offset + len` as the
+    /// image holds them, read past the read cache (which it would only flush out); `buf` is
+    /// scratch space.
+    pub fn hashes(
+        &mut self,
+        offset: u64,
+        len: usize,
+        buf: &mut Vec<u8>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ReplicaError> {
+        self.live()?;
+        let img = check_range(self.image.as_ref(), offset, len as u64)?;
+        buf.resize(len, 0);
+        img.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| ReplicaError::Io {
+                op: "read",
+                offset,
+                source,
+            })?;
+        mirror_proto::blockhash::hash_blocks(buf, out);
+        Ok(())
+    }
+
     fn invalidate(&mut self, offset: u64, len: u64) {
         self.cache.invalidate(offset, len);
         self.status

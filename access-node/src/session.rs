@@ -598,6 +598,17 @@ fn apply(
                 Err(e) => Err(e),
             }
         }
+        Frame::ReadHashes { offset, len } => {
+            let mut hashes = Vec::new();
+            match rep.hashes(offset, len as usize, rbuf, &mut hashes) {
+                Ok(()) => {
+                    Counters::add(&c.bytes_hashed, u64::from(len));
+                    frame::encode(seq, &Frame::Hashes { hashes: &hashes }, out);
+                    return Ok(false);
+                }
+                Err(e) => Err(e),
+            }
+        }
         Frame::SyncStart { full, bytes } => {
             let r = rep.sync_start();
             if r.is_ok() {

@@ -23,6 +23,8 @@ pub struct Counters {
     pub write_zeroes: AtomicU64,
     pub bytes_written: AtomicU64,
     pub bytes_read: AtomicU64,
+    /// Bytes of the image hashed for the primary (checksum resync, verify).
+    pub bytes_hashed: AtomicU64,
     /// Requests answered with anything but Ack Ok / ReadData.
     pub errors: AtomicU64,
     /// Total time spent applying Writes, for the average latency.
@@ -281,6 +283,7 @@ impl Status {
             "write_zeroes": l(&c.write_zeroes),
             "bytes_written": l(&c.bytes_written),
             "bytes_read": l(&c.bytes_read),
+            "bytes_hashed": l(&c.bytes_hashed),
             "errors": l(&c.errors),
             "cache_hits": l(&c.cache_hits),
             "cache_misses": l(&c.cache_misses),
@@ -324,6 +327,7 @@ mod tests {
             "write_zeroes",
             "bytes_written",
             "bytes_read",
+            "bytes_hashed",
             "errors",
             "cache_hits",
             "cache_misses",

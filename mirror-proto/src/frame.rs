@@ -12,6 +12,8 @@
 
 use thiserror::Error;
 
+use crate::blockhash::{blocks_in, HASH_LEN, MAX_HASH_SPAN};
+
 /// "VHMP" in ASCII.
 pub const MAGIC: [u8; 4] = *b"VHMP";
 /// Protocol 2: the Noise handshake (NoiseInit, NoiseReply) in clear, every later frame inside
@@ -253,6 +255,16 @@ pub enum Frame<'a> {
     },
     /// Primary -> replica: clean shutdown, nothing in flight.
     Goodbye,
+    /// Primary -> replica: the hashes of the blocks of `offset..offset + len` (see
+    /// `blockhash.rs`), as the replica holds them once the requests before this one applied.
+    ReadHashes {
+        offset: u64,
+        len: u32,
+    },
+    /// Replica -> primary: [`crate::blockhash::HASH_LEN`] bytes per block, in order.
+    Hashes {
+        hashes: &'a [u8],
+    },
 }
 
 mod kind {
@@ -274,6 +286,8 @@ mod kind {
     pub const PING: u8 = 17;
     pub const PONG: u8 = 18;
     pub const GOODBYE: u8 = 19;
+    pub const READ_HASHES: u8 = 20;
+    pub const HASHES: u8 = 21;
 }
 
 const FLAG_RESYNC: u16 = 1;
@@ -304,6 +318,8 @@ impl Frame<'_> {
             Frame::Ping { .. } => kind::PING,
             Frame::Pong { .. } => kind::PONG,
             Frame::Goodbye => kind::GOODBYE,
+            Frame::ReadHashes { .. } => kind::READ_HASHES,
+            Frame::Hashes { .. } => kind::HASHES,
         }
     }
 }
@@ -327,6 +343,8 @@ fn kind_name(k: u8) -> &'static str {
         kind::PING => "Ping",
         kind::PONG => "Pong",
         kind::GOODBYE => "Goodbye",
+        kind::READ_HASHES => "ReadHashes",
+        kind::HASHES => "Hashes",
         _ => "unknown",
     }
 }
@@ -424,9 +442,13 @@ pub fn encode(seq: u64, frame: &Frame<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(&offset.to_le_bytes());
             out.extend_from_slice(&len.to_le_bytes());
         }
-        Frame::ReadData { data } => {
+        Frame::ReadData { data } | Frame::Hashes { hashes: data } => {
             out.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
             out.extend_from_slice(data);
+        }
+        Frame::ReadHashes { offset, len } => {
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&len.to_le_bytes());
         }
         Frame::Ack { status } => out.push(status.to_wire()),
         Frame::Ping { nanos } | Frame::Pong { nanos } => {
@@ -735,6 +757,27 @@ pub fn decode(buf: &[u8]) -> Result<Option<Decoded<'_>>, FrameError> {
         kind::PING => Frame::Ping { nanos: c.u64()? },
         kind::PONG => Frame::Pong { nanos: c.u64()? },
         kind::GOODBYE => Frame::Goodbye,
+        kind::READ_HASHES => {
+            let offset = c.u64()?;
+            let len = c.u32()?;
+            if len as usize > MAX_HASH_SPAN {
+                return Err(c.bad("span larger than MAX_HASH_SPAN"));
+            }
+            Frame::ReadHashes { offset, len }
+        }
+        kind::HASHES => {
+            let crc = c.u32()?;
+            let hashes = c.rest();
+            if !hashes.len().is_multiple_of(HASH_LEN)
+                || hashes.len() > blocks_in(MAX_HASH_SPAN) * HASH_LEN
+            {
+                return Err(c.bad("not a whole number of hashes, or too many"));
+            }
+            if crc32c::crc32c(hashes) != crc {
+                return Err(FrameError::DataCrc(name));
+            }
+            Frame::Hashes { hashes }
+        }
         other => return Err(FrameError::UnknownKind(other)),
     };
     c.end()?;
@@ -817,7 +860,37 @@ mod tests {
             Frame::Ping { nanos: 5 },
             Frame::Pong { nanos: 6 },
             Frame::Goodbye,
+            Frame::ReadHashes {
+                offset: 1 << 20,
+                len: MAX_HASH_SPAN as u32,
+            },
+            Frame::Hashes {
+                hashes: &data[..HASH_LEN * 3],
+            },
         ]
+    }
+
+    #[test]
+    fn hash_frames_refuse_what_no_replica_sends() {
+        let mut buf = Vec::new();
+        encode(
+            1,
+            &Frame::ReadHashes {
+                offset: 0,
+                len: MAX_HASH_SPAN as u32 + 1,
+            },
+            &mut buf,
+        );
+        assert!(matches!(decode(&buf), Err(FrameError::Malformed { .. })));
+        for n in [HASH_LEN + 1, (blocks_in(MAX_HASH_SPAN) + 1) * HASH_LEN] {
+            let h = vec![1u8; n];
+            buf.clear();
+            encode(1, &Frame::Hashes { hashes: &h }, &mut buf);
+            assert!(
+                matches!(decode(&buf), Err(FrameError::Malformed { .. })),
+                "{n} bytes of hashes"
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ pub mod activity_log;
 pub mod auth;
 pub mod bitmap;
 pub mod bitmap_file;
+pub mod blockhash;
 pub mod conn;
 pub mod control;
 pub mod files;

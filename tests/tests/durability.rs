@@ -240,6 +240,16 @@ fn serve_fake(
             }
             continue;
         }
+        // A partial resync asks for block hashes first: this replica has none of the blocks
+        // (hashes no block has), so every block is then sent as with a full copy.
+        if let Frame::ReadHashes { len, .. } = d.frame {
+            let n = mirror_proto::blockhash::blocks_in(len as usize);
+            let hashes = vec![0xa5u8; n * mirror_proto::blockhash::HASH_LEN];
+            if conn::send(&mut w, d.seq, &Frame::Hashes { hashes: &hashes }).is_err() {
+                return;
+            }
+            continue;
+        }
         let reply = script(conn_no, &d.frame, seen);
         seen.frames.push(name);
         match reply {

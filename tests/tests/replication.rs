@@ -844,6 +844,235 @@ fn primary_restarted_while_peer_away() {
     eprintln!("total {:?}", t0.elapsed());
 }
 
+/// A partial resync compares block hashes and sends only the blocks that differ: 4 KiB written
+/// into each of 10 regions while the replica was away travel as 40 KiB, not 10 x 64 KiB; 5
+/// regions marked by writes of what both sides already held (zeros) travel not at all. Both
+/// images are identical afterwards.
+#[test]
+fn a_partial_resync_sends_only_the_blocks_that_differ() {
+    let _wd = Watchdog::new(
+        "a_partial_resync_sends_only_the_blocks_that_differ",
+        Duration::from_secs(120),
+    );
+    let size = 64 * MIB;
+    let s = Pair::new("mirror-csums", size);
+    let mut node = s.node();
+    let mut b = s.mirror();
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    node.kill();
+    wait_status(&mut b, TIMEOUT, |v| {
+        status_str(v, "peer_state") == "disconnected"
+    })
+    .unwrap_or_else(|v| panic!("peer not disconnected after the kill: {}", pretty(&v)));
+
+    let seed = 0x5005;
+    let block = 4096u64;
+    let changed: Vec<u64> = (0..10u64)
+        .map(|i| (3 + i * 97) * REGION + 2 * block)
+        .collect();
+    let same: Vec<u64> = (0..5u64).map(|i| (50 + i * 101) * REGION + block).collect();
+    {
+        let mut c = Client::connect_with(b.socket(), &client_opts());
+        let q = c.q();
+        for &off in &changed {
+            assert_eq!(
+                q.write(off, &pattern(off, usz(block), seed)),
+                Ok(()),
+                "write {off:#x}"
+            );
+        }
+        for &off in &same {
+            assert_eq!(
+                q.write(off, &vec![0u8; usz(block)]),
+                Ok(()),
+                "write {off:#x}"
+            );
+        }
+        assert_eq!(q.flush(), Ok(()), "flush");
+    }
+    let st = b.status_json();
+    let regions = 15 * REGION;
+    assert_eq!(
+        status_u64(&st, "out_of_sync_bytes"),
+        regions,
+        "out of sync after writing into 15 regions: {}",
+        pretty(&st)
+    );
+    let sent0 = status_u64(&st, "resync_sent_bytes");
+    let same0 = status_u64(&st, "resync_same_bytes");
+    let total0 = status_u64(&st, "resync_total_bytes");
+
+    let mut node = s.node();
+    let st = wait_in_sync(&mut b, SYNC_TIMEOUT);
+    let sent = status_u64(&st, "resync_sent_bytes") - sent0;
+    let same_bytes = status_u64(&st, "resync_same_bytes") - same0;
+    assert_eq!(
+        status_u64(&st, "resync_total_bytes") - total0,
+        regions,
+        "the resync covered another amount than the 15 regions: {}",
+        pretty(&st)
+    );
+    assert_eq!(
+        sent,
+        10 * block,
+        "the resync sent {sent} bytes for 10 changed 4 KiB blocks: {}",
+        pretty(&st)
+    );
+    assert_eq!(
+        same_bytes,
+        regions - 10 * block,
+        "bytes found equal by their hashes: {}",
+        pretty(&st)
+    );
+    let nst = node.status_json();
+    assert!(
+        status_u64(&nst, "bytes_hashed") >= regions,
+        "the replica hashed less than the 15 regions: {}",
+        pretty(&nst)
+    );
+    stop_primary(&mut b);
+    stop_node(&mut node);
+    for &off in &changed {
+        check_pattern(&read_file_range(&s.replica, off, usz(block)), off, seed)
+            .unwrap_or_else(|e| panic!("replica image: {e}"));
+    }
+    assert_identical(&s.primary, &s.replica);
+}
+
+/// `vhost-mirror verify` against `b`'s control socket: exit code and stdout.
+fn run_verify(b: &Backend, extra: &[&str]) -> (Option<i32>, String) {
+    let ctl = b.control().expect("control socket");
+    let out = run_with_timeout(
+        Command::new(bin_path("vhost-mirror"))
+            .arg("verify")
+            .arg("--control")
+            .arg(ctl)
+            .args(extra),
+        Duration::from_secs(60),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+/// Flips one byte of the replica's image behind access-node's back (as a failing disk would).
+fn corrupt(replica: &Path, off: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(replica)
+        .expect("open replica");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, off).expect("read");
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, off).expect("write");
+}
+
+/// Online verify: no false positive while 4k writes at QD16 hit the device (3 runs); blocks
+/// corrupted behind the replica's back are found (exit 1), marked out of sync and resynced
+/// (only those blocks travel; `--repair` waits for it); without a replica it cannot run
+/// (exit 2); the last result is in status and survives a restart.
+#[test]
+fn verify_finds_corruption_without_false_positives() {
+    let _wd = Watchdog::new(
+        "verify_finds_corruption_without_false_positives",
+        Duration::from_secs(240),
+    );
+    let size = 64 * MIB;
+    let s = Pair::new("mirror-verify", size);
+    let mut node = s.node();
+    let mut b = s.mirror();
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+
+    // 1. Under load: identical every time.
+    for round in 0..3u64 {
+        let mut c = Client::connect_with(b.socket(), &client_opts());
+        let (code, text) = std::thread::scope(|sc| {
+            let v = sc.spawn(|| run_verify(&b, &["--json"]));
+            let mut model = Model::new(size, 0x7000 + round * 1000);
+            let mut rng = Rng::new(0x77 + round);
+            let mut log = IoLog::default();
+            while !v.is_finished() {
+                let mix = Mix {
+                    qd: 16,
+                    max_shift: 0,
+                    count: Some(2000),
+                    until: None,
+                    flush_every: 0,
+                    pace: None,
+                };
+                random_writes(c.q(), &mut model, &mut rng, &mix, &mut log);
+            }
+            assert!(log.errors.is_empty(), "write errors: {:?}", log.errors);
+            assert!(log.writes.len() >= 2000, "the load did not run");
+            v.join().expect("verify thread")
+        });
+        assert_eq!(code, Some(0), "verify under load, round {round}: {text}");
+        assert!(text.contains("\"differences\": 0"), "{text}");
+    }
+
+    // 2. Two corrupted blocks: found, marked, resynced (only those blocks travel).
+    let sent0 = status_u64(&b.status_json(), "resync_sent_bytes");
+    let bad = [5 * MIB + 4096 + 17, 40 * MIB + 3];
+    for &o in &bad {
+        corrupt(&s.replica, o);
+    }
+    let (code, text) = run_verify(&b, &["--json"]);
+    assert_eq!(code, Some(1), "verify after corrupting 2 blocks: {text}");
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("verify --json output");
+    assert_eq!(v["different_bytes"], 2 * BLOCK, "{text}");
+    assert_eq!(v["ranges"][0][0], bad[0] / BLOCK * BLOCK, "{text}");
+    assert_eq!(v["ranges"][1][0], bad[1] / BLOCK * BLOCK, "{text}");
+    let st = wait_in_sync(&mut b, SYNC_TIMEOUT);
+    assert_eq!(st["verify_last"]["different_bytes"], 2 * BLOCK, "{}", pretty(&st));
+    assert_eq!(
+        status_u64(&st, "resync_sent_bytes") - sent0,
+        2 * BLOCK,
+        "the repair sent more than the 2 blocks: {}",
+        pretty(&st)
+    );
+    for &o in &bad {
+        let a = read_file_range(&s.primary, o / BLOCK * BLOCK, usz(BLOCK));
+        let r = read_file_range(&s.replica, o / BLOCK * BLOCK, usz(BLOCK));
+        assert!(a == r, "block at {o:#x} not repaired");
+    }
+
+    // 3. --repair returns once the resync is done; a second run finds nothing.
+    corrupt(&s.replica, 33 * MIB + 100);
+    let (code, text) = run_verify(&b, &["--repair", "--json"]);
+    assert_eq!(code, Some(1), "verify --repair after corrupting 1 block: {text}");
+    let v: serde_json::Value = serde_json::from_str(text.trim()).expect("verify --json output");
+    assert_eq!(v["repaired"], true, "{text}");
+    let (code, text) = run_verify(&b, &[]);
+    assert_eq!(code, Some(0), "verify after the repair: {text}");
+
+    // Without a replica: could not run.
+    stop_node(&mut node);
+    wait_status(&mut b, TIMEOUT, |v| {
+        status_str(v, "peer_state") != "connected"
+    })
+    .unwrap_or_else(|v| panic!("still connected: {}", pretty(&v)));
+    let (code, text) = run_verify(&b, &[]);
+    assert_eq!(code, Some(2), "verify without a replica: {text}");
+    assert!(text.contains("not connected"), "{text}");
+    let mut node = s.node();
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+
+    // 4. The last result survives a restart.
+    stop_primary(&mut b);
+    let b = s.mirror();
+    let st = b.status_json();
+    assert_eq!(st["verify_last"]["differences"], 0, "{}", pretty(&st));
+    assert_eq!(st["verify_last"]["length"], size, "{}", pretty(&st));
+    drop(b);
+    stop_node(&mut node);
+    assert_identical(&s.primary, &s.replica);
+}
+
 // ------------------------------------------------------------------------------------------------
 // 4. Wrong secret, no secret, wrong size
 // ------------------------------------------------------------------------------------------------

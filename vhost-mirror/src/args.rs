@@ -23,6 +23,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print the status of a running `serve` (through its --control socket).
     Status(StatusArgs),
+    /// Compare the whole device (or a range) with the replica by block hashes while the guest
+    /// runs. Exit status 0: identical; 1: differences found (marked out of sync); 2: could
+    /// not run.
+    Verify(VerifyArgs),
 }
 
 #[derive(Debug, Args)]
@@ -73,6 +77,29 @@ pub struct ServeArgs {
     /// Limit resync traffic to this many MiB/s (default: unlimited).
     #[arg(long, value_name = "MiB/s")]
     pub resync_rate: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The --control socket of a running `vhost-mirror serve --peer ...`.
+    #[arg(long, value_name = "CTL")]
+    pub control: PathBuf,
+    /// First byte to compare (a multiple of 4096).
+    #[arg(long, default_value_t = 0)]
+    pub offset: u64,
+    /// Bytes to compare (0: to the end of the device).
+    #[arg(long, default_value_t = 0)]
+    pub length: u64,
+    /// At most this many MiB per second (default: as fast as it goes).
+    #[arg(long, value_name = "MiB/s")]
+    pub rate: Option<u64>,
+    /// Return only once the blocks found different are resynced (they are in any case: the
+    /// primary's data wins).
+    #[arg(long)]
+    pub repair: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

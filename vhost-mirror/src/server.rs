@@ -22,6 +22,7 @@ use crate::disk::{DiskError, RawImage};
 use crate::flusher::Flusher;
 use crate::frontend::{FrontendError, FrontendSocket};
 use crate::replication::out_of_sync::SyncStateError;
+use crate::replication::verify::{self, VerifyRequest};
 use crate::replication::Mirror;
 use crate::stats;
 use mirror_proto::control::{self, Handler};
@@ -66,6 +67,21 @@ struct ServerState {
 }
 
 impl ServerState {
+    /// `verify [offset=N] [length=N] [rate_mib=N] [repair=1]`: runs an online verify to its end
+    /// (`replication/verify.rs`) and answers its result.
+    fn verify(&self, args: &str) -> serde_json::Value {
+        let Some(m) = &self.dev.mirror else {
+            return json!({ "error": "no replica configured (--peer)" });
+        };
+        match VerifyRequest::parse(args) {
+            Ok(req) => match verify::run(m, req) {
+                Ok(v) => v,
+                Err(e) => json!({ "error": chain(&e) }),
+            },
+            Err(e) => json!({ "error": e }),
+        }
+    }
+
     fn status(&self) -> serde_json::Value {
         let c = stats::snapshot(&self.dev.counters);
         let mut v = json!({
@@ -154,9 +170,10 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
     });
     if let Some(l) = control_listener {
         let st = state.clone();
-        let f: Handler = Arc::new(move |cmd| match cmd {
-            "status" => st.status(),
-            other => json!({ "error": format!("unknown command {other:?}") }),
+        let f: Handler = Arc::new(move |cmd| match cmd.split_once(' ').unwrap_or((cmd, "")) {
+            ("status", "") => st.status(),
+            ("verify", args) => st.verify(args),
+            _ => json!({ "error": format!("unknown command {cmd:?}") }),
         });
         control::spawn_server(l, access, f).map_err(ServeError::Thread)?;
     }

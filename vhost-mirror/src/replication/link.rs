@@ -165,6 +165,7 @@ impl LinkStats {
 enum Answer {
     Ack,
     ReadData,
+    Hashes,
     Pong,
 }
 
@@ -172,6 +173,7 @@ impl Answer {
     fn of(f: &Frame<'_>) -> Answer {
         match f {
             Frame::Read { .. } => Answer::ReadData,
+            Frame::ReadHashes { .. } => Answer::Hashes,
             Frame::Ping { .. } => Answer::Pong,
             _ => Answer::Ack,
         }
@@ -606,6 +608,7 @@ impl Link {
             let (reply, answer) = match d.frame {
                 Frame::Ack { status } => (Reply::Ack(status), Answer::Ack),
                 Frame::ReadData { data } => (Reply::Data(data.to_vec()), Answer::ReadData),
+                Frame::Hashes { hashes } => (Reply::Data(hashes.to_vec()), Answer::Hashes),
                 Frame::Pong { .. } => (Reply::Ack(AckStatus::Ok), Answer::Pong),
                 Frame::Refuse { reason, .. } => {
                     let reason = mirror_proto::control::escape_controls(reason);

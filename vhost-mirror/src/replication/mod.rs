@@ -8,6 +8,7 @@
 //! | `resync.rs` | copying out-of-sync regions while the guest keeps running |
 //! | `out_of_sync.rs` | the persistent bitmap and the generation bookkeeping |
 //! | `inflight.rs` | the ordering rule for overlapping writes |
+//! | `verify.rs` | online verify: comparing block hashes with the replica while the guest runs |
 
 pub mod activity_log;
 pub mod inflight;
@@ -15,6 +16,7 @@ pub mod link;
 pub mod out_of_sync;
 pub mod peer;
 pub mod resync;
+pub mod verify;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -125,6 +127,13 @@ pub struct Mirror {
     status: Mutex<PeerStatus>,
     stats: Arc<LinkStats>,
     resync_total: AtomicU64,
+    /// Resync bytes sent as data, and bytes a partial resync found equal on the replica by
+    /// their block hashes (not sent).
+    resync_sent: AtomicU64,
+    resync_same: AtomicU64,
+    /// The running verify's progress, and the last result (kept in `IMG.verify`).
+    verify: verify::Progress,
+    verify_last: Mutex<Option<Value>>,
     stopping: AtomicBool,
 }
 
@@ -168,6 +177,7 @@ impl Mirror {
             );
             activity_log.clear().map_err(SyncStateError::ActivityLog)?;
         }
+        let verify_last = verify::load_last(&cfg.image);
         Ok(Arc::new(Mirror {
             cfg,
             disk,
@@ -191,6 +201,10 @@ impl Mirror {
             }),
             stats: Arc::new(LinkStats::default()),
             resync_total: AtomicU64::new(0),
+            resync_sent: AtomicU64::new(0),
+            resync_same: AtomicU64::new(0),
+            verify: verify::Progress::default(),
+            verify_last: Mutex::new(verify_last),
             stopping: AtomicBool::new(false),
         }))
     }
@@ -688,6 +702,12 @@ impl Mirror {
             "resyncing": st.resyncing,
             "resync_done_bytes": st.resync_done,
             "resync_total_bytes": self.resync_total.load(Ordering::Relaxed),
+            "resync_sent_bytes": self.resync_sent.load(Ordering::Relaxed),
+            "resync_same_bytes": self.resync_same.load(Ordering::Relaxed),
+            "verify_running": self.verify.running.load(Ordering::Relaxed),
+            "verify_done_bytes": self.verify.done.load(Ordering::Relaxed),
+            "verify_total_bytes": self.verify.total.load(Ordering::Relaxed),
+            "verify_last": self.verify_last.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             "generation": generation,
             "link_write_latency_us": self.stats.avg_write_latency_us(),
             "link_write_latency_ewma_us": self.stats.write_latency_ewma_ns.load(Ordering::Relaxed) / 1000,

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use log::info;
 use mirror_proto::bitmap::REGION_SIZE;
+use mirror_proto::blockhash;
 use mirror_proto::frame::{AckStatus, DiskState, Frame, MAX_DATA};
 use thiserror::Error;
 
@@ -49,7 +50,8 @@ pub enum ResyncError {
 }
 
 struct InFlight {
-    waiter: Arc<Waiter>,
+    /// The run's writes (none if the replica had it all already).
+    waiters: Vec<Arc<Waiter>>,
     first: u64,
     count: u64,
     bytes: u64,
@@ -82,7 +84,13 @@ impl Pipeline {
         let Some(f) = self.window.pop_front() else {
             return Ok(());
         };
-        let r = wait_ok(f.waiter);
+        let mut r = Ok(());
+        for w in f.waiters {
+            let x = wait_ok(w);
+            if r.is_ok() {
+                r = x;
+            }
+        }
         m.inflight.release(f.token);
         r?;
         self.acked.push((f.first, f.count));
@@ -207,6 +215,15 @@ pub fn run(
     Ok(())
 }
 
+/// Waits for a reply that carries data (Hashes).
+fn wait_data(w: Arc<Waiter>) -> Result<Vec<u8>, ResyncError> {
+    match w.wait() {
+        Ok(Reply::Data(d)) => Ok(d),
+        Ok(Reply::Ack(s)) => Err(ResyncError::Replica(s)),
+        Err(_) => Err(ResyncError::LinkDown),
+    }
+}
+
 fn wait_ok(w: Arc<Waiter>) -> Result<(), ResyncError> {
     match w.wait() {
         Ok(Reply::Ack(AckStatus::Ok)) => Ok(()),
@@ -232,15 +249,24 @@ fn copy_all(
     }
     m.sync_state().watch_marks(true);
     let mut p = Pipeline::default();
-    let result = copy_runs(m, link, size, &mut p);
+    // A full sync copies everything (a fresh replica differs everywhere); a partial one
+    // compares block hashes first and sends only the blocks that differ.
+    let result = copy_runs(m, link, size, !full, &mut p);
     // On error, let what is in flight finish (or fail) and free its ranges.
     let drained = p.drain(m, link);
     m.sync_state().watch_marks(false);
     result.and(drained)
 }
 
-fn copy_runs(m: &Mirror, link: &Arc<Link>, size: u64, p: &mut Pipeline) -> Result<(), ResyncError> {
+fn copy_runs(
+    m: &Mirror,
+    link: &Arc<Link>,
+    size: u64,
+    csums: bool,
+    p: &mut Pipeline,
+) -> Result<(), ResyncError> {
     let mut buf = vec![0u8; MAX_DATA];
+    let mut local_hashes = Vec::new();
     let mut cursor = 0u64;
     let mut since_persist = 0u64;
     let started = Instant::now();
@@ -278,29 +304,76 @@ fn copy_runs(m: &Mirror, link: &Arc<Link>, size: u64, p: &mut Pipeline) -> Resul
             m.inflight.release(token);
             return Err(ResyncError::Read(e));
         }
-        // All-zero regions (sparse parts of the image) travel as a 24-byte WriteZeroes.
-        let req = if data.iter().all(|b| *b == 0) {
-            Frame::WriteZeroes {
+        // The replica's hashes of the run, asked for before ours are computed (they overlap).
+        let remote = if csums {
+            match link.send(Frame::ReadHashes {
                 offset,
-                len,
-                unmap: true,
+                len: len as u32,
+            }) {
+                Ok(w) => Some(w),
+                Err(_) => {
+                    m.inflight.release(token);
+                    return Err(ResyncError::LinkDown);
+                }
             }
         } else {
-            Frame::Write {
-                offset,
-                data,
-                resync: true,
+            None
+        };
+        let parts = match remote {
+            None => vec![(0usize, len as usize)],
+            Some(w) => {
+                local_hashes.clear();
+                blockhash::hash_blocks(data, &mut local_hashes);
+                let theirs = match wait_data(w) {
+                    Ok(h) => h,
+                    Err(e) => {
+                        m.inflight.release(token);
+                        return Err(e);
+                    }
+                };
+                let diff = blockhash::differing_runs(&local_hashes, &theirs, len as usize);
+                let differing: u64 = diff.iter().map(|r| r.1 as u64).sum();
+                m.resync_same.fetch_add(len - differing, Ordering::Relaxed);
+                diff
             }
         };
-        let waiter = match link.send(req) {
-            Ok(w) => w,
-            Err(_) => {
-                m.inflight.release(token);
-                return Err(ResyncError::LinkDown);
+        let mut waiters = Vec::with_capacity(parts.len());
+        for (at, n) in parts {
+            let part = &data[at..at + n];
+            let o = offset + at as u64;
+            m.resync_sent.fetch_add(n as u64, Ordering::Relaxed);
+            // All-zero parts (sparse parts of the image) travel as a 24-byte WriteZeroes.
+            let req = if part.iter().all(|b| *b == 0) {
+                Frame::WriteZeroes {
+                    offset: o,
+                    len: n as u64,
+                    unmap: true,
+                }
+            } else {
+                Frame::Write {
+                    offset: o,
+                    data: part,
+                    resync: true,
+                }
+            };
+            match link.send(req) {
+                Ok(w) => waiters.push(w),
+                Err(_) => {
+                    // What was sent is waited for by the drain (the link is dead anyway).
+                    p.window.push_back(InFlight {
+                        waiters,
+                        first,
+                        count,
+                        bytes: len,
+                        token,
+                        since,
+                    });
+                    return Err(ResyncError::LinkDown);
+                }
             }
-        };
+        }
         p.window.push_back(InFlight {
-            waiter,
+            waiters,
             first,
             count,
             bytes: len,

@@ -1,0 +1,372 @@
+//! Online verify: compares the image with the replica by block hashes while the guest runs,
+//! without false positives.
+//!
+//! Each span (4 MiB) is taken in the ordering table first, as a write would be: every guest
+//! write to it that was sent has been acknowledged (so the replica applied it), and none is in
+//! flight until the span is given back. Then the replica is asked for its hashes (ReadHashes,
+//! applied after every request sent before it) and the local span is read and hashed. Equal
+//! hashes mean equal bytes at that moment; a difference is real. Differing blocks are marked
+//! out of sync, which the connected link's manager resyncs at once like any marked region (the
+//! primary's data wins; only the blocks that differ travel); `--repair` waits for that resync
+//! to finish. The last result is kept in `IMG.verify` (JSON) across restarts.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use log::{info, warn};
+use mirror_proto::bitmap::REGION_SIZE;
+use mirror_proto::blockhash::{self, HASH_BLOCK, MAX_HASH_SPAN};
+use mirror_proto::frame::{AckStatus, Frame};
+use serde_json::{json, Value};
+use thiserror::Error;
+
+use super::inflight::{Owner, Token};
+use super::link::{Link, Reply};
+use super::Mirror;
+use crate::disk::DiskError;
+
+/// The ordering table's owner for verify's spans.
+pub const VERIFY: Owner = usize::MAX - 1;
+/// Bytes compared per step (one ReadHashes).
+const SPAN: u64 = MAX_HASH_SPAN as u64;
+/// Differing ranges listed in a result (all are counted and marked).
+const MAX_LISTED: usize = 64;
+
+#[derive(Debug, Error)]
+pub enum VerifyError {
+    #[error("no replica configured (--peer)")]
+    NoPeer,
+    #[error("the replica is not connected")]
+    NotConnected,
+    #[error("the replica is not in sync ({0} bytes out of sync): verify compares an in-sync pair")]
+    NotInSync(u64),
+    #[error("a verify is running already")]
+    Running,
+    #[error(
+        "the range {offset}+{length} is not inside the {size}-byte image, or not 4 KiB aligned"
+    )]
+    BadRange { offset: u64, length: u64, size: u64 },
+    #[error("the link to the replica went down during the verify")]
+    LinkDown,
+    #[error("the replica answered {0:?}")]
+    Replica(AckStatus),
+    #[error("the replica sent {got} bytes of hashes for {want}")]
+    BadHashes { got: usize, want: usize },
+    #[error("cannot read the local image")]
+    Read(#[source] DiskError),
+    #[error("cannot mark the differing blocks out of sync")]
+    Mark(#[source] super::MirrorError),
+    #[error("shutting down")]
+    ShuttingDown,
+    #[error(
+        "part of the range was marked out of sync during the verify (a write failed on one side)"
+    )]
+    MarkedMeanwhile,
+}
+
+/// What to verify.
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyRequest {
+    pub offset: u64,
+    /// 0: to the end of the image.
+    pub length: u64,
+    /// Bytes per second (None: as fast as it goes).
+    pub rate: Option<u64>,
+    pub repair: bool,
+}
+
+impl VerifyRequest {
+    /// Parses the control command's arguments: `key=value` words (`offset`, `length`,
+    /// `rate_mib`, `repair=1`).
+    pub fn parse(args: &str) -> Result<VerifyRequest, String> {
+        let mut r = VerifyRequest {
+            offset: 0,
+            length: 0,
+            rate: None,
+            repair: false,
+        };
+        for w in args.split_whitespace() {
+            let (k, v) = w
+                .split_once('=')
+                .ok_or_else(|| format!("argument {w:?} is not key=value"))?;
+            let n: u64 = v
+                .parse()
+                .map_err(|_| format!("argument {k}: {v:?} is not a number"))?;
+            match k {
+                "offset" => r.offset = n,
+                "length" => r.length = n,
+                "rate_mib" if n > 0 => r.rate = Some(n.saturating_mul(1 << 20)),
+                "rate_mib" => return Err("rate_mib must be at least 1".into()),
+                "repair" => r.repair = n != 0,
+                _ => return Err(format!("unknown argument {k:?}")),
+            }
+        }
+        Ok(r)
+    }
+}
+
+/// Progress of the running verify, for status.
+#[derive(Debug, Default)]
+pub struct Progress {
+    pub running: std::sync::atomic::AtomicBool,
+    pub done: std::sync::atomic::AtomicU64,
+    pub total: std::sync::atomic::AtomicU64,
+}
+
+/// Where the last result is kept.
+pub fn result_path(image: &Path) -> PathBuf {
+    mirror_proto::files::with_suffix(image, ".verify")
+}
+
+/// The last result kept beside the image (None if there is none or it is unreadable).
+pub fn load_last(image: &Path) -> Option<Value> {
+    let bytes = mirror_proto::files::read(&result_path(image)).ok()?;
+    if bytes.len() > 64 * 1024 {
+        return None;
+    }
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Runs a verify to its end; the result document (also kept as the last result).
+pub fn run(m: &Arc<Mirror>, req: VerifyRequest) -> Result<Value, VerifyError> {
+    if m.cfg.peer.is_none() {
+        return Err(VerifyError::NoPeer);
+    }
+    if m.verify.running.swap(true, Ordering::AcqRel) {
+        return Err(VerifyError::Running);
+    }
+    let r = run_locked(m, req);
+    m.verify.running.store(false, Ordering::Release);
+    r
+}
+
+fn run_locked(m: &Arc<Mirror>, req: VerifyRequest) -> Result<Value, VerifyError> {
+    let size = m.disk.size();
+    let end = if req.length == 0 {
+        size
+    } else {
+        req.offset.saturating_add(req.length)
+    };
+    let block = HASH_BLOCK as u64;
+    if req.offset >= size && size > 0
+        || end > size
+        || !req.offset.is_multiple_of(block)
+        || (!end.is_multiple_of(block) && end != size)
+    {
+        return Err(VerifyError::BadRange {
+            offset: req.offset,
+            length: req.length,
+            size,
+        });
+    }
+    let link = m.current_link().ok_or(VerifyError::NotConnected)?;
+    if !link.is_alive() {
+        return Err(VerifyError::NotConnected);
+    }
+    let oos = m.sync_state().out_of_sync_bytes();
+    if oos > 0 {
+        return Err(VerifyError::NotInSync(oos));
+    }
+    let started = Instant::now();
+    let started_at = now_secs();
+    m.verify.total.store(end - req.offset, Ordering::Relaxed);
+    m.verify.done.store(0, Ordering::Relaxed);
+    info!(
+        "verify of {}..{end} against {} starting{}",
+        req.offset,
+        m.peer_name(),
+        if req.repair { " (repair)" } else { "" }
+    );
+    let mut local = vec![0u8; SPAN as usize];
+    let mut mine = Vec::new();
+    let mut diffs: Vec<(u64, u64)> = Vec::new();
+    let mut diff_bytes = 0u64;
+    let mut at = req.offset;
+    while at < end {
+        if m.stopping.load(Ordering::Relaxed) {
+            return Err(VerifyError::ShuttingDown);
+        }
+        let len = SPAN.min(end - at);
+        let token = reserve(m, &link, at, len)?;
+        let r = compare_span(m, &link, at, &mut local[..len as usize], &mut mine);
+        m.release(token);
+        for (o, l) in r? {
+            diff_bytes += l;
+            match diffs.last_mut() {
+                Some(d) if d.0 + d.1 == o => d.1 += l,
+                _ => diffs.push((o, l)),
+            }
+        }
+        at += len;
+        m.verify.done.fetch_add(len, Ordering::Relaxed);
+        if let Some(rate) = req.rate {
+            let due = Duration::from_secs_f64((at - req.offset) as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    // Marked out of sync (durably) before anyone hears of them.
+    for &(o, l) in &diffs {
+        m.mark(o, l).map_err(VerifyError::Mark)?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let compared = end - req.offset;
+    let repaired = if req.repair && !diffs.is_empty() {
+        m.notify_changed();
+        wait_repaired(m, &link)
+    } else {
+        diffs.is_empty()
+    };
+    let result = json!({
+        "started": started_at,
+        "finished": now_secs(),
+        "secs": secs,
+        "offset": req.offset,
+        "length": compared,
+        "bytes_compared": compared,
+        "mib_per_sec": compared as f64 / secs.max(1e-9) / (1u64 << 20) as f64,
+        "differences": diffs.len(),
+        "different_bytes": diff_bytes,
+        "ranges": diffs.iter().take(MAX_LISTED).map(|&(o, l)| json!([o, l])).collect::<Vec<_>>(),
+        "ranges_listed_max": MAX_LISTED,
+        "repair": req.repair,
+        "repaired": repaired,
+    });
+    if diffs.is_empty() {
+        info!(
+            "verify finished: {compared} bytes identical on both sides ({:.0} MiB/s)",
+            compared as f64 / secs.max(1e-9) / (1u64 << 20) as f64
+        );
+    } else {
+        warn!(
+            "verify finished: {diff_bytes} bytes in {} ranges differ on the replica (first at \
+             offset {}); marked out of sync{}",
+            diffs.len(),
+            diffs[0].0,
+            if repaired {
+                " and resynced"
+            } else {
+                "; the resync copies them"
+            }
+        );
+    }
+    if let Err(e) =
+        mirror_proto::files::replace(&result_path(&m.cfg.image), result.to_string().as_bytes())
+    {
+        warn!(
+            "cannot keep the verify result in {}: {e}",
+            result_path(&m.cfg.image).display()
+        );
+    }
+    *m.verify_last.lock().unwrap_or_else(|p| p.into_inner()) = Some(result.clone());
+    Ok(result)
+}
+
+/// Waits until the link's manager resynced what verify marked (nothing out of sync, no resync
+/// running), as long as the link lives: whether it did.
+fn wait_repaired(m: &Mirror, link: &Link) -> bool {
+    loop {
+        if !link.is_alive() || m.stopping.load(Ordering::Relaxed) {
+            return false;
+        }
+        let clear = m.sync_state().bitmap.is_clear();
+        if clear && !m.status_lock().resyncing {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Takes the span in the ordering table (waiting for guest writes to it to complete), as long
+/// as the link verify started on lives.
+fn reserve(m: &Mirror, link: &Arc<Link>, at: u64, len: u64) -> Result<Token, VerifyError> {
+    loop {
+        if let Some(t) =
+            m.inflight
+                .acquire_timeout(VERIFY, at, at + len, Duration::from_millis(100))
+        {
+            if !link.is_alive() || !m.current_link().is_some_and(|l| Arc::ptr_eq(&l, link)) {
+                m.release(t);
+                return Err(VerifyError::LinkDown);
+            }
+            return Ok(t);
+        }
+        if !link.is_alive() {
+            return Err(VerifyError::LinkDown);
+        }
+    }
+}
+
+/// Compares one span held in the ordering table; the differing ranges (image offsets).
+fn compare_span(
+    m: &Mirror,
+    link: &Link,
+    at: u64,
+    local: &mut [u8],
+    mine: &mut Vec<u8>,
+) -> Result<Vec<(u64, u64)>, VerifyError> {
+    let len = local.len();
+    // A region marked out of sync meanwhile (a write that failed on one side) differs for a
+    // known reason: the resync takes it, and a comparison would only report it.
+    let marked = {
+        let s = m.sync_state();
+        s.bitmap
+            .next_run(at / REGION_SIZE, 1)
+            .is_some_and(|(r, _)| r * REGION_SIZE < at + len as u64)
+    };
+    if marked {
+        return Err(VerifyError::MarkedMeanwhile);
+    }
+    let w = link
+        .send(Frame::ReadHashes {
+            offset: at,
+            len: len as u32,
+        })
+        .map_err(|_| VerifyError::LinkDown)?;
+    m.disk.read_at(local, at).map_err(VerifyError::Read)?;
+    mine.clear();
+    blockhash::hash_blocks(local, mine);
+    let theirs = match w.wait() {
+        Ok(Reply::Data(d)) => d,
+        Ok(Reply::Ack(s)) => return Err(VerifyError::Replica(s)),
+        Err(_) => return Err(VerifyError::LinkDown),
+    };
+    if theirs.len() != mine.len() {
+        return Err(VerifyError::BadHashes {
+            got: theirs.len(),
+            want: mine.len(),
+        });
+    }
+    Ok(blockhash::differing_runs(mine, &theirs, len)
+        .into_iter()
+        .map(|(o, l)| (at + o as u64, l as u64))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_parse_and_bad_ones_are_refused() {
+        let r = VerifyRequest::parse("offset=4096 length=8192 rate_mib=10 repair=1").unwrap();
+        assert_eq!(
+            (r.offset, r.length, r.rate, r.repair),
+            (4096, 8192, Some(10 << 20), true)
+        );
+        let r = VerifyRequest::parse("").unwrap();
+        assert_eq!((r.offset, r.length, r.rate, r.repair), (0, 0, None, false));
+        for bad in ["offset", "offset=x", "speed=1", "rate_mib=0", "length=-1"] {
+            assert!(VerifyRequest::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
