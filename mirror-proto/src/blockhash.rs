@@ -86,3 +86,31 @@ mod tests {
         assert!(differing_runs(&[], &[], 0).is_empty());
     }
 }
+
+#[cfg(test)]
+mod speed {
+    /// `cargo test --release -p mirror-proto blockhash::speed -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn hash_speed() {
+        let data: Vec<u8> = (0..(64u32 << 20))
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let mut out = Vec::new();
+        let t = std::time::Instant::now();
+        for _ in 0..4 {
+            out.clear();
+            super::hash_blocks(&data, &mut out);
+        }
+        let s = t.elapsed().as_secs_f64();
+        println!("blake3 per 4 KiB block: {:.0} MiB/s", 256.0 / s);
+        let t = std::time::Instant::now();
+        for _ in 0..4 {
+            let _ = blake3::hash(&data);
+        }
+        println!(
+            "blake3 one 64 MiB input: {:.0} MiB/s",
+            256.0 / t.elapsed().as_secs_f64()
+        );
+    }
+}

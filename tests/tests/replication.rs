@@ -1028,7 +1028,12 @@ fn verify_finds_corruption_without_false_positives() {
     assert_eq!(v["ranges"][0][0], bad[0] / BLOCK * BLOCK, "{text}");
     assert_eq!(v["ranges"][1][0], bad[1] / BLOCK * BLOCK, "{text}");
     let st = wait_in_sync(&mut b, SYNC_TIMEOUT);
-    assert_eq!(st["verify_last"]["different_bytes"], 2 * BLOCK, "{}", pretty(&st));
+    assert_eq!(
+        st["verify_last"]["different_bytes"],
+        2 * BLOCK,
+        "{}",
+        pretty(&st)
+    );
     assert_eq!(
         status_u64(&st, "resync_sent_bytes") - sent0,
         2 * BLOCK,
@@ -1044,7 +1049,11 @@ fn verify_finds_corruption_without_false_positives() {
     // 3. --repair returns once the resync is done; a second run finds nothing.
     corrupt(&s.replica, 33 * MIB + 100);
     let (code, text) = run_verify(&b, &["--repair", "--json"]);
-    assert_eq!(code, Some(1), "verify --repair after corrupting 1 block: {text}");
+    assert_eq!(
+        code,
+        Some(1),
+        "verify --repair after corrupting 1 block: {text}"
+    );
     let v: serde_json::Value = serde_json::from_str(text.trim()).expect("verify --json output");
     assert_eq!(v["repaired"], true, "{text}");
     let (code, text) = run_verify(&b, &[]);

@@ -189,31 +189,68 @@ fn run_locked(m: &Arc<Mirror>, req: VerifyRequest) -> Result<Value, VerifyError>
     let mut mine = Vec::new();
     let mut diffs: Vec<(u64, u64)> = Vec::new();
     let mut diff_bytes = 0u64;
-    let mut at = req.offset;
-    while at < end {
+    // Two spans in flight: the replica hashes the next one while this side hashes the
+    // current one. The second is taken only if it is free (never wait while holding one).
+    let mut pending: std::collections::VecDeque<Span> = std::collections::VecDeque::new();
+    let mut next = req.offset;
+    let result = loop {
         if m.stopping.load(Ordering::Relaxed) {
-            return Err(VerifyError::ShuttingDown);
+            break Err(VerifyError::ShuttingDown);
         }
-        let len = SPAN.min(end - at);
-        let token = reserve(m, &link, at, len)?;
-        let r = compare_span(m, &link, at, &mut local[..len as usize], &mut mine);
-        m.release(token);
-        for (o, l) in r? {
+        if pending.is_empty() && next < end {
+            let len = SPAN.min(end - next);
+            match start_span(m, &link, next, len, true) {
+                Ok(Some(sp)) => pending.push_back(sp),
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+            next += len;
+        }
+        if pending.len() == 1 && next < end {
+            let len = SPAN.min(end - next);
+            match start_span(m, &link, next, len, false) {
+                Ok(Some(sp)) => {
+                    pending.push_back(sp);
+                    next += len;
+                }
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+        }
+        let Some(sp) = pending.pop_front() else {
+            break Ok(());
+        };
+        let (at, len) = (sp.at, sp.len);
+        let r = finish_span(m, sp, &mut local[..len as usize], &mut mine);
+        let runs = match r {
+            Ok(runs) => runs,
+            Err(e) => break Err(e),
+        };
+        for (o, l) in runs {
             diff_bytes += l;
             match diffs.last_mut() {
                 Some(d) if d.0 + d.1 == o => d.1 += l,
                 _ => diffs.push((o, l)),
             }
         }
-        at += len;
+        let done = at + len;
         m.verify.done.fetch_add(len, Ordering::Relaxed);
         if let Some(rate) = req.rate {
-            let due = Duration::from_secs_f64((at - req.offset) as f64 / rate as f64);
+            let due = Duration::from_secs_f64((done - req.offset) as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
+                // Nothing held while pausing: guest writes to the next span need not wait.
+                for sp in pending.drain(..) {
+                    next = next.min(sp.at);
+                    m.release(sp.token);
+                }
                 std::thread::sleep(wait);
             }
         }
+    };
+    for sp in pending.drain(..) {
+        m.release(sp.token);
     }
+    result?;
     // Marked out of sync (durably) before anyone hears of them.
     for &(o, l) in &diffs {
         m.mark(o, l).map_err(VerifyError::Mark)?;
@@ -306,50 +343,90 @@ fn reserve(m: &Mirror, link: &Arc<Link>, at: u64, len: u64) -> Result<Token, Ver
     }
 }
 
-/// Compares one span held in the ordering table; the differing ranges (image offsets).
-fn compare_span(
-    m: &Mirror,
-    link: &Link,
+/// A span held in the ordering table whose hashes were asked of the replica.
+struct Span {
     at: u64,
-    local: &mut [u8],
-    mine: &mut Vec<u8>,
-) -> Result<Vec<(u64, u64)>, VerifyError> {
-    let len = local.len();
+    len: u64,
+    token: Token,
+    theirs: Arc<super::link::Waiter>,
+}
+
+/// Takes a span in the ordering table (waiting for it if `wait`; else None if it is taken)
+/// and asks the replica for its hashes.
+fn start_span(
+    m: &Mirror,
+    link: &Arc<Link>,
+    at: u64,
+    len: u64,
+    wait: bool,
+) -> Result<Option<Span>, VerifyError> {
+    let token = if wait {
+        reserve(m, link, at, len)?
+    } else {
+        match m.try_reserve(VERIFY, at, len) {
+            Some(t) => t,
+            None => return Ok(None),
+        }
+    };
     // A region marked out of sync meanwhile (a write that failed on one side) differs for a
-    // known reason: the resync takes it, and a comparison would only report it.
+    // known reason, and the link that failed it is gone: the comparison stops.
     let marked = {
         let s = m.sync_state();
         s.bitmap
             .next_run(at / REGION_SIZE, 1)
-            .is_some_and(|(r, _)| r * REGION_SIZE < at + len as u64)
+            .is_some_and(|(r, _)| r * REGION_SIZE < at + len)
     };
     if marked {
+        m.release(token);
         return Err(VerifyError::MarkedMeanwhile);
     }
-    let w = link
-        .send(Frame::ReadHashes {
-            offset: at,
-            len: len as u32,
-        })
-        .map_err(|_| VerifyError::LinkDown)?;
-    m.disk.read_at(local, at).map_err(VerifyError::Read)?;
-    mine.clear();
-    blockhash::hash_blocks(local, mine);
-    let theirs = match w.wait() {
-        Ok(Reply::Data(d)) => d,
-        Ok(Reply::Ack(s)) => return Err(VerifyError::Replica(s)),
-        Err(_) => return Err(VerifyError::LinkDown),
-    };
-    if theirs.len() != mine.len() {
-        return Err(VerifyError::BadHashes {
-            got: theirs.len(),
-            want: mine.len(),
-        });
+    match link.send(Frame::ReadHashes {
+        offset: at,
+        len: len as u32,
+    }) {
+        Ok(theirs) => Ok(Some(Span {
+            at,
+            len,
+            token,
+            theirs,
+        })),
+        Err(_) => {
+            m.release(token);
+            Err(VerifyError::LinkDown)
+        }
     }
-    Ok(blockhash::differing_runs(mine, &theirs, len)
-        .into_iter()
-        .map(|(o, l)| (at + o as u64, l as u64))
-        .collect())
+}
+
+/// Hashes the local span, compares, gives the span back; the differing ranges (image
+/// offsets).
+fn finish_span(
+    m: &Mirror,
+    sp: Span,
+    local: &mut [u8],
+    mine: &mut Vec<u8>,
+) -> Result<Vec<(u64, u64)>, VerifyError> {
+    let r = (|| {
+        m.disk.read_at(local, sp.at).map_err(VerifyError::Read)?;
+        mine.clear();
+        blockhash::hash_blocks(local, mine);
+        let theirs = match sp.theirs.wait() {
+            Ok(Reply::Data(d)) => d,
+            Ok(Reply::Ack(s)) => return Err(VerifyError::Replica(s)),
+            Err(_) => return Err(VerifyError::LinkDown),
+        };
+        if theirs.len() != mine.len() {
+            return Err(VerifyError::BadHashes {
+                got: theirs.len(),
+                want: mine.len(),
+            });
+        }
+        Ok(blockhash::differing_runs(mine, &theirs, local.len())
+            .into_iter()
+            .map(|(o, l)| (sp.at + o as u64, l as u64))
+            .collect())
+    })();
+    m.release(sp.token);
+    r
 }
 
 #[cfg(test)]
