@@ -127,8 +127,10 @@ say "\$ access-node serve --image hostA/disk.raw --listen 127.0.0.1:$port_a --se
 pids+=($!); an_a=$!
 wait_in_sync "$B/vm.ctl"
 moved=$("$vm" status --control "$B/vm.ctl" --json | json '["resync_total_bytes"]')
+sent=$("$vm" status --control "$B/vm.ctl" --json | json '["resync_sent_bytes"]')
+same=$("$vm" status --control "$B/vm.ctl" --json | json '["resync_same_bytes"]')
 size=$(stat -c %s "$A/disk.raw")
-say "failback resync copied $moved bytes of a $size-byte disk"
+say "failback resync covered $moved bytes of a $size-byte disk: $sent bytes sent as data, $same found equal by block hashes"
 "$vm" status --control "$B/vm.ctl"
 upload after-failback.txt 20000
 
