@@ -963,11 +963,20 @@ fn features_and_config() {
 ///     is in the image file; every 4 KiB block is old or new.
 #[test]
 fn sigterm_with_writes_in_flight() {
-    let size = 16 * MIB;
+    sigterm_in_flight("sigterm", 128 * KIB);
+}
+
+/// The same with 512 KiB writes (each split into many page-cache folios).
+#[test]
+fn sigterm_with_large_writes_in_flight() {
+    sigterm_in_flight("sigterm-large", 512 * KIB);
+}
+
+fn sigterm_in_flight(name: &str, req: u64) {
+    let size = 64 * req * 2;
     let old = 0x0D;
     let new = 0x4E;
-    let mut fx = fixture("sigterm", size, &opts(), Some(old));
-    let req = 128 * KIB;
+    let mut fx = fixture(name, size, &opts(), Some(old));
     let copts = ClientOpts {
         buf_per_queue: usz(64 * req),
         queue_size: 256, // 64 requests x 3 descriptors all fit in the ring
