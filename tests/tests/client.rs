@@ -966,7 +966,7 @@ fn sigterm_with_writes_in_flight() {
     sigterm_in_flight("sigterm", 128 * KIB);
 }
 
-/// The same with 512 KiB writes (each split into many page-cache folios).
+/// The same with 512 KiB writes.
 #[test]
 fn sigterm_with_large_writes_in_flight() {
     sigterm_in_flight("sigterm-large", 512 * KIB);
