@@ -19,7 +19,7 @@ use mirror_proto::auth::{self, AuthError};
 use mirror_proto::bitmap::Bitmap;
 use mirror_proto::bitmap_file::BitmapFile;
 use mirror_proto::frame::{
-    AckStatus, DiskState, NodeInfo, Role, MAX_HISTORY, NODE_FLAG_DISCARD_MY_DATA,
+    AckStatus, DiskState, NodeInfo, Role, MAX_HISTORY, NODE_FLAG_DISCARD_MY_DATA, NODE_FLAG_HASHES,
 };
 use mirror_proto::generation;
 use mirror_proto::meta::{self, Meta, MetaError, META_FORMAT};
@@ -279,11 +279,12 @@ impl Replica {
             generation: m.map_or(0, |m| m.generation),
             bitmap_generation: 0,
             history: m.map_or_else(Vec::new, |m| m.history.clone()),
-            flags: if self.discard_my_data {
-                NODE_FLAG_DISCARD_MY_DATA
-            } else {
-                0
-            },
+            flags: NODE_FLAG_HASHES
+                | if self.discard_my_data {
+                    NODE_FLAG_DISCARD_MY_DATA
+                } else {
+                    0
+                },
             hot: Vec::new(),
         }
     }

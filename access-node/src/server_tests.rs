@@ -13,7 +13,7 @@ use mirror_proto::bitmap_file::BitmapFile;
 use mirror_proto::conn::FrameReader;
 use mirror_proto::frame::{
     self, AckStatus, DiskState, Frame, NodeInfo, RefuseCode, Role, MAGIC, MAX_DATA,
-    NODE_FLAG_DISCARD_MY_DATA,
+    NODE_FLAG_DISCARD_MY_DATA, NODE_FLAG_HASHES,
 };
 use mirror_proto::meta::{Meta, META_FORMAT};
 use mirror_proto::secure::{self, SecureError, SecureReader, SecureWriter};
@@ -1011,16 +1011,16 @@ fn attached_reports_hot_extents_and_discard_my_data_until_a_resync() {
     // The next primary sees a plain secondary.
     let (_p, info) = f.attach(MIB);
     assert!(info.hot.is_empty());
-    assert_eq!(info.flags, 0);
+    assert_eq!(info.flags, NODE_FLAG_HASHES, "no discard-my-data any more");
     assert_eq!((info.role, info.generation), (Role::Secondary, 0x43));
 }
 
 #[test]
-fn a_normal_replica_reports_no_hot_extents_and_no_flags() {
+fn a_normal_replica_reports_no_hot_extents_and_only_the_hashes_flag() {
     let f = Fixture::start();
     let (_p, info) = f.attach(MIB);
     assert!(info.hot.is_empty());
-    assert_eq!(info.flags, 0);
+    assert_eq!(info.flags, NODE_FLAG_HASHES);
 }
 
 /// Lines of a file (none if it does not exist).

@@ -191,6 +191,10 @@ pub const MAX_HOT: usize = crate::activity_log::MAX_EXTENTS;
 /// `--discard-my-data`).
 pub const NODE_FLAG_DISCARD_MY_DATA: u32 = 1;
 
+/// NodeInfo flag: the sender answers ReadHashes (an access node older than block hashes does
+/// not; a primary then copies whole regions and cannot verify).
+pub const NODE_FLAG_HASHES: u32 = 2;
+
 /// One protocol message; `data` and `reason` borrow from the decoded buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame<'a> {

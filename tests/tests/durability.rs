@@ -240,9 +240,11 @@ fn serve_fake(
             }
             continue;
         }
-        // A partial resync asks for block hashes first: this replica has none of the blocks
-        // (hashes no block has), so every block is then sent as with a full copy.
+        // This replica does not announce block hashes (flags 0, like an access-node from
+        // before them): a primary must not ask. If one does, it is recorded (and answered with
+        // hashes no block has, so the test goes on to find it).
         if let Frame::ReadHashes { len, .. } = d.frame {
+            seen.frames.push("ReadHashes".to_owned());
             let n = mirror_proto::blockhash::blocks_in(len as usize);
             let hashes = vec![0xa5u8; n * mirror_proto::blockhash::HASH_LEN];
             if conn::send(&mut w, d.seq, &Frame::Hashes { hashes: &hashes }).is_err() {
@@ -317,6 +319,10 @@ fn resync_clears_bits_only_after_the_replica_flushed() {
     quit.store(true, Ordering::Relaxed);
     fake.join().expect("fake replica thread");
     let conns = seen.lock().expect("seen").clone();
+    assert!(
+        !conns.iter().any(|c| c.frames.iter().any(|n| n == "ReadHashes")),
+        "a replica that does not announce block hashes was asked for them: {conns:?}"
+    );
     assert!(
         conns
             .iter()

@@ -83,6 +83,8 @@ struct PeerStatus {
     peer_generation: Option<u64>,
     resyncing: bool,
     resync_done: u64,
+    /// The attached replica answers ReadHashes (NodeInfo flag).
+    peer_hashes: bool,
 }
 
 /// A write-type request (or a FLUSH) on its way to the replica; finish it with
@@ -198,6 +200,7 @@ impl Mirror {
                 peer_generation: None,
                 resyncing: false,
                 resync_done: 0,
+                peer_hashes: false,
             }),
             stats: Arc::new(LinkStats::default()),
             resync_total: AtomicU64::new(0),

@@ -198,6 +198,7 @@ fn serve_link(
         let mut s = m.status_lock();
         s.peer_generation = Some(replica.generation);
         s.peer_disk = Some(replica.disk_state);
+        s.peer_hashes = replica.flags & mirror_proto::frame::NODE_FLAG_HASHES != 0;
     }
     let mut refuse = |code, state, reason: String| {
         let _ = conn::send(

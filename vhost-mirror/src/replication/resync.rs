@@ -251,7 +251,9 @@ fn copy_all(
     let mut p = Pipeline::default();
     // A full sync copies everything (a fresh replica differs everywhere); a partial one
     // compares block hashes first and sends only the blocks that differ.
-    let result = copy_runs(m, link, size, !full, &mut p);
+    // (Only with a replica that answers ReadHashes: an older one gets whole regions.)
+    let csums = !full && m.status_lock().peer_hashes;
+    let result = copy_runs(m, link, size, csums, &mut p);
     // On error, let what is in flight finish (or fail) and free its ranges.
     let drained = p.drain(m, link);
     m.sync_state().watch_marks(false);

@@ -44,6 +44,8 @@ pub enum VerifyError {
     NotInSync(u64),
     #[error("a verify is running already")]
     Running,
+    #[error("the replica's access-node does not answer block hashes (upgrade it)")]
+    NoHashes,
     #[error(
         "the range {offset}+{length} is not inside the {size}-byte image, or not 4 KiB aligned"
     )]
@@ -170,6 +172,9 @@ fn run_locked(m: &Arc<Mirror>, req: VerifyRequest) -> Result<Value, VerifyError>
     let link = m.current_link().ok_or(VerifyError::NotConnected)?;
     if !link.is_alive() {
         return Err(VerifyError::NotConnected);
+    }
+    if !m.status_lock().peer_hashes {
+        return Err(VerifyError::NoHashes);
     }
     let oos = m.sync_state().out_of_sync_bytes();
     if oos > 0 {
