@@ -320,7 +320,9 @@ fn resync_clears_bits_only_after_the_replica_flushed() {
     fake.join().expect("fake replica thread");
     let conns = seen.lock().expect("seen").clone();
     assert!(
-        !conns.iter().any(|c| c.frames.iter().any(|n| n == "ReadHashes")),
+        !conns
+            .iter()
+            .any(|c| c.frames.iter().any(|n| n == "ReadHashes")),
         "a replica that does not announce block hashes was asked for them: {conns:?}"
     );
     assert!(

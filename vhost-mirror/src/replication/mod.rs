@@ -267,8 +267,10 @@ impl Mirror {
 
     /// Records a byte range as out of sync, durably.
     pub fn mark(&self, offset: u64, len: u64) -> Result<(), MirrorError> {
+        // Every caller marks the bytes of a write (or a verify's differing blocks): the
+        // difference is in those blocks, which the resync then sends without comparing.
         self.sync_state()
-            .mark(offset, len)
+            .mark_known(offset, len)
             .map_err(MirrorError::Record)
     }
 

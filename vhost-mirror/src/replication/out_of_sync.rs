@@ -43,6 +43,11 @@ pub enum SyncStateError {
 }
 
 /// The primary's replication state for one image.
+/// Most regions whose differing blocks are tracked (`SyncState::known`): 1 Mi regions, 64 GiB
+/// of degraded writes, at most a few tens of MiB of memory; beyond, regions are compared by
+/// their hashes instead.
+const MAX_KNOWN: usize = 1 << 20;
+
 #[derive(Debug)]
 pub struct SyncState {
     image: PathBuf,
@@ -60,6 +65,13 @@ pub struct SyncState {
     mark_seq: u64,
     /// While a resync runs: the marks made since its oldest unsettled batch began.
     watch: Option<MarkLog>,
+    /// Regions marked, since their bit was last clear, only by this process's writes (a write
+    /// the replica did not get: degraded, refused, unanswered), each with the 4 KiB blocks they
+    /// touched: every difference in such a region is in those blocks, which the resync sends
+    /// as data. A region marked any other way (hot activity-log extents after a crash, the
+    /// replica's on a failback, a dying link's unflushed ranges) or set when this process
+    /// started is absent: the resync compares its blocks by hash.
+    known: std::collections::HashMap<u64, u16>,
 }
 
 /// Marks made while a resync is copying: a region marked after its copy was read must not be
@@ -160,6 +172,7 @@ impl SyncState {
             unpersisted: false,
             mark_seq: 0,
             watch: None,
+            known: std::collections::HashMap::new(),
         })
     }
 
@@ -189,9 +202,64 @@ impl SyncState {
         self.mark_ranges(&[(offset, len)])
     }
 
+    /// Marks a byte range that a write changed here and not on the replica: as [`mark`],
+    /// and its blocks are remembered (see `known`).
+    ///
+    /// [`mark`]: SyncState::mark
+    pub fn mark_known(&mut self, offset: u64, len: u64) -> Result<(), SyncStateError> {
+        if let Some((first, last)) = self.bitmap.regions_of(offset, len) {
+            for r in first..=last {
+                let mask = block_mask(r, offset, len);
+                if !self.bitmap.is_set(r) {
+                    if self.known.len() < MAX_KNOWN {
+                        self.known.insert(r, mask);
+                    }
+                } else if let Some(m) = self.known.get_mut(&r) {
+                    *m |= mask;
+                }
+            }
+        }
+        self.mark_inner(&[(offset, len)])
+    }
+
+    /// The parts (byte offset in the run, length) of the run of regions `first..first +
+    /// count` (`run_len` bytes) that may differ, when every region of it is in `known`.
+    pub fn known_parts(&self, first: u64, count: u64, run_len: u64) -> Option<Vec<(usize, usize)>> {
+        let mut parts: Vec<(usize, usize)> = Vec::new();
+        for r in first..first + count {
+            let mask = *self.known.get(&r)?;
+            for b in 0..16u64 {
+                if mask & (1 << b) == 0 {
+                    continue;
+                }
+                let at = (r - first) * REGION_SIZE + b * 4096;
+                if at >= run_len {
+                    break;
+                }
+                let n = 4096.min(run_len - at);
+                match parts.last_mut() {
+                    Some(p) if p.0 + p.1 == at as usize => p.1 += n as usize,
+                    _ => parts.push((at as usize, n as usize)),
+                }
+            }
+        }
+        Some(parts)
+    }
+
     /// Marks several byte ranges with one fdatasync. Ok only when every bit of them is in
     /// the file (also bits set in memory by an earlier mark whose persist failed).
     pub fn mark_ranges(&mut self, ranges: &[(u64, u64)]) -> Result<(), SyncStateError> {
+        for &(o, l) in ranges {
+            if let Some((first, last)) = self.bitmap.regions_of(o, l) {
+                for r in first..=last {
+                    self.known.remove(&r);
+                }
+            }
+        }
+        self.mark_inner(ranges)
+    }
+
+    fn mark_inner(&mut self, ranges: &[(u64, u64)]) -> Result<(), SyncStateError> {
         self.mark_seq += 1;
         if let Some(w) = &mut self.watch {
             if w.marks.len() + ranges.len() <= MAX_WATCHED_MARKS {
@@ -225,6 +293,7 @@ impl SyncState {
 
     /// Marks everything out of sync relative to the replica's generation (full sync).
     pub fn mark_all(&mut self, replica_generation: u64) -> Result<(), SyncStateError> {
+        self.known.clear();
         self.mark_seq += 1;
         if let Some(w) = &mut self.watch {
             w.overflow_seq = Some(self.mark_seq);
@@ -278,6 +347,7 @@ impl SyncState {
                     .iter()
                     .any(|&(_, o, l)| o < end && start < o.saturating_add(l.max(1)));
                 if !touched && self.bitmap.clear(r) {
+                    self.known.remove(&r);
                     cleared += len;
                 }
             }
@@ -290,6 +360,7 @@ impl SyncState {
     pub fn clear_regions(&mut self, first: u64, count: u64) {
         for r in first..first + count {
             self.bitmap.clear(r);
+            self.known.remove(&r);
         }
     }
 
@@ -323,6 +394,20 @@ impl SyncState {
         }
         Ok(())
     }
+}
+
+/// The 4 KiB blocks of region `r` that `offset..offset + len` touches, as bits.
+fn block_mask(r: u64, offset: u64, len: u64) -> u16 {
+    let start = r * REGION_SIZE;
+    let from = offset.max(start) - start;
+    let to = offset.saturating_add(len).min(start + REGION_SIZE) - start;
+    let mut mask = 0u16;
+    let mut b = from / 4096;
+    while b * 4096 < to && b < 16 {
+        mask |= 1 << b;
+        b += 1;
+    }
+    mask
 }
 
 /// Saves `meta` with a new generation whose bitmap is relative to `base`; returns it.

@@ -30,6 +30,9 @@ use crate::disk::DiskError;
 const RUN_REGIONS: u64 = MAX_DATA as u64 / REGION_SIZE;
 /// Resync writes in flight (each holds its range until acknowledged).
 const WINDOW: usize = 8;
+/// Runs of a partial resync whose hashes are asked for at once (each holds its range and a
+/// buffer of up to 1 MiB).
+const HASH_WINDOW: usize = 8;
 /// Acknowledged runs per batch (each batch ends with a Flush, an `fdatasync` on the replica,
 /// which goes on applying meanwhile: 256 MiB between them, so that a typical resync needs
 /// one, which SyncDone's flush then finds done); at most two batches wait for their Flush.
@@ -69,8 +72,24 @@ struct Batch {
 }
 
 /// The resync's pipeline: writes in flight, acknowledged runs, batches waiting for a Flush.
+/// A run whose hashes were asked of the replica: held in the ordering table, its local copy
+/// read (`since`: the last mark before that).
+struct Hashing {
+    first: u64,
+    count: u64,
+    offset: u64,
+    token: Token,
+    since: u64,
+    data: Vec<u8>,
+    theirs: Arc<Waiter>,
+}
+
 #[derive(Default)]
 struct Pipeline {
+    /// Runs waiting for the replica's hashes (at most [`HASH_WINDOW`]).
+    hashing: VecDeque<Hashing>,
+    /// Buffers of settled runs, for the next ones.
+    spare: Vec<Vec<u8>>,
     window: VecDeque<InFlight>,
     acked: Vec<(u64, u64)>,
     acked_bytes: u64,
@@ -131,10 +150,58 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Waits for everything: writes in flight, then every batch (the open one closed first).
-    /// Ranges are freed even on errors; the first error is returned.
+    /// Compares the oldest hashed run with the replica's hashes and sends the blocks that
+    /// differ (the run joins the write window, with no write if none differs).
+    fn settle_hash(&mut self, m: &Mirror, link: &Link) -> Result<(), ResyncError> {
+        let Some(h) = self.hashing.pop_front() else {
+            return Ok(());
+        };
+        let len = h.data.len();
+        let mut mine = Vec::new();
+        blockhash::hash_blocks(&h.data, &mut mine);
+        let theirs = match wait_data(h.theirs) {
+            Ok(t) => t,
+            Err(e) => {
+                m.inflight.release(h.token);
+                return Err(e);
+            }
+        };
+        let parts = blockhash::differing_runs(&mine, &theirs, len);
+        let differing: u64 = parts.iter().map(|r| r.1 as u64).sum();
+        m.resync_same
+            .fetch_add(len as u64 - differing, Ordering::Relaxed);
+        let (waiters, alive) = match send_parts(m, link, h.offset, &h.data, &parts) {
+            Ok(w) => (w, true),
+            Err(w) => (w, false),
+        };
+        // (On a dead link the drain waits for what went out and frees the range.)
+        self.window.push_back(InFlight {
+            waiters,
+            first: h.first,
+            count: h.count,
+            bytes: len as u64,
+            token: h.token,
+            since: h.since,
+        });
+        self.spare.push(h.data);
+        if alive {
+            Ok(())
+        } else {
+            Err(ResyncError::LinkDown)
+        }
+    }
+
+    /// Waits for everything: runs being hashed, writes in flight, then every batch (the open
+    /// one closed first). Ranges are freed even on errors; the first error is returned.
     fn drain(&mut self, m: &Mirror, link: &Link) -> Result<(), ResyncError> {
         let mut r = Ok(());
+        while !self.hashing.is_empty() {
+            if r.is_ok() {
+                r = self.settle_hash(m, link);
+            } else if let Some(h) = self.hashing.pop_front() {
+                m.inflight.release(h.token);
+            }
+        }
         while !self.window.is_empty() {
             let x = self.complete_one(m, link);
             if r.is_ok() {
@@ -215,6 +282,42 @@ pub fn run(
     Ok(())
 }
 
+/// Sends `parts` (offset in the run, length) of a run's `data` at `offset` as resync writes
+/// (all-zero parts as a 24-byte WriteZeroes). Err: the link died, with the waiters of what
+/// went out before.
+fn send_parts(
+    m: &Mirror,
+    link: &Link,
+    offset: u64,
+    data: &[u8],
+    parts: &[(usize, usize)],
+) -> Result<Vec<Arc<Waiter>>, Vec<Arc<Waiter>>> {
+    let mut waiters = Vec::with_capacity(parts.len());
+    for &(at, n) in parts {
+        let part = &data[at..at + n];
+        let o = offset + at as u64;
+        let req = if part.iter().all(|b| *b == 0) {
+            Frame::WriteZeroes {
+                offset: o,
+                len: n as u64,
+                unmap: true,
+            }
+        } else {
+            Frame::Write {
+                offset: o,
+                data: part,
+                resync: true,
+            }
+        };
+        match link.send(req) {
+            Ok(w) => waiters.push(w),
+            Err(_) => return Err(waiters),
+        }
+        m.resync_sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    Ok(waiters)
+}
+
 /// Waits for a reply that carries data (Hashes).
 fn wait_data(w: Arc<Waiter>) -> Result<Vec<u8>, ResyncError> {
     match w.wait() {
@@ -268,7 +371,6 @@ fn copy_runs(
     p: &mut Pipeline,
 ) -> Result<(), ResyncError> {
     let mut buf = vec![0u8; MAX_DATA];
-    let mut local_hashes = Vec::new();
     let mut cursor = 0u64;
     let mut since_persist = 0u64;
     let started = Instant::now();
@@ -276,7 +378,11 @@ fn copy_runs(
     loop {
         let next = m.sync_state().bitmap.next_run(cursor, RUN_REGIONS);
         let Some((first, count)) = next else {
-            if !p.window.is_empty() || !p.acked.is_empty() || !p.closed.is_empty() {
+            if !p.hashing.is_empty()
+                || !p.window.is_empty()
+                || !p.acked.is_empty()
+                || !p.closed.is_empty()
+            {
                 p.drain(m, link)?;
                 continue;
             }
@@ -292,6 +398,9 @@ fn copy_runs(
             Some(t) => t,
             None => {
                 // Never wait for others while holding ranges ourselves.
+                while !p.hashing.is_empty() {
+                    p.settle_hash(m, link)?;
+                }
                 while !p.window.is_empty() {
                     p.complete_one(m, link)?;
                 }
@@ -300,88 +409,85 @@ fn copy_runs(
                 reserve_while_alive(m, link, offset, len).ok_or(ResyncError::LinkDown)?
             }
         };
-        let since = m.sync_state().mark_seq();
-        let data = &mut buf[..len as usize];
-        if let Err(e) = m.disk.read_at(data, offset) {
-            m.inflight.release(token);
-            return Err(ResyncError::Read(e));
-        }
-        // The replica's hashes of the run, asked for before ours are computed (they overlap).
-        let remote = if csums {
-            match link.send(Frame::ReadHashes {
+        let (since, known) = {
+            let st = m.sync_state();
+            (st.mark_seq(), st.known_parts(first, count, len))
+        };
+        if let Some(parts) = known.filter(|_| csums) {
+            // Writes this process made without the replica: exactly their blocks differ.
+            let data = &mut buf[..len as usize];
+            if let Err(e) = m.disk.read_at(data, offset) {
+                m.inflight.release(token);
+                return Err(ResyncError::Read(e));
+            }
+            let (waiters, alive) = match send_parts(m, link, offset, data, &parts) {
+                Ok(w) => (w, true),
+                Err(w) => (w, false),
+            };
+            p.window.push_back(InFlight {
+                waiters,
+                first,
+                count,
+                bytes: len,
+                token,
+                since,
+            });
+            if !alive {
+                return Err(ResyncError::LinkDown);
+            }
+        } else if csums {
+            // Read now (the run is held), hashed once the replica's hashes are asked for;
+            // HASH_WINDOW runs wait for them at once.
+            let mut data = p.spare.pop().unwrap_or_default();
+            data.resize(len as usize, 0);
+            if let Err(e) = m.disk.read_at(&mut data, offset) {
+                m.inflight.release(token);
+                return Err(ResyncError::Read(e));
+            }
+            let theirs = match link.send(Frame::ReadHashes {
                 offset,
                 len: len as u32,
             }) {
-                Ok(w) => Some(w),
+                Ok(w) => w,
                 Err(_) => {
                     m.inflight.release(token);
                     return Err(ResyncError::LinkDown);
                 }
+            };
+            p.hashing.push_back(Hashing {
+                first,
+                count,
+                offset,
+                token,
+                since,
+                data,
+                theirs,
+            });
+            if p.hashing.len() >= HASH_WINDOW {
+                p.settle_hash(m, link)?;
             }
         } else {
-            None
-        };
-        let parts = match remote {
-            None => vec![(0usize, len as usize)],
-            Some(w) => {
-                local_hashes.clear();
-                blockhash::hash_blocks(data, &mut local_hashes);
-                let theirs = match wait_data(w) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        m.inflight.release(token);
-                        return Err(e);
-                    }
-                };
-                let diff = blockhash::differing_runs(&local_hashes, &theirs, len as usize);
-                let differing: u64 = diff.iter().map(|r| r.1 as u64).sum();
-                m.resync_same.fetch_add(len - differing, Ordering::Relaxed);
-                diff
+            let data = &mut buf[..len as usize];
+            if let Err(e) = m.disk.read_at(data, offset) {
+                m.inflight.release(token);
+                return Err(ResyncError::Read(e));
             }
-        };
-        let mut waiters = Vec::with_capacity(parts.len());
-        for (at, n) in parts {
-            let part = &data[at..at + n];
-            let o = offset + at as u64;
-            m.resync_sent.fetch_add(n as u64, Ordering::Relaxed);
-            // All-zero parts (sparse parts of the image) travel as a 24-byte WriteZeroes.
-            let req = if part.iter().all(|b| *b == 0) {
-                Frame::WriteZeroes {
-                    offset: o,
-                    len: n as u64,
-                    unmap: true,
-                }
-            } else {
-                Frame::Write {
-                    offset: o,
-                    data: part,
-                    resync: true,
-                }
+            let (waiters, alive) = match send_parts(m, link, offset, data, &[(0, len as usize)]) {
+                Ok(w) => (w, true),
+                Err(w) => (w, false),
             };
-            match link.send(req) {
-                Ok(w) => waiters.push(w),
-                Err(_) => {
-                    // What was sent is waited for by the drain (the link is dead anyway).
-                    p.window.push_back(InFlight {
-                        waiters,
-                        first,
-                        count,
-                        bytes: len,
-                        token,
-                        since,
-                    });
-                    return Err(ResyncError::LinkDown);
-                }
+            p.window.push_back(InFlight {
+                waiters,
+                first,
+                count,
+                bytes: len,
+                token,
+                since,
+            });
+            if !alive {
+                return Err(ResyncError::LinkDown);
             }
         }
-        p.window.push_back(InFlight {
-            waiters,
-            first,
-            count,
-            bytes: len,
-            token,
-            since,
-        });
         cursor = first + count;
         sent_bytes += len;
         since_persist += len;
@@ -401,6 +507,9 @@ fn copy_runs(
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 // Free the ranges in flight first: guest writes to them must not wait out the
                 // pause.
+                while !p.hashing.is_empty() {
+                    p.settle_hash(m, link)?;
+                }
                 while !p.window.is_empty() {
                     p.complete_one(m, link)?;
                 }
