@@ -267,7 +267,7 @@ impl Mirror {
 
     /// Records a byte range as out of sync, durably.
     pub fn mark(&self, offset: u64, len: u64) -> Result<(), MirrorError> {
-        // Every caller marks the bytes of a write (or a verify's differing blocks): the
+        // Every caller marks the bytes of a write this side made without the replica: the
         // difference is in those blocks, which the resync then sends without comparing.
         self.sync_state()
             .mark_known(offset, len)
@@ -299,8 +299,13 @@ impl Mirror {
     pub fn begin_write(&self, token: Token, offset: u64, len: u64) -> Result<Remote, MirrorError> {
         let mut remote = Remote::new(Some(token), (offset, len));
         if self.cfg.peer.is_none() {
-            // Standalone: no replica writes at all; the bitmap records every write.
-            if let Err(e) = self.mark(offset, len) {
+            // Standalone: no replica writes at all; the bitmap records every write (no
+            // resync runs in this process, so no blocks are remembered).
+            if let Err(e) = self
+                .sync_state()
+                .mark(offset, len)
+                .map_err(MirrorError::Record)
+            {
                 self.abandon(remote);
                 return Err(e);
             }

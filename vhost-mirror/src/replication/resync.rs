@@ -114,7 +114,9 @@ impl Pipeline {
         r?;
         self.acked.push((f.first, f.count));
         self.acked_bytes += f.bytes;
-        self.acked_since.get_or_insert(f.since);
+        // The batch's first copy is the one read first (runs complete out of read order
+        // once some wait for hashes).
+        self.acked_since = Some(self.acked_since.map_or(f.since, |s| s.min(f.since)));
         if self.acked.len() >= BATCH {
             self.close_batch(link);
         }

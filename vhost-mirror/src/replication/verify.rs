@@ -255,10 +255,24 @@ fn run_locked(m: &Arc<Mirror>, req: VerifyRequest) -> Result<Value, VerifyError>
     for sp in pending.drain(..) {
         m.release(sp.token);
     }
-    result?;
-    // Marked out of sync (durably) before anyone hears of them.
+    // Marked out of sync (durably) before anyone hears of them, also when the run stops
+    // early. As regions that may differ anywhere (`SyncState::mark`, not the write path's
+    // `mark_known`): a difference behind a clear bit means the bit was wrong, and blocks of
+    // the region outside a partial range were never compared, so the resync compares the
+    // whole region by hash.
     for &(o, l) in &diffs {
-        m.mark(o, l).map_err(VerifyError::Mark)?;
+        m.sync_state()
+            .mark(o, l)
+            .map_err(|e| VerifyError::Mark(super::MirrorError::Record(e)))?;
+    }
+    if let Err(e) = result {
+        if !diffs.is_empty() {
+            warn!(
+                "verify stopped ({}); {diff_bytes} bytes found different before that are marked                  out of sync",
+                mirror_proto::sys::error_chain(&e)
+            );
+        }
+        return Err(e);
     }
     let secs = started.elapsed().as_secs_f64();
     let compared = end - req.offset;
