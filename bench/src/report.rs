@@ -82,6 +82,17 @@ fn fmt_us(x: f64) -> String {
     }
 }
 
+/// A JSON list of rates, each rounded to a whole MiB/s (empty if it is not a list).
+fn rounded_runs(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|x| x.as_f64().unwrap_or(0.0).round())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn fmt_ratio(x: Option<f64>) -> String {
     x.map_or("-".into(), |v| format!("{v:.2}"))
 }
@@ -833,13 +844,7 @@ pub fn build(
                     "\nnbdcopy ({}): {} MiB, runs {:?} MiB/s, median {} MiB/s. Method: {}",
                     n["version"].as_str().unwrap_or("?"),
                     n["bytes"].as_u64().unwrap_or(0) >> 20,
-                    n["runs_mib_s"]
-                        .as_array()
-                        .map(|a| a
-                            .iter()
-                            .map(|x| x.as_f64().unwrap_or(0.0).round())
-                            .collect::<Vec<_>>())
-                        .unwrap_or_default(),
+                    rounded_runs(&n["runs_mib_s"]),
                     nbd_rate.map_or("-".into(), |v| format!("{v:.0}")),
                     n["method"].as_str().unwrap_or("")
                 );
@@ -849,13 +854,7 @@ pub fn build(
                         "\nnbdcopy of as many bytes as the image (the initial full sync's peer, \
                          the same method): {} MiB, runs {:?} MiB/s, median {:.0} MiB/s.",
                         f["bytes"].as_u64().unwrap_or(0) >> 20,
-                        f["runs_mib_s"]
-                            .as_array()
-                            .map(|a| a
-                                .iter()
-                                .map(|x| x.as_f64().unwrap_or(0.0).round())
-                                .collect::<Vec<_>>())
-                            .unwrap_or_default(),
+                        rounded_runs(&f["runs_mib_s"]),
                         f["median_mib_s"].as_f64().unwrap_or(f64::NAN)
                     );
                 }

@@ -705,20 +705,25 @@ impl Backend {
         self.child.terminate(timeout)
     }
 
-    /// `vhost-mirror status --control CTL [extra args]`; panics unless it exits 0.
-    pub fn status_cmd(&self, extra: &[&str]) -> String {
-        let ctl = self
-            .control
-            .as_ref()
-            .expect("status needs vhost-mirror (no control socket with qemu-storage-daemon)");
-        let out = run_with_timeout(
+    /// `vhost-mirror SUBCOMMAND --control CTL [extra args]` against this backend, whatever
+    /// its exit status.
+    pub fn control_cmd(&self, subcommand: &str, extra: &[&str], timeout: Duration) -> Output {
+        let ctl = self.control.as_ref().unwrap_or_else(|| {
+            panic!("{subcommand} needs vhost-mirror (no control socket with qemu-storage-daemon)")
+        });
+        run_with_timeout(
             Command::new(bin_path("vhost-mirror"))
-                .arg("status")
+                .arg(subcommand)
                 .arg("--control")
                 .arg(ctl)
                 .args(extra),
-            TIMEOUT,
-        );
+            timeout,
+        )
+    }
+
+    /// `vhost-mirror status --control CTL [extra args]`; panics unless it exits 0.
+    pub fn status_cmd(&self, extra: &[&str]) -> String {
+        let out = self.control_cmd("status", extra, TIMEOUT);
         assert!(
             out.status.success(),
             "vhost-mirror status {extra:?} failed ({}): stderr: {}",

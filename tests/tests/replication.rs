@@ -964,15 +964,7 @@ fn a_partial_resync_sends_only_the_blocks_that_differ() {
 
 /// `vhost-mirror verify` against `b`'s control socket: exit code and stdout.
 fn run_verify(b: &Backend, extra: &[&str]) -> (Option<i32>, String) {
-    let ctl = b.control().expect("control socket");
-    let out = run_with_timeout(
-        Command::new(bin_path("vhost-mirror"))
-            .arg("verify")
-            .arg("--control")
-            .arg(ctl)
-            .args(extra),
-        Duration::from_secs(60),
-    );
+    let out = b.control_cmd("verify", extra, Duration::from_secs(60));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

@@ -287,6 +287,30 @@ impl Mirror {
             .acquire(owner, offset, offset.saturating_add(len))
     }
 
+    /// Takes the range for `owner` (resync, verify: holding no other), waiting for
+    /// overlapping ones of others as long as `link` lives (a guest request holding the range
+    /// may itself wait for the next link, in suspend mode); None once it died.
+    pub fn reserve_while_alive(
+        &self,
+        owner: Owner,
+        link: &Link,
+        offset: u64,
+        len: u64,
+    ) -> Option<Token> {
+        let end = offset.saturating_add(len);
+        loop {
+            if let Some(t) =
+                self.inflight
+                    .acquire_timeout(owner, offset, end, Duration::from_millis(100))
+            {
+                return Some(t);
+            }
+            if !link.is_alive() {
+                return None;
+            }
+        }
+    }
+
     /// Gives back a range taken with [`Mirror::try_reserve`] or [`Mirror::reserve`].
     pub fn release(&self, token: Token) {
         self.inflight.release(token);

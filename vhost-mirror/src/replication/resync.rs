@@ -72,14 +72,18 @@ struct Batch {
 }
 
 /// The resync's pipeline: writes in flight, acknowledged runs, batches waiting for a Flush.
-/// A run whose hashes were asked of the replica: held in the ordering table, its local copy
-/// read (`since`: the last mark before that).
-struct Hashing {
+/// A run of regions held in the ordering table, its local copy read after mark `since`.
+struct Run {
     first: u64,
     count: u64,
     offset: u64,
     token: Token,
     since: u64,
+}
+
+/// A run whose hashes were asked of the replica.
+struct Hashing {
+    run: Run,
     data: Vec<u8>,
     theirs: Arc<Waiter>,
 }
@@ -164,7 +168,7 @@ impl Pipeline {
         let theirs = match wait_data(h.theirs) {
             Ok(t) => t,
             Err(e) => {
-                m.inflight.release(h.token);
+                m.inflight.release(h.run.token);
                 return Err(e);
             }
         };
@@ -172,20 +176,34 @@ impl Pipeline {
         let differing: u64 = parts.iter().map(|r| r.1 as u64).sum();
         m.resync_same
             .fetch_add(len as u64 - differing, Ordering::Relaxed);
-        let (waiters, alive) = match send_parts(m, link, h.offset, &h.data, &parts) {
+        let r = self.send_run(m, link, h.run, &h.data, &parts);
+        self.spare.push(h.data);
+        r
+    }
+
+    /// Sends `parts` of a run's local copy `data` as resync writes; the run joins the write
+    /// window, also when the link died midway (the drain then waits for what went out and
+    /// frees the range).
+    fn send_run(
+        &mut self,
+        m: &Mirror,
+        link: &Link,
+        run: Run,
+        data: &[u8],
+        parts: &[(usize, usize)],
+    ) -> Result<(), ResyncError> {
+        let (waiters, alive) = match send_parts(m, link, run.offset, data, parts) {
             Ok(w) => (w, true),
             Err(w) => (w, false),
         };
-        // (On a dead link the drain waits for what went out and frees the range.)
         self.window.push_back(InFlight {
             waiters,
-            first: h.first,
-            count: h.count,
-            bytes: len as u64,
-            token: h.token,
-            since: h.since,
+            first: run.first,
+            count: run.count,
+            bytes: data.len() as u64,
+            token: run.token,
+            since: run.since,
         });
-        self.spare.push(h.data);
         if alive {
             Ok(())
         } else {
@@ -201,7 +219,7 @@ impl Pipeline {
             if r.is_ok() {
                 r = self.settle_hash(m, link);
             } else if let Some(h) = self.hashing.pop_front() {
-                m.inflight.release(h.token);
+                m.inflight.release(h.run.token);
             }
         }
         while !self.window.is_empty() {
@@ -408,42 +426,42 @@ fn copy_runs(
                 }
                 // A guest request holding the range may itself wait for the next link
                 // (suspend mode): give up when this one dies, so that a new one can come.
-                reserve_while_alive(m, link, offset, len).ok_or(ResyncError::LinkDown)?
+                m.reserve_while_alive(RESYNC, link, offset, len)
+                    .ok_or(ResyncError::LinkDown)?
             }
         };
         let (since, known) = {
             let st = m.sync_state();
             (st.mark_seq(), st.known_parts(first, count, len))
         };
-        if let Some(parts) = known.filter(|_| csums) {
-            // Writes this process made without the replica: exactly their blocks differ.
+        let run = Run {
+            first,
+            count,
+            offset,
+            token,
+            since,
+        };
+        // What to send without comparing: a full sync's whole run, or the blocks this process
+        // wrote without the replica; None: compare by hash first.
+        let parts = if csums {
+            known
+        } else {
+            Some(vec![(0, len as usize)])
+        };
+        if let Some(parts) = parts {
             let data = &mut buf[..len as usize];
             if let Err(e) = m.disk.read_at(data, offset) {
-                m.inflight.release(token);
+                m.inflight.release(run.token);
                 return Err(ResyncError::Read(e));
             }
-            let (waiters, alive) = match send_parts(m, link, offset, data, &parts) {
-                Ok(w) => (w, true),
-                Err(w) => (w, false),
-            };
-            p.window.push_back(InFlight {
-                waiters,
-                first,
-                count,
-                bytes: len,
-                token,
-                since,
-            });
-            if !alive {
-                return Err(ResyncError::LinkDown);
-            }
-        } else if csums {
+            p.send_run(m, link, run, data, &parts)?;
+        } else {
             // Read now (the run is held), hashed once the replica's hashes are asked for;
             // HASH_WINDOW runs wait for them at once.
             let mut data = p.spare.pop().unwrap_or_default();
             data.resize(len as usize, 0);
             if let Err(e) = m.disk.read_at(&mut data, offset) {
-                m.inflight.release(token);
+                m.inflight.release(run.token);
                 return Err(ResyncError::Read(e));
             }
             let theirs = match link.send(Frame::ReadHashes {
@@ -452,42 +470,13 @@ fn copy_runs(
             }) {
                 Ok(w) => w,
                 Err(_) => {
-                    m.inflight.release(token);
+                    m.inflight.release(run.token);
                     return Err(ResyncError::LinkDown);
                 }
             };
-            p.hashing.push_back(Hashing {
-                first,
-                count,
-                offset,
-                token,
-                since,
-                data,
-                theirs,
-            });
+            p.hashing.push_back(Hashing { run, data, theirs });
             if p.hashing.len() >= HASH_WINDOW {
                 p.settle_hash(m, link)?;
-            }
-        } else {
-            let data = &mut buf[..len as usize];
-            if let Err(e) = m.disk.read_at(data, offset) {
-                m.inflight.release(token);
-                return Err(ResyncError::Read(e));
-            }
-            let (waiters, alive) = match send_parts(m, link, offset, data, &[(0, len as usize)]) {
-                Ok(w) => (w, true),
-                Err(w) => (w, false),
-            };
-            p.window.push_back(InFlight {
-                waiters,
-                first,
-                count,
-                bytes: len,
-                token,
-                since,
-            });
-            if !alive {
-                return Err(ResyncError::LinkDown);
             }
         }
         cursor = first + count;
@@ -517,21 +506,6 @@ fn copy_runs(
                 }
                 std::thread::sleep(wait);
             }
-        }
-    }
-}
-
-fn reserve_while_alive(m: &Mirror, link: &Link, offset: u64, len: u64) -> Option<Token> {
-    loop {
-        let end = offset.saturating_add(len);
-        if let Some(t) = m
-            .inflight
-            .acquire_timeout(RESYNC, offset, end, Duration::from_millis(100))
-        {
-            return Some(t);
-        }
-        if !link.is_alive() {
-            return None;
         }
     }
 }

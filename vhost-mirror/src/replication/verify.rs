@@ -345,21 +345,14 @@ fn wait_repaired(m: &Mirror, link: &Link) -> bool {
 /// Takes the span in the ordering table (waiting for guest writes to it to complete), as long
 /// as the link verify started on lives.
 fn reserve(m: &Mirror, link: &Arc<Link>, at: u64, len: u64) -> Result<Token, VerifyError> {
-    loop {
-        if let Some(t) =
-            m.inflight
-                .acquire_timeout(VERIFY, at, at + len, Duration::from_millis(100))
-        {
-            if !link.is_alive() || !m.current_link().is_some_and(|l| Arc::ptr_eq(&l, link)) {
-                m.release(t);
-                return Err(VerifyError::LinkDown);
-            }
-            return Ok(t);
-        }
-        if !link.is_alive() {
-            return Err(VerifyError::LinkDown);
-        }
+    let t = m
+        .reserve_while_alive(VERIFY, link, at, len)
+        .ok_or(VerifyError::LinkDown)?;
+    if !link.is_alive() || !m.current_link().is_some_and(|l| Arc::ptr_eq(&l, link)) {
+        m.release(t);
+        return Err(VerifyError::LinkDown);
     }
+    Ok(t)
 }
 
 /// A span held in the ordering table whose hashes were asked of the replica.
