@@ -231,6 +231,8 @@ pub struct Results {
     pub resync: Option<Value>,
     /// The resync of mirror-base, measured interleaved with `resync`.
     pub resync_base: Option<Value>,
+    /// Guest write latency during a resync against idle.
+    pub resync_latency: Option<Value>,
     pub nbdcopy: Option<Value>,
     /// nbdcopy of as many bytes as the image (the initial full sync's peer).
     pub nbdcopy_full: Option<Value>,
@@ -655,6 +657,7 @@ fn run_all(cfg: &Config, env: &Env) -> Result<Results> {
         rtt_us: Vec::new(),
         resync: None,
         resync_base: None,
+        resync_latency: None,
         nbdcopy: None,
         nbdcopy_full: None,
         rss: None,
@@ -749,6 +752,9 @@ fn run_all(cfg: &Config, env: &Env) -> Result<Results> {
                 .unwrap_or(0)
                 * resync::REGION;
             res.resync = Some(rs_main);
+            eprintln!("bench: guest write latency during a resync");
+            res.resync_latency =
+                Some(pair.latency_during_resync(env, cfg.secs.min(2.0), cfg.resync_iterations)?);
             res.resync_base = rs.next();
             res.nbdcopy = Some(resync::nbdcopy(env, changed, cfg.resync_iterations)?);
             res.nbdcopy_full = Some(resync::nbdcopy(

@@ -487,6 +487,27 @@ pub fn build(
         });
     }
 
+    if let Some(l) = &res.resync_latency {
+        let r = l["median_p99_ratio"].as_f64();
+        targets.push(Target {
+            name: "guest p99 write latency during resync <= 1.5x idle (issue 12)".into(),
+            value: r.map_or(
+                "- (no round where the resync lasted the window)".into(),
+                |r| {
+                    format!(
+                        "{r:.2} ({:.0} vs {:.0} us; resync {:.0} MiB/s under the load)",
+                        l["median_resync_p99_us"].as_f64().unwrap_or(f64::NAN),
+                        l["median_idle_p99_us"].as_f64().unwrap_or(f64::NAN),
+                        l["median_resync_mib_s_under_load"]
+                            .as_f64()
+                            .unwrap_or(f64::NAN)
+                    )
+                },
+            ),
+            met: r.map(|r| r <= 1.5),
+        });
+    }
+
     // ---------------------------------------------------------------- JSON
     let json = json!({
         "benchmark": "vhost-mirror issue 5",
@@ -512,6 +533,7 @@ pub fn build(
         })).collect::<Vec<_>>(),
         "resync": res.resync,
         "resync_baseline": res.resync_base,
+        "resync_latency": res.resync_latency,
         "nbdcopy": res.nbdcopy,
         "nbdcopy_full_image": res.nbdcopy_full,
         "rss": res.rss,
@@ -865,6 +887,31 @@ pub fn build(
                     n["reason"].as_str().unwrap_or("?")
                 );
             }
+        }
+    }
+    if let Some(l) = &res.resync_latency {
+        let _ = writeln!(md, "\n## Guest write latency during a resync\n");
+        let _ = writeln!(md, "{}\n", l["method"].as_str().unwrap_or(""));
+        let _ = writeln!(md, "| round | idle p50 us | idle p99 us | resync p50 us | resync p99 us | p99 ratio | resync MiB/s under load | resync MiB/s after |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        for (i, x) in l["rounds"].as_array().into_iter().flatten().enumerate() {
+            let f = |k: &str| x[k].as_f64().map_or("-".into(), |v| format!("{v:.0}"));
+            let _ = writeln!(
+                md,
+                "| {}{} | {} | {} | {} | {} | {:.2} | {} | {} |",
+                i + 1,
+                if x["resync_lasted_the_window"] == true {
+                    ""
+                } else {
+                    " (resync ended early)"
+                },
+                f("idle_p50_us"),
+                f("idle_p99_us"),
+                f("resync_p50_us"),
+                f("resync_p99_us"),
+                x["p99_ratio"].as_f64().unwrap_or(f64::NAN),
+                f("resync_mib_s_under_load"),
+                f("resync_mib_s_after_load"),
+            );
         }
     }
     if let Some(r) = &res.rss {

@@ -257,6 +257,111 @@ impl Pair {
         Ok(())
     }
 
+    /// One QD1 4k random-write run of `secs` on the guest's side: (p50 us, p99 us, IOPS).
+    fn guest_latency(&mut self, secs: f64) -> Result<(f64, f64, f64)> {
+        let wl = client::workload("randwrite-4k-qd1").ctx(|| "workload".to_string())?;
+        let mut c = Client::connect(&self.socket, 1, wl.bs * wl.qd, Duration::from_secs(10))?;
+        let m = c.run(
+            wl,
+            Duration::from_millis(100),
+            Duration::from_secs_f64(secs),
+            &|| Ok(0),
+            &mut || {},
+        )?;
+        Ok((
+            util::quantile_sorted(&m.lat_ns, 0.5) / 1000.0,
+            util::quantile_sorted(&m.lat_ns, 0.99) / 1000.0,
+            m.ops as f64 / m.secs,
+        ))
+    }
+
+    /// Guest write latency during a resync against idle: each round measures QD1 4k random
+    /// writes on the pair in sync, then replaces the replica by an empty one (a full sync of
+    /// the whole image) and measures the same load while that resync runs, and the resync's
+    /// rate meanwhile (`resync_sent_bytes`). A round counts only if the resync lasted the
+    /// whole window.
+    pub fn latency_during_resync(&mut self, env: &Env, secs: f64, rounds: usize) -> Result<Value> {
+        let mut out = Vec::new();
+        for r in 0..rounds {
+            // Both measurements start with no dirty data queued for the disk (writeback of
+            // the last resync would otherwise land on either).
+            // SAFETY: sync(2) has no preconditions.
+            unsafe { libc::sync() };
+            let (i50, i99, iiops) = self.guest_latency(secs)?;
+            if let Some(mut n) = self.node.take() {
+                n.terminate(Duration::from_secs(30));
+            }
+            for suffix in ["", ".meta", ".bitmap", ".al", ".verify"] {
+                let mut f = self.replica.clone().into_os_string();
+                f.push(suffix);
+                let _ = std::fs::remove_file(f);
+            }
+            self.wait_status(
+                "the primary to see the replica gone",
+                Duration::from_secs(30),
+                |v| status_str(v, "peer_state") != "connected",
+            )?;
+            // SAFETY: as above.
+            unsafe { libc::sync() };
+            self.start_node(env)?;
+            let st = self.wait_status("the resync to start", env.sync_timeout, |v| {
+                v.get("resyncing").and_then(Value::as_bool) == Some(true)
+            })?;
+            let t0 = Instant::now();
+            let sent0 = status_u64(&st, "resync_sent_bytes");
+            let (d50, d99, diops) = self.guest_latency(secs)?;
+            let st = self.status()?;
+            let el = t0.elapsed().as_secs_f64();
+            let sent = status_u64(&st, "resync_sent_bytes").saturating_sub(sent0);
+            let whole = st.get("resyncing").and_then(Value::as_bool) == Some(true);
+            let t1 = Instant::now();
+            let left = status_u64(&st, "out_of_sync_bytes");
+            self.wait_status("the resync to finish", env.sync_timeout, is_in_sync)?;
+            let rest = t1.elapsed().as_secs_f64();
+            eprintln!(
+                "bench: guest QD1 4k writes {}: idle p50 {i50:.0} p99 {i99:.0} us ({iiops:.0} IOPS); \
+                 during resync p50 {d50:.0} p99 {d99:.0} us ({diops:.0} IOPS), p99 ratio {:.2}; \
+                 resync meanwhile {:.0} MiB/s, then alone {:.0} MiB/s{}",
+                r + 1,
+                d99 / i99,
+                mib_s(sent, el),
+                mib_s(left, rest),
+                if whole { "" } else { " (NOTE: the resync ended within the window)" }
+            );
+            out.push(json!({
+                "idle_p50_us": i50, "idle_p99_us": i99, "idle_iops": iiops,
+                "resync_p50_us": d50, "resync_p99_us": d99, "resync_iops": diops,
+                "p99_ratio": d99 / i99,
+                "resync_mib_s_under_load": mib_s(sent, el),
+                "resync_mib_s_after_load": mib_s(left, rest),
+                "resync_lasted_the_window": whole,
+            }));
+        }
+        let med = |k: &str| {
+            let v: Vec<f64> = out
+                .iter()
+                .filter(|r| {
+                    r.get("resync_lasted_the_window").and_then(Value::as_bool) == Some(true)
+                })
+                .filter_map(|r| r.get(k).and_then(Value::as_f64))
+                .collect();
+            util::median(&v)
+        };
+        Ok(json!({
+            "rounds": out,
+            "secs": secs,
+            "median_p99_ratio": med("p99_ratio"),
+            "median_idle_p99_us": med("idle_p99_us"),
+            "median_resync_p99_us": med("resync_p99_us"),
+            "median_resync_mib_s_under_load": med("resync_mib_s_under_load"),
+            "median_resync_mib_s_after_load": med("resync_mib_s_after_load"),
+            "method": "QD1 4k random writes (the bench client, one queue) for the window, idle \
+                       (pair in sync), then while a full sync to an emptied replica runs; \
+                       the resync's rate from resync_sent_bytes over the window, and from \
+                       out_of_sync_bytes left over the time to finish alone",
+        }))
+    }
+
     /// The JSON section of this pair's measurements.
     fn summary(&self) -> Value {
         let regions = self.size / REGION;

@@ -77,6 +77,10 @@ pub struct ServeArgs {
     /// Limit resync traffic to this many MiB/s (default: unlimited).
     #[arg(long, value_name = "MiB/s")]
     pub resync_rate: Option<u64>,
+    /// While the guest writes, the resync yields: one 64 KiB run at a time, at this many MiB/s
+    /// (DRBD's c-min-rate); at full speed (or --resync-rate) once the guest is idle for 20 ms.
+    #[arg(long, value_name = "MiB/s", default_value_t = 8)]
+    pub resync_min_rate: u64,
 }
 
 #[derive(Debug, Args)]

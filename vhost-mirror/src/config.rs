@@ -20,7 +20,7 @@ pub enum ConfigError {
     SecretWithoutPeer,
     #[error("--readonly cannot be combined with --peer")]
     ReadonlyPeer,
-    #[error("--resync-rate must be at least 1 MiB/s")]
+    #[error("--resync-rate and --resync-min-rate must be at least 1 MiB/s")]
     ResyncRate,
     #[error("--poll-us must be at most 1000, got {0}")]
     PollUs(u64),
@@ -85,7 +85,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 if a.readonly {
                     return Err(ConfigError::ReadonlyPeer);
                 }
-                if a.resync_rate == Some(0) {
+                if a.resync_rate == Some(0) || a.resync_min_rate == 0 {
                     return Err(ConfigError::ResyncRate);
                 }
                 Some(MirrorConfig {
@@ -96,6 +96,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     }),
                     on_peer_loss: a.on_peer_loss,
                     resync_rate: a.resync_rate.map(|r| r << 20),
+                    resync_min_rate: a.resync_min_rate << 20,
                 })
             }
             (Some(_), None) => return Err(ConfigError::PeerWithoutSecret),
@@ -114,6 +115,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     peer: None,
                     on_peer_loss: PeerLoss::Degrade,
                     resync_rate: None,
+                    resync_min_rate: crate::replication::DEFAULT_RESYNC_MIN_RATE,
                 })
             }
         };
@@ -151,6 +153,7 @@ mod tests {
             secret_file: None,
             on_peer_loss: PeerLoss::Degrade,
             resync_rate: None,
+            resync_min_rate: 8,
         }
     }
 

@@ -65,7 +65,12 @@ pub struct MirrorConfig {
     pub on_peer_loss: PeerLoss,
     /// Resync bandwidth limit in bytes per second (None: unlimited).
     pub resync_rate: Option<u64>,
+    /// Resync rate while the guest writes, in bytes per second (DRBD's c-min-rate).
+    pub resync_min_rate: u64,
 }
+
+/// `--resync-min-rate`'s default (bytes per second), for a mirror without a peer.
+pub const DEFAULT_RESYNC_MIN_RATE: u64 = 8 << 20;
 
 #[derive(Debug, Clone)]
 pub struct PeerAddr {
@@ -133,6 +138,10 @@ pub struct Mirror {
     /// their block hashes (not sent).
     resync_sent: AtomicU64,
     resync_same: AtomicU64,
+    /// Guest write-type requests and flushes so far (the resync yields while it grows).
+    guest_writes: AtomicU64,
+    /// The resync is yielding to guest writes right now.
+    resync_yielding: AtomicBool,
     /// The running verify's progress, and the last result (kept in `IMG.verify`).
     verify: verify::Progress,
     verify_last: Mutex<Option<Value>>,
@@ -205,6 +214,8 @@ impl Mirror {
             stats: Arc::new(LinkStats::default()),
             resync_total: AtomicU64::new(0),
             resync_sent: AtomicU64::new(0),
+            guest_writes: AtomicU64::new(0),
+            resync_yielding: AtomicBool::new(false),
             resync_same: AtomicU64::new(0),
             verify: verify::Progress::default(),
             verify_last: Mutex::new(verify_last),
@@ -322,6 +333,7 @@ impl Mirror {
     /// [`Mirror::send_data`] (or [`Mirror::send_op`]) and finish it with [`Mirror::finish`].
     pub fn begin_write(&self, token: Token, offset: u64, len: u64) -> Result<Remote, MirrorError> {
         let mut remote = Remote::new(Some(token), (offset, len));
+        self.guest_writes.fetch_add(1, Ordering::Relaxed);
         if self.cfg.peer.is_none() {
             // Standalone: no replica writes at all; the bitmap records every write (no
             // resync runs in this process, so no blocks are remembered).
@@ -529,6 +541,7 @@ impl Mirror {
     pub fn start_flush(&self, direct: bool) -> Remote {
         let mut remote = Remote::new(None, (0, 0));
         remote.barrier = Some(self.activity_log.barrier_begin());
+        self.guest_writes.fetch_add(1, Ordering::Relaxed);
         if self.cfg.peer.is_none() {
             return remote;
         }
@@ -737,6 +750,7 @@ impl Mirror {
             "resync_done_bytes": st.resync_done,
             "resync_total_bytes": self.resync_total.load(Ordering::Relaxed),
             "resync_sent_bytes": self.resync_sent.load(Ordering::Relaxed),
+            "resync_yielding": self.resync_yielding.load(Ordering::Relaxed),
             "resync_same_bytes": self.resync_same.load(Ordering::Relaxed),
             "verify_running": self.verify.running.load(Ordering::Relaxed),
             "verify_done_bytes": self.verify.done.load(Ordering::Relaxed),
@@ -775,6 +789,7 @@ mod tests {
             }),
             on_peer_loss: PeerLoss::Degrade,
             resync_rate: None,
+            resync_min_rate: DEFAULT_RESYNC_MIN_RATE,
         };
         (d, Mirror::new(cfg, disk).unwrap())
     }
@@ -791,6 +806,7 @@ mod tests {
             peer: None,
             on_peer_loss: PeerLoss::Degrade,
             resync_rate: None,
+            resync_min_rate: DEFAULT_RESYNC_MIN_RATE,
         };
         let disk = || Arc::new(RawImage::open(&img, false).unwrap());
         drop(Mirror::new(cfg(), disk()).unwrap());

@@ -37,6 +37,10 @@ const HASH_WINDOW: usize = 8;
 /// which goes on applying meanwhile: 256 MiB between them, so that a typical resync needs
 /// one, which SyncDone's flush then finds done); at most two batches wait for their Flush.
 const BATCH: usize = 256;
+/// While the guest writes: regions per run (64 KiB), one run in the link at a time.
+const BUSY_RUN_REGIONS: u64 = 1;
+/// The guest counts as writing for this long after its last write-type request or flush.
+const BUSY_FOR: Duration = Duration::from_millis(20);
 /// Persist the (shrinking) bitmap after this many bytes.
 const PERSIST_EVERY: u64 = 64 << 20;
 
@@ -211,6 +215,17 @@ impl Pipeline {
         }
     }
 
+    /// Waits for the runs being hashed and the writes in flight (their ranges are free after).
+    fn settle_all(&mut self, m: &Mirror, link: &Link) -> Result<(), ResyncError> {
+        while !self.hashing.is_empty() {
+            self.settle_hash(m, link)?;
+        }
+        while !self.window.is_empty() {
+            self.complete_one(m, link)?;
+        }
+        Ok(())
+    }
+
     /// Waits for everything: runs being hashed, writes in flight, then every batch (the open
     /// one closed first). Ranges are freed even on errors; the first error is returned.
     fn drain(&mut self, m: &Mirror, link: &Link) -> Result<(), ResyncError> {
@@ -338,6 +353,36 @@ fn send_parts(
     Ok(waiters)
 }
 
+/// Whether the guest is writing: its write-type requests and flushes, counted by the mirror,
+/// grew within [`BUSY_FOR`].
+struct Guest<'a> {
+    m: &'a Mirror,
+    seen: u64,
+    changed: Instant,
+}
+
+impl<'a> Guest<'a> {
+    fn new(m: &'a Mirror) -> Self {
+        Guest {
+            m,
+            seen: m.guest_writes.load(Ordering::Relaxed),
+            // Busy until proven idle: a resync that starts under load starts yielding.
+            changed: Instant::now(),
+        }
+    }
+
+    fn busy(&mut self) -> bool {
+        let n = self.m.guest_writes.load(Ordering::Relaxed);
+        if n != self.seen {
+            self.seen = n;
+            self.changed = Instant::now();
+        }
+        let busy = self.changed.elapsed() < BUSY_FOR;
+        self.m.resync_yielding.store(busy, Ordering::Relaxed);
+        busy
+    }
+}
+
 /// Waits for a reply that carries data (Hashes).
 fn wait_data(w: Arc<Waiter>) -> Result<Vec<u8>, ResyncError> {
     match w.wait() {
@@ -377,6 +422,7 @@ fn copy_all(
     // (Only with a replica that answers ReadHashes: an older one gets whole regions.)
     let csums = !full && m.status_lock().peer_hashes;
     let result = copy_runs(m, link, size, csums, &mut p);
+    m.resync_yielding.store(false, Ordering::Relaxed);
     // On error, let what is in flight finish (or fail) and free its ranges.
     let drained = p.drain(m, link);
     m.sync_state().watch_marks(false);
@@ -391,12 +437,26 @@ fn copy_runs(
     p: &mut Pipeline,
 ) -> Result<(), ResyncError> {
     let mut buf = vec![0u8; MAX_DATA];
+    let mut guest = Guest::new(m);
+    // While the guest writes: the earliest time the next run may go.
+    let mut busy_due = Instant::now();
     let mut cursor = 0u64;
     let mut since_persist = 0u64;
     let started = Instant::now();
     let mut sent_bytes = 0u64;
     loop {
-        let next = m.sync_state().bitmap.next_run(cursor, RUN_REGIONS);
+        let busy = guest.busy();
+        if busy {
+            // Yield to the guest: nothing of ours in the link while we wait for our turn, then
+            // one small run (a guest write queues behind at most that).
+            p.settle_all(m, link)?;
+            let now = Instant::now();
+            if busy_due > now {
+                std::thread::sleep(busy_due - now);
+            }
+        }
+        let run_regions = if busy { BUSY_RUN_REGIONS } else { RUN_REGIONS };
+        let next = m.sync_state().bitmap.next_run(cursor, run_regions);
         let Some((first, count)) = next else {
             if !p.hashing.is_empty()
                 || !p.window.is_empty()
@@ -418,12 +478,7 @@ fn copy_runs(
             Some(t) => t,
             None => {
                 // Never wait for others while holding ranges ourselves.
-                while !p.hashing.is_empty() {
-                    p.settle_hash(m, link)?;
-                }
-                while !p.window.is_empty() {
-                    p.complete_one(m, link)?;
-                }
+                p.settle_all(m, link)?;
                 // A guest request holding the range may itself wait for the next link
                 // (suspend mode): give up when this one dies, so that a new one can come.
                 m.reserve_while_alive(RESYNC, link, offset, len)
@@ -480,6 +535,11 @@ fn copy_runs(
             }
         }
         cursor = first + count;
+        if busy {
+            p.settle_all(m, link)?;
+            let min_rate = m.cfg.resync_min_rate.max(1);
+            busy_due = Instant::now() + Duration::from_secs_f64(len as f64 / min_rate as f64);
+        }
         sent_bytes += len;
         since_persist += len;
         if p.window.len() >= WINDOW {
@@ -498,12 +558,7 @@ fn copy_runs(
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 // Free the ranges in flight first: guest writes to them must not wait out the
                 // pause.
-                while !p.hashing.is_empty() {
-                    p.settle_hash(m, link)?;
-                }
-                while !p.window.is_empty() {
-                    p.complete_one(m, link)?;
-                }
+                p.settle_all(m, link)?;
                 std::thread::sleep(wait);
             }
         }
