@@ -366,8 +366,8 @@ impl<'a> Guest<'a> {
         Guest {
             m,
             seen: m.guest_writes.load(Ordering::Relaxed),
-            // Busy until proven idle: a resync that starts under load starts yielding.
-            changed: Instant::now(),
+            // Idle until the count moves (a busy guest moves it within the first run).
+            changed: Instant::now() - BUSY_FOR,
         }
     }
 
