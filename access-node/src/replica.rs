@@ -488,6 +488,13 @@ impl Replica {
     /// Appends the block hashes (`mirror_proto::blockhash`) of `offset..offset + len` as the
     /// image holds them, read past the read cache (which it would only flush out); `buf` is
     /// scratch space.
+    ///
+    /// The range's clean pages are dropped from the kernel's page cache first, so the hashes
+    /// are of what the disk holds: after a failed writeback, Linux keeps serving the lost
+    /// data from pages it marked clean, and hashes of those would call a block equal that the
+    /// disk lacks (a resync would skip it, and a verify pass it). Dirty pages stay (they are
+    /// what the next `fdatasync` writes; if that fails, the Flush fails and nothing is
+    /// cleared).
     pub fn hashes(
         &mut self,
         offset: u64,
@@ -498,6 +505,18 @@ impl Replica {
         self.live()?;
         let img = check_range(self.image.as_ref(), offset, len as u64)?;
         buf.resize(len, 0);
+        let off = libc::off_t::try_from(offset).unwrap_or(libc::off_t::MAX);
+        let n = libc::off_t::try_from(len).unwrap_or(0);
+        // SAFETY: posix_fadvise on a file descriptor we own; no memory is passed.
+        let r =
+            unsafe { libc::posix_fadvise(img.file.as_raw_fd(), off, n, libc::POSIX_FADV_DONTNEED) };
+        if r != 0 {
+            return Err(ReplicaError::Io {
+                op: "posix_fadvise(DONTNEED) before hashing",
+                offset,
+                source: io::Error::from_raw_os_error(r),
+            });
+        }
         img.file
             .read_exact_at(buf, offset)
             .map_err(|source| ReplicaError::Io {
