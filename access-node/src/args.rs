@@ -24,6 +24,29 @@ pub enum Command {
     /// Make this replica the primary after a failover: fence the old primary, start a new
     /// generation, and release the image for `vhost-mirror` to serve.
     Promote(PromoteArgs),
+    /// Run the quorum witness: a third party, with no image, that records which side of a
+    /// broken pair may go on (a primary outdating its replica, or a replica being promoted;
+    /// never both). Used by `serve --witness` and `vhost-mirror serve --witness`.
+    Witness(WitnessArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct WitnessArgs {
+    /// TCP address both nodes reach, e.g. 192.0.2.3:7900.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// File holding the secret shared with both nodes.
+    #[arg(long, value_name = "F")]
+    pub secret_file: PathBuf,
+    /// Directory for the witness's decisions (`witness.json`); it must exist.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// Unix socket for `access-node status`.
+    #[arg(long, value_name = "CTL")]
+    pub control: Option<PathBuf>,
+    /// Let members of GROUP use CTL too (mode 0660).
+    #[arg(long, value_name = "GROUP", requires = "control")]
+    pub socket_group: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -59,6 +82,10 @@ pub struct ServeArgs {
     /// Seconds without a frame from the primary before --on-primary-loss runs [default: 10].
     #[arg(long, value_name = "SECS", requires = "on_primary_loss")]
     pub primary_timeout: Option<u64>,
+    /// The quorum witness (`access-node witness`, started with the same secret): a promotion
+    /// needs its consent, which it gives only to a replica no primary recorded outdated.
+    #[arg(long, value_name = "ADDR")]
+    pub witness: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -80,9 +107,17 @@ pub struct PromoteArgs {
     /// The replica image, when no access node serves it.
     #[arg(long, value_name = "IMG")]
     pub image: Option<PathBuf>,
-    /// Promote even a replica whose data is not up to date (e.g. initial sync unfinished).
+    /// Promote even a replica whose data is not up to date (e.g. initial sync unfinished),
+    /// or one the witness refuses.
     #[arg(long)]
     pub force: bool,
+    /// With --image: the quorum witness whose consent the promotion needs (with
+    /// --secret-file, the pair's secret). (With --control, the server's own --witness.)
+    #[arg(long, value_name = "ADDR", requires_all = ["image", "secret_file"])]
+    pub witness: Option<String>,
+    /// The pair's secret, for --witness.
+    #[arg(long, value_name = "F", requires = "witness")]
+    pub secret_file: Option<PathBuf>,
 }
 
 #[cfg(test)]
@@ -199,7 +234,8 @@ mod tests {
             Command::Promote(PromoteArgs {
                 control: Some(_),
                 image: None,
-                force: false
+                force: false,
+                ..
             })
         ));
         let c = Cli::try_parse_from(["access-node", "promote", "--image", "i", "--force"]).unwrap();

@@ -61,6 +61,7 @@ pub struct ServeConfig {
     pub idle_timeout: Duration,
     pub discard_my_data: bool,
     pub primary_loss: Option<PrimaryLoss>,
+    pub witness: Option<crate::replica::WitnessCfg>,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -106,6 +107,10 @@ impl TryFrom<ServeArgs> for ServeConfig {
             },
         };
         let secret = Secret::load(&a.secret_file)?;
+        let witness = a.witness.map(|addr| crate::replica::WitnessCfg {
+            addr,
+            secret: secret.clone(),
+        });
         Ok(ServeConfig {
             image: a.image,
             listen,
@@ -117,6 +122,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             idle_timeout: IDLE_TIMEOUT,
             discard_my_data: a.discard_my_data,
             primary_loss,
+            witness,
         })
     }
 }
@@ -140,6 +146,7 @@ mod tests {
             discard_my_data: false,
             on_primary_loss: None,
             primary_timeout: None,
+            witness: None,
         }
     }
 

@@ -12,6 +12,7 @@ mod server;
 mod session;
 mod status;
 mod watchdog;
+mod witness;
 
 use std::process::ExitCode;
 
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
         Command::Promote(a) => promote::run(a)
             .map(|line| println!("{line}"))
             .map_err(Into::into),
+        Command::Witness(a) => witness::run(a).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -15,8 +15,9 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::args::PromoteArgs;
-use crate::replica::{Promotion, Replica, ReplicaError};
+use crate::replica::{Promotion, Replica, ReplicaError, WitnessCfg};
 use crate::status::Status;
+use mirror_proto::auth::{AuthError, Secret};
 
 /// How long the access node may take to promote (an fdatasync of the image) and answer.
 const PROMOTE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -33,6 +34,8 @@ pub enum PromoteError {
     InUse(PathBuf),
     #[error(transparent)]
     Replica(#[from] ReplicaError),
+    #[error(transparent)]
+    Secret(#[from] AuthError),
     #[error("control socket {path} answered without {key:?}: {reply}")]
     BadReply {
         path: PathBuf,
@@ -56,7 +59,16 @@ pub enum PromoteError {
 pub fn run(a: PromoteArgs) -> Result<String, PromoteError> {
     match (a.control, a.image) {
         (Some(ctl), _) => through_server(&ctl, a.force),
-        (None, Some(img)) => offline(&img, a.force),
+        (None, Some(img)) => {
+            let witness = match (a.witness, a.secret_file) {
+                (Some(addr), Some(f)) => Some(WitnessCfg {
+                    addr,
+                    secret: Secret::load(&f)?,
+                }),
+                _ => None,
+            };
+            offline(&img, a.force, witness.as_ref())
+        }
         (None, None) => Err(PromoteError::NoTarget),
     }
 }
@@ -83,18 +95,26 @@ fn through_server(ctl: &Path, force: bool) -> Result<String, PromoteError> {
             .and_then(Value::as_bool)
             .ok_or_else(|| bad("already_primary"))?,
         forced: v.get("forced").and_then(Value::as_bool).unwrap_or(false),
+        unverified: v
+            .get("unverified")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
     };
     wait_released(&image)?;
     Ok(describe(&image, &p, "old primary fenced; image released"))
 }
 
-fn offline(image: &Path, force: bool) -> Result<String, PromoteError> {
+fn offline(
+    image: &Path,
+    force: bool,
+    witness: Option<&WitnessCfg>,
+) -> Result<String, PromoteError> {
     let status = Arc::new(Status::new(image.to_owned(), 0));
     let mut replica = Replica::open(image, 0, status).map_err(|e| match e {
         ReplicaError::Locked { path } => PromoteError::InUse(path),
         e => e.into(),
     })?;
-    let p = replica.promote(force)?;
+    let p = replica.promote_with(force, witness)?;
     Ok(describe(image, &p, "ready to serve"))
 }
 
@@ -116,7 +136,11 @@ fn describe(image: &Path, p: &Promotion, tail: &str) -> String {
             } else {
                 ""
             }
-        )
+        ) + &if p.unverified {
+            format!("\nwarning: {}", crate::server::UNVERIFIED)
+        } else {
+            String::new()
+        }
     }
 }
 

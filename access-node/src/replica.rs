@@ -93,7 +93,41 @@ pub enum ReplicaError {
     NothingToPromote { path: PathBuf },
     #[error("refusing to promote {path}: its data is {state}; --force promotes it anyway")]
     NotUpToDate { path: PathBuf, state: &'static str },
+    #[error(
+        "refusing to promote {path}: the witness recorded it outdated (its primary went on \
+         acknowledging writes without it); --force promotes it anyway, without those writes"
+    )]
+    WitnessOutdated { path: PathBuf },
+    #[error(
+        "refusing to promote {path}: no consent from the witness at {addr} (it answered \
+         {status:?}); --force promotes without it"
+    )]
+    WitnessFailed {
+        path: PathBuf,
+        addr: String,
+        status: AckStatus,
+    },
+    #[error(
+        "refusing to promote {path}: the witness at {addr} cannot be asked, and no promotion \
+         goes without its consent; --force promotes without it"
+    )]
+    WitnessUnreachable {
+        path: PathBuf,
+        addr: String,
+        #[source]
+        source: mirror_proto::witness::AskError,
+    },
 }
+
+/// `--witness ADDR`: the quorum witness whose consent a promotion needs (the pair's secret).
+#[derive(Debug, Clone)]
+pub struct WitnessCfg {
+    pub addr: String,
+    pub secret: mirror_proto::auth::Secret,
+}
+
+/// How long a promotion waits for the witness.
+const WITNESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl ReplicaError {
     /// How a failed request is answered.
@@ -182,6 +216,9 @@ pub struct Promotion {
     pub already_primary: bool,
     /// The data was not up to date (`--force`).
     pub forced: bool,
+    /// Promoted without a witness: nothing proved the old primary had stopped acknowledging
+    /// writes (after an unclean loss of the primary, this image may lack some).
+    pub unverified: bool,
 }
 
 impl Replica {
@@ -623,6 +660,59 @@ impl Replica {
     /// primary. An image already recorded as an up-to-date primary is left as it is. Either
     /// way the replica is fenced and lets go of the image (the file lock is released). On an
     /// error the metadata is unchanged and the replica goes on serving.
+    /// Promotes with the witness's consent (when there is a witness): the witness records the
+    /// promotion of the generation this replica holds up to date before anything changes
+    /// here; it refuses a replica a primary recorded outdated. `force` promotes also without
+    /// the consent (logged). Without a witness, nothing proves that the old primary stopped
+    /// acknowledging writes when the link went: [`Promotion::unverified`] says so.
+    pub fn promote_with(
+        &mut self,
+        force: bool,
+        witness: Option<&WitnessCfg>,
+    ) -> Result<Promotion, ReplicaError> {
+        self.live()?;
+        let holds = self
+            .meta
+            .as_ref()
+            .filter(|m| m.disk_state == DiskState::UpToDate && m.role == Role::Secondary)
+            .map(|m| m.generation);
+        if let (Some(w), Some(g)) = (witness, holds) {
+            let refused = match mirror_proto::witness::ask(
+                &w.addr,
+                &w.secret,
+                mirror_proto::frame::WitnessOp::Promote,
+                g,
+                WITNESS_TIMEOUT,
+            ) {
+                Ok(AckStatus::Ok) => None,
+                Ok(AckStatus::Outdated) => Some(ReplicaError::WitnessOutdated {
+                    path: self.path.clone(),
+                }),
+                Ok(status) => Some(ReplicaError::WitnessFailed {
+                    path: self.path.clone(),
+                    addr: w.addr.clone(),
+                    status,
+                }),
+                Err(source) => Some(ReplicaError::WitnessUnreachable {
+                    path: self.path.clone(),
+                    addr: w.addr.clone(),
+                    source,
+                }),
+            };
+            match refused {
+                None => info!(
+                    "the witness at {} consents: generation {g:016x} promoted (recorded)",
+                    w.addr
+                ),
+                Some(e) if !force => return Err(e),
+                Some(e) => warn!("promoting by force: {}", crate::chain(&e)),
+            }
+        }
+        let mut p = self.promote(force)?;
+        p.unverified = witness.is_none() && !p.already_primary;
+        Ok(p)
+    }
+
     pub fn promote(&mut self, force: bool) -> Result<Promotion, ReplicaError> {
         self.live()?;
         let Some(img) = &self.image else {
@@ -662,6 +752,7 @@ impl Replica {
                 generation: g,
                 already_primary: true,
                 forced: false,
+                unverified: false,
             });
         }
         let previous = old.as_ref().map_or(0, |m| m.generation);
@@ -699,6 +790,7 @@ impl Replica {
             generation,
             already_primary: false,
             forced: !up_to_date,
+            unverified: false,
         })
     }
 

@@ -19,7 +19,7 @@ use thiserror::Error;
 use crate::chain;
 use crate::config::ServeConfig;
 use crate::preauth::{Evicted, PreAuth, RateLimitedLog, MAX_PREAUTH, REAP_INTERVAL};
-use crate::replica::{Replica, ReplicaError};
+use crate::replica::{Replica, ReplicaError, WitnessCfg};
 use crate::session;
 use crate::status::Status;
 use crate::watchdog;
@@ -159,6 +159,8 @@ pub struct Node {
     /// Held by a session's flusher during an `fdatasync` and, if it fails, while the image is
     /// recorded outdated; a promotion takes it first (lock order: `flush_gate`, `replica`).
     pub flush_gate: Mutex<()>,
+    /// `--witness`: whose consent a promotion needs.
+    pub witness: Option<WitnessCfg>,
 }
 
 impl Node {
@@ -208,7 +210,7 @@ impl Node {
         // A running flush first: its outcome (the image outdated if it failed) decides.
         let _gate = lock(&self.flush_gate);
         let mut replica = lock(&self.replica);
-        let p = replica.promote(force)?;
+        let p = replica.promote_with(force, self.witness.as_ref())?;
         let cut = self.slot.fence();
         // The client waits for the lock on this path: make it independent of our directory.
         let path = replica.path();
@@ -231,6 +233,9 @@ impl Node {
             if p.forced {
                 warn!("promoting {image} by force: its data was not up to date");
             }
+            if p.unverified {
+                warn!("{UNVERIFIED}");
+            }
             info!(
                 "promoted: generation {:016x} -> {:016x}; old primary fenced ({cut}); \
                  image {image} released",
@@ -243,10 +248,16 @@ impl Node {
             "previous_generation": p.previous_generation,
             "already_primary": p.already_primary,
             "forced": p.forced,
+            "unverified": p.unverified,
             "image": image,
         }))
     }
 }
+
+/// What a promotion without a witness says.
+pub const UNVERIFIED: &str = "promoted without a witness: nothing proves the old primary \
+    stopped acknowledging writes when it lost this replica; if it was not shut down cleanly, \
+    writes it acknowledged since are not in this image";
 
 /// A bound, not yet serving, server.
 pub struct Server {
@@ -316,6 +327,7 @@ impl Server {
             crowd_log: RateLimitedLog::new("connections"),
             stop: (Mutex::new(false), Condvar::new()),
             flush_gate: Mutex::new(()),
+            witness: config.witness,
         });
         if let Some(l) = control_listener {
             let n = node.clone();
@@ -457,7 +469,7 @@ impl Server {
 }
 
 /// Whether a whole NoiseInit frame is already received on `stream` (without reading it).
-fn first_message_arrived(stream: &TcpStream) -> bool {
+pub fn first_message_arrived(stream: &TcpStream) -> bool {
     const LEN: usize = mirror_proto::frame::HEADER_LEN + mirror_proto::frame::NOISE_INIT_LEN;
     let mut buf = [0u8; LEN];
     if stream.set_nonblocking(true).is_err() {
@@ -469,7 +481,7 @@ fn first_message_arrived(stream: &TcpStream) -> bool {
 
 /// `accept` returns a connection only once it has sent data (or after `secs`): idle
 /// connections never take a thread (Linux `TCP_DEFER_ACCEPT`; best effort).
-fn defer_accept(listener: &TcpListener, secs: u64) {
+pub fn defer_accept(listener: &TcpListener, secs: u64) {
     use std::os::fd::AsRawFd;
     let v = libc::c_int::try_from(secs.max(1)).unwrap_or(libc::c_int::MAX);
     // SAFETY: setsockopt on a valid socket descriptor with a pointer to a c_int that lives for

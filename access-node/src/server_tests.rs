@@ -73,6 +73,7 @@ impl Fixture {
             idle_timeout: Duration::from_secs(1),
             discard_my_data: opts.discard_my_data,
             primary_loss: opts.primary_loss,
+            witness: None,
         };
         let server = Server::bind(config).unwrap();
         let addr = server.local_addr().unwrap();

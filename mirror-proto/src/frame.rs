@@ -138,8 +138,11 @@ pub enum AckStatus {
     IoError,
     NoSpace,
     OutOfRange,
-    /// The replica no longer accepts writes from this primary (promoted).
+    /// The replica no longer accepts writes from this primary (promoted). From the witness:
+    /// the replica this primary would outdate was promoted.
     Fenced,
+    /// From the witness: this node was recorded outdated; it may not be promoted.
+    Outdated,
 }
 
 impl AckStatus {
@@ -150,6 +153,7 @@ impl AckStatus {
             AckStatus::NoSpace => 2,
             AckStatus::OutOfRange => 3,
             AckStatus::Fenced => 4,
+            AckStatus::Outdated => 5,
         }
     }
     fn from_wire(v: u8) -> Self {
@@ -158,6 +162,7 @@ impl AckStatus {
             2 => AckStatus::NoSpace,
             3 => AckStatus::OutOfRange,
             4 => AckStatus::Fenced,
+            5 => AckStatus::Outdated,
             _ => AckStatus::IoError,
         }
     }
@@ -269,6 +274,43 @@ pub enum Frame<'a> {
     Hashes {
         hashes: &'a [u8],
     },
+    /// Primary or replica -> quorum witness: one request about the replica holding
+    /// `generation` (see `witness.rs`); answered with an Ack.
+    Witness {
+        op: WitnessOp,
+        generation: u64,
+    },
+}
+
+/// What a [`Frame::Witness`] asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WitnessOp {
+    /// Primary: record the replica holding the generation outdated before this primary
+    /// acknowledges a write it lacks. Ack Ok, or Fenced: that replica was promoted.
+    Outdate,
+    /// Replica: consent to promote this node, which holds the generation up to date. Ack Ok
+    /// (recorded), or Outdated: a primary recorded it outdated.
+    Promote,
+    /// Primary: the replica that held the generation is in sync again; forget its record.
+    Clear,
+}
+
+impl WitnessOp {
+    fn to_wire(self) -> u8 {
+        match self {
+            WitnessOp::Outdate => 1,
+            WitnessOp::Promote => 2,
+            WitnessOp::Clear => 3,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WitnessOp::Outdate => "outdate",
+            WitnessOp::Promote => "promote",
+            WitnessOp::Clear => "clear",
+        }
+    }
 }
 
 mod kind {
@@ -292,6 +334,7 @@ mod kind {
     pub const GOODBYE: u8 = 19;
     pub const READ_HASHES: u8 = 20;
     pub const HASHES: u8 = 21;
+    pub const WITNESS: u8 = 22;
 }
 
 const FLAG_RESYNC: u16 = 1;
@@ -324,6 +367,7 @@ impl Frame<'_> {
             Frame::Goodbye => kind::GOODBYE,
             Frame::ReadHashes { .. } => kind::READ_HASHES,
             Frame::Hashes { .. } => kind::HASHES,
+            Frame::Witness { .. } => kind::WITNESS,
         }
     }
 }
@@ -349,6 +393,7 @@ fn kind_name(k: u8) -> &'static str {
         kind::GOODBYE => "Goodbye",
         kind::READ_HASHES => "ReadHashes",
         kind::HASHES => "Hashes",
+        kind::WITNESS => "Witness",
         _ => "unknown",
     }
 }
@@ -455,6 +500,10 @@ pub fn encode(seq: u64, frame: &Frame<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(&len.to_le_bytes());
         }
         Frame::Ack { status } => out.push(status.to_wire()),
+        Frame::Witness { op, generation } => {
+            out.push(op.to_wire());
+            out.extend_from_slice(&generation.to_le_bytes());
+        }
         Frame::Ping { nanos } | Frame::Pong { nanos } => {
             out.extend_from_slice(&nanos.to_le_bytes())
         }
@@ -781,6 +830,18 @@ pub fn decode(buf: &[u8]) -> Result<Option<Decoded<'_>>, FrameError> {
                 return Err(FrameError::DataCrc(name));
             }
             Frame::Hashes { hashes }
+        }
+        kind::WITNESS => {
+            let op = match c.u8()? {
+                1 => WitnessOp::Outdate,
+                2 => WitnessOp::Promote,
+                3 => WitnessOp::Clear,
+                _ => return Err(c.bad("unknown witness request")),
+            };
+            Frame::Witness {
+                op,
+                generation: c.u64()?,
+            }
         }
         other => return Err(FrameError::UnknownKind(other)),
     };

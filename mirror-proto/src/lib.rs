@@ -14,3 +14,4 @@ pub mod generation;
 pub mod meta;
 pub mod secure;
 pub mod sys;
+pub mod witness;

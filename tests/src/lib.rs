@@ -986,6 +986,107 @@ impl AccessNode {
     }
 }
 
+/// A running `access-node witness` on 127.0.0.1:`port` with its state in `state_dir`, a
+/// control socket and a log file; killed when dropped (its log tail printed on a panic).
+pub struct Witness {
+    child: ChildGuard,
+    port: u16,
+    control: PathBuf,
+    log: PathBuf,
+}
+
+impl Witness {
+    /// Starts the witness and waits until it listens; panics with its log if it does not.
+    pub fn spawn(dir: &Path, state_dir: &Path, port: u16, secret: &Path) -> Witness {
+        let w = Witness::start(dir, state_dir, port, secret);
+        let mut w = w;
+        let ok = wait_until(TIMEOUT, || {
+            (w.log().contains("witness listening on") && w.control.exists())
+                || !w.child.is_running()
+        });
+        if let Some(st) = w.child.try_wait() {
+            panic!("witness exited ({st}) before listening; log:\n{}", w.log());
+        }
+        assert!(
+            ok,
+            "witness not listening within {TIMEOUT:?}; log:\n{}",
+            w.log()
+        );
+        w
+    }
+
+    /// Starts the witness without waiting (to see it refuse to start).
+    pub fn start(dir: &Path, state_dir: &Path, port: u16, secret: &Path) -> Witness {
+        let id = unique_id();
+        let control = dir.join(format!("witness-control-{id}.sock"));
+        let log = dir.join(format!("witness-{id}.log"));
+        let logf = File::create(&log).expect("create witness log");
+        let mut cmd = Command::new(bin_path("access-node"));
+        cmd.arg("witness")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--secret-file")
+            .arg(secret)
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--control")
+            .arg(&control);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(logf.try_clone().expect("dup log fd"))
+            .stderr(logf);
+        Witness {
+            child: ChildGuard::spawn("access-node witness", &mut cmd),
+            port,
+            control,
+            log,
+        }
+    }
+
+    /// "127.0.0.1:PORT".
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+    pub fn child(&mut self) -> &mut ChildGuard {
+        &mut self.child
+    }
+    pub fn kill(&mut self) -> ExitStatus {
+        self.child.kill()
+    }
+
+    /// `access-node status --control CTL --json` of the witness, parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = run_with_timeout(
+            Command::new(bin_path("access-node"))
+                .arg("status")
+                .arg("--control")
+                .arg(&self.control)
+                .arg("--json"),
+            TIMEOUT,
+        );
+        assert!(
+            out.status.success(),
+            "witness status failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("witness status is JSON")
+    }
+}
+
+impl Drop for Witness {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            print_log_tail("witness", &self.log);
+        }
+    }
+}
+
 impl Drop for AccessNode {
     fn drop(&mut self) {
         if std::thread::panicking() {

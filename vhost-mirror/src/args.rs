@@ -81,6 +81,12 @@ pub struct ServeArgs {
     /// (DRBD's c-min-rate); at full speed (or --resync-rate) once the guest is idle for 20 ms.
     #[arg(long, value_name = "MiB/s", default_value_t = 8)]
     pub resync_min_rate: u64,
+    /// The quorum witness (`access-node witness`, started with the same secret). With it, a
+    /// primary that loses its replica acknowledges nothing the replica lacks until the witness
+    /// has recorded the replica outdated (it then cannot be promoted), holding guest I/O
+    /// meanwhile; once the witness says the replica was promoted, it fails such writes.
+    #[arg(long, value_name = "ADDR")]
+    pub witness: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -16,7 +16,7 @@ pub const MAX_QUEUES: u16 = 64;
 pub enum ConfigError {
     #[error("--peer needs --secret-file (the link is always authenticated)")]
     PeerWithoutSecret,
-    #[error("--secret-file, --on-peer-loss and --resync-rate need --peer")]
+    #[error("--secret-file, --on-peer-loss, --resync-rate and --witness need --peer")]
     SecretWithoutPeer,
     #[error("--readonly cannot be combined with --peer")]
     ReadonlyPeer,
@@ -97,12 +97,16 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     on_peer_loss: a.on_peer_loss,
                     resync_rate: a.resync_rate.map(|r| r << 20),
                     resync_min_rate: a.resync_min_rate << 20,
+                    witness: a.witness.clone(),
                 })
             }
             (Some(_), None) => return Err(ConfigError::PeerWithoutSecret),
             (None, Some(_)) => return Err(ConfigError::SecretWithoutPeer),
             (None, None) => {
-                if a.resync_rate.is_some() || a.on_peer_loss != PeerLoss::Degrade {
+                if a.resync_rate.is_some()
+                    || a.on_peer_loss != PeerLoss::Degrade
+                    || a.witness.is_some()
+                {
                     return Err(ConfigError::SecretWithoutPeer);
                 }
                 // The image of a mirrored pair (it has replication metadata) served alone:
@@ -116,6 +120,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     on_peer_loss: PeerLoss::Degrade,
                     resync_rate: None,
                     resync_min_rate: crate::replication::DEFAULT_RESYNC_MIN_RATE,
+                    witness: None,
                 })
             }
         };
@@ -154,6 +159,7 @@ mod tests {
             on_peer_loss: PeerLoss::Degrade,
             resync_rate: None,
             resync_min_rate: 8,
+            witness: None,
         }
     }
 

@@ -12,9 +12,9 @@ use log::{debug, warn};
 use mirror_proto::sys::RefusalLog;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -253,14 +253,14 @@ impl BlkBackend {
                 .map_err(|e| io::Error::other(format!("add_used: {e}")))
         };
         // Completions that must wait for the replica (suspend mode, after a failure).
-        let mut held: Vec<(u16, u32, (u64, u64))> = Vec::new();
+        let mut held: Vec<executor::Finished> = Vec::new();
         // Puts a finished deferred request on the used ring, or aside if the guest must be held.
         macro_rules! done {
             ($f:expr) => {{
                 let f: executor::Finished = $f;
                 match f.hold {
                     None => add_used(&mut state, f.head, f.used_len)?,
-                    Some(r) => held.push((f.head, f.used_len, r)),
+                    Some(_) => held.push(f),
                 }
             }};
         }
@@ -283,13 +283,20 @@ impl BlkBackend {
             () => {
                 if !held.is_empty() {
                     finish_all!();
-                    if let Some(m) = mirror {
-                        for &(_, _, r) in &held {
-                            m.hold(r);
+                    for f in held.drain(..) {
+                        let mut len = f.used_len;
+                        if let (Some(m), Some(r)) = (mirror, f.hold) {
+                            if !m.hold(r) {
+                                // Superseded (or stopping while the witness had not answered):
+                                // the replica lacks it, and that is never acknowledged.
+                                if let Some(addr) = f.status_addr {
+                                    let _ = mem.write_obj(VIRTIO_BLK_S_IOERR as u8, addr);
+                                }
+                                QueueCounters::add(&counters.errors, 1);
+                                len = 1;
+                            }
                         }
-                    }
-                    for (h, l, _) in held.drain(..) {
-                        add_used(&mut state, h, l)?;
+                        add_used(&mut state, f.head, len)?;
                     }
                 }
             };

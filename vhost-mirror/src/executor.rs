@@ -322,6 +322,9 @@ pub struct Finished {
     pub head: u16,
     pub used_len: u32,
     pub hold: Option<(u64, u64)>,
+    /// Where the guest reads the status byte (a held request that must fail after all
+    /// rewrites it).
+    pub status_addr: Option<vm_memory::GuestAddress>,
 }
 
 /// Waits for the background parts of a request (the local fdatasync of a FLUSH, the
@@ -341,6 +344,7 @@ pub fn finish_deferred(
             head: d.head,
             used_len: 1,
             hold,
+            status_addr: d.status_addr,
         };
     }
     if d.flush.is_some() {
@@ -353,6 +357,7 @@ pub fn finish_deferred(
         head: d.head,
         used_len: d.completion.used_len,
         hold,
+        status_addr: d.status_addr,
     }
 }
 

@@ -9,8 +9,10 @@
 //! | `out_of_sync.rs` | the persistent bitmap and the generation bookkeeping |
 //! | `inflight.rs` | the ordering rule for overlapping writes |
 //! | `verify.rs` | online verify: comparing block hashes with the replica while the guest runs |
+//! | `fence.rs` | with a witness: whether writes the replica lacks may be acknowledged |
 
 pub mod activity_log;
+pub mod fence;
 pub mod inflight;
 pub mod link;
 pub mod out_of_sync;
@@ -67,6 +69,8 @@ pub struct MirrorConfig {
     pub resync_rate: Option<u64>,
     /// Resync rate while the guest writes, in bytes per second (DRBD's c-min-rate).
     pub resync_min_rate: u64,
+    /// `--witness ADDR`: the quorum witness (the peer's secret).
+    pub witness: Option<String>,
 }
 
 /// `--resync-min-rate`'s default (bytes per second), for a mirror without a peer.
@@ -146,6 +150,8 @@ pub struct Mirror {
     verify: verify::Progress,
     verify_last: Mutex<Option<Value>>,
     stopping: AtomicBool,
+    /// With a witness: whether writes the replica lacks may be acknowledged.
+    fence: Option<Arc<fence::Fence>>,
 }
 
 /// The write-type requests that are mirrored.
@@ -189,6 +195,13 @@ impl Mirror {
             activity_log.clear().map_err(SyncStateError::ActivityLog)?;
         }
         let verify_last = verify::load_last(&cfg.image);
+        let fence = match (&cfg.peer, &cfg.witness, cfg.on_peer_loss) {
+            // Suspend mode never acknowledges what the replica lacks: no witness needed.
+            (Some(p), Some(w), PeerLoss::Degrade) => {
+                Some(Arc::new(fence::Fence::new(w.clone(), p.secret.clone())))
+            }
+            _ => None,
+        };
         Ok(Arc::new(Mirror {
             cfg,
             disk,
@@ -220,6 +233,7 @@ impl Mirror {
             verify: verify::Progress::default(),
             verify_last: Mutex::new(verify_last),
             stopping: AtomicBool::new(false),
+            fence,
         }))
     }
 
@@ -228,11 +242,32 @@ impl Mirror {
         let Some(peer) = self.cfg.peer.clone() else {
             return Ok(());
         };
+        if let Some(f) = &self.fence {
+            let (m, f) = (self.clone(), f.clone());
+            std::thread::Builder::new()
+                .name("fence".into())
+                .spawn(move || fence::run(m, f))?;
+        }
         let m = self.clone();
         std::thread::Builder::new()
             .name("peer".into())
             .spawn(move || peer::run(m, peer))
             .map(|_| ())
+    }
+
+    fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
+    /// The generation the replica holds (what the witness's records are about): the base of
+    /// the out-of-sync bitmap, or ours while nothing is out of sync.
+    fn replica_generation(&self) -> u64 {
+        let s = self.sync_state();
+        if s.meta.bitmap_generation != 0 {
+            s.meta.bitmap_generation
+        } else {
+            s.meta.generation
+        }
     }
 
     /// The replica's address, for log lines ("(none)" when standalone).
@@ -643,15 +678,27 @@ impl Mirror {
         if remote.al_pinned {
             self.activity_log.end(offset, len);
         }
-        let hold = (failed.is_some() && self.cfg.on_peer_loss == PeerLoss::Suspend)
-            .then_some((offset, len));
+        // What the replica lacks is acknowledged only once the fence allows (`fence.rs`).
+        let lacks = failed.is_some() || remote.link.is_none();
+        let hold = ((failed.is_some() && self.cfg.on_peer_loss == PeerLoss::Suspend)
+            || (lacks && self.fence.is_some()))
+        .then_some((offset, len));
         (ok, hold)
     }
 
-    /// Suspend mode: blocks until the replica has `range` again (a FLUSH's empty range: until
-    /// it has everything again). The caller must hold no range in the ordering table (resync
-    /// may need it).
-    pub fn hold(&self, (offset, len): (u64, u64)) {
+    /// Holds a completion the replica lacks: with a witness, until the fence allows it
+    /// (false: it must fail, this primary is superseded); in suspend mode, until the replica
+    /// has `range` again (a FLUSH's empty range: until it has everything again). The caller
+    /// must hold no range in the ordering table (resync may need it).
+    pub fn hold(&self, range: (u64, u64)) -> bool {
+        if let Some(f) = &self.fence {
+            return f.acknowledgeable(&|| self.is_stopping());
+        }
+        self.hold_until_resynced(range);
+        true
+    }
+
+    fn hold_until_resynced(&self, (offset, len): (u64, u64)) {
         while !self.stopping.load(Ordering::Relaxed)
             && (!self.current_link().is_some_and(|l| l.is_alive()) || {
                 let s = self.sync_state();
@@ -703,6 +750,9 @@ impl Mirror {
     pub fn begin_shutdown(&self) {
         self.stopping.store(true, Ordering::Relaxed);
         self.notify_changed();
+        if let Some(f) = &self.fence {
+            f.wake();
+        }
     }
 
     /// Last step of a shutdown (no request in flight): flush the replica and say goodbye.
@@ -743,6 +793,8 @@ impl Mirror {
             "peer_state": st.state.as_str(),
             "peer_reason": st.reason,
             "peer_disk_state": st.peer_disk.map(DiskState::as_str),
+            "witness": self.fence.as_ref().map(|f| f.addr().to_owned()),
+            "fence_state": self.fence.as_ref().map(|f| f.gate().as_str()),
             "peer_generation": st.peer_generation,
             "on_peer_loss": match self.cfg.on_peer_loss { PeerLoss::Degrade => "degrade", PeerLoss::Suspend => "suspend" },
             "out_of_sync_bytes": oos,
@@ -790,6 +842,7 @@ mod tests {
             on_peer_loss: PeerLoss::Degrade,
             resync_rate: None,
             resync_min_rate: DEFAULT_RESYNC_MIN_RATE,
+            witness: None,
         };
         (d, Mirror::new(cfg, disk).unwrap())
     }
@@ -807,6 +860,7 @@ mod tests {
             on_peer_loss: PeerLoss::Degrade,
             resync_rate: None,
             resync_min_rate: DEFAULT_RESYNC_MIN_RATE,
+            witness: None,
         };
         let disk = || Arc::new(RawImage::open(&img, false).unwrap());
         drop(Mirror::new(cfg(), disk()).unwrap());

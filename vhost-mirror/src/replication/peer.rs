@@ -243,6 +243,10 @@ fn serve_link(
         if let Err(e) = mm.sync_state().mark_ranges(ranges) {
             log::error!("cannot record out-of-sync ranges: {}", error_chain(&e));
         }
+        // Before any waiter hears of it: what the replica lacks is held from now on.
+        if let Some(f) = &mm.fence {
+            f.link_lost();
+        }
         mm.set_peer(PeerState::Disconnected, Some(reason.to_owned()));
         if !mm.sync_state().bitmap.is_clear() {
             mm.status_lock().peer_disk = Some(DiskState::Outdated);
@@ -319,6 +323,11 @@ fn serve_link(
         m.status_lock().peer_disk = Some(DiskState::Inconsistent);
     }
     m.set_peer(PeerState::Connected, None);
+    // The replica has everything, or recorded itself inconsistent (not promotable): what it
+    // lacks may be acknowledged (it is resynced).
+    if let Some(f) = &m.fence {
+        f.attached();
+    }
     if decision == SyncDecision::InSync && bitmap_clear {
         m.status_lock().peer_disk = Some(DiskState::UpToDate);
     }

@@ -305,6 +305,9 @@ pub fn run(
         s.peer_disk = Some(DiskState::UpToDate);
         s.peer_generation = Some(generation);
     }
+    if let Some(f) = &m.fence {
+        f.in_sync();
+    }
     let secs = started.elapsed().as_secs_f64();
     info!(
         "resync finished: {} bytes in {:.2}s ({:.0} MiB/s); replica up to date at generation {:016x}",

@@ -1,0 +1,299 @@
+//! The quorum witness (issue 11, item 1): a primary that loses its replica acknowledges nothing
+//! the replica lacks until the witness recorded the replica outdated; a replica is promoted
+//! only with the witness's consent; a primary that learns its replica was promoted
+//! acknowledges no further write. Every link goes through a loopback proxy the test can cut
+//! (primary -> replica, primary -> witness); the replica reaches the witness directly.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use vhost_mirror_tests::netfault::Proxy;
+use vhost_mirror_tests::{
+    bin_path, free_port, pattern, read_file_range, run_with_timeout, status_str, wait_in_sync,
+    wait_status, AccessNode, AccessNodeOpts, Backend, BackendKind, BackendOpts, Client, ClientOpts,
+    Op, Pair, Watchdog, Witness, TIMEOUT,
+};
+
+const MIB: u64 = 1024 * 1024;
+const BLOCK: usize = 4096;
+const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn pretty(v: &serde_json::Value) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
+}
+
+/// A pair whose primary reaches the replica and the witness through proxies.
+struct Setup {
+    pair: Pair,
+    witness: Witness,
+    state_dir: std::path::PathBuf,
+    to_replica: Proxy,
+    to_witness: Proxy,
+    node: AccessNode,
+    primary: Backend,
+}
+
+impl Setup {
+    fn new(name: &str) -> Setup {
+        let pair = Pair::new(name, 16 * MIB);
+        let state_dir = pair.dir.path().join("witness-state");
+        std::fs::create_dir(&state_dir).expect("mkdir witness state");
+        let witness = Witness::spawn(pair.dir.path(), &state_dir, free_port(), &pair.secret);
+        let node = pair.node_with(&AccessNodeOpts {
+            extra_args: vec!["--witness".into(), witness.addr()],
+            ..AccessNodeOpts::default()
+        });
+        let to_replica = Proxy::start(None, loopback(0), loopback(pair.port));
+        let to_witness = Proxy::start(
+            None,
+            loopback(0),
+            witness.addr().parse().expect("witness address"),
+        );
+        let mut o = BackendOpts {
+            kind: Some(BackendKind::VhostMirror),
+            ..BackendOpts::mirrored(to_replica.addr().port(), &pair.secret)
+        };
+        o.extra_args
+            .extend(["--witness".into(), to_witness.addr().to_string()]);
+        let mut primary = Backend::spawn(pair.dir.path(), &pair.primary, &o);
+        wait_in_sync(&mut primary, SYNC_TIMEOUT);
+        Setup {
+            pair,
+            witness,
+            state_dir,
+            to_replica,
+            to_witness,
+            node,
+            primary,
+        }
+    }
+
+    fn promote(&self) -> (bool, String) {
+        let out = run_with_timeout(
+            Command::new(bin_path("access-node"))
+                .arg("promote")
+                .arg("--control")
+                .arg(self.node.control()),
+            Duration::from_secs(30),
+        );
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+fn client(b: &Backend) -> Client {
+    Client::connect_with(
+        b.socket(),
+        &ClientOpts {
+            buf_per_queue: 1 << 20,
+            ..ClientOpts::default()
+        },
+    )
+}
+
+/// The link to the replica cut, the witness reachable: the primary goes on once the witness
+/// recorded the replica outdated; the replica's promotion is refused (also after the witness
+/// restarts); after the heal the pair resyncs by itself and the witness forgets the record.
+#[test]
+fn a_cut_replica_is_outdated_and_not_promoted() {
+    let _wd = Watchdog::new(
+        "a_cut_replica_is_outdated_and_not_promoted",
+        Duration::from_secs(120),
+    );
+    let mut s = Setup::new("witness-outdate");
+    let mut c = client(&s.primary);
+    assert_eq!(c.q().write(0, &pattern(0, BLOCK, 1)), Ok(()));
+    assert_eq!(c.q().flush(), Ok(()));
+
+    s.to_replica.refuse(true);
+    s.to_replica.cut();
+    let t = Instant::now();
+    assert_eq!(c.q().write(MIB, &pattern(MIB, BLOCK, 2)), Ok(()));
+    assert_eq!(c.q().flush(), Ok(()));
+    eprintln!(
+        "first degraded write + flush acknowledged after {:?}",
+        t.elapsed()
+    );
+    let st = s.primary.status_json();
+    assert_eq!(
+        status_str(&st, "fence_state"),
+        "peer-outdated",
+        "{}",
+        pretty(&st)
+    );
+    let w = s.witness.status_json();
+    let records = w["records"].as_array().expect("records");
+    assert_eq!(records.len(), 1, "{}", pretty(&w));
+    assert_eq!(records[0]["state"], "outdated", "{}", pretty(&w));
+
+    // The witness keeps its word across a restart.
+    s.witness.kill();
+    s.witness = Witness::spawn(
+        s.pair.dir.path(),
+        &s.state_dir,
+        s.witness
+            .addr()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port"),
+        &s.pair.secret,
+    );
+    let (ok, out) = s.promote();
+    assert!(!ok, "an outdated replica was promoted: {out}");
+    assert!(out.contains("witness recorded it outdated"), "{out}");
+    s.node.assert_running();
+
+    // Heal: the primary resyncs by itself; the witness forgets the record.
+    s.to_replica.refuse(false);
+    let st = wait_in_sync(&mut s.primary, SYNC_TIMEOUT);
+    assert_eq!(
+        status_str(&st, "fence_state"),
+        "attached",
+        "{}",
+        pretty(&st)
+    );
+    let forgot = vhost_mirror_tests::wait_until(TIMEOUT, || {
+        s.witness.status_json()["records"]
+            .as_array()
+            .is_some_and(|r| r.is_empty())
+    });
+    assert!(forgot, "{}", pretty(&s.witness.status_json()));
+    drop(c);
+    let _ = s.primary.terminate(TIMEOUT);
+    let _ = s.node.terminate(TIMEOUT);
+    assert_eq!(
+        read_file_range(&s.pair.replica, MIB, BLOCK),
+        pattern(MIB, BLOCK, 2),
+        "the write made while the replica was away was not resynced"
+    );
+}
+
+/// The primary cut off from both: it holds guest writes (nothing acknowledged); the replica is
+/// promoted with the witness's consent; once the primary reaches the witness again it learns
+/// it was superseded and fails the held write and every later one. Everything acknowledged
+/// before the cut is on the promoted replica.
+#[test]
+fn an_isolated_primary_holds_writes_and_is_superseded() {
+    let _wd = Watchdog::new(
+        "an_isolated_primary_holds_writes_and_is_superseded",
+        Duration::from_secs(120),
+    );
+    let mut s = Setup::new("witness-isolated");
+    let mut c = client(&s.primary);
+    assert_eq!(c.q().write(0, &pattern(0, BLOCK, 1)), Ok(()));
+    assert_eq!(c.q().flush(), Ok(()));
+
+    s.to_witness.refuse(true);
+    s.to_replica.refuse(true);
+    s.to_replica.cut();
+    {
+        let q = c.q();
+        q.buf()[..BLOCK].copy_from_slice(&pattern(MIB, BLOCK, 2));
+        q.submit(
+            Op::Write {
+                off: MIB,
+                buf_off: 0,
+                len: BLOCK,
+            },
+            7,
+        );
+        let early = q.kick();
+        assert!(early.is_empty(), "completed at once: {early:?}");
+    }
+    let st = wait_status(&mut s.primary, TIMEOUT, |v| {
+        status_str(v, "fence_state") == "waiting-for-witness"
+    })
+    .unwrap_or_else(|v| panic!("{}", pretty(&v)));
+    eprintln!("{}", pretty(&st));
+    std::thread::sleep(Duration::from_secs(2));
+    let held = c.q().kick();
+    assert!(
+        held.is_empty(),
+        "a write the replica lacks was completed with neither replica nor witness: {held:?}"
+    );
+
+    let (ok, out) = s.promote();
+    assert!(ok, "promotion with the witness's consent failed: {out}");
+
+    s.to_witness.refuse(false);
+    let done = c.q().wait(1);
+    assert_eq!(done.len(), 1);
+    assert!(
+        done[0].ret < 0,
+        "the held write was acknowledged after the replica's promotion: {done:?}"
+    );
+    let st = wait_status(&mut s.primary, TIMEOUT, |v| {
+        status_str(v, "fence_state") == "superseded"
+    })
+    .unwrap_or_else(|v| panic!("{}", pretty(&v)));
+    assert!(
+        c.q().write(2 * MIB, &pattern(2 * MIB, BLOCK, 3)).is_err(),
+        "a superseded primary acknowledged a write: {}",
+        pretty(&st)
+    );
+    // What was acknowledged before the cut is on the promoted image.
+    assert_eq!(
+        read_file_range(&s.pair.replica, 0, BLOCK),
+        pattern(0, BLOCK, 1)
+    );
+    drop(c);
+    let _ = s.primary.terminate(TIMEOUT);
+}
+
+/// Garbage and strangers on the witness's port change nothing; a damaged state file keeps it
+/// from starting (it would forget decisions) with a clear error.
+#[test]
+fn the_witness_survives_garbage_and_refuses_a_damaged_state_file() {
+    let _wd = Watchdog::new(
+        "the_witness_survives_garbage_and_refuses_a_damaged_state_file",
+        Duration::from_secs(60),
+    );
+    let dir = vhost_mirror_tests::test_dir("witness-garbage");
+    let secret = vhost_mirror_tests::secret_file(dir.path(), "the witness's secret 0123\n");
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("mkdir");
+    let mut w = Witness::spawn(dir.path(), &state, free_port(), &secret);
+    for junk in [
+        &b"GET / HTTP/1.0\r\n\r\n"[..],
+        &[0u8; 64][..],
+        &[0xffu8; 4096][..],
+    ] {
+        use std::io::Write;
+        let mut t = std::net::TcpStream::connect(w.addr()).expect("connect");
+        let _ = t.write_all(junk);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let st = w.status_json();
+    assert_eq!(
+        st["records"].as_array().map(Vec::len),
+        Some(0),
+        "{}",
+        pretty(&st)
+    );
+    assert!(
+        st["handshake_failures"].as_u64().unwrap_or(0) >= 1,
+        "{}",
+        pretty(&st)
+    );
+    w.kill();
+    std::fs::write(state.join("witness.json"), b"{\"format\": 1, \"rec").expect("write");
+    let mut w = Witness::start(dir.path(), &state, free_port(), &secret);
+    let status = w
+        .child()
+        .wait_timeout(TIMEOUT)
+        .expect("the witness did not exit");
+    assert!(!status.success());
+    assert!(w.log().contains("damaged"), "{}", w.log());
+}
