@@ -30,6 +30,9 @@ cargo test -p vhost-mirror-tests --locked --test security
 echo "== replication tier (mirrored pairs through blkio)"
 cargo test -p vhost-mirror-tests --locked --test replication -- --test-threads=2
 
+echo "== quorum witness (outdate, promote, supersede through cut proxies)"
+cargo test -p vhost-mirror-tests --locked --test witness -- --test-threads=2
+
 echo "== durability regressions (scripted replica)"
 cargo test -p vhost-mirror-tests --locked --test durability -- --test-threads=2
 
