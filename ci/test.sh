@@ -39,6 +39,9 @@ cargo test -p vhost-mirror-tests --locked --test durability -- --test-threads=2
 echo "== fault tier: the layers themselves (faultfs power loss, network namespaces)"
 cargo test -p vhost-mirror-tests --locked --test faultfs --test netfault
 
+echo "== writeback failures under a real page cache (faultfs under a loop device)"
+cargo test -p vhost-mirror-tests --locked --test writeback
+
 echo "== fault tier: regressions and a short pass of the randomized checker (ci/faults.sh runs more)"
 # Fixed seeds here (a gate should not depend on the day's dice): the first three rounds of a
 # 200-round ci/faults.sh run; ci/faults.sh draws new seeds every time.

@@ -2201,5 +2201,6 @@ mod tests {
 }
 
 pub mod faultfs;
+pub mod loopdev;
 pub mod netfault;
 pub mod vm;
