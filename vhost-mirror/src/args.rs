@@ -79,7 +79,7 @@ pub struct ServeArgs {
     pub resync_rate: Option<u64>,
     /// While the guest writes, the resync yields: one 64 KiB run at a time, at this many MiB/s
     /// (DRBD's c-min-rate); at full speed (or --resync-rate) once the guest is idle for 20 ms.
-    #[arg(long, value_name = "MiB/s", default_value_t = 8)]
+    #[arg(long, value_name = "MiB/s", default_value_t = 2)]
     pub resync_min_rate: u64,
     /// The quorum witness (`access-node witness`, started with the same secret). With it, a
     /// primary that loses its replica acknowledges nothing the replica lacks until the witness

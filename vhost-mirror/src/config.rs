@@ -158,7 +158,7 @@ mod tests {
             secret_file: None,
             on_peer_loss: PeerLoss::Degrade,
             resync_rate: None,
-            resync_min_rate: 8,
+            resync_min_rate: 2,
             witness: None,
         }
     }

@@ -74,7 +74,7 @@ pub struct MirrorConfig {
 }
 
 /// `--resync-min-rate`'s default (bytes per second), for a mirror without a peer.
-pub const DEFAULT_RESYNC_MIN_RATE: u64 = 8 << 20;
+pub const DEFAULT_RESYNC_MIN_RATE: u64 = 2 << 20;
 
 #[derive(Debug, Clone)]
 pub struct PeerAddr {
