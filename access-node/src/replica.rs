@@ -677,17 +677,21 @@ impl Replica {
         witness: Option<&WitnessCfg>,
     ) -> Result<Promotion, ReplicaError> {
         self.live()?;
+        // An up-to-date secondary asks (also one promoted by force whatever its state: the
+        // witness then supersedes its old primary too); an image already primary needs no
+        // consent, and one that will be refused as not up to date must not be recorded.
         let holds = self
             .meta
             .as_ref()
-            .filter(|m| m.disk_state == DiskState::UpToDate && m.role == Role::Secondary)
-            .map(|m| m.generation);
-        if let (Some(w), Some(g)) = (witness, holds) {
+            .filter(|m| m.role == Role::Secondary && (force || m.disk_state == DiskState::UpToDate))
+            .map(|m| (m.generation, m.node_id));
+        if let (Some(w), Some((g, node))) = (witness, holds) {
             let refused = match mirror_proto::witness::ask(
                 &w.addr,
                 &w.secret,
                 mirror_proto::frame::WitnessOp::Promote,
                 g,
+                node,
                 WITNESS_TIMEOUT,
             ) {
                 Ok(AckStatus::Ok) => None,
@@ -714,7 +718,15 @@ impl Replica {
                 Some(e) => warn!("promoting by force: {}", crate::chain(&e)),
             }
         }
-        let mut p = self.promote(force)?;
+        let mut p = self.promote(force).inspect_err(|e| {
+            if witness.is_some() && holds.is_some() {
+                warn!(
+                    "the witness recorded this promotion, but it failed here ({}): the old \
+                     primary will be refused; retry the promotion (the witness consents again)",
+                    crate::chain(e)
+                );
+            }
+        })?;
         p.unverified = witness.is_none() && !p.already_primary;
         Ok(p)
     }

@@ -86,10 +86,10 @@ impl Witness {
 
     /// Decides one request; the decision is on disk before it is returned (IoError if it
     /// cannot be: nothing changed then).
-    fn decide(&self, op: WitnessOp, generation: u64, peer: SocketAddr) -> AckStatus {
+    fn decide(&self, op: WitnessOp, generation: u64, node: u64, peer: SocketAddr) -> AckStatus {
         let mut book = lock(&self.book);
         let mut next = book.clone();
-        let d = next.decide(op, generation, now_secs());
+        let d = next.decide(op, generation, node, now_secs());
         if d.changed {
             if let Err(e) = witness::save(&self.dir, &next) {
                 error!(
@@ -102,14 +102,19 @@ impl Witness {
             *book = next;
         }
         let what = match (op, d.answer) {
+            (_, AckStatus::IoError) => "not recorded: the witness is full of promotion records",
             (WitnessOp::Outdate, AckStatus::Ok) => "recorded outdated; its primary goes on",
-            (WitnessOp::Outdate, _) => "was promoted: its old primary is refused (superseded)",
+            (WitnessOp::Outdate, _) => "was promoted: this old primary is refused (superseded)",
             (WitnessOp::Promote, AckStatus::Ok) => "may be promoted (recorded)",
-            (WitnessOp::Promote, _) => "was recorded outdated: promotion refused",
+            (WitnessOp::Promote, _) => {
+                "was recorded outdated, or another node was promoted from it: promotion refused"
+            }
             (WitnessOp::Clear, _) => "in sync again: its outdated record cleared",
         };
         if d.changed || d.answer != AckStatus::Ok {
-            info!("{peer}: the replica holding generation {generation:016x} {what}");
+            info!(
+                "{peer} (node {node:016x}): the replica holding generation {generation:016x} {what}"
+            );
         }
         if d.answer != AckStatus::Ok {
             self.refused.fetch_add(1, Ordering::Relaxed);
@@ -148,15 +153,19 @@ impl Witness {
             return fail("cannot clone the socket".into());
         };
         let mut reader = FrameReader::new(SecureReader::new(read_half, keys.clone()));
-        let (seq, op, generation) = match reader.read_frame() {
+        let (seq, op, generation, node) = match reader.read_frame() {
             Ok(d) => match d.frame {
-                Frame::Witness { op, generation } => (d.seq, op, generation),
+                Frame::Witness {
+                    op,
+                    generation,
+                    node,
+                } => (d.seq, op, generation, node),
                 f => return fail(format!("expected a Witness request, got {}", f.name())),
             },
             Err(e) => return fail(chain(&e)),
         };
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let answer = self.decide(op, generation, peer);
+        let answer = self.decide(op, generation, node, peer);
         let mut writer = SecureWriter::new(&stream, keys);
         if let Err(e) = conn::send(&mut writer, seq, &Frame::Ack { status: answer }) {
             // The decision stands (it is on disk); the node asks again and gets the same.

@@ -275,10 +275,12 @@ pub enum Frame<'a> {
         hashes: &'a [u8],
     },
     /// Primary or replica -> quorum witness: one request about the replica holding
-    /// `generation` (see `witness.rs`); answered with an Ack.
+    /// `generation`, from the node `node` (its metadata's node id; see `witness.rs`);
+    /// answered with an Ack.
     Witness {
         op: WitnessOp,
         generation: u64,
+        node: u64,
     },
 }
 
@@ -500,9 +502,14 @@ pub fn encode(seq: u64, frame: &Frame<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(&len.to_le_bytes());
         }
         Frame::Ack { status } => out.push(status.to_wire()),
-        Frame::Witness { op, generation } => {
+        Frame::Witness {
+            op,
+            generation,
+            node,
+        } => {
             out.push(op.to_wire());
             out.extend_from_slice(&generation.to_le_bytes());
+            out.extend_from_slice(&node.to_le_bytes());
         }
         Frame::Ping { nanos } | Frame::Pong { nanos } => {
             out.extend_from_slice(&nanos.to_le_bytes())
@@ -841,6 +848,7 @@ pub fn decode(buf: &[u8]) -> Result<Option<Decoded<'_>>, FrameError> {
             Frame::Witness {
                 op,
                 generation: c.u64()?,
+                node: c.u64()?,
             }
         }
         other => return Err(FrameError::UnknownKind(other)),

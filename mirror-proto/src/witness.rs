@@ -8,13 +8,18 @@
 //!
 //! - `Outdate(g)`, from a primary that lost its replica: answered Ok once "the holder of g is
 //!   outdated" is on the witness's disk; the primary acknowledges nothing the replica lacks
-//!   before that. Answered Fenced if the holder of g was promoted first: the primary is
-//!   superseded and acknowledges no further write.
-//! - `Promote(g)`, from a replica holding g up to date: answered Ok once "the holder of g was
-//!   promoted" is on disk; Outdated if a primary recorded it outdated first.
-//! - `Clear(g)`, from a primary whose replica (which held g) is in sync again: its outdated
-//!   record goes. Promotion records stay (the old primary they supersede may still be
-//!   running); the oldest records are dropped beyond [`MAX_RECORDS`].
+//!   before that. Answered Fenced if another node was promoted from g first: the primary is
+//!   superseded and acknowledges no further write. (The node promoted from g, now a primary
+//!   itself, gets Ok: its replica, the old primary, is the one outdated.) A primary asks for
+//!   every generation its replica may hold up to date (its bitmap's base, and its own
+//!   generation if a SyncDone may have reached the replica).
+//! - `Promote(g)`, from a replica holding g: answered Ok once "this node was promoted from g"
+//!   is on disk (again Ok to the same node: a retry); Outdated if a primary recorded the holder
+//!   of g outdated first, or another node was promoted from g.
+//! - `Clear(g)`, from a primary whose replica is in sync again: the outdated record of g goes.
+//!   Promotion records stay (the old primary they supersede may still be running). Beyond
+//!   [`MAX_RECORDS`] the oldest outdated record goes; a witness full of promotion records
+//!   refuses new records (IoError) rather than forget one.
 //!
 //! The order the witness receives Outdate(g) and Promote(g) in decides; each answer is
 //! durable before it is sent, so a witness that restarts answers the same way.
@@ -52,6 +57,9 @@ pub struct Record {
     /// The generation, as 16 hex digits.
     pub generation: String,
     pub state: State,
+    /// The node that asked (outdated: the primary; promoted: the promoted node), 16 hex
+    /// digits.
+    pub node: String,
     /// Seconds since 1970 when it was recorded.
     pub since: u64,
 }
@@ -88,48 +96,73 @@ impl Book {
     }
 
     pub fn state_of(&self, generation: u64) -> Option<State> {
-        let g = hex(generation);
-        self.records
-            .iter()
-            .find(|r| r.generation == g)
-            .map(|r| r.state)
+        self.record(generation).map(|r| r.state)
     }
 
-    fn set(&mut self, generation: u64, state: State, now: u64) {
-        self.records.retain(|r| r.generation != hex(generation));
+    fn record(&self, generation: u64) -> Option<&Record> {
+        let g = hex(generation);
+        self.records.iter().find(|r| r.generation == g)
+    }
+
+    /// Adds a record; false (nothing changed) if the book is full of promotion records.
+    fn add(&mut self, generation: u64, state: State, node: u64, now: u64) -> bool {
+        if self.records.len() >= MAX_RECORDS {
+            match self.records.iter().position(|r| r.state == State::Outdated) {
+                Some(i) => {
+                    self.records.remove(i);
+                }
+                None => return false,
+            }
+        }
         self.records.push(Record {
             generation: hex(generation),
             state,
+            node: hex(node),
             since: now,
         });
-        if self.records.len() > MAX_RECORDS {
-            let extra = self.records.len() - MAX_RECORDS;
-            self.records.drain(..extra);
-        }
+        true
     }
 
-    /// Applies one request at time `now` (seconds since 1970).
-    pub fn decide(&mut self, op: WitnessOp, generation: u64, now: u64) -> Decision {
-        let have = self.state_of(generation);
+    /// Applies one request from `node` at time `now` (seconds since 1970).
+    pub fn decide(&mut self, op: WitnessOp, generation: u64, node: u64, now: u64) -> Decision {
+        let have = self
+            .record(generation)
+            .map(|r| (r.state, r.node == hex(node)));
         let (answer, change) = match (op, have) {
-            (WitnessOp::Outdate, Some(State::Promoted)) => (AckStatus::Fenced, None),
-            (WitnessOp::Outdate, Some(State::Outdated)) => (AckStatus::Ok, None),
+            // The node promoted from g is a primary now: its replica is the one outdated.
+            (WitnessOp::Outdate, Some((State::Promoted, same))) => (
+                if same {
+                    AckStatus::Ok
+                } else {
+                    AckStatus::Fenced
+                },
+                None,
+            ),
+            (WitnessOp::Outdate, Some((State::Outdated, _))) => (AckStatus::Ok, None),
             (WitnessOp::Outdate, None) => (AckStatus::Ok, Some(Some(State::Outdated))),
-            (WitnessOp::Promote, Some(State::Outdated)) => (AckStatus::Outdated, None),
-            (WitnessOp::Promote, Some(State::Promoted)) => (AckStatus::Ok, None),
+            (WitnessOp::Promote, Some((State::Promoted, true))) => (AckStatus::Ok, None),
+            (WitnessOp::Promote, Some(_)) => (AckStatus::Outdated, None),
             (WitnessOp::Promote, None) => (AckStatus::Ok, Some(Some(State::Promoted))),
-            (WitnessOp::Clear, Some(State::Outdated)) => (AckStatus::Ok, Some(None)),
+            (WitnessOp::Clear, Some((State::Outdated, _))) => (AckStatus::Ok, Some(None)),
             (WitnessOp::Clear, _) => (AckStatus::Ok, None),
         };
-        match change {
-            Some(Some(state)) => self.set(generation, state, now),
-            Some(None) => self.records.retain(|r| r.generation != hex(generation)),
-            None => {}
-        }
-        Decision {
-            answer,
-            changed: change.is_some(),
-        }
+        let changed = match change {
+            Some(Some(state)) => {
+                if !self.add(generation, state, node, now) {
+                    return Decision {
+                        answer: AckStatus::IoError,
+                        changed: false,
+                    };
+                }
+                true
+            }
+            Some(None) => {
+                self.records.retain(|r| r.generation != hex(generation));
+                true
+            }
+            None => false,
+        };
+        Decision { answer, changed }
     }
 }
 
@@ -167,11 +200,12 @@ pub fn load(dir: &Path) -> Result<Book, BookError> {
     if book.format != BOOK_FORMAT {
         return Err(damaged(format!("format {}", book.format)));
     }
+    let is_hex = |s: &str| s.len() == 16 && u64::from_str_radix(s, 16).is_ok();
     if book.records.len() > MAX_RECORDS
         || book
             .records
             .iter()
-            .any(|r| r.generation.len() != 16 || u64::from_str_radix(&r.generation, 16).is_err())
+            .any(|r| !is_hex(&r.generation) || !is_hex(&r.node))
     {
         return Err(damaged("a record out of bounds".into()));
     }
@@ -214,6 +248,7 @@ pub fn ask(
     secret: &Secret,
     op: WitnessOp,
     generation: u64,
+    node: u64,
     timeout: Duration,
 ) -> Result<AckStatus, AskError> {
     let sa = addr
@@ -237,7 +272,15 @@ pub fn ask(
         keys.clone(),
     ));
     let mut writer = SecureWriter::new(stream, keys);
-    conn::send(&mut writer, 1, &Frame::Witness { op, generation })?;
+    conn::send(
+        &mut writer,
+        1,
+        &Frame::Witness {
+            op,
+            generation,
+            node,
+        },
+    )?;
     let d = reader.read_frame()?;
     match d.frame {
         Frame::Ack { status } if d.seq == 1 => Ok(status),
@@ -250,39 +293,73 @@ pub fn ask(
 mod tests {
     use super::*;
 
+    const P: u64 = 0xa;
+    const R: u64 = 0xb;
+
     #[test]
     fn outdate_and_promote_exclude_each_other_in_either_order() {
         let mut b = Book::new();
-        let d = b.decide(WitnessOp::Outdate, 7, 1);
+        let d = b.decide(WitnessOp::Outdate, 7, P, 1);
         assert_eq!((d.answer, d.changed), (AckStatus::Ok, true));
-        assert!(!b.decide(WitnessOp::Outdate, 7, 2).changed);
+        assert!(!b.decide(WitnessOp::Outdate, 7, P, 2).changed);
         assert_eq!(
-            b.decide(WitnessOp::Promote, 7, 3).answer,
+            b.decide(WitnessOp::Promote, 7, R, 3).answer,
             AckStatus::Outdated
         );
         let mut b = Book::new();
-        assert_eq!(b.decide(WitnessOp::Promote, 7, 1).answer, AckStatus::Ok);
-        assert_eq!(b.decide(WitnessOp::Promote, 7, 1).answer, AckStatus::Ok);
-        assert_eq!(b.decide(WitnessOp::Outdate, 7, 2).answer, AckStatus::Fenced);
+        assert_eq!(b.decide(WitnessOp::Promote, 7, R, 1).answer, AckStatus::Ok);
+        assert_eq!(b.decide(WitnessOp::Promote, 7, R, 1).answer, AckStatus::Ok);
+        // Another node holding 7 is not the promoted one.
+        assert_eq!(
+            b.decide(WitnessOp::Promote, 7, P, 1).answer,
+            AckStatus::Outdated
+        );
+        assert_eq!(
+            b.decide(WitnessOp::Outdate, 7, P, 2).answer,
+            AckStatus::Fenced
+        );
+        // The promoted node, a primary now, outdates its own replica (the old primary).
+        assert_eq!(b.decide(WitnessOp::Outdate, 7, R, 2).answer, AckStatus::Ok);
         // Clear forgets an outdated record only: a promotion still supersedes.
-        assert!(!b.decide(WitnessOp::Clear, 7, 3).changed);
-        assert_eq!(b.decide(WitnessOp::Outdate, 7, 4).answer, AckStatus::Fenced);
+        assert!(!b.decide(WitnessOp::Clear, 7, R, 3).changed);
+        assert_eq!(
+            b.decide(WitnessOp::Outdate, 7, P, 4).answer,
+            AckStatus::Fenced
+        );
         // Other generations are other replicas.
-        assert_eq!(b.decide(WitnessOp::Outdate, 8, 4).answer, AckStatus::Ok);
-        assert!(b.decide(WitnessOp::Clear, 8, 5).changed);
-        assert_eq!(b.decide(WitnessOp::Promote, 8, 6).answer, AckStatus::Ok);
+        assert_eq!(b.decide(WitnessOp::Outdate, 8, P, 4).answer, AckStatus::Ok);
+        assert!(b.decide(WitnessOp::Clear, 8, P, 5).changed);
+        assert_eq!(b.decide(WitnessOp::Promote, 8, R, 6).answer, AckStatus::Ok);
     }
 
     #[test]
-    fn the_book_is_bounded_and_survives_a_reload() {
-        let d = tempfile::tempdir().unwrap();
+    fn a_full_book_drops_outdated_records_never_promotions() {
         let mut b = Book::new();
+        b.decide(WitnessOp::Promote, 1_000_000, R, 0);
         for g in 0..(MAX_RECORDS as u64 + 10) {
-            b.decide(WitnessOp::Outdate, g, g);
+            assert_eq!(b.decide(WitnessOp::Outdate, g, P, g).answer, AckStatus::Ok);
         }
         assert_eq!(b.records().len(), MAX_RECORDS);
-        assert_eq!(b.state_of(0), None, "the oldest went first");
-        assert_eq!(b.state_of(MAX_RECORDS as u64 + 9), Some(State::Outdated));
+        assert_eq!(b.state_of(0), None, "the oldest outdated record went first");
+        assert_eq!(b.state_of(1_000_000), Some(State::Promoted));
+        let mut b = Book::new();
+        for g in 0..MAX_RECORDS as u64 {
+            b.decide(WitnessOp::Promote, g, R, g);
+        }
+        let d = b.decide(WitnessOp::Outdate, u64::MAX, P, 0);
+        assert_eq!((d.answer, d.changed), (AckStatus::IoError, false));
+        assert_eq!(
+            b.decide(WitnessOp::Outdate, 0, P, 0).answer,
+            AckStatus::Fenced
+        );
+    }
+
+    #[test]
+    fn the_book_survives_a_reload() {
+        let d = tempfile::tempdir().unwrap();
+        let mut b = Book::new();
+        b.decide(WitnessOp::Outdate, 5, P, 1);
+        b.decide(WitnessOp::Promote, 6, R, 2);
         save(d.path(), &b).unwrap();
         assert_eq!(load(d.path()).unwrap(), b);
     }
@@ -294,7 +371,8 @@ mod tests {
         for bad in [
             &b"{"[..],
             b"{\"format\": 9, \"records\": []}",
-            b"{\"format\": 1, \"records\": [{\"generation\": \"xyz\", \"state\": \"outdated\", \"since\": 0}]}",
+            b"{\"format\": 1, \"records\": [{\"generation\": \"xyz\", \"state\": \"outdated\", \"node\": \"000000000000000a\", \"since\": 0}]}",
+            b"{\"format\": 1, \"records\": [{\"generation\": \"0000000000000001\", \"state\": \"outdated\", \"since\": 0}]}",
             b"{\"format\": 1, \"records\": [], \"extra\": 1}",
         ] {
             std::fs::write(d.path().join(BOOK_FILE), bad).unwrap();

@@ -96,7 +96,7 @@ fn client(b: &Backend) -> Client {
     Client::connect_with(
         b.socket(),
         &ClientOpts {
-            buf_per_queue: 1 << 20,
+            buf_per_queue: 8 << 20,
             ..ClientOpts::default()
         },
     )
@@ -134,8 +134,11 @@ fn a_cut_replica_is_outdated_and_not_promoted() {
     );
     let w = s.witness.status_json();
     let records = w["records"].as_array().expect("records");
-    assert_eq!(records.len(), 1, "{}", pretty(&w));
-    assert_eq!(records[0]["state"], "outdated", "{}", pretty(&w));
+    assert!(
+        !records.is_empty() && records.iter().all(|r| r["state"] == "outdated"),
+        "{}",
+        pretty(&w)
+    );
 
     // The witness keeps its word across a restart.
     s.witness.kill();
@@ -248,6 +251,110 @@ fn an_isolated_primary_holds_writes_and_is_superseded() {
         read_file_range(&s.pair.replica, 0, BLOCK),
         pattern(0, BLOCK, 1)
     );
+    drop(c);
+    let _ = s.primary.terminate(TIMEOUT);
+
+    // The promoted image, served as the new primary with the witness and its peer (the old
+    // primary) away: the witness lets it go on (it is the node promoted from that
+    // generation), and its writes are acknowledged.
+    let mut o = BackendOpts {
+        kind: Some(BackendKind::VhostMirror),
+        ..BackendOpts::mirrored(free_port(), &s.pair.secret)
+    };
+    o.extra_args.extend(["--witness".into(), s.witness.addr()]);
+    let mut b = Backend::spawn(s.pair.dir.path(), &s.pair.replica, &o);
+    let mut c = client(&b);
+    assert_eq!(
+        c.q().write(3 * MIB, &pattern(3 * MIB, BLOCK, 4)),
+        Ok(()),
+        "the promoted node's own writes: {}",
+        pretty(&b.status_json())
+    );
+    let st = b.status_json();
+    assert_eq!(
+        status_str(&st, "fence_state"),
+        "peer-outdated",
+        "{}",
+        pretty(&st)
+    );
+    drop(c);
+    let _ = b.terminate(TIMEOUT);
+}
+
+/// A cut while the guest is idle, healed before it writes: nothing is recorded at the witness,
+/// and the replica, in sync again, may be promoted.
+#[test]
+fn an_idle_cut_and_heal_leave_the_replica_promotable() {
+    let _wd = Watchdog::new(
+        "an_idle_cut_and_heal_leave_the_replica_promotable",
+        Duration::from_secs(120),
+    );
+    let mut s = Setup::new("witness-idle");
+    s.to_replica.refuse(true);
+    s.to_replica.cut();
+    wait_status(&mut s.primary, TIMEOUT, |v| {
+        status_str(v, "peer_state") != "connected"
+    })
+    .unwrap_or_else(|v| panic!("{}", pretty(&v)));
+    std::thread::sleep(Duration::from_millis(500));
+    s.to_replica.refuse(false);
+    wait_in_sync(&mut s.primary, SYNC_TIMEOUT);
+    let w = s.witness.status_json();
+    assert_eq!(
+        w["records"].as_array().map(Vec::len),
+        Some(0),
+        "{}",
+        pretty(&w)
+    );
+    let _ = s.primary.terminate(TIMEOUT);
+    let (ok, out) = s.promote();
+    assert!(ok, "an up-to-date replica was refused: {out}");
+}
+
+/// A write of several link frames (4 MiB) cut while its frames are on the way is held like
+/// any other the replica lacks: not acknowledged while neither the replica nor the witness
+/// answers. (A part that could not even be sent: the unit test
+/// `a_write_whose_later_part_was_never_sent_is_held`.)
+#[test]
+fn a_large_write_cut_midway_is_held() {
+    let _wd = Watchdog::new("a_large_write_cut_midway_is_held", Duration::from_secs(120));
+    let mut s = Setup::new("witness-parts");
+    s.to_witness.refuse(true);
+    // Slow the link so that the cut lands while the write's frames are on the way.
+    s.to_replica.set_delay(Duration::from_millis(50));
+    let mut c = client(&s.primary);
+    let before = s.to_replica.bytes_to_target();
+    {
+        let q = c.q();
+        let data = vec![0x5au8; 4 * MIB as usize];
+        q.buf()[..data.len()].copy_from_slice(&data);
+        q.submit(
+            Op::Write {
+                off: 4 * MIB,
+                buf_off: 0,
+                len: data.len(),
+            },
+            9,
+        );
+        let _ = q.kick();
+    }
+    let went = vhost_mirror_tests::wait_until(TIMEOUT, || {
+        s.to_replica.bytes_to_target() > before + MIB / 2
+    });
+    assert!(went, "the write's first part never reached the proxy");
+    s.to_replica.refuse(true);
+    s.to_replica.cut();
+    std::thread::sleep(Duration::from_secs(2));
+    let done = c.q().kick();
+    assert!(
+        done.iter().all(|d| d.ret < 0),
+        "a write cut between its parts was acknowledged with neither replica nor witness: \
+         {done:?}; {}",
+        pretty(&s.primary.status_json())
+    );
+    s.to_witness.refuse(false);
+    let done = if done.is_empty() { c.q().wait(1) } else { done };
+    assert_eq!(done.len(), 1);
     drop(c);
     let _ = s.primary.terminate(TIMEOUT);
 }

@@ -7,14 +7,22 @@
 //! witness says the replica was promoted, nothing the replica lacks is acknowledged again.**
 //!
 //! Mechanism: the link's death sets the gate to `Pending` before any waiter learns of it
-//! (`on_down` in `peer.rs`). A request that the replica lacks (its part failed or never went:
-//! `Mirror::finish`) is held by its queue worker, like suspend mode's, once it holds no range
-//! (`Mirror::hold`), until the gate says: `Attached` or `Outdated` (acknowledge), or
-//! `Superseded` (fail it: IOERR). The fence thread asks the witness while the gate is
-//! `Pending`, retrying until it answers; a link that comes back and gets its SyncStart
-//! acknowledged opens the gate too (`attached`). After a resync the witness is told the replica
-//! is in sync again (`Clear`).
+//! (`on_down` in `peer.rs`). A request that the replica lacks (its part failed or never went,
+//! or a later part of it could not be sent: `Mirror::finish`) is held by its queue worker,
+//! like suspend mode's, once it holds no range (`Mirror::hold`), until the gate says:
+//! `Attached` or `Outdated` (acknowledge), or `Superseded` (fail it: IOERR). The fence thread
+//! asks the witness while the gate is `Pending` and a completion waits (a lost link with an
+//! idle guest asks nothing), retrying until it answers, to outdate every
+//! generation the replica may hold up to date (`Mirror::replica_generations`: the bitmap's
+//! base, and ours, which a SyncDone the replica applied but we never heard answered would have
+//! given it); only when all are recorded does the gate open. A link that comes back opens the
+//! gate too (`attached`, only while that link is alive), after a SyncStart the replica
+//! acknowledged (`peer.rs` always sends one while the gate is not `Attached`: the replica is
+//! then inconsistent, durably, until the SyncDone that ends the resync). After that resync
+//! the witness is told to forget what it recorded (`Clear`). A replica that says it was
+//! promoted (Refuse or Ack `Fenced`) supersedes this primary as the witness would.
 
+use std::collections::BTreeSet;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -58,30 +66,37 @@ impl Gate {
 #[derive(Debug)]
 struct State {
     gate: Gate,
-    /// The generation the witness holds an outdated record of, for us.
-    recorded: Option<u64>,
-    /// A generation whose outdated record the witness should forget (the replica is in
-    /// sync again).
-    clear: Option<u64>,
+    /// Generations the witness holds an outdated record of, for us.
+    recorded: BTreeSet<u64>,
+    /// Generations whose outdated records the witness should forget (the replica is in sync
+    /// again).
+    clear: BTreeSet<u64>,
+    /// Completions held on a `Pending` gate: the witness is asked only while some wait (an
+    /// idle guest's lost link leaves no record to clear).
+    waiting: usize,
 }
 
 pub struct Fence {
     addr: String,
     secret: Secret,
+    /// This node's id (its metadata's): the witness tells a promoted node from the others.
+    node: u64,
     state: Mutex<State>,
     changed: Condvar,
 }
 
 impl Fence {
-    pub fn new(addr: String, secret: Secret) -> Fence {
+    pub fn new(addr: String, secret: Secret, node: u64) -> Fence {
         Fence {
             addr,
             secret,
+            node,
             // Until a replica attaches, this process knows nothing about it.
             state: Mutex::new(State {
                 gate: Gate::Pending,
-                recorded: None,
-                clear: None,
+                recorded: BTreeSet::new(),
+                clear: BTreeSet::new(),
+                waiting: 0,
             }),
             changed: Condvar::new(),
         }
@@ -114,21 +129,34 @@ impl Fence {
     }
 
     /// A replica attached and holds nothing we acknowledged without it, or recorded itself
-    /// inconsistent.
-    pub fn attached(&self) {
-        self.set(|s| {
-            if s.gate != Gate::Superseded {
-                s.gate = Gate::Attached;
-            }
-        });
+    /// inconsistent. `alive` is asked under the fence's lock: a link that died already (its
+    /// `link_lost` came or comes after) leaves the gate alone.
+    pub fn attached(&self, alive: impl FnOnce() -> bool) {
+        let mut s = self.lock();
+        if s.gate != Gate::Superseded && alive() {
+            s.gate = Gate::Attached;
+        }
+        drop(s);
+        self.changed.notify_all();
     }
 
-    /// A resync finished: the witness may forget the outdated record it keeps for us.
+    /// The replica said it was promoted: this primary is superseded.
+    pub fn superseded(&self, why: &str) {
+        let mut first = false;
+        self.set(|s| {
+            first = s.gate != Gate::Superseded;
+            s.gate = Gate::Superseded;
+        });
+        if first {
+            error!("{why}: this primary is superseded and acknowledges no further write the replica lacks");
+        }
+    }
+
+    /// A resync finished: the witness may forget the outdated records it keeps for us.
     pub fn in_sync(&self) {
         self.set(|s| {
-            if let Some(g) = s.recorded.take() {
-                s.clear = Some(g);
-            }
+            let r = std::mem::take(&mut s.recorded);
+            s.clear.extend(r);
         });
     }
 
@@ -142,11 +170,15 @@ impl Fence {
                 Gate::Superseded => return false,
                 Gate::Pending if stopping() => return false,
                 Gate::Pending => {
+                    s.waiting += 1;
+                    // Wakes the fence thread.
+                    self.changed.notify_all();
                     s = self
                         .changed
                         .wait_timeout(s, Duration::from_millis(200))
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
+                    s.waiting -= 1;
                 }
             }
         }
@@ -158,7 +190,8 @@ impl Fence {
     }
 }
 
-/// The fence thread: asks the witness while the gate is `Pending`, and tells it of replicas
+/// The fence thread: asks the witness while the gate is `Pending` and a completion waits, and
+/// tells it of replicas
 /// in sync again.
 pub fn run(m: Arc<Mirror>, f: Arc<Fence>) {
     let mut retry = RETRY_MIN;
@@ -167,17 +200,20 @@ pub fn run(m: Arc<Mirror>, f: Arc<Fence>) {
         if m.is_stopping() {
             return;
         }
-        let (gate, clear) = {
+        let (ask, clear) = {
             let s = f.lock();
-            (s.gate, s.clear)
+            (
+                s.gate == Gate::Pending && s.waiting > 0,
+                s.clear.first().copied(),
+            )
         };
-        let (op, generation) = if gate == Gate::Pending {
-            (WitnessOp::Outdate, m.replica_generation())
+        let (op, generations) = if ask {
+            (WitnessOp::Outdate, m.replica_generations())
         } else if let Some(g) = clear {
-            (WitnessOp::Clear, g)
+            (WitnessOp::Clear, vec![g])
         } else {
             let s = f.lock();
-            if s.gate != Gate::Pending && s.clear.is_none() {
+            if !(s.gate == Gate::Pending && s.waiting > 0) && s.clear.is_empty() {
                 let _ = f
                     .changed
                     .wait_timeout(s, Duration::from_millis(500))
@@ -185,16 +221,38 @@ pub fn run(m: Arc<Mirror>, f: Arc<Fence>) {
             }
             continue;
         };
-        match witness::ask(&f.addr, &f.secret, op, generation, ASK_TIMEOUT) {
-            Ok(answer) => {
+        if op == WitnessOp::Outdate {
+            // Before asking: the witness may record it even if its answer never comes; the
+            // next resync's end clears whatever was asked.
+            // A Clear still queued for one of them must not undo this record.
+            f.set(|s| {
+                s.recorded.extend(&generations);
+                for g in &generations {
+                    s.clear.remove(g);
+                }
+            });
+        }
+        let mut answers = Vec::new();
+        let mut failed = None;
+        for &g in &generations {
+            match witness::ask(&f.addr, &f.secret, op, g, f.node, ASK_TIMEOUT) {
+                Ok(a) => answers.push(a),
+                Err(e) => {
+                    failed = Some((g, e));
+                    break;
+                }
+            }
+        }
+        match failed {
+            None => {
                 retry = RETRY_MIN;
                 failures = 0;
-                answered(&m, &f, op, generation, answer);
-                if answer == AckStatus::IoError {
+                answered(&m, &f, op, &generations, &answers);
+                if answers.contains(&AckStatus::IoError) {
                     std::thread::sleep(RETRY_MAX);
                 }
             }
-            Err(e) => {
+            Some((generation, e)) => {
                 failures += 1;
                 // One line per failure at first, then one every ~30 attempts.
                 if failures <= 3 || failures.is_multiple_of(30) {
@@ -217,48 +275,53 @@ pub fn run(m: Arc<Mirror>, f: Arc<Fence>) {
     }
 }
 
-fn answered(m: &Mirror, f: &Fence, op: WitnessOp, generation: u64, answer: AckStatus) {
-    match (op, answer) {
-        (WitnessOp::Outdate, AckStatus::Ok) => {
-            let mut done = false;
+fn answered(m: &Mirror, f: &Fence, op: WitnessOp, generations: &[u64], answers: &[AckStatus]) {
+    let list = generations
+        .iter()
+        .map(|g| format!("{g:016x}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if answers.contains(&AckStatus::Fenced) {
+        f.superseded(&format!(
+            "witness {}: the replica (generation {list}) was promoted",
+            f.addr
+        ));
+        m.notify_changed();
+        return;
+    }
+    if answers.iter().any(|a| *a != AckStatus::Ok) {
+        warn!(
+            "witness {}: {} of generation {list} answered {answers:?}; asking again",
+            f.addr,
+            op.as_str()
+        );
+        return;
+    }
+    match op {
+        WitnessOp::Outdate => {
+            // (A replica that came back meanwhile leaves the gate alone; the records go at the
+            // end of its resync, `in_sync`.)
+            let mut opened = false;
             f.set(|s| {
-                s.recorded = Some(generation);
                 if s.gate == Gate::Pending {
-                    s.gate = Gate::Outdated(generation);
-                    done = true;
+                    s.gate = Gate::Outdated(generations.first().copied().unwrap_or(0));
+                    opened = true;
                 }
             });
-            if done {
+            if opened {
                 info!(
-                    "witness {}: replica (generation {generation:016x}) recorded outdated; \
-                     acknowledging writes without it",
+                    "witness {}: replica (generation {list}) recorded outdated; acknowledging \
+                     writes without it",
                     f.addr
                 );
                 m.notify_changed();
             }
         }
-        (WitnessOp::Outdate, AckStatus::Fenced) => {
-            f.set(|s| s.gate = Gate::Superseded);
-            error!(
-                "witness {}: the replica (generation {generation:016x}) was promoted: this \
-                 primary is superseded and acknowledges no further write",
-                f.addr
-            );
-            m.notify_changed();
-        }
-        (WitnessOp::Clear, AckStatus::Ok) => {
-            f.set(|s| {
-                if s.clear == Some(generation) {
-                    s.clear = None;
-                }
-            });
-        }
-        (_, other) => {
-            warn!(
-                "witness {}: {} of generation {generation:016x} answered {other:?}; asking again",
-                f.addr,
-                op.as_str()
-            );
-        }
+        WitnessOp::Clear => f.set(|s| {
+            for g in generations {
+                s.clear.remove(g);
+            }
+        }),
+        WitnessOp::Promote => {}
     }
 }

@@ -109,6 +109,9 @@ pub struct Remote {
     al_pinned: bool,
     /// A FLUSH: the activity-log barrier it completes when it succeeds on both sides.
     barrier: Option<u64>,
+    /// A part could not be sent (the link died between parts): the replica lacks it even if
+    /// every part sent was acknowledged.
+    lost: bool,
 }
 
 impl Remote {
@@ -120,6 +123,7 @@ impl Remote {
             range,
             al_pinned: false,
             barrier: None,
+            lost: false,
         }
     }
 }
@@ -197,9 +201,11 @@ impl Mirror {
         let verify_last = verify::load_last(&cfg.image);
         let fence = match (&cfg.peer, &cfg.witness, cfg.on_peer_loss) {
             // Suspend mode never acknowledges what the replica lacks: no witness needed.
-            (Some(p), Some(w), PeerLoss::Degrade) => {
-                Some(Arc::new(fence::Fence::new(w.clone(), p.secret.clone())))
-            }
+            (Some(p), Some(w), PeerLoss::Degrade) => Some(Arc::new(fence::Fence::new(
+                w.clone(),
+                p.secret.clone(),
+                sync.meta.node_id,
+            ))),
             _ => None,
         };
         Ok(Arc::new(Mirror {
@@ -259,15 +265,21 @@ impl Mirror {
         self.stopping.load(Ordering::Relaxed)
     }
 
-    /// The generation the replica holds (what the witness's records are about): the base of
-    /// the out-of-sync bitmap, or ours while nothing is out of sync.
-    fn replica_generation(&self) -> u64 {
+    /// The generations the replica may hold up to date (what the witness's records are
+    /// about): ours (in sync, or a SyncDone it applied whose answer we never got), and the
+    /// base of the out-of-sync bitmap.
+    fn replica_generations(&self) -> Vec<u64> {
         let s = self.sync_state();
-        if s.meta.bitmap_generation != 0 {
-            s.meta.bitmap_generation
-        } else {
-            s.meta.generation
+        let mut v = vec![s.meta.generation];
+        if s.meta.bitmap_generation != 0 && s.meta.bitmap_generation != s.meta.generation {
+            v.push(s.meta.bitmap_generation);
         }
+        v
+    }
+
+    /// The fence's gate, if there is a witness.
+    fn fence_gate(&self) -> Option<fence::Gate> {
+        self.fence.as_ref().map(|f| f.gate())
     }
 
     /// The replica's address, for log lines ("(none)" when standalone).
@@ -520,6 +532,7 @@ impl Mirror {
                     return Ok(());
                 }
                 if remote.link.is_some() {
+                    remote.lost = true;
                     return self.mark(offset, len);
                 }
             }
@@ -529,6 +542,7 @@ impl Mirror {
                     if !remote.waiters.is_empty() || remote.link.is_some() {
                         // Part of the request went out before the link died: those parts are
                         // marked; mark the rest too and wait for the resync in finish().
+                        remote.lost = true;
                         return self.mark(offset, len);
                     }
                     if self.stopping.load(Ordering::Relaxed) {
@@ -621,6 +635,11 @@ impl Mirror {
             match w.wait() {
                 Ok(Reply::Ack(AckStatus::Ok)) => {}
                 Ok(Reply::Ack(status)) => {
+                    if status == AckStatus::Fenced {
+                        if let Some(f) = &self.fence {
+                            f.superseded("the replica says it was promoted");
+                        }
+                    }
                     failed.get_or_insert(format!("replica answered {status:?}"));
                 }
                 Ok(Reply::Data(_)) => {
@@ -679,8 +698,9 @@ impl Mirror {
             self.activity_log.end(offset, len);
         }
         // What the replica lacks is acknowledged only once the fence allows (`fence.rs`).
-        let lacks = failed.is_some() || remote.link.is_none();
-        let hold = ((failed.is_some() && self.cfg.on_peer_loss == PeerLoss::Suspend)
+        let lacks = failed.is_some() || remote.lost || remote.link.is_none();
+        let hold = (((failed.is_some() || remote.lost)
+            && self.cfg.on_peer_loss == PeerLoss::Suspend)
             || (lacks && self.fence.is_some()))
         .then_some((offset, len));
         (ok, hold)
@@ -904,6 +924,70 @@ mod tests {
             m.send_durable(&mut r).unwrap();
         }
         r
+    }
+
+    /// Review of the witness: a write whose first part the replica acknowledged but whose
+    /// next part could not be sent (the link died in between) lacks that part on the replica:
+    /// with a witness it is held (not completed as if replicated), in suspend mode too.
+    #[test]
+    fn a_write_whose_later_part_was_never_sent_is_held() {
+        for (suspend, witness) in [(false, true), (true, false)] {
+            let d = tempfile::tempdir().unwrap();
+            let img = d.path().join("disk.img");
+            std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
+            let disk = Arc::new(RawImage::open(&img, false).unwrap());
+            let cfg = MirrorConfig {
+                image: img,
+                peer: Some(PeerAddr {
+                    addr: "test".into(),
+                    secret: Secret::from_bytes(b"0123456789abcdef").unwrap(),
+                }),
+                on_peer_loss: if suspend {
+                    PeerLoss::Suspend
+                } else {
+                    PeerLoss::Degrade
+                },
+                resync_rate: None,
+                resync_min_rate: DEFAULT_RESYNC_MIN_RATE,
+                witness: witness.then(|| "127.0.0.1:1".to_owned()),
+            };
+            let m = Mirror::new(cfg, disk).unwrap();
+            let (link, peer) = link(&m);
+            let (mut r, mut w) = (peer.reader, peer.writer);
+            let len = 2 * MAX_DATA as u64;
+            let t = m.try_reserve(0, 0, len).unwrap();
+            let mut remote = m.begin_write(t, 0, len).unwrap();
+            m.send_data(&mut remote, 0, &vec![7u8; MAX_DATA], false)
+                .unwrap();
+            let (kind, seq) = next_frame(&mut r);
+            assert_eq!(kind, "Write");
+            let ack = Frame::Ack {
+                status: AckStatus::Ok,
+            };
+            conn::send(&mut w, seq, &ack).unwrap();
+            assert!(wait_until(|| m.is_answered(&remote)));
+            link.fail("cut between the parts");
+            m.send_data(&mut remote, MAX_DATA as u64, &vec![7u8; MAX_DATA], false)
+                .unwrap();
+            let (ok, hold) = m.finish(remote, true);
+            assert!(ok);
+            assert_eq!(
+                hold,
+                Some((0, len)),
+                "suspend {suspend}, witness {witness}: completed as if replicated"
+            );
+        }
+    }
+
+    fn wait_until(mut f: impl FnMut() -> bool) -> bool {
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < end {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
     }
 
     /// Finding 7: with the guest's write cache off (write-through), a write completes only

@@ -64,6 +64,16 @@ pub fn run(m: Arc<Mirror>, peer: PeerAddr) {
             }
             Err(e) => {
                 let msg = error_chain(&e);
+                if let (
+                    Some(f),
+                    HandshakeError::Refused {
+                        code: RefuseCode::Fenced,
+                        ..
+                    },
+                ) = (&m.fence, &e)
+                {
+                    f.superseded(&format!("replica {}: {msg}", peer.addr));
+                }
                 let (state, wait) = match &e {
                     // A wrong secret on either side: the replica closes without a word
                     // after our first message (it tells no one who lacks the secret anything).
@@ -293,6 +303,14 @@ fn serve_link(
     // its SyncDone records our generation there (and makes a returning old primary a
     // secondary).
     let mut need_sync = decision != SyncDecision::InSync;
+    // With a witness, a replica attached while writes it lacks may be held (or recorded at
+    // the witness) always gets a SyncStart (it is inconsistent, so not promotable, until the
+    // SyncDone), and the resync's end clears the witness's records.
+    if m.fence_gate()
+        .is_some_and(|g| g != super::fence::Gate::Attached)
+    {
+        need_sync = true;
+    }
     let bitmap_clear = m.sync_state().bitmap.is_clear();
     if need_sync || !bitmap_clear {
         // Before any guest write reaches it: the replica records itself inconsistent
@@ -326,7 +344,7 @@ fn serve_link(
     // The replica has everything, or recorded itself inconsistent (not promotable): what it
     // lacks may be acknowledged (it is resynced).
     if let Some(f) = &m.fence {
-        f.attached();
+        f.attached(|| link.is_alive());
     }
     if decision == SyncDecision::InSync && bitmap_clear {
         m.status_lock().peer_disk = Some(DiskState::UpToDate);
