@@ -404,3 +404,111 @@ fn the_witness_survives_garbage_and_refuses_a_damaged_state_file() {
     assert!(!status.success());
     assert!(w.log().contains("damaged"), "{}", w.log());
 }
+
+/// `--fence-peer CMD` instead of a witness (DRBD's handler convention): a write the replica
+/// lacks waits while the handler fails (exit 1, run again), goes on once it exits 4 (peer
+/// outdated); after a heal and a second cut, exit 6 (the peer is primary) fails it.
+#[test]
+fn the_fence_peer_handler_decides_like_drbds() {
+    let _wd = Watchdog::new(
+        "the_fence_peer_handler_decides_like_drbds",
+        Duration::from_secs(120),
+    );
+    let pair = Pair::new("fence-peer", 16 * MIB);
+    let dir = pair.dir.path();
+    let code = dir.join("exit-code");
+    let env_out = dir.join("handler-env");
+    let runs = dir.join("runs");
+    std::fs::write(&code, "1").expect("write");
+    let script = dir.join("fence-peer.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho run >> {runs}\nenv | grep '^VHOST_MIRROR_' > {env}\nexit $(cat {code})\n",
+            runs = runs.display(),
+            env = env_out.display(),
+            code = code.display()
+        ),
+    )
+    .expect("write script");
+    let mut node = pair.node();
+    let to_replica = Proxy::start(None, loopback(0), loopback(pair.port));
+    let mut o = BackendOpts {
+        kind: Some(BackendKind::VhostMirror),
+        ..BackendOpts::mirrored(to_replica.addr().port(), &pair.secret)
+    };
+    o.extra_args
+        .extend(["--fence-peer".into(), format!("sh {}", script.display())]);
+    let mut b = Backend::spawn(dir, &pair.primary, &o);
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    let mut c = client(&b);
+
+    let held_write = |c: &mut Client, off: u64, seed: u64| {
+        let q = c.q();
+        q.buf()[..BLOCK].copy_from_slice(&pattern(off, BLOCK, seed));
+        q.submit(
+            Op::Write {
+                off,
+                buf_off: 0,
+                len: BLOCK,
+            },
+            1,
+        );
+        q.kick()
+    };
+
+    to_replica.refuse(true);
+    to_replica.cut();
+    assert!(held_write(&mut c, MIB, 1).is_empty());
+    let ran = vhost_mirror_tests::wait_until(TIMEOUT, || {
+        std::fs::read_to_string(&runs).is_ok_and(|r| r.lines().count() >= 2)
+    });
+    assert!(ran, "the handler was not run again after exiting 1");
+    assert!(
+        c.q().kick().is_empty(),
+        "a write completed while the handler kept failing"
+    );
+    std::fs::write(&code, "4").expect("write");
+    let done = c.q().wait(1);
+    assert_eq!(done.len(), 1);
+    assert_eq!(
+        done[0].ret, 0,
+        "exit 4 (peer outdated) should let the write go on"
+    );
+    let st = b.status_json();
+    assert_eq!(
+        status_str(&st, "fence_state"),
+        "peer-outdated",
+        "{}",
+        pretty(&st)
+    );
+    let env = std::fs::read_to_string(&env_out).expect("handler env");
+    assert!(
+        env.contains("VHOST_MIRROR_GENERATIONS=") && env.contains("VHOST_MIRROR_PEER="),
+        "{env}"
+    );
+
+    // Heal, then a second cut answered 6: the peer is primary, the write fails.
+    to_replica.refuse(false);
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    std::fs::write(&code, "6").expect("write");
+    to_replica.refuse(true);
+    to_replica.cut();
+    let done = held_write(&mut c, 2 * MIB, 2);
+    let done = if done.is_empty() { c.q().wait(1) } else { done };
+    assert_eq!(done.len(), 1);
+    assert!(
+        done[0].ret < 0,
+        "exit 6 (peer is primary) acknowledged: {done:?}"
+    );
+    let st = b.status_json();
+    assert_eq!(
+        status_str(&st, "fence_state"),
+        "superseded",
+        "{}",
+        pretty(&st)
+    );
+    drop(c);
+    let _ = b.terminate(TIMEOUT);
+    let _ = node.terminate(TIMEOUT);
+}

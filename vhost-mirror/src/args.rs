@@ -85,8 +85,15 @@ pub struct ServeArgs {
     /// primary that loses its replica acknowledges nothing the replica lacks until the witness
     /// has recorded the replica outdated (it then cannot be promoted), holding guest I/O
     /// meanwhile; once the witness says the replica was promoted, it fails such writes.
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", conflicts_with = "fence_peer")]
     pub witness: Option<String>,
+    /// Instead of a witness: DRBD's fence-peer handler. Run (`sh -c CMD`, env
+    /// VHOST_MIRROR_PEER, VHOST_MIRROR_IMAGE, VHOST_MIRROR_GENERATIONS) when the replica is
+    /// lost and a write it lacks waits; writes go on once it exits 3 (peer inconsistent), 4
+    /// (peer outdated), 5 (peer unreachable, taken as dead) or 7 (peer fenced); 6 (peer is
+    /// primary) makes this primary fail them; any other exit runs it again.
+    #[arg(long, value_name = "CMD")]
+    pub fence_peer: Option<String>,
 }
 
 #[derive(Debug, Args)]

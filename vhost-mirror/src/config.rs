@@ -16,7 +16,9 @@ pub const MAX_QUEUES: u16 = 64;
 pub enum ConfigError {
     #[error("--peer needs --secret-file (the link is always authenticated)")]
     PeerWithoutSecret,
-    #[error("--secret-file, --on-peer-loss, --resync-rate and --witness need --peer")]
+    #[error(
+        "--secret-file, --on-peer-loss, --resync-rate, --witness and --fence-peer need --peer"
+    )]
     SecretWithoutPeer,
     #[error("--readonly cannot be combined with --peer")]
     ReadonlyPeer,
@@ -98,6 +100,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     resync_rate: a.resync_rate.map(|r| r << 20),
                     resync_min_rate: a.resync_min_rate << 20,
                     witness: a.witness.clone(),
+                    fence_peer: a.fence_peer.clone(),
                 })
             }
             (Some(_), None) => return Err(ConfigError::PeerWithoutSecret),
@@ -106,6 +109,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 if a.resync_rate.is_some()
                     || a.on_peer_loss != PeerLoss::Degrade
                     || a.witness.is_some()
+                    || a.fence_peer.is_some()
                 {
                     return Err(ConfigError::SecretWithoutPeer);
                 }
@@ -121,6 +125,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     resync_rate: None,
                     resync_min_rate: crate::replication::DEFAULT_RESYNC_MIN_RATE,
                     witness: None,
+                    fence_peer: None,
                 })
             }
         };
@@ -160,6 +165,7 @@ mod tests {
             resync_rate: None,
             resync_min_rate: 2,
             witness: None,
+            fence_peer: None,
         }
     }
 

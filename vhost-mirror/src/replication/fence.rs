@@ -76,9 +76,24 @@ struct State {
     waiting: usize,
 }
 
+/// Who is asked to outdate the replica.
+pub enum Arbiter {
+    /// `--witness ADDR` (the pair's secret).
+    Witness { addr: String, secret: Secret },
+    /// `--fence-peer CMD`: DRBD's fence-peer handler convention. Exit 3 (the peer is
+    /// inconsistent), 4 (outdated), 5 (unreachable: taken as dead, as DRBD does) or 7 (fenced:
+    /// STONITH) let writes go on; 6 (the peer is primary) supersedes this primary; anything
+    /// else is asked again.
+    Command(String),
+}
+
+/// How long a fence-peer handler may run before it is killed (and run again).
+const HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub struct Fence {
-    addr: String,
-    secret: Secret,
+    arbiter: Arbiter,
+    /// For log lines: "witness ADDR" or "fence-peer handler".
+    name: String,
     /// This node's id (its metadata's): the witness tells a promoted node from the others.
     node: u64,
     state: Mutex<State>,
@@ -86,10 +101,13 @@ pub struct Fence {
 }
 
 impl Fence {
-    pub fn new(addr: String, secret: Secret, node: u64) -> Fence {
+    pub fn new(arbiter: Arbiter, node: u64) -> Fence {
         Fence {
-            addr,
-            secret,
+            name: match &arbiter {
+                Arbiter::Witness { addr, .. } => format!("witness {addr}"),
+                Arbiter::Command(_) => "fence-peer handler".to_owned(),
+            },
+            arbiter,
             node,
             // Until a replica attaches, this process knows nothing about it.
             state: Mutex::new(State {
@@ -102,8 +120,57 @@ impl Fence {
         }
     }
 
-    pub fn addr(&self) -> &str {
-        &self.addr
+    /// The witness's address, if the arbiter is one.
+    pub fn witness(&self) -> Option<&str> {
+        match &self.arbiter {
+            Arbiter::Witness { addr, .. } => Some(addr),
+            Arbiter::Command(_) => None,
+        }
+    }
+
+    /// The fence-peer command, if the arbiter is one.
+    pub fn command(&self) -> Option<&str> {
+        match &self.arbiter {
+            Arbiter::Command(c) => Some(c),
+            Arbiter::Witness { .. } => None,
+        }
+    }
+
+    /// Asks the arbiter about every generation: one answer each, or the first failure.
+    fn ask(
+        &self,
+        m: &Mirror,
+        op: WitnessOp,
+        generations: &[u64],
+    ) -> Result<Vec<AckStatus>, (u64, String)> {
+        match &self.arbiter {
+            Arbiter::Witness { addr, secret } => {
+                let mut answers = Vec::new();
+                for &g in generations {
+                    match witness::ask(addr, secret, op, g, self.node, ASK_TIMEOUT) {
+                        Ok(a) => answers.push(a),
+                        Err(e) => return Err((g, mirror_proto::sys::error_chain(&e))),
+                    }
+                }
+                Ok(answers)
+            }
+            Arbiter::Command(cmd) => {
+                if op != WitnessOp::Outdate {
+                    // A handler keeps no records: nothing to clear.
+                    return Ok(vec![AckStatus::Ok; generations.len()]);
+                }
+                let first = generations.first().copied().unwrap_or(0);
+                let code = run_handler(m, cmd, generations).map_err(|e| (first, e))?;
+                match code {
+                    3..=5 | 7 => {
+                        info!("fence-peer handler exited {code}: the replica is outdated or gone");
+                        Ok(vec![AckStatus::Ok; generations.len()])
+                    }
+                    6 => Ok(vec![AckStatus::Fenced]),
+                    other => Err((first, format!("fence-peer handler exited {other}"))),
+                }
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -232,19 +299,8 @@ pub fn run(m: Arc<Mirror>, f: Arc<Fence>) {
                 }
             });
         }
-        let mut answers = Vec::new();
-        let mut failed = None;
-        for &g in &generations {
-            match witness::ask(&f.addr, &f.secret, op, g, f.node, ASK_TIMEOUT) {
-                Ok(a) => answers.push(a),
-                Err(e) => {
-                    failed = Some((g, e));
-                    break;
-                }
-            }
-        }
-        match failed {
-            None => {
+        match f.ask(&m, op, &generations) {
+            Ok(answers) => {
                 retry = RETRY_MIN;
                 failures = 0;
                 answered(&m, &f, op, &generations, &answers);
@@ -252,15 +308,14 @@ pub fn run(m: Arc<Mirror>, f: Arc<Fence>) {
                     std::thread::sleep(RETRY_MAX);
                 }
             }
-            Some((generation, e)) => {
+            Err((generation, e)) => {
                 failures += 1;
                 // One line per failure at first, then one every ~30 attempts.
                 if failures <= 3 || failures.is_multiple_of(30) {
                     warn!(
-                        "witness {}: {} of generation {generation:016x}: {} (attempt {failures}; {})",
-                        f.addr,
+                        "{}: {} of generation {generation:016x}: {e} (attempt {failures}; {})",
+                        f.name,
                         op.as_str(),
-                        mirror_proto::sys::error_chain(&e),
                         if op == WitnessOp::Outdate {
                             "writes the replica lacks are held until it answers or the replica is back"
                         } else {
@@ -283,16 +338,16 @@ fn answered(m: &Mirror, f: &Fence, op: WitnessOp, generations: &[u64], answers: 
         .join(", ");
     if answers.contains(&AckStatus::Fenced) {
         f.superseded(&format!(
-            "witness {}: the replica (generation {list}) was promoted",
-            f.addr
+            "{}: the replica (generation {list}) was promoted, or is primary",
+            f.name
         ));
         m.notify_changed();
         return;
     }
     if answers.iter().any(|a| *a != AckStatus::Ok) {
         warn!(
-            "witness {}: {} of generation {list} answered {answers:?}; asking again",
-            f.addr,
+            "{}: {} of generation {list} answered {answers:?}; asking again",
+            f.name,
             op.as_str()
         );
         return;
@@ -310,9 +365,8 @@ fn answered(m: &Mirror, f: &Fence, op: WitnessOp, generations: &[u64], answers: 
             });
             if opened {
                 info!(
-                    "witness {}: replica (generation {list}) recorded outdated; acknowledging \
-                     writes without it",
-                    f.addr
+                    "{}: replica (generation {list}) outdated; acknowledging writes without it",
+                    f.name
                 );
                 m.notify_changed();
             }
@@ -323,5 +377,46 @@ fn answered(m: &Mirror, f: &Fence, op: WitnessOp, generations: &[u64], answers: 
             }
         }),
         WitnessOp::Promote => {}
+    }
+}
+
+/// Runs the fence-peer handler (`sh -c CMD`) with the pair's facts in its environment; its
+/// exit code. Killed (and an error) after [`HANDLER_TIMEOUT`].
+fn run_handler(m: &Mirror, cmd: &str, generations: &[u64]) -> Result<i32, String> {
+    let list = generations
+        .iter()
+        .map(|g| format!("{g:016x}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("VHOST_MIRROR_PEER", m.peer_name())
+        .env("VHOST_MIRROR_IMAGE", &m.cfg.image)
+        .env("VHOST_MIRROR_GENERATIONS", list)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run the fence-peer handler: {e}"))?;
+    let deadline = std::time::Instant::now() + HANDLER_TIMEOUT;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => {
+                return st
+                    .code()
+                    .ok_or_else(|| format!("fence-peer handler ended by {st}"))
+            }
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "fence-peer handler still running after {} s: killed",
+                    HANDLER_TIMEOUT.as_secs()
+                ));
+            }
+            Err(e) => return Err(format!("waiting for the fence-peer handler: {e}")),
+        }
     }
 }

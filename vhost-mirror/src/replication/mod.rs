@@ -71,6 +71,8 @@ pub struct MirrorConfig {
     pub resync_min_rate: u64,
     /// `--witness ADDR`: the quorum witness (the peer's secret).
     pub witness: Option<String>,
+    /// `--fence-peer CMD`: DRBD's fence-peer handler, the alternative to a witness.
+    pub fence_peer: Option<String>,
 }
 
 /// `--resync-min-rate`'s default (bytes per second), for a mirror without a peer.
@@ -199,15 +201,18 @@ impl Mirror {
             activity_log.clear().map_err(SyncStateError::ActivityLog)?;
         }
         let verify_last = verify::load_last(&cfg.image);
-        let fence = match (&cfg.peer, &cfg.witness, cfg.on_peer_loss) {
-            // Suspend mode never acknowledges what the replica lacks: no witness needed.
-            (Some(p), Some(w), PeerLoss::Degrade) => Some(Arc::new(fence::Fence::new(
-                w.clone(),
-                p.secret.clone(),
-                sync.meta.node_id,
-            ))),
+        let arbiter = match (&cfg.peer, &cfg.witness, &cfg.fence_peer) {
+            (Some(p), Some(w), _) => Some(fence::Arbiter::Witness {
+                addr: w.clone(),
+                secret: p.secret.clone(),
+            }),
+            (Some(_), None, Some(c)) => Some(fence::Arbiter::Command(c.clone())),
             _ => None,
         };
+        // Suspend mode never acknowledges what the replica lacks: no arbiter needed.
+        let fence = arbiter
+            .filter(|_| cfg.on_peer_loss == PeerLoss::Degrade)
+            .map(|a| Arc::new(fence::Fence::new(a, sync.meta.node_id)));
         Ok(Arc::new(Mirror {
             cfg,
             disk,
@@ -813,7 +818,8 @@ impl Mirror {
             "peer_state": st.state.as_str(),
             "peer_reason": st.reason,
             "peer_disk_state": st.peer_disk.map(DiskState::as_str),
-            "witness": self.fence.as_ref().map(|f| f.addr().to_owned()),
+            "witness": self.fence.as_ref().and_then(|f| f.witness()).map(str::to_owned),
+            "fence_peer": self.fence.as_ref().and_then(|f| f.command()).map(str::to_owned),
             "fence_state": self.fence.as_ref().map(|f| f.gate().as_str()),
             "peer_generation": st.peer_generation,
             "on_peer_loss": match self.cfg.on_peer_loss { PeerLoss::Degrade => "degrade", PeerLoss::Suspend => "suspend" },
@@ -863,6 +869,7 @@ mod tests {
             resync_rate: None,
             resync_min_rate: DEFAULT_RESYNC_MIN_RATE,
             witness: None,
+            fence_peer: None,
         };
         (d, Mirror::new(cfg, disk).unwrap())
     }
@@ -881,6 +888,7 @@ mod tests {
             resync_rate: None,
             resync_min_rate: DEFAULT_RESYNC_MIN_RATE,
             witness: None,
+            fence_peer: None,
         };
         let disk = || Arc::new(RawImage::open(&img, false).unwrap());
         drop(Mirror::new(cfg(), disk()).unwrap());
@@ -950,6 +958,7 @@ mod tests {
                 resync_rate: None,
                 resync_min_rate: DEFAULT_RESYNC_MIN_RATE,
                 witness: witness.then(|| "127.0.0.1:1".to_owned()),
+                fence_peer: None,
             };
             let m = Mirror::new(cfg, disk).unwrap();
             let (link, peer) = link(&m);
