@@ -3,7 +3,8 @@
 # Idempotent: a second run finds everything in place and changes nothing.
 set -euo pipefail
 
-need_pkgs=(qemu-system-x86 qemu-utils cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables)
+# resource-agents + libxml2-utils: ocf-tester (and ocf-shellfuncs) for the OCF agent in ha/.
+need_pkgs=(qemu-system-x86 qemu-utils cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables resource-agents libxml2-utils)
 
 missing=()
 for p in "${need_pkgs[@]}"; do
@@ -30,7 +31,7 @@ SRC
     fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
-    apt-get install -y -qq --no-install-recommends cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables
+    apt-get install -y -qq --no-install-recommends cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables resource-agents libxml2-utils
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -33,6 +33,9 @@ cargo test -p vhost-mirror-tests --locked --test replication -- --test-threads=2
 echo "== quorum witness (outdate, promote, supersede through cut proxies)"
 cargo test -p vhost-mirror-tests --locked --test witness -- --test-threads=2
 
+echo "== Pacemaker pieces that need no cluster (ocf-tester on ha/ocf/vhost-mirror)"
+cargo test -p vhost-mirror-tests --locked --test ha
+
 echo "== durability regressions (scripted replica)"
 cargo test -p vhost-mirror-tests --locked --test durability -- --test-threads=2
 
