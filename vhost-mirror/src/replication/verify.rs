@@ -268,7 +268,8 @@ fn run_locked(m: &Arc<Mirror>, req: VerifyRequest) -> Result<Value, VerifyError>
     if let Err(e) = result {
         if !diffs.is_empty() {
             warn!(
-                "verify stopped ({}); {diff_bytes} bytes found different before that are marked                  out of sync",
+                "verify stopped ({}); {diff_bytes} bytes found different before that are \
+                 marked out of sync",
                 mirror_proto::sys::error_chain(&e)
             );
         }
