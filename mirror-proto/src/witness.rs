@@ -17,9 +17,8 @@
 //!   is on disk (again Ok to the same node: a retry); Outdated if a primary recorded the holder
 //!   of g outdated first, or another node was promoted from g.
 //! - `Clear(g)`, from a primary whose replica is in sync again: the outdated record of g goes.
-//!   Promotion records stay (the old primary they supersede may still be running). Beyond
-//!   [`MAX_RECORDS`] the oldest outdated record goes; a witness full of promotion records
-//!   refuses new records (IoError) rather than forget one.
+//!   Promotion records stay (the old primary they supersede may still be running). A witness
+//!   holding [`MAX_RECORDS`] refuses new records (IoError) rather than forget one.
 //!
 //! The order the witness receives Outdate(g) and Promote(g) in decides; each answer is
 //! durable before it is sent, so a witness that restarts answers the same way.
@@ -104,15 +103,11 @@ impl Book {
         self.records.iter().find(|r| r.generation == g)
     }
 
-    /// Adds a record; false (nothing changed) if the book is full of promotion records.
+    /// Adds a record; false (nothing changed) if the book is full: a record that still
+    /// stands is never dropped to make room (the asker holds, or does not promote, instead).
     fn add(&mut self, generation: u64, state: State, node: u64, now: u64) -> bool {
         if self.records.len() >= MAX_RECORDS {
-            match self.records.iter().position(|r| r.state == State::Outdated) {
-                Some(i) => {
-                    self.records.remove(i);
-                }
-                None => return false,
-            }
+            return false;
         }
         self.records.push(Record {
             generation: hex(generation),
@@ -333,24 +328,30 @@ mod tests {
     }
 
     #[test]
-    fn a_full_book_drops_outdated_records_never_promotions() {
+    fn a_full_book_drops_no_record() {
         let mut b = Book::new();
         b.decide(WitnessOp::Promote, 1_000_000, R, 0);
-        for g in 0..(MAX_RECORDS as u64 + 10) {
+        for g in 0..(MAX_RECORDS as u64 - 1) {
             assert_eq!(b.decide(WitnessOp::Outdate, g, P, g).answer, AckStatus::Ok);
         }
         assert_eq!(b.records().len(), MAX_RECORDS);
-        assert_eq!(b.state_of(0), None, "the oldest outdated record went first");
-        assert_eq!(b.state_of(1_000_000), Some(State::Promoted));
-        let mut b = Book::new();
-        for g in 0..MAX_RECORDS as u64 {
-            b.decide(WitnessOp::Promote, g, R, g);
-        }
         let d = b.decide(WitnessOp::Outdate, u64::MAX, P, 0);
         assert_eq!((d.answer, d.changed), (AckStatus::IoError, false));
+        let d = b.decide(WitnessOp::Promote, u64::MAX - 1, R, 0);
+        assert_eq!((d.answer, d.changed), (AckStatus::IoError, false));
+        // What stands still stands, and a Clear makes room.
         assert_eq!(
-            b.decide(WitnessOp::Outdate, 0, P, 0).answer,
+            b.decide(WitnessOp::Promote, 0, R, 0).answer,
+            AckStatus::Outdated
+        );
+        assert_eq!(
+            b.decide(WitnessOp::Outdate, 1_000_000, P, 0).answer,
             AckStatus::Fenced
+        );
+        assert!(b.decide(WitnessOp::Clear, 0, P, 0).changed);
+        assert_eq!(
+            b.decide(WitnessOp::Outdate, u64::MAX, P, 0).answer,
+            AckStatus::Ok
         );
     }
 

@@ -36,6 +36,7 @@ struct Setup {
     to_witness: Proxy,
     node: AccessNode,
     primary: Backend,
+    opts: BackendOpts,
 }
 
 impl Setup {
@@ -63,6 +64,7 @@ impl Setup {
         let mut primary = Backend::spawn(pair.dir.path(), &pair.primary, &o);
         wait_in_sync(&mut primary, SYNC_TIMEOUT);
         Setup {
+            opts: o,
             pair,
             witness,
             state_dir,
@@ -511,4 +513,42 @@ fn the_fence_peer_handler_decides_like_drbds() {
     drop(c);
     let _ = b.terminate(TIMEOUT);
     let _ = node.terminate(TIMEOUT);
+}
+
+/// Second review of the witness: outdated records a primary made before it restarted (it
+/// forgot them) must not keep its replica from being promoted once a resync brought it up to
+/// date again (that resync ends at a generation no record names).
+#[test]
+fn records_from_before_a_restart_do_not_block_a_promotion() {
+    let _wd = Watchdog::new(
+        "records_from_before_a_restart_do_not_block_a_promotion",
+        Duration::from_secs(120),
+    );
+    let mut s = Setup::new("witness-restart");
+    let mut c = client(&s.primary);
+    s.to_replica.refuse(true);
+    s.to_replica.cut();
+    assert_eq!(c.q().write(MIB, &pattern(MIB, BLOCK, 2)), Ok(()));
+    drop(c);
+    let w = s.witness.status_json();
+    assert!(
+        !w["records"].as_array().is_some_and(|r| r.is_empty()),
+        "{}",
+        pretty(&w)
+    );
+    let _ = s.primary.terminate(TIMEOUT);
+    s.to_replica.refuse(false);
+    s.primary = Backend::spawn(s.pair.dir.path(), &s.pair.primary, &s.opts);
+    wait_in_sync(&mut s.primary, SYNC_TIMEOUT);
+    let _ = s.primary.terminate(TIMEOUT);
+    let (ok, out) = s.promote();
+    assert!(
+        ok,
+        "a replica brought up to date after the primary restarted was refused: {out}\nwitness: {}",
+        pretty(&s.witness.status_json())
+    );
+    assert_eq!(
+        read_file_range(&s.pair.replica, MIB, BLOCK),
+        pattern(MIB, BLOCK, 2)
+    );
 }

@@ -71,6 +71,8 @@ struct State {
     /// Generations whose outdated records the witness should forget (the replica is in sync
     /// again).
     clear: BTreeSet<u64>,
+    /// What `recorded` held when the replica attached: forgotten once its resync ends.
+    attached_over: BTreeSet<u64>,
     /// Completions held on a `Pending` gate: the witness is asked only while some wait (an
     /// idle guest's lost link leaves no record to clear).
     waiting: usize,
@@ -114,6 +116,7 @@ impl Fence {
                 gate: Gate::Pending,
                 recorded: BTreeSet::new(),
                 clear: BTreeSet::new(),
+                attached_over: BTreeSet::new(),
                 waiting: 0,
             }),
             changed: Condvar::new(),
@@ -202,9 +205,21 @@ impl Fence {
         let mut s = self.lock();
         if s.gate != Gate::Superseded && alive() {
             s.gate = Gate::Attached;
+            let r = std::mem::take(&mut s.recorded);
+            s.attached_over.extend(r);
         }
         drop(s);
         self.changed.notify_all();
+    }
+
+    /// A replica is attaching: an `Outdated` gate stands only for the replica the witness
+    /// recorded; another one (a full sync's, say) holds the gate until it is attached.
+    pub fn attaching(&self, replica_generation: u64) {
+        self.set(|s| {
+            if matches!(s.gate, Gate::Outdated(_)) && !s.recorded.contains(&replica_generation) {
+                s.gate = Gate::Pending;
+            }
+        });
     }
 
     /// The replica said it was promoted: this primary is superseded.
@@ -219,11 +234,15 @@ impl Fence {
         }
     }
 
-    /// A resync finished: the witness may forget the outdated records it keeps for us.
+    /// A resync finished (its SyncDone answered) on the link that is still attached: the
+    /// witness may forget what was recorded before that link attached. (What a new loss
+    /// recorded meanwhile stays: it stands for writes this replica lacks again.)
     pub fn in_sync(&self) {
         self.set(|s| {
-            let r = std::mem::take(&mut s.recorded);
-            s.clear.extend(r);
+            if s.gate == Gate::Attached {
+                let r = std::mem::take(&mut s.attached_over);
+                s.clear.extend(r);
+            }
         });
     }
 
@@ -267,15 +286,25 @@ pub fn run(m: Arc<Mirror>, f: Arc<Fence>) {
         if m.is_stopping() {
             return;
         }
-        let (ask, clear) = {
-            let s = f.lock();
-            (
-                s.gate == Gate::Pending && s.waiting > 0,
-                s.clear.first().copied(),
-            )
+        // Decided, and what an Outdate names recorded, under one lock: a replica that came
+        // back meanwhile is not outdated.
+        let (outdate, clear) = {
+            let mut s = f.lock();
+            if s.gate == Gate::Pending && s.waiting > 0 {
+                let gens = m.replica_generations();
+                // Before asking: the witness may record it even if its answer never comes.
+                // A Clear still queued for one of them must not undo this record.
+                s.recorded.extend(&gens);
+                for g in &gens {
+                    s.clear.remove(g);
+                }
+                (Some(gens), None)
+            } else {
+                (None, s.clear.first().copied())
+            }
         };
-        let (op, generations) = if ask {
-            (WitnessOp::Outdate, m.replica_generations())
+        let (op, generations) = if let Some(gens) = outdate {
+            (WitnessOp::Outdate, gens)
         } else if let Some(g) = clear {
             (WitnessOp::Clear, vec![g])
         } else {
@@ -288,17 +317,6 @@ pub fn run(m: Arc<Mirror>, f: Arc<Fence>) {
             }
             continue;
         };
-        if op == WitnessOp::Outdate {
-            // Before asking: the witness may record it even if its answer never comes; the
-            // next resync's end clears whatever was asked.
-            // A Clear still queued for one of them must not undo this record.
-            f.set(|s| {
-                s.recorded.extend(&generations);
-                for g in &generations {
-                    s.clear.remove(g);
-                }
-            });
-        }
         match f.ask(&m, op, &generations) {
             Ok(answers) => {
                 retry = RETRY_MIN;
@@ -418,5 +436,58 @@ fn run_handler(m: &Mirror, cmd: &str, generations: &[u64]) -> Result<i32, String
             }
             Err(e) => return Err(format!("waiting for the fence-peer handler: {e}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(v: &[u64]) -> BTreeSet<u64> {
+        v.iter().copied().collect()
+    }
+
+    /// Second review of the witness: a resync's end that comes after the link died again (a
+    /// new loss already outdated the replica) must not clear the new records: the replica
+    /// could then be promoted while this primary acknowledges writes it lacks.
+    #[test]
+    fn a_late_resync_end_never_clears_a_new_outage() {
+        let f = Fence::new(Arbiter::Command("true".into()), 1);
+        f.lock().recorded.extend([1, 2]);
+        f.attached(|| true);
+        f.link_lost();
+        f.lock().recorded.extend([3, 4]);
+        f.in_sync();
+        assert!(
+            f.lock().clear.is_empty(),
+            "cleared while the gate is pending"
+        );
+        assert_eq!(f.lock().recorded, set(&[3, 4]));
+        // Attached again, and this resync ends: everything recorded before it goes.
+        f.attached(|| true);
+        f.in_sync();
+        assert_eq!(f.lock().clear, set(&[1, 2, 3, 4]));
+        assert!(f.lock().recorded.is_empty());
+    }
+
+    /// An `Outdated` gate stands for the replica the witness recorded: another attaching
+    /// replica (a full sync's) holds writes again until it is attached; a dead link never
+    /// opens the gate.
+    #[test]
+    fn the_gate_opens_only_for_the_recorded_replica_or_a_live_link() {
+        let f = Fence::new(Arbiter::Command("true".into()), 1);
+        f.lock().recorded.extend([5, 6]);
+        f.lock().gate = Gate::Outdated(5);
+        f.attaching(6);
+        assert_eq!(f.gate(), Gate::Outdated(5));
+        f.attaching(9);
+        assert_eq!(f.gate(), Gate::Pending);
+        f.attached(|| false);
+        assert_eq!(f.gate(), Gate::Pending);
+        f.attached(|| true);
+        assert_eq!(f.gate(), Gate::Attached);
+        f.superseded("test");
+        f.attached(|| true);
+        assert_eq!(f.gate(), Gate::Superseded, "superseded is for good");
     }
 }

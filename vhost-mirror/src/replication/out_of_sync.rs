@@ -376,6 +376,19 @@ impl SyncState {
     /// generation. If the bitmap is clear it has no base any more; if bits were marked since
     /// the copy finished (a write the replica failed, say), they are relative to `generation`
     /// now, and a new generation starts so that the replica is never "in sync" over them.
+    /// Starts a generation no witness record names, for the SyncDone that ends a resync (the
+    /// bitmap keeps its base: until the SyncDone is answered, the replica holds the base, is
+    /// inconsistent, or holds the new one). Returns it.
+    pub fn fresh_generation(&mut self) -> Result<u64, SyncStateError> {
+        let base = if self.meta.bitmap_generation != 0 {
+            self.meta.bitmap_generation
+        } else {
+            self.meta.generation
+        };
+        self.meta = new_generation_for_bitmap(&self.image, &self.meta, base)?;
+        Ok(self.meta.generation)
+    }
+
     pub fn resync_finished(&mut self, generation: u64) -> Result<(), SyncStateError> {
         if self.bitmap.is_clear() {
             self.persist()?;

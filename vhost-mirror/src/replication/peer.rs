@@ -302,6 +302,9 @@ fn serve_link(
     // Any replica not already at our generation gets a resync, even one with nothing to copy:
     // its SyncDone records our generation there (and makes a returning old primary a
     // secondary).
+    if let Some(f) = &m.fence {
+        f.attaching(replica.generation);
+    }
     let mut need_sync = decision != SyncDecision::InSync;
     // With a witness, a replica attached while writes it lacks may be held (or recorded at
     // the witness) always gets a SyncStart (it is inconsistent, so not promotable, until the
@@ -346,7 +349,7 @@ fn serve_link(
     if let Some(f) = &m.fence {
         f.attached(|| link.is_alive());
     }
-    if decision == SyncDecision::InSync && bitmap_clear {
+    if decision == SyncDecision::InSync && bitmap_clear && !need_sync {
         m.status_lock().peer_disk = Some(DiskState::UpToDate);
     }
     m.publish(Some(link.clone()));

@@ -292,7 +292,15 @@ pub fn run(
         link.fail(&format!("replica answered {status:?} during resync"));
     }
     result?;
-    let generation = m.sync_state().meta.generation;
+    // With a witness, the replica becomes up to date at a generation no record of the
+    // witness names: an outdated record of an earlier one can never stand for it again.
+    let generation = if m.fence.as_ref().is_some_and(|f| f.witness().is_some()) {
+        m.sync_state()
+            .fresh_generation()
+            .map_err(ResyncError::Bitmap)?
+    } else {
+        m.sync_state().meta.generation
+    };
     wait_ok(
         link.send(Frame::SyncDone { generation })
             .map_err(|_| ResyncError::LinkDown)?,
