@@ -5,6 +5,9 @@ set -euo pipefail
 
 # resource-agents + libxml2-utils: ocf-tester (and ocf-shellfuncs) for the OCF agent in ha/.
 need_pkgs=(qemu-system-x86 qemu-utils cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables resource-agents libxml2-utils)
+# The cluster tier (ha/testcluster/cluster.sh): Corosync and Pacemaker, run inside namespaces
+# by the tests, never as services of this machine.
+cluster_pkgs=(corosync pacemaker pacemaker-cli-utils)
 
 missing=()
 for p in "${need_pkgs[@]}"; do
@@ -32,6 +35,39 @@ SRC
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
     apt-get install -y -qq --no-install-recommends cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables resource-agents libxml2-utils
+fi
+
+# Installs the cluster packages without starting them: their maintainer scripts ask invoke-rc.d,
+# which asks /usr/sbin/policy-rc.d (exit 101: "not now"). An existing policy-rc.d is set aside
+# meanwhile and put back afterwards, whatever happens.
+policy_rc=/usr/sbin/policy-rc.d
+policy_rc_saved=
+restore_policy_rc() {
+    if [ -n "$policy_rc_saved" ]; then mv -f "$policy_rc_saved" "$policy_rc"; else rm -f "$policy_rc"; fi
+    policy_rc_saved=
+}
+install_cluster_pkgs() {
+    if [ -e "$policy_rc" ] || [ -L "$policy_rc" ]; then
+        policy_rc_saved=$(mktemp /usr/sbin/.policy-rc.d.saved.XXXXXX)
+        mv -f "$policy_rc" "$policy_rc_saved"
+    fi
+    trap restore_policy_rc EXIT
+    trap 'exit 130' INT TERM
+    printf '#!/bin/sh\n# ci/setup.sh: no service starts while it installs packages\nexit 101\n' >"$policy_rc"
+    chmod 0755 "$policy_rc"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+    restore_policy_rc
+    trap - EXIT INT TERM
+}
+
+missing=()
+for p in "${cluster_pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]} (services not started)"
+    apt-get update -qq
+    install_cluster_pkgs "${missing[@]}"
 fi
 
 if ! command -v cargo >/dev/null; then

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up this machine and runs every test tier: unit, blkio client, local sockets,
-# replication, durability and fault injection (a short pass of the randomized checker), QEMU VM
-# (file server, failover/failback), and a smoke run of the benchmark.
+# replication, witness, the Pacemaker agent and a cluster failover, durability and fault
+# injection (a short pass of the randomized checker), QEMU VM (file server, failover/failback),
+# and a smoke run of the benchmark.
 # Usage (as root on Debian 12): bash ci/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +36,9 @@ cargo test -p vhost-mirror-tests --locked --test witness -- --test-threads=2
 
 echo "== Pacemaker pieces that need no cluster (ocf-tester on ha/ocf/vhost-mirror)"
 cargo test -p vhost-mirror-tests --locked --test ha
+
+echo "== cluster tier (Corosync + Pacemaker in namespaces: the primary node dies during writes; ci/cluster.sh runs more rounds)"
+cargo test -p vhost-mirror-tests --locked --test cluster -- --nocapture
 
 echo "== durability regressions (scripted replica)"
 cargo test -p vhost-mirror-tests --locked --test durability -- --test-threads=2

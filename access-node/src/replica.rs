@@ -677,49 +677,69 @@ impl Replica {
         witness: Option<&WitnessCfg>,
     ) -> Result<Promotion, ReplicaError> {
         self.live()?;
-        // An up-to-date secondary asks (also one promoted by force whatever its state: the
-        // witness then supersedes its old primary too); an image already primary needs no
-        // consent, and one that will be refused as not up to date must not be recorded.
-        let holds = self
-            .meta
-            .as_ref()
-            .filter(|m| m.role == Role::Secondary && (force || m.disk_state == DiskState::UpToDate))
-            .map(|m| (m.generation, m.node_id));
-        if let (Some(w), Some((g, node))) = (witness, holds) {
-            let refused = match mirror_proto::witness::ask(
-                &w.addr,
-                &w.secret,
-                mirror_proto::frame::WitnessOp::Promote,
-                g,
-                node,
-                WITNESS_TIMEOUT,
-            ) {
-                Ok(AckStatus::Ok) => None,
-                Ok(AckStatus::Outdated) => Some(ReplicaError::WitnessOutdated {
-                    path: self.path.clone(),
-                }),
-                Ok(status) => Some(ReplicaError::WitnessFailed {
-                    path: self.path.clone(),
-                    addr: w.addr.clone(),
-                    status,
-                }),
-                Err(source) => Some(ReplicaError::WitnessUnreachable {
-                    path: self.path.clone(),
-                    addr: w.addr.clone(),
-                    source,
-                }),
-            };
-            match refused {
-                None => info!(
-                    "the witness at {} consents: generation {g:016x} promoted (recorded)",
-                    w.addr
-                ),
-                Some(e) if !force => return Err(e),
-                Some(e) => warn!("promoting by force: {}", crate::chain(&e)),
+        // An up-to-date secondary asks about its generation (also one promoted by force
+        // whatever its state: the witness then supersedes its old primary too); one that
+        // will be refused as not up to date must not be recorded. An image that is primary
+        // already (a former primary, back after a failover elsewhere) asks about its base and
+        // its generation: a node promoted from its base since means this image lacks that
+        // node's writes.
+        let asks: Vec<u64> = match self.meta.as_ref() {
+            Some(m)
+                if m.role == Role::Secondary && (force || m.disk_state == DiskState::UpToDate) =>
+            {
+                vec![m.generation]
+            }
+            Some(m) if m.role == Role::Primary => {
+                let mut v = Vec::new();
+                if m.bitmap_generation != 0 && m.bitmap_generation != m.generation {
+                    v.push(m.bitmap_generation);
+                }
+                v.push(m.generation);
+                v
+            }
+            _ => Vec::new(),
+        };
+        let node = self.meta.as_ref().map_or(0, |m| m.node_id);
+        if let Some(w) = witness {
+            for &g in &asks {
+                let refused = match mirror_proto::witness::ask(
+                    &w.addr,
+                    &w.secret,
+                    mirror_proto::frame::WitnessOp::Promote,
+                    g,
+                    node,
+                    WITNESS_TIMEOUT,
+                ) {
+                    Ok(AckStatus::Ok) => None,
+                    Ok(AckStatus::Outdated) => Some(ReplicaError::WitnessOutdated {
+                        path: self.path.clone(),
+                    }),
+                    Ok(status) => Some(ReplicaError::WitnessFailed {
+                        path: self.path.clone(),
+                        addr: w.addr.clone(),
+                        status,
+                    }),
+                    Err(source) => Some(ReplicaError::WitnessUnreachable {
+                        path: self.path.clone(),
+                        addr: w.addr.clone(),
+                        source,
+                    }),
+                };
+                match refused {
+                    None => info!(
+                        "the witness at {} consents: generation {g:016x} promoted (recorded)",
+                        w.addr
+                    ),
+                    Some(e) if !force => return Err(e),
+                    Some(e) => {
+                        warn!("promoting by force: {}", crate::chain(&e));
+                        break;
+                    }
+                }
             }
         }
         let mut p = self.promote(force).inspect_err(|e| {
-            if witness.is_some() && holds.is_some() {
+            if witness.is_some() && !asks.is_empty() {
                 warn!(
                     "the witness recorded this promotion, but it failed here ({}): the old \
                      primary will be refused; retry the promotion (the witness consents again)",

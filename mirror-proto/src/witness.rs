@@ -15,7 +15,9 @@
 //!   generation if a SyncDone may have reached the replica).
 //! - `Promote(g)`, from a replica holding g: answered Ok once "this node was promoted from g"
 //!   is on disk (again Ok to the same node: a retry); Outdated if a primary recorded the holder
-//!   of g outdated first, or another node was promoted from g.
+//!   of g outdated first, or another node was promoted from g. A former primary promoting its
+//!   own image asks about its base and its generation; the primary that outdated g is answered
+//!   Ok for g (it is the newer side).
 //! - `Clear(g)`, from a primary whose replica is in sync again: the outdated record of g goes.
 //!   Promotion records stay (the old primary they supersede may still be running). A witness
 //!   holding [`MAX_RECORDS`] refuses new records (IoError) rather than forget one.
@@ -136,6 +138,9 @@ impl Book {
             (WitnessOp::Outdate, Some((State::Outdated, _))) => (AckStatus::Ok, None),
             (WitnessOp::Outdate, None) => (AckStatus::Ok, Some(Some(State::Outdated))),
             (WitnessOp::Promote, Some((State::Promoted, true))) => (AckStatus::Ok, None),
+            // The primary that outdated the holder of g, promoting its own image again (a
+            // former primary back after a restart): it is the newer side.
+            (WitnessOp::Promote, Some((State::Outdated, true))) => (AckStatus::Ok, None),
             (WitnessOp::Promote, Some(_)) => (AckStatus::Outdated, None),
             (WitnessOp::Promote, None) => (AckStatus::Ok, Some(Some(State::Promoted))),
             (WitnessOp::Clear, Some((State::Outdated, _))) => (AckStatus::Ok, Some(None)),
@@ -320,6 +325,15 @@ mod tests {
         assert_eq!(
             b.decide(WitnessOp::Outdate, 7, P, 4).answer,
             AckStatus::Fenced
+        );
+        // The primary that outdated the holder of 8 may promote its own image from 8 (a
+        // former primary); no one else may.
+        let mut b2 = Book::new();
+        b2.decide(WitnessOp::Outdate, 8, P, 1);
+        assert_eq!(b2.decide(WitnessOp::Promote, 8, P, 2).answer, AckStatus::Ok);
+        assert_eq!(
+            b2.decide(WitnessOp::Promote, 8, R, 2).answer,
+            AckStatus::Outdated
         );
         // Other generations are other replicas.
         assert_eq!(b.decide(WitnessOp::Outdate, 8, P, 4).answer, AckStatus::Ok);

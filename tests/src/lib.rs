@@ -1704,19 +1704,22 @@ impl ClientQueue {
     }
 
     fn do_io(&mut self, min: usize) -> Vec<Done> {
-        let min = min.min(self.in_flight);
-        let mut timeout = self.timeout;
-        let n = match self
-            .q
-            .do_io(&mut self.completions, min, Some(&mut timeout), None)
-        {
-            Ok(n) => n,
+        match self.try_do_io(min) {
+            Ok(d) => d,
             Err(e) if e.errno() == blkio::Errno::TIME => panic!(
                 "queue {}: no completion within {:?} ({} requests in flight): backend hung?",
                 self.index, self.timeout, self.in_flight
             ),
             Err(e) => panic!("queue {}: do_io: {e} ({:?})", self.index, e.errno()),
-        };
+        }
+    }
+
+    fn try_do_io(&mut self, min: usize) -> blkio::Result<Vec<Done>> {
+        let min = min.min(self.in_flight);
+        let mut timeout = self.timeout;
+        let n = self
+            .q
+            .do_io(&mut self.completions, min, Some(&mut timeout), None)?;
         let done: Vec<Done> = self.completions[..n]
             .iter()
             .map(|c| {
@@ -1729,7 +1732,7 @@ impl ClientQueue {
             })
             .collect();
         self.in_flight -= n;
-        done
+        Ok(done)
     }
 
     /// Notifies the device of queued requests and collects whatever completed, without waiting.
@@ -1764,6 +1767,23 @@ impl ClientQueue {
             "completion for a request never made"
         );
         d[0].result()
+    }
+
+    /// One synchronous request to a backend that may die under it: `Err` (no panic) if libblkio
+    /// fails or nothing completes within the I/O timeout. After an `Err` the request may still be
+    /// in flight: drop the client.
+    pub fn try_run(&mut self, op: Op) -> blkio::Result<IoResult> {
+        assert_eq!(
+            self.in_flight, 0,
+            "synchronous request with requests in flight"
+        );
+        self.submit(op, 0x5151);
+        let mut d = Vec::new();
+        while self.in_flight > 0 {
+            d.extend(self.try_do_io(self.in_flight)?);
+        }
+        assert_eq!(d.len(), 1, "one completion expected: {d:?}");
+        Ok(d[0].result())
     }
 
     /// Synchronous scatter-gather read/write: `segs` are `(buf_off, len)` pieces of the queue

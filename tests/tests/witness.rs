@@ -552,3 +552,46 @@ fn records_from_before_a_restart_do_not_block_a_promotion() {
         pattern(MIB, BLOCK, 2)
     );
 }
+
+/// A former primary whose replica was promoted in its absence (it died; the replica took
+/// over) is not promoted again from its own stale image: its image still says primary, and
+/// `promote` asks the witness about it too (found by the cluster tier).
+#[test]
+fn a_stale_former_primary_is_not_promoted_back() {
+    let _wd = Watchdog::new(
+        "a_stale_former_primary_is_not_promoted_back",
+        Duration::from_secs(120),
+    );
+    let mut s = Setup::new("witness-former");
+    let _ = s.primary.child().kill();
+    let (ok, out) = s.promote();
+    assert!(ok, "the replica's promotion: {out}");
+    // The old primary's image, back as an access node (the cluster starts it unpromoted).
+    let old = AccessNode::spawn(
+        s.pair.dir.path(),
+        &s.pair.primary,
+        free_port(),
+        &s.pair.secret,
+        &AccessNodeOpts {
+            extra_args: vec!["--witness".into(), s.witness.addr()],
+            ..AccessNodeOpts::default()
+        },
+    );
+    let out = run_with_timeout(
+        Command::new(bin_path("access-node"))
+            .arg("promote")
+            .arg("--control")
+            .arg(old.control()),
+        Duration::from_secs(30),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "the stale former primary was promoted back: {text}"
+    );
+    assert!(text.contains("witness"), "{text}");
+}

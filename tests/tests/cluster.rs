@@ -1,0 +1,735 @@
+//! The cluster tier (issue 11, item 3): the OCF agent `ha/ocf/vhost-mirror` under a real
+//! Corosync + Pacemaker cluster of three nodes, each in namespaces of its own
+//! (`ha/testcluster/cluster.sh`), with fencing (`ha/testcluster/fence_testcluster`: the node's
+//! network cut and every process of it killed, then started again).
+//!
+//! node1 and node2 hold the disk: `ocf:vhost-mirror:disk` as a promotable clone (promoted:
+//! `vhost-mirror serve --peer`, unpromoted: `access-node serve`), their images, sockets and run
+//! directories under the test's temp dir (per node, through rule-based instance attributes).
+//! node3 is the third vote and runs the quorum witness (`access-node witness`).
+//!
+//! Scenario "the primary node dies during durable writes": a guest (libblkio, from the test
+//! process: path-based unix sockets work across network namespaces) writes blocks, a FLUSH after
+//! every few, to the promoted node's vhost-user socket; the promoted node is killed (cable
+//! pulled, all its processes SIGKILLed); Pacemaker fences it and promotes the other node; every
+//! write acknowledged before the kill must be read back there. The killed node comes back, is
+//! resynced, and the next round kills the other one. Rounds: `CLUSTER_ROUNDS` (default 1;
+//! `ci/cluster.sh` runs more). A table of timings per round is printed:
+//!   detect   kill -> the cluster asks the power switch to fence the node (corosync noticed
+//!            the lost token, the DC scheduled fencing)
+//!   fenced   kill -> the fence action is done
+//!   promoted kill -> the survivor's vhost-mirror answers on its control socket (the agent's
+//!            promote: the witness asked, the replica promoted, vhost-mirror started)
+//!   serving  kill -> a new client is connected to the survivor's vhost-user socket and read
+//!            a block
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use vhost_mirror_tests::{
+    bin_dir, bin_path, classify_block, is_in_sync, pattern, run_with_timeout, secret_file,
+    tempfile, test_dir, wait_until, ChildGuard, Client, ClientOpts, Op, Watchdog,
+};
+
+const SUBNET: &str = "10.77.0";
+const NODE_PORT: u16 = 7800;
+const WITNESS_PORT: u16 = 7900;
+const IMAGE_SIZE: u64 = 64 << 20;
+const BLOCK: usize = 4096;
+/// A FLUSH after this many writes.
+const WRITES_PER_FLUSH: u64 = 8;
+/// How long the guest writes before the kill.
+const WRITE_BEFORE_KILL: Duration = Duration::from_millis(1500);
+/// The resource's id (and so the agent's instance name: its files are RUN_DIR/vmdisk.*).
+const RSC: &str = "vmdisk";
+const DISK_NODES: [&str; 2] = ["node1", "node2"];
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("ha/testcluster/cluster.sh")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn epoch_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+/// A running test cluster; `cluster.sh down` when dropped (also when the test panics). If the
+/// test process is killed instead, the cluster's power switch notices (`TC_OWNER_PID`) and
+/// takes the cluster down itself.
+struct Cluster {
+    dir: PathBuf,
+}
+
+impl Cluster {
+    fn up(dir: &Path) -> Cluster {
+        let c = Cluster {
+            dir: dir.to_path_buf(),
+        };
+        let out = run_with_timeout(
+            Command::new(script())
+                .arg("up")
+                .arg(dir)
+                .env("TC_SUBNET", SUBNET)
+                .env("TC_OWNER_PID", std::process::id().to_string()),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "cluster.sh up: {}", text(&out));
+        c
+    }
+
+    /// `cluster.sh exec DIR NODE ARGS..`, captured.
+    fn exec(&self, node: &str, args: &[&str]) -> Output {
+        run_with_timeout(
+            Command::new(script())
+                .arg("exec")
+                .arg(&self.dir)
+                .arg(node)
+                .args(args),
+            Duration::from_secs(30),
+        )
+    }
+
+    fn exec_ok(&self, node: &str, args: &[&str]) -> String {
+        let out = self.exec(node, args);
+        assert!(
+            out.status.success(),
+            "on {node}: {args:?}: {}\n{}",
+            out.status,
+            text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn kill(&self, node: &str) {
+        let out = run_with_timeout(
+            Command::new(script()).arg("kill").arg(&self.dir).arg(node),
+            Duration::from_secs(30),
+        );
+        assert!(
+            out.status.success(),
+            "cluster.sh kill {node}: {}",
+            text(&out)
+        );
+    }
+
+    /// The node the clone is promoted on, as node3 (never killed) sees it.
+    fn promoted(&self) -> Option<String> {
+        let out = self.exec("node3", &["crm_resource", "--locate", "-r", RSC]);
+        // "resource vmdisk is running on: node1 Promoted"
+        String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+            l.strip_suffix(" Promoted")
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_string)
+        })
+    }
+
+    /// `node`'s promotion score (the agent sets it from its disk state).
+    fn score(&self, node: &str) -> Option<i64> {
+        let attr = format!("master-{RSC}");
+        let out = self.exec(
+            "node3",
+            &[
+                "crm_attribute",
+                "-G",
+                "-q",
+                "-l",
+                "reboot",
+                "-N",
+                node,
+                "-n",
+                &attr,
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    }
+
+    /// The epoch time of the first power-switch journal line after `t0` with `action` ("request"
+    /// or "done") on `node`.
+    fn switch_time(&self, t0: f64, action: &str, node: &str) -> Option<f64> {
+        let log = std::fs::read_to_string(self.dir.join("switch.log")).unwrap_or_default();
+        log.lines().find_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            let t: f64 = w.first()?.parse().ok()?;
+            (t > t0
+                && w.get(1) == Some(&action)
+                && matches!(w.get(3), Some(&"reboot") | Some(&"off"))
+                && w.get(4) == Some(&node))
+            .then_some(t)
+        })
+    }
+
+    fn diagnostics(&self) -> String {
+        let mut s = String::new();
+        let tail = |p: &Path, n: usize| {
+            let t = std::fs::read_to_string(p).unwrap_or_default();
+            let lines: Vec<&str> = t.lines().collect();
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        };
+        s += &format!(
+            "--- switch.log\n{}\n",
+            tail(&self.dir.join("switch.log"), 30)
+        );
+        let out = self.exec("node3", &["crm_mon", "-1", "-A"]);
+        s += &format!("--- crm_mon (node3)\n{}\n", text(&out));
+        s
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.diagnostics());
+        }
+        let out = Command::new(script())
+            .arg("down")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            o => eprintln!("cluster.sh down {}: {o:?}", self.dir.display()),
+        }
+    }
+}
+
+/// The test's directory: removed at the end, kept (its path printed) when the test fails, for
+/// the nodes' logs (CLUSTER/nodeI/log), the agent's (CLUSTER/nodeI/run/vmdisk.log) and the
+/// power switch's journal (CLUSTER/switch.log).
+struct TestDir(Option<tempfile::TempDir>);
+
+impl TestDir {
+    fn path(&self) -> &Path {
+        self.0.as_ref().expect("until dropped").path()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            if std::thread::panicking() {
+                eprintln!("test directory kept: {}", d.keep().display());
+            }
+        }
+    }
+}
+
+/// One disk node's files, seen at the same paths from the host and from every node: the image
+/// under the test's dir, the sockets and the agent's run directory in the node's volatile
+/// directory (CLUSTER/NODE/run, emptied by cluster.sh whenever the node starts, as /run is on
+/// a reboot: the agent's pid files must not outlive the node's processes).
+struct NodeFiles {
+    image: PathBuf,
+    socket: PathBuf,
+    run_dir: PathBuf,
+}
+
+impl NodeFiles {
+    fn new(root: &Path, cluster_dir: &Path, node: &str) -> NodeFiles {
+        let d = root.join(node);
+        std::fs::create_dir_all(&d).expect("mkdir node dir");
+        let run_dir = cluster_dir.join(node).join("run");
+        NodeFiles {
+            image: d.join("disk.img"),
+            socket: run_dir.join("disk.sock"),
+            run_dir,
+        }
+    }
+    fn vm_control(&self) -> PathBuf {
+        self.run_dir.join(format!("{RSC}.vhost-mirror.ctl"))
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.run_dir.join(format!("{RSC}.log"))).unwrap_or_default()
+    }
+}
+
+/// `vhost-mirror status --json` through a control socket, if it answers.
+fn vm_status(ctl: &Path) -> Option<serde_json::Value> {
+    if !ctl.exists() {
+        return None;
+    }
+    let out = run_with_timeout(
+        Command::new(bin_path("vhost-mirror"))
+            .arg("status")
+            .arg("--control")
+            .arg(ctl)
+            .arg("--json"),
+        Duration::from_secs(10),
+    );
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).ok())
+        .flatten()
+}
+
+fn addr(node_index: u32, port: u16) -> String {
+    format!("{SUBNET}.{node_index}:{port}")
+}
+
+/// The clone, as `pcs resource create ... promotable` would make it (README, "Running under
+/// Pacemaker"), with per-node image, socket and run directory (rules on #uname), and kept off
+/// node3 (no probes there either).
+fn configure(c: &Cluster, files: &HashMap<&str, NodeFiles>, secret: &Path) {
+    let nv = |id: &str, name: &str, value: &str| {
+        format!(r#"<nvpair id="{RSC}-{id}" name="{name}" value="{value}"/>"#)
+    };
+    let mut per_node = String::new();
+    for n in DISK_NODES {
+        let f = &files[n];
+        per_node += &format!(
+            r##"<instance_attributes id="{RSC}-{n}">
+<rule id="{RSC}-{n}-rule" score="0"><expression id="{RSC}-{n}-expr" attribute="#uname" operation="eq" value="{n}"/></rule>
+{}{}{}</instance_attributes>
+"##,
+            nv(
+                &format!("{n}-image"),
+                "image",
+                &f.image.display().to_string()
+            ),
+            nv(
+                &format!("{n}-socket"),
+                "socket",
+                &f.socket.display().to_string()
+            ),
+            nv(
+                &format!("{n}-run"),
+                "run_dir",
+                &f.run_dir.display().to_string()
+            ),
+        );
+    }
+    let peers = format!("node1={} node2={}", addr(1, NODE_PORT), addr(2, NODE_PORT));
+    let clone = format!(
+        r#"<clone id="{RSC}-clone">
+<meta_attributes id="{RSC}-clone-meta">
+<nvpair id="{RSC}-clone-promotable" name="promotable" value="true"/>
+<nvpair id="{RSC}-clone-promoted-max" name="promoted-max" value="1"/>
+<nvpair id="{RSC}-clone-promoted-node-max" name="promoted-node-max" value="1"/>
+<nvpair id="{RSC}-clone-max" name="clone-max" value="2"/>
+<nvpair id="{RSC}-clone-node-max" name="clone-node-max" value="1"/>
+</meta_attributes>
+<primitive id="{RSC}" class="ocf" provider="vhost-mirror" type="disk">
+<instance_attributes id="{RSC}-ia">{}{}{}{}</instance_attributes>
+{per_node}<operations>
+<op id="{RSC}-monitor-promoted" name="monitor" interval="2s" role="Promoted" timeout="20s"/>
+<op id="{RSC}-monitor-unpromoted" name="monitor" interval="3s" role="Unpromoted" timeout="20s"/>
+</operations>
+</primitive>
+</clone>"#,
+        nv("peers", "peers", &peers),
+        nv("secret", "secret_file", &secret.display().to_string()),
+        nv("witness", "witness", &addr(3, WITNESS_PORT)),
+        nv("bindir", "bindir", &bin_dir().display().to_string()),
+    );
+    c.exec_ok(
+        "node3",
+        &[
+            "cibadmin",
+            "--create",
+            "-o",
+            "resources",
+            "--xml-text",
+            &clone,
+        ],
+    );
+    let ban = format!(
+        r#"<rsc_location id="{RSC}-not-on-node3" rsc="{RSC}-clone" node="node3" score="-INFINITY" resource-discovery="never"/>"#
+    );
+    c.exec_ok(
+        "node3",
+        &[
+            "cibadmin",
+            "--create",
+            "-o",
+            "constraints",
+            "--xml-text",
+            &ban,
+        ],
+    );
+}
+
+/// What the guest wrote: per block offset, its writes in order (seed, acknowledged).
+#[derive(Default)]
+struct Ledger {
+    writes: HashMap<u64, Vec<(u64, bool)>>,
+    acked: u64,
+    flushed: u64,
+    unacked: u64,
+}
+
+impl Ledger {
+    /// Every block must hold its last acknowledged write, or a later one that was in flight
+    /// when the primary died (never anything older, never zeros after an acknowledged write).
+    fn verify(&self, c: &mut Client) -> Result<usize, String> {
+        let mut offs: Vec<&u64> = self.writes.keys().collect();
+        offs.sort();
+        for &off in offs {
+            let hist = &self.writes[&off];
+            let last_acked = hist.iter().rposition(|&(_, a)| a);
+            let allowed: Vec<u64> = match last_acked {
+                Some(i) => hist[i..].iter().map(|&(s, _)| s).collect(),
+                None => hist.iter().map(|&(s, _)| s).collect(),
+            };
+            let buf = c
+                .q()
+                .read(off, BLOCK)
+                .map_err(|e| format!("read at {off}: {e}"))?;
+            let ok = classify_block(&buf, off, &allowed).is_some()
+                || (last_acked.is_none() && buf.iter().all(|&b| b == 0));
+            if !ok {
+                return Err(format!(
+                    "block at {off}: none of the allowed writes {allowed:x?} (history {hist:x?})"
+                ));
+            }
+        }
+        Ok(self.writes.len())
+    }
+}
+
+/// The guest: writes 4 KiB blocks one after the other from `start` (wrapping), a FLUSH after
+/// every WRITES_PER_FLUSH, until a request fails or times out (the primary died) or `stop`.
+fn guest(
+    socket: PathBuf,
+    round: u64,
+    start: u64,
+    ledger: Arc<Mutex<Ledger>>,
+    stop: Arc<AtomicBool>,
+) {
+    let opts = ClientOpts {
+        io_timeout: Duration::from_secs(3),
+        ..ClientOpts::default()
+    };
+    let mut c = Client::try_connect(&socket, &opts)
+        .unwrap_or_else(|e| panic!("guest connecting to {}: {e}", socket.display()));
+    let blocks = c.capacity() / BLOCK as u64;
+    let mut pending_flush = Vec::new();
+    for i in 0.. {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let off = ((start + i) % blocks) * BLOCK as u64;
+        let seed = (round << 32) | i;
+        c.q().buf()[..BLOCK].copy_from_slice(&pattern(off, BLOCK, seed));
+        let r = c.q().try_run(Op::Write {
+            off,
+            buf_off: 0,
+            len: BLOCK,
+        });
+        let acked = matches!(r, Ok(Ok(())));
+        {
+            let mut l = ledger.lock().expect("ledger");
+            l.writes.entry(off).or_default().push((seed, acked));
+            if acked {
+                l.acked += 1;
+            } else {
+                l.unacked += 1;
+            }
+        }
+        if !acked {
+            return;
+        }
+        pending_flush.push(off);
+        if (i + 1) % WRITES_PER_FLUSH == 0 {
+            if !matches!(c.q().try_run(Op::Flush), Ok(Ok(()))) {
+                return;
+            }
+            ledger.lock().expect("ledger").flushed += pending_flush.len() as u64;
+            pending_flush.clear();
+        }
+    }
+}
+
+struct RoundTimes {
+    victim: String,
+    survivor: String,
+    detect: Option<f64>,
+    fenced: Option<f64>,
+    promoted: f64,
+    serving: f64,
+    acked: u64,
+    flushed: u64,
+}
+
+fn fmt_s(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".into(), |v| format!("{v:.2}"))
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some(v[v.len() / 2])
+}
+
+/// Waits until the clone is promoted on one node whose vhost-mirror is in sync with the other
+/// node, and the other node has a promotion score (so it can take over): the steady state a
+/// round starts from. Returns (promoted, other).
+fn wait_settled(
+    c: &Cluster,
+    files: &HashMap<&str, NodeFiles>,
+    timeout: Duration,
+) -> (String, String) {
+    let mut last = String::new();
+    let mut found = None;
+    let ok = wait_until(timeout, || {
+        std::thread::sleep(Duration::from_millis(500)); // crm at 2 Hz at most
+        let Some(p) = c.promoted() else {
+            last = "not promoted anywhere".into();
+            return false;
+        };
+        let Some(other) = DISK_NODES.iter().find(|n| **n != p) else {
+            last = format!("promoted on {p}");
+            return false;
+        };
+        let Some(st) = vm_status(&files[p.as_str()].vm_control()) else {
+            last = format!("promoted on {p}, its vhost-mirror does not answer");
+            return false;
+        };
+        if !is_in_sync(&st) {
+            last = format!("promoted on {p}, not in sync: {st}");
+            return false;
+        }
+        let score = c.score(other);
+        if score.unwrap_or(0) < 100 {
+            last = format!("promoted on {p}, in sync, {other}'s score {score:?}");
+            return false;
+        }
+        found = Some((p, (*other).to_string()));
+        true
+    });
+    assert!(ok, "cluster not settled within {timeout:?}: {last}");
+    found.expect("set when settled")
+}
+
+#[test]
+fn the_primary_node_dies_during_durable_writes() {
+    let rounds: u64 = std::env::var("CLUSTER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let _wd = Watchdog::new(
+        "the_primary_node_dies_during_durable_writes",
+        Duration::from_secs(90 + 60 * rounds),
+    );
+    for tool in [
+        "/usr/sbin/corosync",
+        "/usr/sbin/pacemakerd",
+        "/usr/sbin/cibadmin",
+    ] {
+        assert!(
+            Path::new(tool).exists(),
+            "{tool} not found: install corosync, pacemaker, pacemaker-cli-utils (bash ci/setup.sh)"
+        );
+    }
+    // Declared before the cluster: dropped after it (after `cluster.sh down`).
+    let dir = TestDir(Some(test_dir("cluster")));
+    let root = dir.path();
+    let secret = secret_file(root, "the cluster tier's pair secret 0123\n");
+    let cluster_dir = root.join("cluster");
+    let files: HashMap<&str, NodeFiles> = DISK_NODES
+        .iter()
+        .map(|n| (*n, NodeFiles::new(root, &cluster_dir, n)))
+        .collect();
+    // The first primary's image, promoted by hand once (README: the bootstrap of a new pair);
+    // node2's image is created by its access node at the first contact.
+    std::fs::File::create(&files["node1"].image)
+        .and_then(|f| f.set_len(IMAGE_SIZE))
+        .expect("create image");
+    let out = run_with_timeout(
+        Command::new(bin_path("access-node"))
+            .arg("promote")
+            .arg("--image")
+            .arg(&files["node1"].image)
+            .arg("--force"),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "bootstrap promote: {}", text(&out));
+
+    let t_up = Instant::now();
+    let cluster = Cluster::up(&cluster_dir);
+    // The witness, a plain process on node3 (killed with the node by `down`).
+    let witness_state = root.join("witness");
+    std::fs::create_dir(&witness_state).expect("mkdir witness state");
+    let witness_log = std::fs::File::create(root.join("witness.log")).expect("witness log");
+    let _witness = ChildGuard::spawn(
+        "access-node witness (node3)",
+        Command::new(script())
+            .arg("exec")
+            .arg(&cluster.dir)
+            .arg("node3")
+            .arg(bin_path("access-node"))
+            .arg("witness")
+            .arg("--listen")
+            .arg(addr(3, WITNESS_PORT))
+            .arg("--secret-file")
+            .arg(&secret)
+            .arg("--state-dir")
+            .arg(&witness_state)
+            .arg("--control")
+            .arg(root.join("witness.ctl"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(witness_log.try_clone().expect("dup"))
+            .stderr(witness_log),
+    );
+    // Configure once all three nodes are members with quorum.
+    let mut mon = String::new();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            std::thread::sleep(Duration::from_millis(500));
+            mon = text(&cluster.exec("node3", &["crm_mon", "-1"]));
+            mon.contains("partition with quorum") && mon.contains("Online: [ node1 node2 node3 ]")
+        }),
+        "the cluster did not form: {mon}"
+    );
+    let t_formed = t_up.elapsed();
+    configure(&cluster, &files, &secret);
+    let (mut primary, _) = wait_settled(&cluster, &files, Duration::from_secs(60));
+    eprintln!(
+        "cluster formed in {:.1}s, {primary} promoted and in sync {:.1}s after `up`",
+        t_formed.as_secs_f64(),
+        t_up.elapsed().as_secs_f64()
+    );
+
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let mut times = Vec::new();
+    let blocks = IMAGE_SIZE / BLOCK as u64;
+    for round in 1..=rounds {
+        let (p, survivor) = wait_settled(&cluster, &files, Duration::from_secs(60));
+        primary = p;
+        let (before_acked, before_flushed) = {
+            let l = ledger.lock().expect("ledger");
+            (l.acked, l.flushed)
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (sock, l, s) = (
+                files[primary.as_str()].socket.clone(),
+                ledger.clone(),
+                stop.clone(),
+            );
+            // Each round starts writing where the previous one would have got to, plus a gap.
+            let start = (round - 1) * blocks / 8;
+            std::thread::spawn(move || guest(sock, round, start, l, s))
+        };
+        std::thread::sleep(WRITE_BEFORE_KILL);
+        assert!(
+            !writer.is_finished(),
+            "the guest stopped writing before the kill"
+        );
+        let t0 = epoch_now();
+        let k0 = Instant::now();
+        cluster.kill(&primary);
+        // Promoted: the survivor's vhost-mirror answers (host-side polling, no cluster load).
+        let sf = &files[survivor.as_str()];
+        assert!(
+            wait_until(Duration::from_secs(60), || {
+                std::thread::sleep(Duration::from_millis(10));
+                vm_status(&sf.vm_control()).is_some()
+            }),
+            "{survivor} not promoted within 60s of killing {primary}; agent log:\n{}",
+            sf.log()
+        );
+        let promoted = k0.elapsed().as_secs_f64();
+        let mut client = None;
+        assert!(
+            wait_until(Duration::from_secs(20), || {
+                let opts = ClientOpts {
+                    connect_timeout: Duration::from_millis(100),
+                    ..ClientOpts::default()
+                };
+                let Ok(mut c) = Client::try_connect(&sf.socket, &opts) else {
+                    return false;
+                };
+                let ok = c.q().read(0, BLOCK).is_ok();
+                client = ok.then_some(c);
+                ok
+            }),
+            "{survivor}'s socket does not serve; agent log:\n{}",
+            sf.log()
+        );
+        let serving = k0.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        writer.join().expect("guest thread");
+        let mut client = client.expect("connected");
+        let checked = {
+            let l = ledger.lock().expect("ledger");
+            l.verify(&mut client).unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: an acknowledged write is missing on {survivor}: {e}\nagent log:\n{}",
+                    sf.log()
+                )
+            })
+        };
+        drop(client);
+        let l = ledger.lock().expect("ledger");
+        assert!(
+            l.acked > before_acked + WRITES_PER_FLUSH,
+            "round {round}: the guest wrote next to nothing ({} acknowledged)",
+            l.acked - before_acked
+        );
+        eprintln!(
+            "round {round}: killed {primary}, {survivor} serving after {serving:.2}s; {checked} blocks verified"
+        );
+        times.push(RoundTimes {
+            victim: primary.clone(),
+            survivor: survivor.clone(),
+            detect: cluster.switch_time(t0, "request", &primary).map(|t| t - t0),
+            fenced: cluster.switch_time(t0, "done", &primary).map(|t| t - t0),
+            promoted,
+            serving,
+            acked: l.acked - before_acked,
+            flushed: l.flushed - before_flushed,
+        });
+    }
+    // The killed node came back (fencing restarts it): the survivor keeps the role, resyncs it.
+    let (p, _) = wait_settled(&cluster, &files, Duration::from_secs(60));
+    assert_eq!(
+        p,
+        times.last().expect("one round at least").survivor,
+        "the promoted role moved back to the node that was killed"
+    );
+
+    println!(
+        "round  killed  promoted  acked  flushed  detect(s)  fenced(s)  promoted(s)  serving(s)"
+    );
+    for (i, t) in times.iter().enumerate() {
+        println!(
+            "{:>5}  {:>6}  {:>8}  {:>5}  {:>7}  {:>9}  {:>9}  {:>11.2}  {:>10.2}",
+            i + 1,
+            t.victim,
+            t.survivor,
+            t.acked,
+            t.flushed,
+            fmt_s(t.detect),
+            fmt_s(t.fenced),
+            t.promoted,
+            t.serving
+        );
+    }
+    println!(
+        "median             {:>5}  {:>7}  {:>9}  {:>9}  {:>11}  {:>10}",
+        "",
+        "",
+        fmt_s(median(times.iter().filter_map(|t| t.detect).collect())),
+        fmt_s(median(times.iter().filter_map(|t| t.fenced).collect())),
+        fmt_s(median(times.iter().map(|t| t.promoted).collect())),
+        fmt_s(median(times.iter().map(|t| t.serving).collect())),
+    );
+}
