@@ -125,9 +125,20 @@ impl HttpReply {
 
 /// Minimal HTTP/1.0 client: one request per connection, reads until the server closes.
 pub fn http(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<HttpReply> {
+    http_within(port, method, path, body, HTTP_TIMEOUT)
+}
+
+/// [`http`], giving up on a read or write that waits longer than `timeout`.
+pub fn http_within(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    timeout: Duration,
+) -> std::io::Result<HttpReply> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    s.set_write_timeout(Some(HTTP_TIMEOUT))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
     let head = format!(
         "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/octet-stream\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n",
@@ -242,10 +253,14 @@ pub fn boot_command(guest: &Path, socket: &Path, port: u16, serial: &Path) -> Ve
 }
 
 /// Waits until the guest's file server answers on `port`; panics if `proc` exits first.
+/// Each probe gives up after 3 s: QEMU's user-mode network accepts the connection on the
+/// host side at once, and while the guest is not listening yet a probe with the full
+/// [`HTTP_TIMEOUT`] would wait that long (it made the recovery time look 10 s longer than a
+/// boot by hand).
 pub fn wait_http(port: u16, proc: &mut ChildGuard, timeout: Duration) -> Duration {
     let start = Instant::now();
     loop {
-        if let Ok(r) = http(port, "GET", "/cgi-bin/list", b"") {
+        if let Ok(r) = http_within(port, "GET", "/cgi-bin/list", b"", Duration::from_secs(3)) {
             if r.status == 200 {
                 return start.elapsed();
             }

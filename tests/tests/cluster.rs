@@ -706,6 +706,71 @@ fn the_primary_node_dies_during_durable_writes() {
         "the promoted role moved back to the node that was killed"
     );
 
+    // A planned switch-over (what `pcs resource move` does, with crm_resource): the guest
+    // writes with flushes and stops; the promoted role moves to the other node; nothing is
+    // copied (the demoted side stopped cleanly, both disks are the same), and every
+    // acknowledged write is there.
+    let (from, to) = wait_settled(&cluster, &files, Duration::from_secs(60));
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sock, l, st) = (
+            files[from.as_str()].socket.clone(),
+            ledger.clone(),
+            stop.clone(),
+        );
+        let writer = std::thread::spawn(move || guest(sock, rounds + 1, blocks / 2, l, st));
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        writer.join().expect("guest thread");
+    }
+    let clone = format!("{RSC}-clone");
+    let t_move = Instant::now();
+    cluster.exec_ok(
+        "node3",
+        &[
+            "crm_resource",
+            "--move",
+            "-r",
+            &clone,
+            "--promoted",
+            "-N",
+            &to,
+        ],
+    );
+    let ok = wait_until(Duration::from_secs(60), || {
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.promoted().as_deref() == Some(to.as_str())
+            && vm_status(&files[to.as_str()].vm_control()).is_some_and(|v| is_in_sync(&v))
+    });
+    assert!(
+        ok,
+        "the promoted role did not move to {to}; agent log:\n{}",
+        files[to.as_str()].log()
+    );
+    let moved_in = t_move.elapsed().as_secs_f64();
+    let st = vm_status(&files[to.as_str()].vm_control()).expect("status");
+    let copied = st["resync_sent_bytes"].as_u64();
+    assert_eq!(
+        (copied, st["resync_total_bytes"].as_u64()),
+        (Some(0), Some(0)),
+        "the planned switch-over to {to} copied data: {st}"
+    );
+    {
+        let opts = ClientOpts {
+            connect_timeout: Duration::from_secs(5),
+            ..ClientOpts::default()
+        };
+        let mut c = Client::try_connect(&files[to.as_str()].socket, &opts)
+            .unwrap_or_else(|e| panic!("connecting to {to} after the move: {e}"));
+        let l = ledger.lock().expect("ledger");
+        l.verify(&mut c)
+            .unwrap_or_else(|e| panic!("after the switch-over to {to}: {e}"));
+    }
+    cluster.exec_ok("node3", &["crm_resource", "--clear", "-r", &clone]);
+    eprintln!(
+        "planned switch-over {from} -> {to}: {moved_in:.1}s until promoted and in sync, 0 bytes copied"
+    );
+
     println!(
         "round  killed  promoted  acked  flushed  detect(s)  fenced(s)  promoted(s)  serving(s)"
     );
