@@ -248,17 +248,9 @@ impl Round {
                 .stdout(failover_log.try_clone().expect("clone"))
                 .stderr(failover_log),
         );
-        let start = Instant::now();
-        loop {
-            if let Ok(reply) = http(http_port, "GET", "/cgi-bin/list", b"") {
-                if reply.status == 200 {
-                    break;
-                }
-            }
+        first_answer(http_port, BOOT_TIMEOUT, &mut || {
             assert!(failover.is_running(), "round {r}: failover.sh exited early");
-            assert!(start.elapsed() < BOOT_TIMEOUT, "round {r}: standby not up");
-            sleep(Duration::from_millis(50));
-        }
+        });
         let recovery = t_kill.elapsed();
         eprintln!(
             "round {r}: standby serving {:.2} s after SIGKILL",
