@@ -11,11 +11,12 @@
 //! other out.
 
 use std::collections::VecDeque;
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
-use std::sync::Mutex;
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use log::debug;
+use log::{debug, error, warn};
 use mirror_proto::sys::RefusalLog;
 
 use crate::server::lock;
@@ -166,6 +167,128 @@ impl RateLimitedLog {
     pub fn tick(&self) -> Option<u64> {
         lock(&self.0).tick(Instant::now())
     }
+}
+
+/// How a listener admits connections (access-node's and the witness's): at most `max` live
+/// connections, each registered in the pre-authentication registry until it proves the
+/// secret, each served on its own thread; what anyone can cause is logged rate-limited.
+#[derive(Debug)]
+pub struct Admission {
+    pub preauth: PreAuth,
+    live: AtomicUsize,
+    max: usize,
+    log: RateLimitedLog,
+}
+
+impl Admission {
+    pub fn new(max: usize) -> Self {
+        Admission {
+            preauth: PreAuth::default(),
+            live: AtomicUsize::new(0),
+            max,
+            log: RateLimitedLog::new("connections"),
+        }
+    }
+
+    /// Accepts connections on `listener` until the process exits. Each one admitted is served
+    /// by `serve(owner, stream, peer, preauth id)` on a thread named `PREFIX-PEER`; its
+    /// registration and its place under the cap end with it.
+    pub fn accept_loop<T: Send + Sync + 'static>(
+        owner: &Arc<T>,
+        admission: fn(&T) -> &Admission,
+        listener: &TcpListener,
+        prefix: &str,
+        serve: fn(&T, TcpStream, SocketAddr, u64),
+    ) {
+        for conn in listener.incoming() {
+            match conn {
+                Ok(stream) => Self::start(owner, admission, stream, prefix, serve),
+                Err(e) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    warn!("accepting a connection failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }
+
+    fn start<T: Send + Sync + 'static>(
+        owner: &Arc<T>,
+        admission: fn(&T) -> &Admission,
+        stream: TcpStream,
+        prefix: &str,
+        serve: fn(&T, TcpStream, SocketAddr, u64),
+    ) {
+        let a = admission(owner);
+        let peer = match stream.peer_addr() {
+            Ok(p) => p,
+            Err(e) => {
+                // E.g. reset right after the connect: anyone can do this, often.
+                if a.log.tick().is_some() {
+                    warn!("connection without a peer address dropped: {e}");
+                }
+                return;
+            }
+        };
+        if a.live.fetch_add(1, Ordering::AcqRel) >= a.max {
+            a.live.fetch_sub(1, Ordering::AcqRel);
+            if a.log.tick().is_some() {
+                warn!(
+                    "connection from {peer} dropped: already {} connections",
+                    a.max
+                );
+            }
+            return;
+        }
+        let clone = match stream.try_clone() {
+            Ok(c) => c,
+            Err(e) => {
+                a.live.fetch_sub(1, Ordering::AcqRel);
+                if a.log.tick().is_some() {
+                    warn!("connection from {peer} dropped: {e}");
+                }
+                return;
+            }
+        };
+        let (id, evicted) = a.preauth.admit(peer, clone, first_message_arrived(&stream));
+        if let Some((who, why)) = evicted {
+            if let Some(more) = a.log.tick() {
+                let why = match why {
+                    Evicted::SameAddress => "too many unauthenticated connections from its address",
+                    Evicted::Full => "too many unauthenticated connections",
+                };
+                warn!(
+                    "unauthenticated connection from {who} cut off to make room: {why} \
+                     ({more} more such events since the last message)"
+                );
+            }
+        }
+        let o = owner.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("{prefix}-{peer}"))
+            .spawn(move || {
+                serve(&o, stream, peer, id);
+                let a = admission(&o);
+                a.preauth.done(id);
+                a.live.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            a.preauth.done(id);
+            a.live.fetch_sub(1, Ordering::AcqRel);
+            error!("connection from {peer} dropped: cannot start a thread: {e}");
+        }
+    }
+}
+
+/// Whether a whole NoiseInit frame is already received on `stream` (without reading it).
+fn first_message_arrived(stream: &TcpStream) -> bool {
+    const LEN: usize = mirror_proto::frame::HEADER_LEN + mirror_proto::frame::NOISE_INIT_LEN;
+    let mut buf = [0u8; LEN];
+    if stream.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let n = stream.peek(&mut buf).unwrap_or(0);
+    stream.set_nonblocking(false).is_ok() && n == LEN
 }
 
 #[cfg(test)]

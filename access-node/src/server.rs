@@ -6,7 +6,7 @@
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use thiserror::Error;
 
 use crate::chain;
 use crate::config::ServeConfig;
-use crate::preauth::{Evicted, PreAuth, RateLimitedLog, MAX_PREAUTH, REAP_INTERVAL};
+use crate::preauth::{Admission, RateLimitedLog, MAX_PREAUTH, REAP_INTERVAL};
 use crate::replica::{Replica, ReplicaError, WitnessCfg};
 use crate::session;
 use crate::status::Status;
@@ -146,14 +146,12 @@ pub struct Node {
     /// Absolute deadline for a connection to authenticate.
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
-    live: AtomicUsize,
-    pub preauth: PreAuth,
+    /// The connection cap and the unauthenticated connections (`preauth.rs`).
+    pub admission: Admission,
     /// NoiseInits accepted so far (a captured one cannot be replayed).
     pub replays: mirror_proto::secure::ReplayGuard,
     /// Connections that failed to authenticate (anyone can cause these: rate-limited).
     pub handshake_log: RateLimitedLog,
-    /// Connections cut off to make room, or dropped at the thread cap.
-    crowd_log: RateLimitedLog,
     /// Set (and signalled) when the server should stop: after a promotion.
     stop: (Mutex<bool>, Condvar),
     /// Held by a session's flusher during an `fdatasync` and, if it fails, while the image is
@@ -320,11 +318,9 @@ impl Server {
             slot: Slot::default(),
             handshake_timeout: config.handshake_timeout,
             idle_timeout: config.idle_timeout,
-            live: AtomicUsize::new(0),
-            preauth: PreAuth::default(),
+            admission: Admission::new(MAX_CONNECTIONS),
             replays: Default::default(),
             handshake_log: RateLimitedLog::new("handshakes"),
-            crowd_log: RateLimitedLog::new("connections"),
             stop: (Mutex::new(false), Condvar::new()),
             flush_gate: Mutex::new(()),
             witness: config.witness,
@@ -377,7 +373,7 @@ impl Server {
             .name("handshake-reaper".into())
             .spawn(move || loop {
                 std::thread::sleep(REAP_INTERVAL);
-                n.preauth.reap(n.handshake_timeout);
+                n.admission.preauth.reap(n.handshake_timeout);
                 n.cut_idle_primary();
             })
             .map_err(ServeError::Thread)?;
@@ -396,87 +392,14 @@ impl Server {
 
     /// Accepts connections until the process exits.
     pub fn accept_loop(&self) {
-        for conn in self.listener.incoming() {
-            match conn {
-                Ok(stream) => self.start_session(stream),
-                Err(e) => {
-                    // E.g. out of file descriptors: back off instead of spinning.
-                    warn!("accepting a connection failed: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
+        Admission::accept_loop(
+            &self.node,
+            |n| &n.admission,
+            &self.listener,
+            "peer",
+            |n, stream, peer, id| session::serve(stream, peer, n, id),
+        );
     }
-
-    fn start_session(&self, stream: TcpStream) {
-        let peer = match stream.peer_addr() {
-            Ok(p) => p,
-            Err(e) => {
-                // E.g. reset right after the connect: anyone can do this, often.
-                if self.node.crowd_log.tick().is_some() {
-                    warn!("connection without a peer address dropped: {e}");
-                }
-                return;
-            }
-        };
-        let node = &self.node;
-        if node.live.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            node.live.fetch_sub(1, Ordering::AcqRel);
-            if node.crowd_log.tick().is_some() {
-                warn!("connection from {peer} dropped: already {MAX_CONNECTIONS} connections");
-            }
-            return;
-        }
-        let clone = match stream.try_clone() {
-            Ok(c) => c,
-            Err(e) => {
-                node.live.fetch_sub(1, Ordering::AcqRel);
-                if node.crowd_log.tick().is_some() {
-                    warn!("connection from {peer} dropped: {e}");
-                }
-                return;
-            }
-        };
-        let (id, evicted) = node
-            .preauth
-            .admit(peer, clone, first_message_arrived(&stream));
-        if let Some((who, why)) = evicted {
-            if let Some(more) = node.crowd_log.tick() {
-                let why = match why {
-                    Evicted::SameAddress => "too many unauthenticated connections from its address",
-                    Evicted::Full => "too many unauthenticated connections",
-                };
-                warn!(
-                    "unauthenticated connection from {who} cut off to make room: {why} \
-                     ({more} more such events since the last message)"
-                );
-            }
-        }
-        let n = node.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("peer-{peer}"))
-            .spawn(move || {
-                session::serve(stream, peer, &n, id);
-                n.preauth.done(id);
-                n.live.fetch_sub(1, Ordering::AcqRel);
-            });
-        if let Err(e) = spawned {
-            node.preauth.done(id);
-            node.live.fetch_sub(1, Ordering::AcqRel);
-            error!("connection from {peer} dropped: cannot start a thread: {e}");
-        }
-    }
-}
-
-/// Whether a whole NoiseInit frame is already received on `stream` (without reading it).
-pub fn first_message_arrived(stream: &TcpStream) -> bool {
-    const LEN: usize = mirror_proto::frame::HEADER_LEN + mirror_proto::frame::NOISE_INIT_LEN;
-    let mut buf = [0u8; LEN];
-    if stream.set_nonblocking(true).is_err() {
-        return false;
-    }
-    let n = stream.peek(&mut buf).unwrap_or(0);
-    stream.set_nonblocking(false).is_ok() && n == LEN
 }
 
 /// `accept` returns a connection only once it has sent data (or after `secs`): idle

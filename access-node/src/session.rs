@@ -75,12 +75,12 @@ struct Session<'n> {
 }
 
 /// Serves one connection to its end; logs one line for how it ended. `preauth_id`: its entry
-/// in `node.preauth`, left once the primary proved the secret (its first record decrypted).
+/// in `node.admission.preauth`, left once the primary proved the secret (its first record decrypted).
 pub fn serve(stream: TcpStream, peer: SocketAddr, node: &Node, preauth_id: u64) {
     debug!("connection from {peer}");
     let keys = match noise(&stream, node) {
         Ok(k) => {
-            node.preauth.proven(preauth_id);
+            node.admission.preauth.proven(preauth_id);
             k
         }
         Err(e) => {
@@ -97,7 +97,7 @@ pub fn serve(stream: TcpStream, peer: SocketAddr, node: &Node, preauth_id: u64) 
         node,
         peer,
     };
-    let guard = match s.handshake(|| node.preauth.done(preauth_id)) {
+    let guard = match s.handshake(|| node.admission.preauth.done(preauth_id)) {
         Ok(Some(g)) => g,
         Ok(None) => return,
         Err(e) => {

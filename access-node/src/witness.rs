@@ -6,7 +6,7 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,8 +23,8 @@ use thiserror::Error;
 
 use crate::args::WitnessArgs;
 use crate::chain;
-use crate::preauth::{PreAuth, RateLimitedLog, MAX_PREAUTH, REAP_INTERVAL};
-use crate::server::{defer_accept, first_message_arrived, lock};
+use crate::preauth::{Admission, RateLimitedLog, MAX_PREAUTH, REAP_INTERVAL};
+use crate::server::{defer_accept, lock};
 
 /// The whole exchange (handshake, request, answer) of one connection.
 const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -63,8 +63,8 @@ struct Witness {
     dir: PathBuf,
     book: Mutex<Book>,
     replays: ReplayGuard,
-    preauth: PreAuth,
-    live: AtomicUsize,
+    admission: Admission,
+    /// Connections that failed to authenticate (anyone can cause these: rate-limited).
     log: RateLimitedLog,
     requests: AtomicU64,
     refused: AtomicU64,
@@ -148,7 +148,7 @@ impl Witness {
             Ok(k) => k,
             Err(e) => return fail(chain(&e)),
         };
-        self.preauth.proven(id);
+        self.admission.preauth.proven(id);
         let Ok(read_half) = stream.try_clone() else {
             return fail("cannot clone the socket".into());
         };
@@ -212,9 +212,8 @@ pub fn run(a: WitnessArgs) -> Result<(), WitnessError> {
         dir: a.state_dir.clone(),
         book: Mutex::new(book),
         replays: ReplayGuard::default(),
-        preauth: PreAuth::default(),
-        live: AtomicUsize::new(0),
-        log: RateLimitedLog::new("witness connections"),
+        admission: Admission::new(MAX_CONNECTIONS),
+        log: RateLimitedLog::new("witness handshakes"),
         requests: AtomicU64::new(0),
         refused: AtomicU64::new(0),
         handshake_failures: AtomicU64::new(0),
@@ -233,7 +232,7 @@ pub fn run(a: WitnessArgs) -> Result<(), WitnessError> {
         .name("handshake-reaper".into())
         .spawn(move || loop {
             std::thread::sleep(REAP_INTERVAL);
-            ww.preauth.reap(EXCHANGE_TIMEOUT);
+            ww.admission.preauth.reap(EXCHANGE_TIMEOUT);
         })
         .map_err(WitnessError::Thread)?;
     info!(
@@ -242,43 +241,12 @@ pub fn run(a: WitnessArgs) -> Result<(), WitnessError> {
         a.state_dir.display(),
         lock(&w.book).records().len()
     );
-    for conn in listener.incoming() {
-        let stream = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                warn!("accepting a connection failed: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        let Ok(peer) = stream.peer_addr() else {
-            continue;
-        };
-        if w.live.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTIONS {
-            w.live.fetch_sub(1, Ordering::AcqRel);
-            if w.log.tick().is_some() {
-                warn!("connection from {peer} dropped: already {MAX_CONNECTIONS} connections");
-            }
-            continue;
-        }
-        let Ok(clone) = stream.try_clone() else {
-            w.live.fetch_sub(1, Ordering::AcqRel);
-            continue;
-        };
-        let (id, _evicted) = w.preauth.admit(peer, clone, first_message_arrived(&stream));
-        let ww = w.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("witness-{peer}"))
-            .spawn(move || {
-                ww.serve(stream, peer, id);
-                ww.preauth.done(id);
-                ww.live.fetch_sub(1, Ordering::AcqRel);
-            });
-        if let Err(e) = spawned {
-            w.preauth.done(id);
-            w.live.fetch_sub(1, Ordering::AcqRel);
-            error!("connection from {peer} dropped: cannot start a thread: {e}");
-        }
-    }
+    Admission::accept_loop(
+        &w,
+        |w| &w.admission,
+        &listener,
+        "witness",
+        |w, stream, peer, id| w.serve(stream, peer, id),
+    );
     Ok(())
 }

@@ -855,11 +855,19 @@ mod tests {
 
     /// A Mirror on a temp image (no connection manager) and a way to give it links.
     fn mirror() -> (tempfile::TempDir, Arc<Mirror>) {
+        mirror_with(1 << 20, |_| {})
+    }
+
+    /// [`mirror`] on an image of `size` bytes, its configuration changed by `tweak`.
+    fn mirror_with(
+        size: usize,
+        tweak: impl FnOnce(&mut MirrorConfig),
+    ) -> (tempfile::TempDir, Arc<Mirror>) {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("disk.img");
-        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        std::fs::write(&img, vec![0u8; size]).unwrap();
         let disk = Arc::new(RawImage::open(&img, false).unwrap());
-        let cfg = MirrorConfig {
+        let mut cfg = MirrorConfig {
             image: img,
             peer: Some(PeerAddr {
                 addr: "test".into(),
@@ -871,6 +879,7 @@ mod tests {
             witness: None,
             fence_peer: None,
         };
+        tweak(&mut cfg);
         (d, Mirror::new(cfg, disk).unwrap())
     }
 
@@ -940,27 +949,12 @@ mod tests {
     #[test]
     fn a_write_whose_later_part_was_never_sent_is_held() {
         for (suspend, witness) in [(false, true), (true, false)] {
-            let d = tempfile::tempdir().unwrap();
-            let img = d.path().join("disk.img");
-            std::fs::write(&img, vec![0u8; 4 << 20]).unwrap();
-            let disk = Arc::new(RawImage::open(&img, false).unwrap());
-            let cfg = MirrorConfig {
-                image: img,
-                peer: Some(PeerAddr {
-                    addr: "test".into(),
-                    secret: Secret::from_bytes(b"0123456789abcdef").unwrap(),
-                }),
-                on_peer_loss: if suspend {
-                    PeerLoss::Suspend
-                } else {
-                    PeerLoss::Degrade
-                },
-                resync_rate: None,
-                resync_min_rate: DEFAULT_RESYNC_MIN_RATE,
-                witness: witness.then(|| "127.0.0.1:1".to_owned()),
-                fence_peer: None,
-            };
-            let m = Mirror::new(cfg, disk).unwrap();
+            let (_d, m) = mirror_with(4 << 20, |c| {
+                if suspend {
+                    c.on_peer_loss = PeerLoss::Suspend;
+                }
+                c.witness = witness.then(|| "127.0.0.1:1".to_owned());
+            });
             let (link, peer) = link(&m);
             let (mut r, mut w) = (peer.reader, peer.writer);
             let len = 2 * MAX_DATA as u64;
