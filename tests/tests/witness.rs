@@ -76,22 +76,27 @@ impl Setup {
     }
 
     fn promote(&self) -> (bool, String) {
-        let out = run_with_timeout(
-            Command::new(bin_path("access-node"))
-                .arg("promote")
-                .arg("--control")
-                .arg(self.node.control()),
-            Duration::from_secs(30),
-        );
-        (
-            out.status.success(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        promote(self.node.control())
     }
+}
+
+/// `access-node promote --control CTL`: whether it succeeded, and what it printed.
+fn promote(ctl: &std::path::Path) -> (bool, String) {
+    let out = run_with_timeout(
+        Command::new(bin_path("access-node"))
+            .arg("promote")
+            .arg("--control")
+            .arg(ctl),
+        Duration::from_secs(30),
+    );
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 fn client(b: &Backend) -> Client {
@@ -577,20 +582,9 @@ fn a_stale_former_primary_is_not_promoted_back() {
             ..AccessNodeOpts::default()
         },
     );
-    let out = run_with_timeout(
-        Command::new(bin_path("access-node"))
-            .arg("promote")
-            .arg("--control")
-            .arg(old.control()),
-        Duration::from_secs(30),
-    );
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (promoted, text) = promote(old.control());
     assert!(
-        !out.status.success(),
+        !promoted,
         "the stale former primary was promoted back: {text}"
     );
     assert!(text.contains("witness"), "{text}");

@@ -46,8 +46,8 @@ pub enum Gate {
     Attached,
     /// The link is gone and the witness has not answered yet: hold.
     Pending,
-    /// The witness recorded the replica (holding this generation) outdated: go on.
-    Outdated(u64),
+    /// The witness recorded the replica outdated (the generations: `State::recorded`): go on.
+    Outdated,
     /// The witness says the replica was promoted: acknowledge nothing it lacks, ever.
     Superseded,
 }
@@ -57,7 +57,7 @@ impl Gate {
         match self {
             Gate::Attached => "attached",
             Gate::Pending => "waiting-for-witness",
-            Gate::Outdated(_) => "peer-outdated",
+            Gate::Outdated => "peer-outdated",
             Gate::Superseded => "superseded",
         }
     }
@@ -216,7 +216,7 @@ impl Fence {
     /// recorded; another one (a full sync's, say) holds the gate until it is attached.
     pub fn attaching(&self, replica_generation: u64) {
         self.set(|s| {
-            if matches!(s.gate, Gate::Outdated(_)) && !s.recorded.contains(&replica_generation) {
+            if matches!(s.gate, Gate::Outdated) && !s.recorded.contains(&replica_generation) {
                 s.gate = Gate::Pending;
             }
         });
@@ -252,7 +252,7 @@ impl Fence {
         let mut s = self.lock();
         loop {
             match s.gate {
-                Gate::Attached | Gate::Outdated(_) => return true,
+                Gate::Attached | Gate::Outdated => return true,
                 Gate::Superseded => return false,
                 Gate::Pending if stopping() => return false,
                 Gate::Pending => {
@@ -377,7 +377,7 @@ fn answered(m: &Mirror, f: &Fence, op: WitnessOp, generations: &[u64], answers: 
             let mut opened = false;
             f.set(|s| {
                 if s.gate == Gate::Pending {
-                    s.gate = Gate::Outdated(generations.first().copied().unwrap_or(0));
+                    s.gate = Gate::Outdated;
                     opened = true;
                 }
             });
@@ -477,9 +477,9 @@ mod tests {
     fn the_gate_opens_only_for_the_recorded_replica_or_a_live_link() {
         let f = Fence::new(Arbiter::Command("true".into()), 1);
         f.lock().recorded.extend([5, 6]);
-        f.lock().gate = Gate::Outdated(5);
+        f.lock().gate = Gate::Outdated;
         f.attaching(6);
-        assert_eq!(f.gate(), Gate::Outdated(5));
+        assert_eq!(f.gate(), Gate::Outdated);
         f.attaching(9);
         assert_eq!(f.gate(), Gate::Pending);
         f.attached(|| false);
