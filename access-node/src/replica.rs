@@ -19,7 +19,8 @@ use mirror_proto::auth::{self, AuthError};
 use mirror_proto::bitmap::Bitmap;
 use mirror_proto::bitmap_file::BitmapFile;
 use mirror_proto::frame::{
-    AckStatus, DiskState, NodeInfo, Role, MAX_HISTORY, NODE_FLAG_DISCARD_MY_DATA, NODE_FLAG_HASHES,
+    AckStatus, DiskState, NodeInfo, Role, MAX_HISTORY, MAX_HOT, NODE_FLAG_DISCARD_MY_DATA,
+    NODE_FLAG_HASHES,
 };
 use mirror_proto::generation;
 use mirror_proto::meta::{self, Meta, MetaError, META_FORMAT};
@@ -433,7 +434,71 @@ impl Replica {
         self.publish();
         let mut info = self.node_info();
         info.hot = self.hot_extents()?;
+        if let Some(g) = self.held_generation() {
+            // A fenced primary's image whose own writes since `g` were never acknowledged
+            // without its replica (vhost-mirror's out_of_sync.rs, deferred generations): they
+            // may differ only in its bitmap's regions (besides the log's hot extents).
+            let listed = match self.bitmap_extents() {
+                Some(extra) => {
+                    info.hot.extend(extra);
+                    info.hot.sort_unstable();
+                    info.hot.dedup();
+                    info.hot.len() <= MAX_HOT
+                }
+                None => false,
+            };
+            if !listed {
+                warn!(
+                    "{}: which regions this former primary wrote since generation {g:016x} \
+                     cannot be listed: paired as a new image (a full copy)",
+                    self.path.display()
+                );
+                info.hot.clear();
+                info.generation = 0;
+            }
+        }
         Ok(info)
+    }
+
+    /// A primary's image whose bitmap is relative to its own generation: it holds writes
+    /// (never acknowledged without its replica) made since that generation. The generation.
+    fn held_generation(&self) -> Option<u64> {
+        self.meta
+            .as_ref()
+            .filter(|m| {
+                m.role == Role::Primary
+                    && m.bitmap_generation != 0
+                    && m.bitmap_generation == m.generation
+            })
+            .map(|m| m.generation)
+    }
+
+    /// The activity-log extents holding the out-of-sync bitmap's set regions; None if the
+    /// bitmap is missing or is not this image's (anything may differ then).
+    fn bitmap_extents(&self) -> Option<Vec<u64>> {
+        let b = match mirror_proto::bitmap_file::read(&self.path, self.size()) {
+            Ok(Some(b)) => b,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!("{}", crate::chain(&e));
+                return None;
+            }
+        };
+        let per_extent = activity_log::EXTENT_SIZE / mirror_proto::bitmap::REGION_SIZE;
+        let mut out: Vec<u64> = Vec::new();
+        let mut from = 0;
+        while let Some((first, count)) = b.next_run(from, u64::MAX) {
+            for e in first / per_extent..=(first + count - 1) / per_extent {
+                if out.last() != Some(&e) {
+                    out.push(e);
+                }
+            }
+            if out.len() > MAX_HOT {
+                break;
+            }
+            from = first + count;
+        }
+        Some(out)
     }
 
     fn image(&self) -> Result<&Image, ReplicaError> {
@@ -1043,6 +1108,65 @@ mod tests {
         assert_eq!(info.disk_state, DiskState::Inconsistent);
         assert!(meta::meta_path(&p).exists());
         assert_eq!(std::fs::read(&p).unwrap(), vec![5u8; 4096]);
+    }
+
+    /// A fenced primary's image held at its generation (its bitmap's base is its own
+    /// generation: nothing was acknowledged without its replica) reports its bitmap's regions
+    /// as hot extents beside its log's, so a node promoted from that generation overwrites
+    /// them; without a readable bitmap it pairs as a new image (generation 0: a full copy).
+    /// An image with a generation of its own reports only its log (the primary sees a split
+    /// brain there).
+    #[test]
+    fn a_held_former_primary_reports_its_bitmap_regions() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("r.img");
+        let size = 64 << 20;
+        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+        let m = Meta {
+            format: META_FORMAT,
+            node_id: 5,
+            size,
+            role: Role::Primary,
+            disk_state: DiskState::UpToDate,
+            generation: 77,
+            bitmap_generation: 77,
+            history: vec![],
+        };
+        meta::save(&p, &m).unwrap();
+        let (f, mut b) = BitmapFile::open_or_create(&p, size).unwrap();
+        let mut changed = Vec::new();
+        // Regions in extents 2 and 9 (4 MiB each), one run across extents 5 and 6.
+        b.set_range(9 << 20, 4096, &mut changed);
+        b.set_range((40 << 20) + 8192, 4096, &mut changed);
+        b.set_range((24 << 20) - 65536, 131072, &mut changed);
+        f.persist_all(&b).unwrap();
+        drop(f);
+        let mut al = activity_log::AlFile::open(&p).unwrap().0;
+        al.commit(&[2, 12]).unwrap();
+        drop(al);
+        let mut r = replica(d.path(), 0);
+        let info = r.attach(size).unwrap();
+        assert_eq!(info.generation, 77);
+        assert_eq!(info.hot, vec![2, 5, 6, 10, 12]);
+        drop(r);
+
+        std::fs::remove_file(mirror_proto::bitmap_file::bitmap_path(&p)).unwrap();
+        let mut r = replica(d.path(), 0);
+        let info = r.attach(size).unwrap();
+        assert_eq!((info.generation, info.hot.len()), (0, 0));
+        drop(r);
+
+        meta::save(
+            &p,
+            &Meta {
+                bitmap_generation: 76,
+                ..m
+            },
+        )
+        .unwrap();
+        let mut r = replica(d.path(), 0);
+        let info = r.attach(size).unwrap();
+        assert_eq!((info.generation, info.hot.clone()), (77, vec![2, 12]));
     }
 
     /// A damaged activity log of a primary's image (a failback: which extents its crash left

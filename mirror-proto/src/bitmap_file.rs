@@ -226,6 +226,26 @@ fn parse(raw: &[u8], size: u64) -> Result<Parsed, String> {
     }
 }
 
+/// Reads `IMG.bitmap` without changing it: None if there is none. A damaged block's regions
+/// come back set (they may differ); a file that is not this image's bitmap is
+/// [`MetaError::BadBitmap`].
+pub fn read(image: &Path, size: u64) -> Result<Option<Bitmap>, MetaError> {
+    let path = bitmap_path(image);
+    let raw = match files::read(&path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(MetaError::Read { path, source }),
+        Ok(raw) => raw,
+    };
+    let bad = |reason| MetaError::BadBitmap {
+        path: path.clone(),
+        reason,
+    };
+    let p = parse(&raw, size).map_err(bad)?;
+    Bitmap::from_words(size, p.words)
+        .map(Some)
+        .ok_or_else(|| bad("wrong number of words".into()))
+}
+
 impl BitmapFile {
     /// Opens `IMG.bitmap`, or creates an all-clear one; returns the file and its bitmap. A
     /// damaged block's regions are set in the bitmap returned (see [`Self::damaged`]); a file

@@ -171,7 +171,21 @@ pub enum WriteOp {
 impl Mirror {
     pub fn new(cfg: MirrorConfig, disk: Arc<RawImage>) -> Result<Arc<Self>, SyncStateError> {
         let standalone = cfg.peer.is_none();
+        let arbiter = match (&cfg.peer, &cfg.witness, &cfg.fence_peer) {
+            (Some(p), Some(w), _) => Some(fence::Arbiter::Witness {
+                addr: w.clone(),
+                secret: p.secret.clone(),
+            }),
+            (Some(_), None, Some(c)) => Some(fence::Arbiter::Command(c.clone())),
+            _ => None,
+        }
+        // Suspend mode never acknowledges what the replica lacks: no arbiter needed.
+        .filter(|_| cfg.on_peer_loss == PeerLoss::Degrade);
         let mut sync = SyncState::open(&cfg.image, disk.size())?;
+        if arbiter.is_some() {
+            // Before the activity log's marks below (out_of_sync.rs, deferred generations).
+            sync.defer_generations();
+        }
         let (activity_log, hot) = match ActivityLog::open(&cfg.image) {
             Err(AlError::Damaged { path, reason }) => {
                 // Which extents the last run left hot is unknown: any may differ. Marked
@@ -201,18 +215,7 @@ impl Mirror {
             activity_log.clear().map_err(SyncStateError::ActivityLog)?;
         }
         let verify_last = verify::load_last(&cfg.image);
-        let arbiter = match (&cfg.peer, &cfg.witness, &cfg.fence_peer) {
-            (Some(p), Some(w), _) => Some(fence::Arbiter::Witness {
-                addr: w.clone(),
-                secret: p.secret.clone(),
-            }),
-            (Some(_), None, Some(c)) => Some(fence::Arbiter::Command(c.clone())),
-            _ => None,
-        };
-        // Suspend mode never acknowledges what the replica lacks: no arbiter needed.
-        let fence = arbiter
-            .filter(|_| cfg.on_peer_loss == PeerLoss::Degrade)
-            .map(|a| Arc::new(fence::Fence::new(a, sync.meta.node_id)));
+        let fence = arbiter.map(|a| Arc::new(fence::Fence::new(a, sync.meta.node_id)));
         Ok(Arc::new(Mirror {
             cfg,
             disk,

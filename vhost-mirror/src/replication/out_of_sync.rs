@@ -4,6 +4,15 @@
 //! Rule: the first time a region is marked while the bitmap is clear, the primary starts a new
 //! generation and remembers the old one as the bitmap's base (the generation the replica has).
 //! A mark is durable before the write it covers is issued.
+//!
+//! With a fence (`--witness` or `--fence-peer`), the first mark records only the base (our
+//! generation, which the replica has); the new generation starts when the fence lets the first
+//! write the replica lacks be acknowledged ([`SyncState::confirm_generation`]). Until then
+//! what differs is writes nobody was told of: an isolated primary that never got the fence's
+//! consent still says "at the replica's generation", so once the replica was promoted it
+//! comes back as that node's replica and its unacknowledged writes are overwritten (its
+//! activity log's hot extents and its bitmap's regions: `access-node`'s `Replica::hot_extents`)
+//! instead of ending in a split brain.
 
 use std::path::{Path, PathBuf};
 
@@ -72,6 +81,9 @@ pub struct SyncState {
     /// replica's on a failback, a dying link's unflushed ranges) or set when this process
     /// started is absent: the resync compares its blocks by hash.
     known: std::collections::HashMap<u64, u16>,
+    /// With a fence: marks record only the base; [`SyncState::confirm_generation`] starts the
+    /// new generation (see the module's notes).
+    deferred: bool,
 }
 
 /// Marks made while a resync is copying: a region marked after its copy was read must not be
@@ -173,7 +185,25 @@ impl SyncState {
             mark_seq: 0,
             watch: None,
             known: std::collections::HashMap::new(),
+            deferred: false,
         })
+    }
+
+    /// With a fence: from now on the first mark over a clear bitmap records only its base, and
+    /// the new generation waits for [`SyncState::confirm_generation`].
+    pub fn defer_generations(&mut self) {
+        self.deferred = true;
+    }
+
+    /// The fence lets writes the replica lacks be acknowledged: if the bitmap's base is still
+    /// our generation (the marks were deferred), starts our own generation now, durably.
+    /// Whether one started.
+    pub fn confirm_generation(&mut self) -> Result<bool, SyncStateError> {
+        if self.meta.bitmap_generation != 0 && self.meta.bitmap_generation == self.meta.generation {
+            self.new_generation_for_bitmap(self.meta.generation)?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     pub fn out_of_sync_bytes(&self) -> u64 {
@@ -277,7 +307,12 @@ impl SyncState {
             return Ok(());
         }
         if self.meta.bitmap_generation == 0 && !self.bitmap.is_clear() {
-            if let Err(e) = self.new_generation_for_bitmap(self.meta.generation) {
+            let based = if self.deferred {
+                self.base_only()
+            } else {
+                self.new_generation_for_bitmap(self.meta.generation)
+            };
+            if let Err(e) = based {
                 self.unpersisted = true;
                 return Err(e);
             }
@@ -311,6 +346,20 @@ impl SyncState {
     /// (and no base) in both, so the next mark tries again, and fails until it works.
     fn new_generation_for_bitmap(&mut self, base: u64) -> Result<(), SyncStateError> {
         self.meta = new_generation_for_bitmap(&self.image, &self.meta, base)?;
+        Ok(())
+    }
+
+    /// Deferred: the bitmap's base is our own generation, saved (memory follows the file).
+    fn base_only(&mut self) -> Result<(), SyncStateError> {
+        let mut m = self.meta.clone();
+        m.bitmap_generation = m.generation;
+        meta::save(&self.image, &m)?;
+        info!(
+            "replica may lack writes since {:016x}; our next generation starts when one is \
+             acknowledged without it",
+            m.generation
+        );
+        self.meta = m;
         Ok(())
     }
 
@@ -478,6 +527,40 @@ mod tests {
         let s = SyncState::open(&img, size).unwrap();
         assert!(s.bitmap.is_clear());
         assert_eq!(s.meta.bitmap_generation, 0);
+    }
+
+    /// With a fence, marks record the base only; the generation starts at the confirmation
+    /// (before the first write the replica lacks is acknowledged), and survives a reopen.
+    #[test]
+    fn a_fenced_primary_starts_its_generation_when_confirmed() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let size = 64 * REGION_SIZE;
+        let mut s = SyncState::open(&img, size).unwrap();
+        s.defer_generations();
+        let g0 = s.meta.generation;
+        assert!(
+            !s.confirm_generation().unwrap(),
+            "nothing marked: no generation"
+        );
+        s.mark(REGION_SIZE * 3, 10).unwrap();
+        assert_eq!((s.meta.generation, s.meta.bitmap_generation), (g0, g0));
+        drop(s);
+        let mut s = SyncState::open(&img, size).unwrap();
+        s.defer_generations();
+        assert_eq!((s.meta.generation, s.meta.bitmap_generation), (g0, g0));
+        assert_eq!(s.bitmap.count(), 1);
+        assert!(s.confirm_generation().unwrap());
+        let g1 = s.meta.generation;
+        assert_ne!(g1, g0);
+        assert_eq!(
+            (s.meta.bitmap_generation, s.meta.history.clone()),
+            (g0, vec![g0])
+        );
+        assert!(!s.confirm_generation().unwrap(), "confirmed once");
+        drop(s);
+        let s = SyncState::open(&img, size).unwrap();
+        assert_eq!((s.meta.generation, s.meta.bitmap_generation), (g1, g0));
     }
 
     /// Finding 7: bits marked after SyncDone was sent must not be left without a base
