@@ -4,10 +4,12 @@
 # and node2, the quorum witness on node3, fencing. Each round a guest writes (with flushes) to
 # the promoted node, that node is killed, and every acknowledged write must be on the node
 # promoted in its place; the killed node comes back and is resynced, and the next round kills
-# the other one. Prints the timings of every round (detect, fenced, promoted, serving) and their
-# medians. ci/test.sh runs one round.
+# the other one. Then N rounds where the promoted node is only cut off from both others (fenced,
+# it must come back as the new primary's replica without a split brain). Prints the timings of
+# every round (detect, fenced, promoted, serving) and their medians per scenario. ci/test.sh
+# runs one round of each.
 #
-# Usage (as root on Debian 12): bash ci/cluster.sh [--rounds N]   (default 10; ~12 s a round)
+# Usage (as root on Debian 12): bash ci/cluster.sh [--rounds N]   (default 10 of each; ~12 s a round)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -37,7 +37,7 @@ cargo test -p vhost-mirror-tests --locked --test witness -- --test-threads=2
 echo "== Pacemaker pieces that need no cluster (ocf-tester on ha/ocf/vhost-mirror)"
 cargo test -p vhost-mirror-tests --locked --test ha
 
-echo "== cluster tier (Corosync + Pacemaker in namespaces: the primary node dies during writes; ci/cluster.sh runs more rounds)"
+echo "== cluster tier (Corosync + Pacemaker in namespaces: the primary node dies, or is cut off, during writes; ci/cluster.sh runs more rounds)"
 cargo test -p vhost-mirror-tests --locked --test cluster -- --nocapture
 
 echo "== durability regressions (scripted replica)"

@@ -7,6 +7,8 @@
 #   cluster.sh down   DIR            kill everything and delete the namespaces (DIR is kept: logs)
 #   cluster.sh exec   DIR NODE CMD.. run CMD inside NODE's namespaces
 #   cluster.sh kill   DIR NODE       "pull the plug": cut NODE's link, SIGKILL all its processes
+#   cluster.sh cut    DIR NODE       pull NODE's cable only: its processes run on, cut off from
+#                                    the others (fencing kills it and starts it again)
 #   cluster.sh start  DIR NODE       start NODE again (after kill or fencing)
 #   cluster.sh status DIR            host-side view: which nodes run, which links are up
 #
@@ -262,6 +264,11 @@ kill_node() {
     rm -f "$dir/node$i/holder.pid"
 }
 
+cut_node() {
+    journal "$1" "cut node$2"
+    ip -n "$(ns_br "$1")" link set "p$2" down
+}
+
 # PID 1 of a node (runs inside its namespaces).
 node_init() {
     local dir=$1 i=$2 nd=$1/node$2
@@ -401,7 +408,7 @@ cmd_status() {
 }
 
 usage() {
-    sed -n '6,11p' "$SELF" | sed 's/^# \{0,1\}//' >&2
+    sed -n '6,13p' "$SELF" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -416,6 +423,7 @@ up) [[ $# -eq 0 ]] || usage; cmd_up "$DIR" ;;
 down) [[ $# -eq 0 ]] || usage; cmd_down "$DIR" ;;
 exec) [[ $# -ge 2 ]] || usage; cmd_exec "$DIR" "$@" ;;
 kill) [[ $# -eq 1 ]] || usage; kill_node "$DIR" "$(node_index "$1")" ;;
+cut) [[ $# -eq 1 ]] || usage; cut_node "$DIR" "$(node_index "$1")" ;;
 start) [[ $# -eq 1 ]] || usage; start_node "$DIR" "$(node_index "$1")" ;;
 status) [[ $# -eq 0 ]] || usage; cmd_status "$DIR" ;;
 _node_init) node_init "$DIR" "$1" ;;

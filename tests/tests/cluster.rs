@@ -13,8 +13,17 @@
 //! every few, to the promoted node's vhost-user socket; the promoted node is killed (cable
 //! pulled, all its processes SIGKILLed); Pacemaker fences it and promotes the other node; every
 //! write acknowledged before the kill must be read back there. The killed node comes back, is
-//! resynced, and the next round kills the other one. Rounds: `CLUSTER_ROUNDS` (default 1;
-//! `ci/cluster.sh` runs more). A table of timings per round is printed:
+//! resynced, and the next round kills the other one.
+//!
+//! Scenario "the primary is cut off from both other nodes": as above, but only its cable is
+//! pulled; its processes run on (its vhost-mirror holds the writes the replica lacks: the
+//! witness is out of its reach) until the others fence it. It comes back as the new primary's
+//! replica and resyncs: its writes that were never acknowledged are overwritten, no split brain
+//! (the next round starts only from a pair in sync).
+//!
+//! Rounds: `CLUSTER_ROUNDS` of each scenario (default 1; `ci/cluster.sh` runs more). Then a
+//! planned switch-over and a cut of the replication link alone. A table of timings per round
+//! is printed (times from the kill or the cut):
 //!   detect   kill -> the cluster asks the power switch to fence the node (corosync noticed
 //!            the lost token, the DC scheduled fencing)
 //!   fenced   kill -> the fence action is done
@@ -116,16 +125,25 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn kill(&self, node: &str) {
+    /// `cluster.sh kill` (the node dies) or `cut` (it is cut off from the others).
+    fn switch(&self, what: &str, node: &str) {
         let out = run_with_timeout(
-            Command::new(script()).arg("kill").arg(&self.dir).arg(node),
+            Command::new(script()).arg(what).arg(&self.dir).arg(node),
             Duration::from_secs(30),
         );
         assert!(
             out.status.success(),
-            "cluster.sh kill {node}: {}",
+            "cluster.sh {what} {node}: {}",
             text(&out)
         );
+    }
+
+    fn kill(&self, node: &str) {
+        self.switch("kill", node);
+    }
+
+    fn cut(&self, node: &str) {
+        self.switch("cut", node);
     }
 
     /// The node the clone is promoted on, as node3 (never killed) sees it.
@@ -467,6 +485,7 @@ fn guest_within(
 }
 
 struct RoundTimes {
+    fault: Fault,
     victim: String,
     survivor: String,
     detect: Option<f64>,
@@ -487,6 +506,130 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(|a, b| a.total_cmp(b));
     Some(v[v.len() / 2])
+}
+
+/// How a round takes the primary away.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Cable pulled and every process SIGKILLed at once.
+    Kill,
+    /// Cable pulled only: the node runs on, cut off from both others (its vhost-mirror holds
+    /// the writes its replica lacks, asking a witness it cannot reach) until it is fenced.
+    Isolate,
+}
+
+impl Fault {
+    fn as_str(self) -> &'static str {
+        match self {
+            Fault::Kill => "killed",
+            Fault::Isolate => "isolated",
+        }
+    }
+}
+
+/// One round: the guest writes with flushes to the promoted node, which is then killed or cut
+/// off; the other node must be promoted without anyone acting and hold every acknowledged
+/// write. The next round's `wait_settled` requires the lost node back as an in-sync replica
+/// (no split brain).
+fn fail_primary(
+    cluster: &Cluster,
+    files: &HashMap<&str, NodeFiles>,
+    ledger: &Arc<Mutex<Ledger>>,
+    round: u64,
+    fault: Fault,
+) -> RoundTimes {
+    let blocks = IMAGE_SIZE / BLOCK as u64;
+    let (primary, survivor) = wait_settled(cluster, files, Duration::from_secs(60));
+    let (before_acked, before_flushed) = {
+        let l = ledger.lock().expect("ledger");
+        (l.acked, l.flushed)
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (sock, l, s) = (
+            files[primary.as_str()].socket.clone(),
+            ledger.clone(),
+            stop.clone(),
+        );
+        // Each round starts writing where the previous one would have got to, plus a gap.
+        let start = (round - 1) * blocks / 8;
+        std::thread::spawn(move || guest(sock, round, start, l, s))
+    };
+    std::thread::sleep(WRITE_BEFORE_KILL);
+    assert!(
+        !writer.is_finished(),
+        "the guest stopped writing before the kill"
+    );
+    let t0 = epoch_now();
+    let k0 = Instant::now();
+    match fault {
+        Fault::Kill => cluster.kill(&primary),
+        Fault::Isolate => cluster.cut(&primary),
+    }
+    // Promoted: the survivor's vhost-mirror answers (host-side polling, no cluster load).
+    let sf = &files[survivor.as_str()];
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            std::thread::sleep(Duration::from_millis(10));
+            vm_status(&sf.vm_control()).is_some()
+        }),
+        "{survivor} not promoted within 60s after {primary} was {}; agent log:\n{}",
+        fault.as_str(),
+        sf.log()
+    );
+    let promoted = k0.elapsed().as_secs_f64();
+    let mut client = None;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let opts = ClientOpts {
+                connect_timeout: Duration::from_millis(100),
+                ..ClientOpts::default()
+            };
+            let Ok(mut c) = Client::try_connect(&sf.socket, &opts) else {
+                return false;
+            };
+            let ok = c.q().read(0, BLOCK).is_ok();
+            client = ok.then_some(c);
+            ok
+        }),
+        "{survivor}'s socket does not serve; agent log:\n{}",
+        sf.log()
+    );
+    let serving = k0.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("guest thread");
+    let mut client = client.expect("connected");
+    let checked = {
+        let l = ledger.lock().expect("ledger");
+        l.verify(&mut client).unwrap_or_else(|e| {
+            panic!(
+                "round {round}: an acknowledged write is missing on {survivor}: {e}\nagent log:\n{}",
+                sf.log()
+            )
+        })
+    };
+    drop(client);
+    let l = ledger.lock().expect("ledger");
+    assert!(
+        l.acked > before_acked + WRITES_PER_FLUSH,
+        "round {round}: the guest wrote next to nothing ({} acknowledged)",
+        l.acked - before_acked
+    );
+    eprintln!(
+        "round {round}: {primary} {}, {survivor} serving after {serving:.2}s; {checked} blocks verified",
+        fault.as_str()
+    );
+    RoundTimes {
+        fault,
+        victim: primary.clone(),
+        survivor: survivor.clone(),
+        detect: cluster.switch_time(t0, "request", &primary).map(|t| t - t0),
+        fenced: cluster.switch_time(t0, "done", &primary).map(|t| t - t0),
+        promoted,
+        serving,
+        acked: l.acked - before_acked,
+        flushed: l.flushed - before_flushed,
+    }
 }
 
 /// Waits until the clone is promoted on one node whose vhost-mirror is in sync with the other
@@ -537,7 +680,7 @@ fn the_primary_node_dies_during_durable_writes() {
         .unwrap_or(1);
     let _wd = Watchdog::new(
         "the_primary_node_dies_during_durable_writes",
-        Duration::from_secs(90 + 60 * rounds),
+        Duration::from_secs(90 + 120 * rounds),
     );
     for tool in [
         "/usr/sbin/corosync",
@@ -612,7 +755,7 @@ fn the_primary_node_dies_during_durable_writes() {
     );
     let t_formed = t_up.elapsed();
     configure(&cluster, &files, &secret);
-    let (mut primary, _) = wait_settled(&cluster, &files, Duration::from_secs(60));
+    let (primary, _) = wait_settled(&cluster, &files, Duration::from_secs(60));
     eprintln!(
         "cluster formed in {:.1}s, {primary} promoted and in sync {:.1}s after `up`",
         t_formed.as_secs_f64(),
@@ -621,95 +764,14 @@ fn the_primary_node_dies_during_durable_writes() {
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut times = Vec::new();
-    let blocks = IMAGE_SIZE / BLOCK as u64;
-    for round in 1..=rounds {
-        let (p, survivor) = wait_settled(&cluster, &files, Duration::from_secs(60));
-        primary = p;
-        let (before_acked, before_flushed) = {
-            let l = ledger.lock().expect("ledger");
-            (l.acked, l.flushed)
-        };
-        let stop = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (sock, l, s) = (
-                files[primary.as_str()].socket.clone(),
-                ledger.clone(),
-                stop.clone(),
-            );
-            // Each round starts writing where the previous one would have got to, plus a gap.
-            let start = (round - 1) * blocks / 8;
-            std::thread::spawn(move || guest(sock, round, start, l, s))
-        };
-        std::thread::sleep(WRITE_BEFORE_KILL);
-        assert!(
-            !writer.is_finished(),
-            "the guest stopped writing before the kill"
-        );
-        let t0 = epoch_now();
-        let k0 = Instant::now();
-        cluster.kill(&primary);
-        // Promoted: the survivor's vhost-mirror answers (host-side polling, no cluster load).
-        let sf = &files[survivor.as_str()];
-        assert!(
-            wait_until(Duration::from_secs(60), || {
-                std::thread::sleep(Duration::from_millis(10));
-                vm_status(&sf.vm_control()).is_some()
-            }),
-            "{survivor} not promoted within 60s of killing {primary}; agent log:\n{}",
-            sf.log()
-        );
-        let promoted = k0.elapsed().as_secs_f64();
-        let mut client = None;
-        assert!(
-            wait_until(Duration::from_secs(20), || {
-                let opts = ClientOpts {
-                    connect_timeout: Duration::from_millis(100),
-                    ..ClientOpts::default()
-                };
-                let Ok(mut c) = Client::try_connect(&sf.socket, &opts) else {
-                    return false;
-                };
-                let ok = c.q().read(0, BLOCK).is_ok();
-                client = ok.then_some(c);
-                ok
-            }),
-            "{survivor}'s socket does not serve; agent log:\n{}",
-            sf.log()
-        );
-        let serving = k0.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
-        writer.join().expect("guest thread");
-        let mut client = client.expect("connected");
-        let checked = {
-            let l = ledger.lock().expect("ledger");
-            l.verify(&mut client).unwrap_or_else(|e| {
-                panic!(
-                    "round {round}: an acknowledged write is missing on {survivor}: {e}\nagent log:\n{}",
-                    sf.log()
-                )
-            })
-        };
-        drop(client);
-        let l = ledger.lock().expect("ledger");
-        assert!(
-            l.acked > before_acked + WRITES_PER_FLUSH,
-            "round {round}: the guest wrote next to nothing ({} acknowledged)",
-            l.acked - before_acked
-        );
-        eprintln!(
-            "round {round}: killed {primary}, {survivor} serving after {serving:.2}s; {checked} blocks verified"
-        );
-        times.push(RoundTimes {
-            victim: primary.clone(),
-            survivor: survivor.clone(),
-            detect: cluster.switch_time(t0, "request", &primary).map(|t| t - t0),
-            fenced: cluster.switch_time(t0, "done", &primary).map(|t| t - t0),
-            promoted,
-            serving,
-            acked: l.acked - before_acked,
-            flushed: l.flushed - before_flushed,
-        });
+    let mut round = 0;
+    for fault in [Fault::Kill, Fault::Isolate] {
+        for _ in 0..rounds {
+            round += 1;
+            times.push(fail_primary(&cluster, &files, &ledger, round, fault));
+        }
     }
+    let blocks = IMAGE_SIZE / BLOCK as u64;
     // The killed node came back (fencing restarts it): the survivor keeps the role, resyncs it.
     let (p, _) = wait_settled(&cluster, &files, Duration::from_secs(60));
     assert_eq!(
@@ -730,7 +792,7 @@ fn the_primary_node_dies_during_durable_writes() {
             ledger.clone(),
             stop.clone(),
         );
-        let writer = std::thread::spawn(move || guest(sock, rounds + 1, blocks / 2, l, st));
+        let writer = std::thread::spawn(move || guest(sock, round + 1, blocks / 2, l, st));
         std::thread::sleep(Duration::from_millis(500));
         stop.store(true, Ordering::Relaxed);
         writer.join().expect("guest thread");
@@ -820,7 +882,7 @@ fn the_primary_node_dies_during_durable_writes() {
         // Writes wait while the primary finds the link dead (up to its 10 s reply timeout)
         // and the witness records the replica outdated.
         std::thread::spawn(move || {
-            guest_within(sock, rounds + 2, blocks / 4, l, st, Duration::from_secs(40))
+            guest_within(sock, round + 2, blocks / 4, l, st, Duration::from_secs(40))
         })
     };
     let p_ctl = files[p.as_str()].vm_control();
@@ -878,12 +940,13 @@ fn the_primary_node_dies_during_durable_writes() {
     );
 
     println!(
-        "round  killed  promoted  acked  flushed  detect(s)  fenced(s)  promoted(s)  serving(s)"
+        "round  fault     lost   promoted  acked  flushed  detect(s)  fenced(s)  promoted(s)  serving(s)"
     );
     for (i, t) in times.iter().enumerate() {
         println!(
-            "{:>5}  {:>6}  {:>8}  {:>5}  {:>7}  {:>9}  {:>9}  {:>11.2}  {:>10.2}",
+            "{:>5}  {:<8}  {:>5}  {:>8}  {:>5}  {:>7}  {:>9}  {:>9}  {:>11.2}  {:>10.2}",
             i + 1,
+            t.fault.as_str(),
             t.victim,
             t.survivor,
             t.acked,
@@ -894,13 +957,23 @@ fn the_primary_node_dies_during_durable_writes() {
             t.serving
         );
     }
-    println!(
-        "median             {:>5}  {:>7}  {:>9}  {:>9}  {:>11}  {:>10}",
-        "",
-        "",
-        fmt_s(median(times.iter().filter_map(|t| t.detect).collect())),
-        fmt_s(median(times.iter().filter_map(|t| t.fenced).collect())),
-        fmt_s(median(times.iter().map(|t| t.promoted).collect())),
-        fmt_s(median(times.iter().map(|t| t.serving).collect())),
-    );
+    for fault in [Fault::Kill, Fault::Isolate] {
+        let of = |f: &dyn Fn(&RoundTimes) -> Option<f64>| {
+            fmt_s(median(
+                times
+                    .iter()
+                    .filter(|t| t.fault == fault)
+                    .filter_map(f)
+                    .collect(),
+            ))
+        };
+        println!(
+            "median {:<8}                          {:>9}  {:>9}  {:>11}  {:>10}",
+            fault.as_str(),
+            of(&|t| t.detect),
+            of(&|t| t.fenced),
+            of(&|t| Some(t.promoted)),
+            of(&|t| Some(t.serving)),
+        );
+    }
 }
