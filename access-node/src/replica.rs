@@ -84,6 +84,12 @@ pub enum ReplicaError {
         #[source]
         source: AlError,
     },
+    #[error(
+        "{image} belonged to a primary whose out-of-sync bitmap cannot be read or lists more \
+         than 256 extents: which regions it wrote without its replica is unknown, so it is not \
+         paired; to have it copied whole, remove {meta}"
+    )]
+    BitmapRegionsUnknown { image: PathBuf, meta: PathBuf },
     #[error("cannot create a node id")]
     NodeId(#[source] AuthError),
     #[error("cannot create a generation id")]
@@ -434,10 +440,12 @@ impl Replica {
         self.publish();
         let mut info = self.node_info();
         info.hot = self.hot_extents()?;
-        if let Some(g) = self.held_generation() {
-            // A fenced primary's image whose own writes since `g` were never acknowledged
-            // without its replica (vhost-mirror's out_of_sync.rs, deferred generations): they
-            // may differ only in its bitmap's regions (besides the log's hot extents).
+        if let Some((g, base)) = self.bitmap_base() {
+            // A former primary's image with an out-of-sync bitmap: what it wrote without its
+            // replica since `base` is in the bitmap's regions (besides the log's hot extents,
+            // which a barrier over a dead link may have emptied). Held at its generation
+            // (base == generation: vhost-mirror's out_of_sync.rs, deferred generations), none
+            // of it was acknowledged, and a node promoted from `g` overwrites it.
             let listed = match self.bitmap_extents() {
                 Some(extra) => {
                     info.hot.extend(extra);
@@ -447,30 +455,30 @@ impl Replica {
                 }
                 None => false,
             };
-            if !listed {
+            if !listed && g == base {
                 warn!(
                     "{}: which regions this former primary wrote since generation {g:016x} \
-                     cannot be listed: paired as a new image (a full copy)",
+                     (none acknowledged) cannot be listed: paired as a new image (a full copy)",
                     self.path.display()
                 );
                 info.hot.clear();
                 info.generation = 0;
+            } else if !listed {
+                return Err(ReplicaError::BitmapRegionsUnknown {
+                    image: self.path.clone(),
+                    meta: meta::meta_path(&self.path),
+                });
             }
         }
         Ok(info)
     }
 
-    /// A primary's image whose bitmap is relative to its own generation: it holds writes
-    /// (never acknowledged without its replica) made since that generation. The generation.
-    fn held_generation(&self) -> Option<u64> {
+    /// A primary's image with an out-of-sync bitmap: (its generation, the bitmap's base).
+    fn bitmap_base(&self) -> Option<(u64, u64)> {
         self.meta
             .as_ref()
-            .filter(|m| {
-                m.role == Role::Primary
-                    && m.bitmap_generation != 0
-                    && m.bitmap_generation == m.generation
-            })
-            .map(|m| m.generation)
+            .filter(|m| m.role == Role::Primary && m.bitmap_generation != 0)
+            .map(|m| (m.generation, m.bitmap_generation))
     }
 
     /// The activity-log extents holding the out-of-sync bitmap's set regions; None if the
@@ -1110,12 +1118,11 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), vec![5u8; 4096]);
     }
 
-    /// A fenced primary's image held at its generation (its bitmap's base is its own
-    /// generation: nothing was acknowledged without its replica) reports its bitmap's regions
-    /// as hot extents beside its log's, so a node promoted from that generation overwrites
-    /// them; without a readable bitmap it pairs as a new image (generation 0: a full copy).
-    /// An image with a generation of its own reports only its log (the primary sees a split
-    /// brain there).
+    /// A former primary's image reports its bitmap's regions as hot extents beside its log's,
+    /// so a node promoted from its generation overwrites them. Without a readable bitmap: held
+    /// at its generation (the bitmap's base is its own generation: nothing was acknowledged
+    /// without its replica), it pairs as a new image (generation 0: a full copy); otherwise it
+    /// is not paired (which regions differ is unknown, and some may hold acknowledged writes).
     #[test]
     fn a_held_former_primary_reports_its_bitmap_regions() {
         let d = tempfile::tempdir().unwrap();
@@ -1165,8 +1172,12 @@ mod tests {
         )
         .unwrap();
         let mut r = replica(d.path(), 0);
-        let info = r.attach(size).unwrap();
-        assert_eq!((info.generation, info.hot.clone()), (77, vec![2, 12]));
+        let e = r.attach(size).unwrap_err();
+        assert!(
+            matches!(e, ReplicaError::BitmapRegionsUnknown { .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("r.img.meta"), "{e}");
     }
 
     /// A damaged activity log of a primary's image (a failback: which extents its crash left
@@ -1336,5 +1347,58 @@ mod tests {
             source: io::Error::from_raw_os_error(libc::EIO),
         };
         assert_eq!(e.ack_status(), AckStatus::IoError);
+    }
+
+    /// Review: a former primary whose SyncDone(g2) reached its replica but whose answer it
+    /// never got (link cut right then, with the witness) is at g2 with its bitmap's base g;
+    /// its held writes since are in its bitmap only (a barrier over a dead link evicts their
+    /// extents from the log). The replica promoted from g2 makes a partial resync of it, and
+    /// its bitmap's regions are not among the hot extents: they stay different.
+    #[test]
+    fn review_a_former_primary_at_the_promoted_base_with_an_older_bitmap_base() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("r.img");
+        let size = 64 << 20;
+        std::fs::File::create(&p).unwrap().set_len(size).unwrap();
+        let m = Meta {
+            format: META_FORMAT,
+            node_id: 5,
+            size,
+            role: Role::Primary,
+            disk_state: DiskState::UpToDate,
+            generation: 0x22,
+            bitmap_generation: 0x11,
+            history: vec![0x11],
+        };
+        meta::save(&p, &m).unwrap();
+        let (f, mut b) = BitmapFile::open_or_create(&p, size).unwrap();
+        let mut changed = Vec::new();
+        b.set_range(9 << 20, 4096, &mut changed);
+        f.persist_all(&b).unwrap();
+        drop(f);
+        let mut r = replica(d.path(), 0);
+        let info = r.attach(size).unwrap();
+        // The node promoted from 0x22.
+        let promoted = NodeInfo {
+            node_id: 6,
+            size,
+            role: Role::Primary,
+            disk_state: DiskState::UpToDate,
+            generation: 0x33,
+            bitmap_generation: 0x22,
+            history: vec![0x22, 0x11],
+            flags: 0,
+            hot: vec![],
+        };
+        assert_eq!(
+            generation::decide(&promoted, &info),
+            generation::SyncDecision::Partial
+        );
+        assert!(
+            info.hot.contains(&2),
+            "the region this image wrote (held, never acknowledged) is neither in the promoted \
+             node's bitmap nor reported: it stays different after the resync ({:?})",
+            info.hot
+        );
     }
 }

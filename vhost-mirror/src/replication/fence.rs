@@ -375,30 +375,12 @@ fn answered(m: &Mirror, f: &Fence, op: WitnessOp, generations: &[u64], answers: 
             // (A replica that came back meanwhile leaves the gate alone; the records go at the
             // end of its resync, `in_sync`.)
             let mut opened = false;
-            let mut failed = None;
             f.set(|s| {
-                if s.gate != Gate::Pending {
-                    return;
-                }
-                // Our own generation, on disk before anything the replica lacks is
-                // acknowledged (`SyncState::confirm_generation`).
-                match m.sync_state().confirm_generation() {
-                    Ok(_) => {
-                        s.gate = Gate::Outdated;
-                        opened = true;
-                    }
-                    Err(e) => failed = Some(e),
+                if s.gate == Gate::Pending {
+                    s.gate = Gate::Outdated;
+                    opened = true;
                 }
             });
-            if let Some(e) = failed {
-                error!(
-                    "cannot start a new generation before acknowledging writes without the \
-                     replica: {}; writes stay held",
-                    mirror_proto::sys::error_chain(&e)
-                );
-                std::thread::sleep(RETRY_MAX);
-                return;
-            }
             if opened {
                 info!(
                     "{}: replica (generation {list}) outdated; acknowledging writes without it",

@@ -181,10 +181,13 @@ impl Mirror {
         }
         // Suspend mode never acknowledges what the replica lacks: no arbiter needed.
         .filter(|_| cfg.on_peer_loss == PeerLoss::Degrade);
-        let mut sync = SyncState::open(&cfg.image, disk.size())?;
-        if arbiter.is_some() {
-            // Before the activity log's marks below (out_of_sync.rs, deferred generations).
-            sync.defer_generations();
+        // With a fence, generations are deferred (out_of_sync.rs) from the start: also for the
+        // activity log's marks below.
+        let mut sync = SyncState::open(&cfg.image, disk.size(), arbiter.is_some())?;
+        if arbiter.is_none() {
+            // An image a fenced run left held at its generation (second review): without a
+            // fence, writes the replica lacks are acknowledged at once.
+            sync.confirm_generation()?;
         }
         let (activity_log, hot) = match ActivityLog::open(&cfg.image) {
             Err(AlError::Damaged { path, reason }) => {
@@ -720,7 +723,23 @@ impl Mirror {
     /// must hold no range in the ordering table (resync may need it).
     pub fn hold(&self, range: (u64, u64)) -> bool {
         if let Some(f) = &self.fence {
-            return f.acknowledgeable(&|| self.is_stopping());
+            if !f.acknowledgeable(&|| self.is_stopping()) {
+                return false;
+            }
+            // Every completion the replica lacks is acknowledged here: our own generation is
+            // on disk first (out_of_sync.rs, deferred generations). Whatever opened the gate
+            // (the witness, a handler, an attached replica that recorded itself inconsistent).
+            return match self.sync_state().confirm_generation() {
+                Ok(_) => true,
+                Err(e) => {
+                    log::error!(
+                        "cannot start a new generation before acknowledging a request the \
+                         replica lacks: {}; the request fails",
+                        mirror_proto::sys::error_chain(&e)
+                    );
+                    false
+                }
+            };
         }
         self.hold_until_resynced(range);
         true
@@ -1082,5 +1101,76 @@ mod tests {
             "the failed write is not recorded out of sync"
         );
         new.fail("done");
+    }
+
+    /// Review: a held image (a fenced primary's run left its bitmap's base == its generation)
+    /// served again without a fence (standalone, or degrade without --witness/--fence-peer)
+    /// acknowledges writes at once: it must have a generation of its own first.
+    #[test]
+    fn review_a_held_image_served_without_a_fence_starts_its_generation() {
+        for standalone in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let img = d.path().join("disk.img");
+            let size = 4u64 << 20;
+            std::fs::write(&img, vec![0u8; size as usize]).unwrap();
+            {
+                let mut s = SyncState::open(&img, size, true).unwrap();
+                s.mark(0, 4096).unwrap();
+                assert_eq!(s.meta.generation, s.meta.bitmap_generation);
+            }
+            let cfg = MirrorConfig {
+                image: img.clone(),
+                peer: (!standalone).then(|| PeerAddr {
+                    addr: "test".into(),
+                    secret: Secret::from_bytes(b"0123456789abcdef").unwrap(),
+                }),
+                on_peer_loss: PeerLoss::Degrade,
+                resync_rate: None,
+                resync_min_rate: DEFAULT_RESYNC_MIN_RATE,
+                witness: None,
+                fence_peer: None,
+            };
+            let m = Mirror::new(cfg, Arc::new(RawImage::open(&img, false).unwrap())).unwrap();
+            let t = m.try_reserve(0, 1 << 20, 4096).unwrap();
+            let mut r = m.begin_write(t, 1 << 20, 4096).unwrap();
+            m.send_data(&mut r, 1 << 20, &[7u8; 4096], false).unwrap();
+            let (ok, hold) = m.finish(r, true);
+            assert!(ok && hold.is_none(), "acknowledged at once");
+            let meta = m.sync_state().meta.clone();
+            assert_ne!(
+                meta.generation, meta.bitmap_generation,
+                "standalone {standalone}: a write the replica lacks was acknowledged while \
+                 the generation is still the replica's (access-node will call it held)"
+            );
+        }
+    }
+
+    /// Review: with a fence, a FLUSH held with a clear bitmap (no link yet, or an idle link
+    /// that died) opens the gate with no generation started; a later write's first mark
+    /// records only the base, and it is acknowledged at once (the gate is open).
+    #[test]
+    fn review_a_flush_opens_the_gate_before_any_mark() {
+        let (_d, m) = mirror_with(4 << 20, |c| c.fence_peer = Some("exit 4".into()));
+        let f = m.fence.clone().unwrap();
+        let (mm, ff) = (m.clone(), f.clone());
+        let th = std::thread::spawn(move || fence::run(mm, ff));
+        let remote = m.start_flush(false);
+        let (ok, hold) = m.finish(remote, true);
+        assert!(ok);
+        assert!(m.hold(hold.expect("a degraded flush is held")));
+        assert_eq!(f.gate(), fence::Gate::Outdated);
+        let t = m.try_reserve(0, 0, 4096).unwrap();
+        let mut r = m.begin_write(t, 0, 4096).unwrap();
+        m.send_data(&mut r, 0, &[7u8; 4096], false).unwrap();
+        let (ok, hold) = m.finish(r, true);
+        assert!(ok);
+        assert!(m.hold(hold.expect("held")), "acknowledged");
+        let meta = m.sync_state().meta.clone();
+        m.begin_shutdown();
+        th.join().unwrap();
+        assert_ne!(
+            meta.generation, meta.bitmap_generation,
+            "a write the replica lacks was acknowledged at the replica's generation"
+        );
     }
 }

@@ -100,8 +100,9 @@ struct MarkLog {
 const MAX_WATCHED_MARKS: usize = 65536;
 
 impl SyncState {
-    /// Loads (or creates) the metadata and bitmap beside `image`.
-    pub fn open(image: &Path, size: u64) -> Result<Self, SyncStateError> {
+    /// Loads (or creates) the metadata and bitmap beside `image`. `deferred`: with a fence,
+    /// see the module's notes.
+    pub fn open(image: &Path, size: u64, deferred: bool) -> Result<Self, SyncStateError> {
         let mut meta = match meta::load_upgrading(image)? {
             Some(m) => {
                 if m.size != size {
@@ -169,7 +170,11 @@ impl SyncState {
             rewrite = true;
         }
         if rewrite && meta.bitmap_generation == 0 && !bitmap.is_clear() {
-            meta = new_generation_for_bitmap(image, &meta, meta.generation)?;
+            meta = if deferred {
+                base_only(image, &meta)?
+            } else {
+                new_generation_for_bitmap(image, &meta, meta.generation)?
+            };
         }
         if rewrite {
             file.persist_all(&bitmap)?;
@@ -185,19 +190,13 @@ impl SyncState {
             mark_seq: 0,
             watch: None,
             known: std::collections::HashMap::new(),
-            deferred: false,
+            deferred,
         })
     }
 
-    /// With a fence: from now on the first mark over a clear bitmap records only its base, and
-    /// the new generation waits for [`SyncState::confirm_generation`].
-    pub fn defer_generations(&mut self) {
-        self.deferred = true;
-    }
-
-    /// The fence lets writes the replica lacks be acknowledged: if the bitmap's base is still
-    /// our generation (the marks were deferred), starts our own generation now, durably.
-    /// Whether one started.
+    /// A completion the replica lacks is about to be acknowledged (with a fence: `Mirror::hold`;
+    /// without, at start): if the bitmap's base is still our generation (the marks were
+    /// deferred), starts our own generation now, durably. Whether one started.
     pub fn confirm_generation(&mut self) -> Result<bool, SyncStateError> {
         if self.meta.bitmap_generation != 0 && self.meta.bitmap_generation == self.meta.generation {
             self.new_generation_for_bitmap(self.meta.generation)?;
@@ -351,15 +350,7 @@ impl SyncState {
 
     /// Deferred: the bitmap's base is our own generation, saved (memory follows the file).
     fn base_only(&mut self) -> Result<(), SyncStateError> {
-        let mut m = self.meta.clone();
-        m.bitmap_generation = m.generation;
-        meta::save(&self.image, &m)?;
-        info!(
-            "replica may lack writes since {:016x}; our next generation starts when one is \
-             acknowledged without it",
-            m.generation
-        );
-        self.meta = m;
+        self.meta = base_only(&self.image, &self.meta)?;
         Ok(())
     }
 
@@ -448,7 +439,11 @@ impl SyncState {
                 self.meta = m;
             }
         } else if self.meta.generation == generation {
-            self.new_generation_for_bitmap(generation)?;
+            if self.deferred {
+                self.base_only()?;
+            } else {
+                self.new_generation_for_bitmap(generation)?;
+            }
             self.persist()?;
         } else {
             // A new generation already started after SyncDone was sent; its base stays.
@@ -470,6 +465,19 @@ fn block_mask(r: u64, offset: u64, len: u64) -> u16 {
         b += 1;
     }
     mask
+}
+
+/// Saves `meta` with its bitmap relative to its own generation (deferred); returns it.
+fn base_only(image: &Path, meta: &Meta) -> Result<Meta, SyncStateError> {
+    let mut m = meta.clone();
+    m.bitmap_generation = m.generation;
+    meta::save(image, &m)?;
+    info!(
+        "replica may lack writes since {:016x}; our next generation starts when one is \
+         acknowledged without it",
+        m.generation
+    );
+    Ok(m)
 }
 
 /// Saves `meta` with a new generation whose bitmap is relative to `base`; returns it.
@@ -502,7 +510,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("disk.img");
         let size = 64 * REGION_SIZE;
-        let mut s = SyncState::open(&img, size).unwrap();
+        let mut s = SyncState::open(&img, size, false).unwrap();
         let g0 = s.meta.generation;
         s.mark(REGION_SIZE * 3, 10).unwrap();
         let g1 = s.meta.generation;
@@ -516,7 +524,7 @@ mod tests {
         );
         assert_eq!(s.out_of_sync_bytes(), 2 * REGION_SIZE);
         drop(s);
-        let mut s = SyncState::open(&img, size).unwrap();
+        let mut s = SyncState::open(&img, size, false).unwrap();
         assert_eq!(s.meta.generation, g1);
         assert_eq!(s.bitmap.count(), 2);
         s.clear_regions(3, 1);
@@ -524,7 +532,7 @@ mod tests {
         let g = s.meta.generation;
         s.resync_finished(g).unwrap();
         drop(s);
-        let s = SyncState::open(&img, size).unwrap();
+        let s = SyncState::open(&img, size, false).unwrap();
         assert!(s.bitmap.is_clear());
         assert_eq!(s.meta.bitmap_generation, 0);
     }
@@ -536,8 +544,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("disk.img");
         let size = 64 * REGION_SIZE;
-        let mut s = SyncState::open(&img, size).unwrap();
-        s.defer_generations();
+        let mut s = SyncState::open(&img, size, true).unwrap();
         let g0 = s.meta.generation;
         assert!(
             !s.confirm_generation().unwrap(),
@@ -546,8 +553,7 @@ mod tests {
         s.mark(REGION_SIZE * 3, 10).unwrap();
         assert_eq!((s.meta.generation, s.meta.bitmap_generation), (g0, g0));
         drop(s);
-        let mut s = SyncState::open(&img, size).unwrap();
-        s.defer_generations();
+        let mut s = SyncState::open(&img, size, true).unwrap();
         assert_eq!((s.meta.generation, s.meta.bitmap_generation), (g0, g0));
         assert_eq!(s.bitmap.count(), 1);
         assert!(s.confirm_generation().unwrap());
@@ -559,7 +565,7 @@ mod tests {
         );
         assert!(!s.confirm_generation().unwrap(), "confirmed once");
         drop(s);
-        let s = SyncState::open(&img, size).unwrap();
+        let s = SyncState::open(&img, size, false).unwrap();
         assert_eq!((s.meta.generation, s.meta.bitmap_generation), (g1, g0));
     }
 
@@ -569,7 +575,7 @@ mod tests {
     fn bits_left_after_sync_done_get_a_new_generation() {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("disk.img");
-        let mut s = SyncState::open(&img, 64 * REGION_SIZE).unwrap();
+        let mut s = SyncState::open(&img, 64 * REGION_SIZE, false).unwrap();
         s.mark(0, 10).unwrap();
         let sent = s.meta.generation;
         // SyncDone(sent) is in flight; a write the replica failed is marked meanwhile.
@@ -593,14 +599,14 @@ mod tests {
     fn a_mark_after_a_failed_persist_writes_again() {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("disk.img");
-        let mut s = SyncState::open(&img, 64 * REGION_SIZE).unwrap();
+        let mut s = SyncState::open(&img, 64 * REGION_SIZE, false).unwrap();
         s.mark(0, 10).unwrap();
         s.unpersisted = true;
         s.bitmap.set_range(7 * REGION_SIZE, 1, &mut Vec::new());
         s.mark(7 * REGION_SIZE, 1).unwrap();
         assert!(!s.unpersisted);
         drop(s);
-        let s = SyncState::open(&img, 64 * REGION_SIZE).unwrap();
+        let s = SyncState::open(&img, 64 * REGION_SIZE, false).unwrap();
         assert!(
             s.bitmap.is_set(7),
             "the bit set before the failed persist was not written"
@@ -615,12 +621,12 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("disk.img");
         let size = 5000 * REGION_SIZE; // 79 words: two blocks of 63
-        let g0 = SyncState::open(&img, size).unwrap().meta.generation;
+        let g0 = SyncState::open(&img, size, false).unwrap().meta.generation;
         let path = bitmap_file::bitmap_path(&img);
         let mut raw = std::fs::read(&path).unwrap();
         raw[2 * 512 + 40] ^= 0x04; // block 2: words 63.., regions 4032..4999
         std::fs::write(&path, &raw).unwrap();
-        let s = SyncState::open(&img, size).unwrap();
+        let s = SyncState::open(&img, size, false).unwrap();
         assert_eq!(s.bitmap.count(), 5000 - 4032);
         assert!(s.bitmap.is_set(4032) && s.bitmap.is_set(4999) && !s.bitmap.is_set(4031));
         assert_ne!(s.meta.generation, g0, "bits without a base generation");
@@ -628,7 +634,7 @@ mod tests {
         let g1 = s.meta.generation;
         drop(s);
         // Written back: the next open finds the same bits and no damage.
-        let s = SyncState::open(&img, size).unwrap();
+        let s = SyncState::open(&img, size, false).unwrap();
         assert_eq!(s.bitmap.count(), 5000 - 4032);
         assert_eq!(s.meta.generation, g1);
     }
@@ -639,26 +645,26 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("disk.img");
         let size = 64 * REGION_SIZE;
-        let mut s = SyncState::open(&img, size).unwrap();
+        let mut s = SyncState::open(&img, size, false).unwrap();
         s.mark(REGION_SIZE * 60, 1).unwrap();
         drop(s);
         let bitmap = bitmap_file::bitmap_path(&img);
         let raw = std::fs::read(&bitmap).unwrap();
         std::fs::write(&bitmap, &raw[..raw.len() - 5]).unwrap();
-        let e = SyncState::open(&img, size).unwrap_err().to_string();
+        let e = SyncState::open(&img, size, false).unwrap_err().to_string();
         assert!(
             e.contains("disk.img.bitmap") && e.contains("remove it"),
             "{e}"
         );
         // Removed, as the message says: every region out of sync (the metadata has a base).
         std::fs::remove_file(&bitmap).unwrap();
-        let s = SyncState::open(&img, size).unwrap();
+        let s = SyncState::open(&img, size, false).unwrap();
         assert_eq!(s.out_of_sync_bytes(), size);
         drop(s);
         let meta_path = meta::meta_path(&img);
         let text = std::fs::read_to_string(&meta_path).unwrap();
         std::fs::write(&meta_path, text.replacen("\"role\"", "\"rolf\"", 1)).unwrap();
-        let e = SyncState::open(&img, size).unwrap_err().to_string();
+        let e = SyncState::open(&img, size, false).unwrap_err().to_string();
         assert!(e.contains("disk.img.meta is damaged"), "{e}");
     }
 
@@ -690,7 +696,7 @@ mod tests {
         v1.extend_from_slice(&REGION_SIZE.to_le_bytes());
         v1.extend_from_slice(&(1u64 << 33).to_le_bytes());
         std::fs::write(bitmap_file::bitmap_path(&img), &v1).unwrap();
-        let s = SyncState::open(&img, size).unwrap();
+        let s = SyncState::open(&img, size, false).unwrap();
         assert_eq!((s.meta.generation, s.meta.bitmap_generation), (9, 8));
         assert_eq!(s.meta.format, META_FORMAT);
         assert!(s.bitmap.is_set(33) && s.bitmap.count() == 1);
@@ -703,7 +709,7 @@ mod tests {
                 .len(),
             1024
         );
-        let s = SyncState::open(&img, size).unwrap();
+        let s = SyncState::open(&img, size, false).unwrap();
         assert!(s.bitmap.is_set(33) && s.bitmap.count() == 1);
     }
 
@@ -714,12 +720,12 @@ mod tests {
         for state in [DiskState::Inconsistent, DiskState::Outdated] {
             let d = tempfile::tempdir().unwrap();
             let img = d.path().join("disk.img");
-            let s = SyncState::open(&img, 1 << 20).unwrap();
+            let s = SyncState::open(&img, 1 << 20, false).unwrap();
             let mut m = s.meta.clone();
             drop(s);
             m.disk_state = state;
             meta::save(&img, &m).unwrap();
-            let e = SyncState::open(&img, 1 << 20).unwrap_err();
+            let e = SyncState::open(&img, 1 << 20, false).unwrap_err();
             assert!(
                 matches!(e, SyncStateError::NotUpToDate { .. }),
                 "{state:?}: {e}"
@@ -732,9 +738,9 @@ mod tests {
     fn size_change_is_refused() {
         let d = tempfile::tempdir().unwrap();
         let img = d.path().join("disk.img");
-        SyncState::open(&img, 1 << 20).unwrap();
+        SyncState::open(&img, 1 << 20, false).unwrap();
         assert!(matches!(
-            SyncState::open(&img, 2 << 20),
+            SyncState::open(&img, 2 << 20, false),
             Err(SyncStateError::SizeChanged { .. })
         ));
     }
