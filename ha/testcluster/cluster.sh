@@ -11,6 +11,7 @@
 #                                    the others (fencing kills it and starts it again)
 #   cluster.sh start  DIR NODE       start NODE again (after kill or fencing)
 #   cluster.sh status DIR            host-side view: which nodes run, which links are up
+#   cluster.sh netns  DIR NODE       print the path of NODE's network namespace (/run/netns/..)
 #
 #   NODE is node1..nodeN (or 1..N). Needs root, iproute2, util-linux (nsenter, unshare) and the
 #   packages corosync, pacemaker and pacemaker-cli-utils (bash ci/setup.sh installs them). No
@@ -18,7 +19,8 @@
 #
 # What `up` gives: all nodes online with quorum about 5 s later; fencing configured and enabled
 # (stonith resource "fence-testcluster", agent ha/testcluster/fence_testcluster); the OCF agent
-# ha/ocf/vhost-mirror installed on every node as ocf:vhost-mirror:disk. Nothing else: the
+# ha/ocf/vhost-mirror installed on every node as ocf:vhost-mirror:disk, ha/ocf/vm as
+# ocf:vhost-mirror:vm. Nothing else: the
 # caller adds its resources (cibadmin, crm_attribute through `exec`).
 #
 # Knobs (environment, read by `up`):
@@ -66,7 +68,8 @@
 #
 # The power switch: fence_testcluster (in a node) writes "ID ACTION NODE" into
 # DIR/ctl/fence.fifo; the switch (`_switch`, a host-side daemon started by `up`) performs
-# kill/start and writes the exit code to DIR/ctl/reply.ID. Every request and every kill/start
+# kill/start (after DIR/ctl/fence.delay seconds, if that file exists) and writes the exit code
+# to DIR/ctl/reply.ID. Every request and every kill/start
 # is logged with its epoch time in DIR/switch.log, so a test can line up its own clock with it.
 # =================================================================================================
 set -euo pipefail
@@ -189,6 +192,7 @@ prepare_dir() {
     initial_cib "$dir/cib.xml"
     install -m 0755 "$HERE/fence_testcluster" "$dir/agents/fence_testcluster"
     install -m 0755 "$HERE/../ocf/vhost-mirror" "$dir/ocf/vhost-mirror/disk"
+    install -m 0755 "$HERE/../ocf/vm" "$dir/ocf/vhost-mirror/vm"
     for ((i = 1; i <= TC_NODES; i++)); do
         nd=$dir/node$i
         mkdir -p "$nd/etc-corosync" "$nd/var-lib-corosync" "$nd/log"
@@ -334,6 +338,17 @@ switch_daemon() {
         if [[ $action != ping ]] && ! [[ $i =~ ^[0-9]+$ && $i -ge 1 && $i -le $(node_count "$dir") ]]; then
             action=invalid
         fi
+        # A slow power switch (an IPMI power cycle can take many seconds): DIR/ctl/fence.delay
+        # holds the seconds to wait before an off or a reboot (a test writes it).
+        case $action in
+        off | reboot)
+            delay=$(cat "$dir/ctl/fence.delay" 2>/dev/null || true)
+            if [[ $delay =~ ^[0-9]+$ ]] && ((delay > 0)); then
+                journal "$dir" "delay $id ${delay}s"
+                sleep "$delay"
+            fi
+            ;;
+        esac
         # Subshells: a failing step (die) must not end the switch.
         case $action in
         ping) ;;
@@ -408,7 +423,7 @@ cmd_status() {
 }
 
 usage() {
-    sed -n '6,13p' "$SELF" | sed 's/^# \{0,1\}//' >&2
+    sed -n '6,14p' "$SELF" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -426,6 +441,7 @@ kill) [[ $# -eq 1 ]] || usage; kill_node "$DIR" "$(node_index "$1")" ;;
 cut) [[ $# -eq 1 ]] || usage; cut_node "$DIR" "$(node_index "$1")" ;;
 start) [[ $# -eq 1 ]] || usage; start_node "$DIR" "$(node_index "$1")" ;;
 status) [[ $# -eq 0 ]] || usage; cmd_status "$DIR" ;;
+netns) [[ $# -eq 1 ]] || usage; echo "/run/netns/$(ns_node "$DIR" "$(node_index "$1")")" ;;
 _node_init) node_init "$DIR" "$1" ;;
 _switch) switch_daemon "$DIR" ;;
 *) usage ;;

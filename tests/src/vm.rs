@@ -167,6 +167,65 @@ pub fn http_within(
     })
 }
 
+/// One acknowledged upload.
+#[derive(Clone)]
+pub struct Upload {
+    pub name: String,
+    pub data: Vec<u8>,
+}
+
+/// Uploads `data` as `name`; Ok only when the guest acknowledged it with the right sha256.
+pub fn upload(port: u16, name: &str, data: &[u8]) -> Result<(), String> {
+    upload_within(port, name, data, HTTP_TIMEOUT)
+}
+
+/// [`upload`], giving up on a read or write that waits longer than `timeout`.
+pub fn upload_within(port: u16, name: &str, data: &[u8], timeout: Duration) -> Result<(), String> {
+    let sum = sha256_hex(data);
+    let r = http_within(
+        port,
+        "POST",
+        &format!("/cgi-bin/upload?name={name}"),
+        data,
+        timeout,
+    )
+    .map_err(|e| e.to_string())?;
+    if r.status != 200 {
+        return Err(format!("status {}: {}", r.status, r.text()));
+    }
+    if r.text().trim() != format!("sha256={sum}") {
+        return Err(format!("guest stored other bytes: {}", r.text()));
+    }
+    Ok(())
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn check_uploads(port: u16, uploads: &[Upload], when: &str) {
+    for u in uploads {
+        let r = http(port, "GET", &format!("/files/{}", u.name), b"")
+            .unwrap_or_else(|e| panic!("{when}: download {}: {e}", u.name));
+        assert_eq!(
+            r.status, 200,
+            "{when}: acknowledged upload {} is missing",
+            u.name
+        );
+        assert!(
+            r.body == u.data,
+            "{when}: acknowledged upload {} reads back different ({} bytes, expected {})",
+            u.name,
+            r.body.len(),
+            u.data.len()
+        );
+    }
+}
+
 /// Waits for `marker` in the serial log while both processes stay alive.
 pub fn wait_for_ready(serial: &Path, qemu: &mut ChildGuard, backend: &mut Backend) {
     let start = Instant::now();
@@ -271,11 +330,31 @@ pub fn wait_http(port: u16, proc: &mut ChildGuard, timeout: Duration) -> Duratio
 /// probe ends by itself within 5 s. `check` runs between probes (to fail fast); panics after
 /// `timeout`.
 pub fn first_answer(port: u16, timeout: Duration, check: &mut dyn FnMut()) {
+    first_answer_in(None, port, timeout, check);
+}
+
+/// [`first_answer`], each probe from inside the network namespace `netns` (a path such as
+/// /run/netns/NAME) when given: the file server of a VM that runs in a cluster node's
+/// namespace answers on that namespace's loopback.
+pub fn first_answer_in(
+    netns: Option<&Path>,
+    port: u16,
+    timeout: Duration,
+    check: &mut dyn FnMut(),
+) {
     let start = Instant::now();
     let (tx, rx) = std::sync::mpsc::channel();
     loop {
         let tx = tx.clone();
+        let ns = netns.map(Path::to_path_buf);
         std::thread::spawn(move || {
+            if let Some(ns) = &ns {
+                if let Err(e) = enter_netns(ns) {
+                    eprintln!("probe: {e}");
+                    let _ = tx.send(false);
+                    return;
+                }
+            }
             let ok = http_within(port, "GET", "/cgi-bin/list", b"", Duration::from_secs(5))
                 .is_ok_and(|r| r.status == 200);
             let _ = tx.send(ok);
@@ -292,6 +371,20 @@ pub fn first_answer(port: u16, timeout: Duration, check: &mut dyn FnMut()) {
             "file server on port {port} not up within {timeout:?}"
         );
     }
+}
+
+/// Moves the calling thread (only it) into the network namespace at `path` (/run/netns/NAME).
+/// Use it on a thread of its own: the thread stays there.
+pub fn enter_netns(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = fs::File::open(path)?;
+    // SAFETY: setns(2) on a namespace file descriptor we hold open; it changes only the
+    // calling thread's network namespace.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A process started in its own process group; the whole group is killed on drop (for

@@ -39,6 +39,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use vhost_mirror_tests::vm::{
+    boot_command, build_guest, check_uploads, enter_netns, first_answer_in, random_bytes,
+    upload_within, Upload, GUEST_DISK,
+};
 use vhost_mirror_tests::{
     bin_dir, bin_path, classify_block, is_in_sync, pattern, run_with_timeout, secret_file,
     tempfile, test_dir, wait_until, ChildGuard, Client, ClientOpts, Op, Watchdog,
@@ -53,9 +57,16 @@ const BLOCK: usize = 4096;
 const WRITES_PER_FLUSH: u64 = 8;
 /// How long the guest writes before the kill.
 const WRITE_BEFORE_KILL: Duration = Duration::from_millis(1500);
+/// How long the power switch takes to fence a node cut off from the others (longer than the
+/// link's reply timeout, 10 s, so the cut-off primary notices it lost its replica first).
+const ISOLATED_FOR: Duration = Duration::from_secs(16);
 /// The resource's id (and so the agent's instance name: its files are RUN_DIR/vmdisk.*).
 const RSC: &str = "vmdisk";
 const DISK_NODES: [&str; 2] = ["node1", "node2"];
+/// The VM resource's id.
+const VM: &str = "vm";
+/// The VM's file server, on the loopback of the node it runs on.
+const VM_HTTP_PORT: u16 = 18080;
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -144,6 +155,20 @@ impl Cluster {
 
     fn cut(&self, node: &str) {
         self.switch("cut", node);
+    }
+
+    /// The path of `node`'s network namespace (its VM's file server answers on its loopback).
+    fn netns(&self, node: &str) -> PathBuf {
+        let out = run_with_timeout(
+            Command::new(script()).arg("netns").arg(&self.dir).arg(node),
+            Duration::from_secs(10),
+        );
+        assert!(
+            out.status.success(),
+            "cluster.sh netns {node}: {}",
+            text(&out)
+        );
+        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
     }
 
     /// The node the clone is promoted on, as node3 (never killed) sees it.
@@ -513,8 +538,11 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 enum Fault {
     /// Cable pulled and every process SIGKILLed at once.
     Kill,
-    /// Cable pulled only: the node runs on, cut off from both others (its vhost-mirror holds
-    /// the writes its replica lacks, asking a witness it cannot reach) until it is fenced.
+    /// Cable pulled only: the node runs on, cut off from both others, until it is fenced; the
+    /// power switch takes [`ISOLATED_FOR`] to act, so the node finds its replica gone first
+    /// (the link's 10 s reply timeout): its vhost-mirror marks the writes the replica lacks and
+    /// holds them, asking a witness it cannot reach (or fails them, when its Pacemaker, without
+    /// quorum, stops it).
     Isolate,
 }
 
@@ -562,9 +590,13 @@ fn fail_primary(
     );
     let t0 = epoch_now();
     let k0 = Instant::now();
+    let delay = cluster.dir.join("ctl/fence.delay");
     match fault {
         Fault::Kill => cluster.kill(&primary),
-        Fault::Isolate => cluster.cut(&primary),
+        Fault::Isolate => {
+            std::fs::write(&delay, format!("{}\n", ISOLATED_FOR.as_secs())).expect("fence delay");
+            cluster.cut(&primary);
+        }
     }
     // Promoted: the survivor's vhost-mirror answers (host-side polling, no cluster load).
     let sf = &files[survivor.as_str()];
@@ -578,6 +610,7 @@ fn fail_primary(
         sf.log()
     );
     let promoted = k0.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&delay);
     let mut client = None;
     assert!(
         wait_until(Duration::from_secs(20), || {
@@ -672,108 +705,141 @@ fn wait_settled(
     found.expect("set when settled")
 }
 
-#[test]
-fn the_primary_node_dies_during_durable_writes() {
-    let rounds: u64 = std::env::var("CLUSTER_ROUNDS")
+/// A cluster with the disk configured and settled (promoted on one node, in sync with the
+/// other), the witness running on node3. Fields drop in order: the witness, the cluster
+/// (`cluster.sh down`), then the test's directory.
+struct Env {
+    _witness: ChildGuard,
+    cluster: Cluster,
+    files: HashMap<&'static str, NodeFiles>,
+    _secret: PathBuf,
+    _dir: TestDir,
+}
+
+impl Env {
+    /// `first_image` creates node1's image (the first primary's); node2's is created by its
+    /// access node at the first contact, and fully synced.
+    fn start(name: &str, first_image: impl FnOnce(&Path)) -> Env {
+        for tool in [
+            "/usr/sbin/corosync",
+            "/usr/sbin/pacemakerd",
+            "/usr/sbin/cibadmin",
+        ] {
+            assert!(
+                Path::new(tool).exists(),
+                "{tool} not found: install corosync, pacemaker, pacemaker-cli-utils (bash ci/setup.sh)"
+            );
+        }
+        let dir = TestDir(Some(test_dir(name)));
+        let root = dir.path().to_path_buf();
+        let secret = secret_file(&root, "the cluster tier's pair secret 0123\n");
+        let cluster_dir = root.join("cluster");
+        let files: HashMap<&str, NodeFiles> = DISK_NODES
+            .iter()
+            .map(|n| (*n, NodeFiles::new(&root, &cluster_dir, n)))
+            .collect();
+        // The first primary's image, promoted by hand once (README: the bootstrap of a new
+        // pair).
+        first_image(&files["node1"].image);
+        let out = run_with_timeout(
+            Command::new(bin_path("access-node"))
+                .arg("promote")
+                .arg("--image")
+                .arg(&files["node1"].image)
+                .arg("--force"),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "bootstrap promote: {}", text(&out));
+
+        let t_up = Instant::now();
+        let cluster = Cluster::up(&cluster_dir);
+        // The witness, a plain process on node3 (killed with the node by `down`).
+        let witness_state = root.join("witness");
+        std::fs::create_dir(&witness_state).expect("mkdir witness state");
+        let witness_log = std::fs::File::create(root.join("witness.log")).expect("witness log");
+        let witness = ChildGuard::spawn(
+            "access-node witness (node3)",
+            Command::new(script())
+                .arg("exec")
+                .arg(&cluster.dir)
+                .arg("node3")
+                .arg(bin_path("access-node"))
+                .arg("witness")
+                .arg("--listen")
+                .arg(addr(3, WITNESS_PORT))
+                .arg("--secret-file")
+                .arg(&secret)
+                .arg("--state-dir")
+                .arg(&witness_state)
+                .arg("--control")
+                .arg(root.join("witness.ctl"))
+                .env("RUST_LOG", "info")
+                .stdin(Stdio::null())
+                .stdout(witness_log.try_clone().expect("dup"))
+                .stderr(witness_log),
+        );
+        // Configure once all three nodes are members with quorum.
+        let mut mon = String::new();
+        assert!(
+            wait_until(Duration::from_secs(60), || {
+                std::thread::sleep(Duration::from_millis(500));
+                mon = text(&cluster.exec("node3", &["crm_mon", "-1"]));
+                mon.contains("partition with quorum")
+                    && mon.contains("Online: [ node1 node2 node3 ]")
+            }),
+            "the cluster did not form: {mon}"
+        );
+        let t_formed = t_up.elapsed();
+        configure(&cluster, &files, &secret);
+        let (primary, _) = wait_settled(&cluster, &files, Duration::from_secs(90));
+        eprintln!(
+            "cluster formed in {:.1}s, {primary} promoted and in sync {:.1}s after `up`",
+            t_formed.as_secs_f64(),
+            t_up.elapsed().as_secs_f64()
+        );
+        Env {
+            _witness: witness,
+            cluster,
+            files,
+            _secret: secret,
+            _dir: dir,
+        }
+    }
+}
+
+/// Rounds of each scenario: `CLUSTER_ROUNDS`, default 1.
+fn cluster_rounds() -> u64 {
+    std::env::var("CLUSTER_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+        .unwrap_or(1)
+}
+
+#[test]
+fn the_primary_node_dies_during_durable_writes() {
+    let rounds = cluster_rounds();
     let _wd = Watchdog::new(
         "the_primary_node_dies_during_durable_writes",
-        Duration::from_secs(90 + 120 * rounds),
+        Duration::from_secs(90 + 150 * rounds),
     );
-    for tool in [
-        "/usr/sbin/corosync",
-        "/usr/sbin/pacemakerd",
-        "/usr/sbin/cibadmin",
-    ] {
-        assert!(
-            Path::new(tool).exists(),
-            "{tool} not found: install corosync, pacemaker, pacemaker-cli-utils (bash ci/setup.sh)"
-        );
-    }
-    // Declared before the cluster: dropped after it (after `cluster.sh down`).
-    let dir = TestDir(Some(test_dir("cluster")));
-    let root = dir.path();
-    let secret = secret_file(root, "the cluster tier's pair secret 0123\n");
-    let cluster_dir = root.join("cluster");
-    let files: HashMap<&str, NodeFiles> = DISK_NODES
-        .iter()
-        .map(|n| (*n, NodeFiles::new(root, &cluster_dir, n)))
-        .collect();
-    // The first primary's image, promoted by hand once (README: the bootstrap of a new pair);
-    // node2's image is created by its access node at the first contact.
-    std::fs::File::create(&files["node1"].image)
-        .and_then(|f| f.set_len(IMAGE_SIZE))
-        .expect("create image");
-    let out = run_with_timeout(
-        Command::new(bin_path("access-node"))
-            .arg("promote")
-            .arg("--image")
-            .arg(&files["node1"].image)
-            .arg("--force"),
-        Duration::from_secs(30),
-    );
-    assert!(out.status.success(), "bootstrap promote: {}", text(&out));
-
-    let t_up = Instant::now();
-    let cluster = Cluster::up(&cluster_dir);
-    // The witness, a plain process on node3 (killed with the node by `down`).
-    let witness_state = root.join("witness");
-    std::fs::create_dir(&witness_state).expect("mkdir witness state");
-    let witness_log = std::fs::File::create(root.join("witness.log")).expect("witness log");
-    let _witness = ChildGuard::spawn(
-        "access-node witness (node3)",
-        Command::new(script())
-            .arg("exec")
-            .arg(&cluster.dir)
-            .arg("node3")
-            .arg(bin_path("access-node"))
-            .arg("witness")
-            .arg("--listen")
-            .arg(addr(3, WITNESS_PORT))
-            .arg("--secret-file")
-            .arg(&secret)
-            .arg("--state-dir")
-            .arg(&witness_state)
-            .arg("--control")
-            .arg(root.join("witness.ctl"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(witness_log.try_clone().expect("dup"))
-            .stderr(witness_log),
-    );
-    // Configure once all three nodes are members with quorum.
-    let mut mon = String::new();
-    assert!(
-        wait_until(Duration::from_secs(60), || {
-            std::thread::sleep(Duration::from_millis(500));
-            mon = text(&cluster.exec("node3", &["crm_mon", "-1"]));
-            mon.contains("partition with quorum") && mon.contains("Online: [ node1 node2 node3 ]")
-        }),
-        "the cluster did not form: {mon}"
-    );
-    let t_formed = t_up.elapsed();
-    configure(&cluster, &files, &secret);
-    let (primary, _) = wait_settled(&cluster, &files, Duration::from_secs(60));
-    eprintln!(
-        "cluster formed in {:.1}s, {primary} promoted and in sync {:.1}s after `up`",
-        t_formed.as_secs_f64(),
-        t_up.elapsed().as_secs_f64()
-    );
-
+    let env = Env::start("cluster", |image| {
+        std::fs::File::create(image)
+            .and_then(|f| f.set_len(IMAGE_SIZE))
+            .expect("create image");
+    });
+    let (cluster, files) = (&env.cluster, &env.files);
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut times = Vec::new();
     let mut round = 0;
     for fault in [Fault::Kill, Fault::Isolate] {
         for _ in 0..rounds {
             round += 1;
-            times.push(fail_primary(&cluster, &files, &ledger, round, fault));
+            times.push(fail_primary(cluster, files, &ledger, round, fault));
         }
     }
     let blocks = IMAGE_SIZE / BLOCK as u64;
     // The killed node came back (fencing restarts it): the survivor keeps the role, resyncs it.
-    let (p, _) = wait_settled(&cluster, &files, Duration::from_secs(60));
+    let (p, _) = wait_settled(cluster, files, Duration::from_secs(60));
     assert_eq!(
         p,
         times.last().expect("one round at least").survivor,
@@ -784,7 +850,7 @@ fn the_primary_node_dies_during_durable_writes() {
     // writes with flushes and stops; the promoted role moves to the other node; nothing is
     // copied (the demoted side stopped cleanly, both disks are the same), and every
     // acknowledged write is there.
-    let (from, to) = wait_settled(&cluster, &files, Duration::from_secs(60));
+    let (from, to) = wait_settled(cluster, files, Duration::from_secs(60));
     {
         let stop = Arc::new(AtomicBool::new(false));
         let (sock, l, st) = (
@@ -848,7 +914,7 @@ fn the_primary_node_dies_during_durable_writes() {
     // Only the replication link is cut (corosync and the witness still see both nodes): the
     // primary goes on once the witness recorded the replica outdated; the replica is not
     // promoted (its promotion is refused); after the heal the pair resyncs by itself.
-    let (p, r) = wait_settled(&cluster, &files, Duration::from_secs(60));
+    let (p, r) = wait_settled(cluster, files, Duration::from_secs(60));
     let r_ip = format!("{SUBNET}.{}", &r[4..]);
     for cmd in [
         vec!["nft", "add", "table", "inet", "vmcut"],
@@ -921,7 +987,7 @@ fn the_primary_node_dies_during_durable_writes() {
         text(&out)
     );
     cluster.exec_ok(&p, &["nft", "delete", "table", "inet", "vmcut"]);
-    let (p2, _) = wait_settled(&cluster, &files, Duration::from_secs(90));
+    let (p2, _) = wait_settled(cluster, files, Duration::from_secs(90));
     assert_eq!(p2, p, "the role moved during the link cut");
     {
         let opts = ClientOpts {
@@ -976,4 +1042,278 @@ fn the_primary_node_dies_during_durable_writes() {
             of(&|t| Some(t.serving)),
         );
     }
+}
+
+/// The file-server VM as a cluster resource (`ocf:vhost-mirror:vm`, images/boot.sh's QEMU
+/// command line, firmware boot, TCG), colocated with the disk's promoted instance and started
+/// after its promotion, with per-node socket and run directory (rules on #uname).
+fn configure_vm(c: &Cluster, files: &HashMap<&str, NodeFiles>, guest: &Path) {
+    let nv = |id: &str, name: &str, value: &str| {
+        format!(r#"<nvpair id="{VM}-{id}" name="{name}" value="{value}"/>"#)
+    };
+    let mut per_node = String::new();
+    for n in DISK_NODES {
+        let f = &files[n];
+        let cmd = boot_command(
+            guest,
+            &f.socket,
+            VM_HTTP_PORT,
+            &f.run_dir.join("vm-serial.log"),
+        )
+        .iter()
+        .map(|w| format!("'{w}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+        per_node += &format!(
+            r##"<instance_attributes id="{VM}-{n}">
+<rule id="{VM}-{n}-rule" score="0"><expression id="{VM}-{n}-expr" attribute="#uname" operation="eq" value="{n}"/></rule>
+{}{}{}</instance_attributes>
+"##,
+            nv(
+                &format!("{n}-command"),
+                "command",
+                &cmd.replace('\'', "&apos;")
+            ),
+            nv(
+                &format!("{n}-socket"),
+                "socket",
+                &f.socket.display().to_string()
+            ),
+            nv(
+                &format!("{n}-run"),
+                "run_dir",
+                &f.run_dir.display().to_string()
+            ),
+        );
+    }
+    let vm = format!(
+        r#"<primitive id="{VM}" class="ocf" provider="vhost-mirror" type="vm">
+<meta_attributes id="{VM}-meta"><nvpair id="{VM}-target-role" name="target-role" value="Stopped"/></meta_attributes>
+<instance_attributes id="{VM}-ia">{}</instance_attributes>
+{per_node}<operations>
+<op id="{VM}-start" name="start" interval="0s" timeout="90s"/>
+<op id="{VM}-stop" name="stop" interval="0s" timeout="30s"/>
+<op id="{VM}-monitor" name="monitor" interval="2s" timeout="10s"/>
+</operations>
+</primitive>"#,
+        nv("stop-timeout", "stop_timeout", "10"),
+    );
+    c.exec_ok(
+        "node3",
+        &["cibadmin", "--create", "-o", "resources", "--xml-text", &vm],
+    );
+    for constraint in [
+        format!(
+            r#"<rsc_location id="{VM}-not-on-node3" rsc="{VM}" node="node3" score="-INFINITY" resource-discovery="never"/>"#
+        ),
+        format!(
+            r#"<rsc_colocation id="{VM}-with-disk" rsc="{VM}" with-rsc="{RSC}-clone" with-rsc-role="Promoted" score="INFINITY"/>"#
+        ),
+        format!(
+            r#"<rsc_order id="{VM}-after-disk" first="{RSC}-clone" first-action="promote" then="{VM}" then-action="start" kind="Mandatory"/>"#
+        ),
+    ] {
+        c.exec_ok(
+            "node3",
+            &[
+                "cibadmin",
+                "--create",
+                "-o",
+                "constraints",
+                "--xml-text",
+                &constraint,
+            ],
+        );
+    }
+    // Created stopped: started only once the constraints keep it off node3.
+    c.exec_ok(
+        "node3",
+        &[
+            "crm_resource",
+            "-r",
+            VM,
+            "--meta",
+            "-p",
+            "target-role",
+            "-v",
+            "Started",
+        ],
+    );
+}
+
+/// Runs `f` on a thread inside the network namespace `ns`.
+fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.to_path_buf();
+    std::thread::spawn(move || {
+        enter_netns(&ns).unwrap_or_else(|e| panic!("entering {}: {e}", ns.display()));
+        f()
+    })
+    .join()
+    .expect("thread in the node's namespace")
+}
+
+struct VmRound {
+    victim: String,
+    survivor: String,
+    uploads: usize,
+    detect: Option<f64>,
+    fenced: Option<f64>,
+    promoted: f64,
+    vm_started: Option<f64>,
+    answering: f64,
+}
+
+/// Scenario "the primary node dies during durable uploads", with the VM under the cluster: the
+/// file server runs in a VM on the promoted node; a client uploads files (each one durable in
+/// the guest: fdatasync, rename, directory fsync) until the node is killed; without anyone
+/// acting, the cluster fences it, promotes the other node and boots the VM there; every
+/// acknowledged upload must read back identical. Measured from the kill: the fence request
+/// (detect), the fence done, the promoted disk serving, the file server answering.
+#[test]
+fn the_file_server_vm_fails_over_under_the_cluster() {
+    let rounds = cluster_rounds();
+    let _wd = Watchdog::new(
+        "the_file_server_vm_fails_over_under_the_cluster",
+        Duration::from_secs(300 + 120 * rounds),
+    );
+    let guest = build_guest();
+    let disk = guest.join(GUEST_DISK);
+    let env = Env::start("cluster-vm", |image| {
+        let out = run_with_timeout(
+            Command::new("cp")
+                .arg("--sparse=always")
+                .arg(&disk)
+                .arg(image),
+            Duration::from_secs(60),
+        );
+        assert!(out.status.success(), "copy the guest disk: {}", text(&out));
+    });
+    let (cluster, files) = (&env.cluster, &env.files);
+    configure_vm(cluster, files, &guest);
+    let acked: Arc<Mutex<Vec<Upload>>> = Arc::default();
+    let mut times = Vec::new();
+    for round in 1..=rounds {
+        let (primary, survivor) = wait_settled(cluster, files, Duration::from_secs(120));
+        let ns = cluster.netns(&primary);
+        let vm_log = |n: &str| {
+            std::fs::read_to_string(files[n].run_dir.join(format!("{VM}.log"))).unwrap_or_default()
+        };
+        first_answer_in(
+            Some(&ns),
+            VM_HTTP_PORT,
+            Duration::from_secs(120),
+            &mut || {},
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let before = acked.lock().expect("uploads").len();
+        let uploader = {
+            let (ns, acked, stop) = (ns.clone(), acked.clone(), stop.clone());
+            std::thread::spawn(move || {
+                enter_netns(&ns).expect("enter the primary's namespace");
+                for i in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let name = format!("r{round}-{i}");
+                    let data = random_bytes(4096 + (i % 16) * 4096);
+                    match upload_within(VM_HTTP_PORT, &name, &data, Duration::from_secs(10)) {
+                        Ok(()) => acked.lock().expect("uploads").push(Upload { name, data }),
+                        Err(_) => return,
+                    }
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_secs(3));
+        assert!(
+            !uploader.is_finished(),
+            "round {round}: uploads stopped before the kill; VM log:\n{}",
+            vm_log(&primary)
+        );
+        let t0 = epoch_now();
+        let k0 = Instant::now();
+        cluster.kill(&primary);
+        let sf = &files[survivor.as_str()];
+        assert!(
+            wait_until(Duration::from_secs(60), || {
+                std::thread::sleep(Duration::from_millis(10));
+                vm_status(&sf.vm_control()).is_some()
+            }),
+            "{survivor} not promoted within 60s of killing {primary}; agent log:\n{}",
+            sf.log()
+        );
+        let promoted = k0.elapsed().as_secs_f64();
+        let ns_s = cluster.netns(&survivor);
+        first_answer_in(
+            Some(&ns_s),
+            VM_HTTP_PORT,
+            Duration::from_secs(90),
+            &mut || {},
+        );
+        let answering = k0.elapsed().as_secs_f64();
+        // When the agent started the VM there (its log: "--- start at EPOCH ...").
+        let vm_started = vm_log(&survivor)
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("--- start at ")?
+                    .split(' ')
+                    .next()?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .filter(|t| *t > t0)
+            .last()
+            .map(|t| t - t0);
+        stop.store(true, Ordering::Relaxed);
+        uploader.join().expect("uploader");
+        let all = acked.lock().expect("uploads").clone();
+        let uploads = all.len() - before;
+        assert!(
+            uploads > 0,
+            "round {round}: nothing was uploaded before the kill"
+        );
+        let when = format!("round {round}, after the failover to {survivor}");
+        in_netns(&ns_s, move || check_uploads(VM_HTTP_PORT, &all, &when));
+        eprintln!(
+            "round {round}: killed {primary}; file server answering on {survivor} after \
+             {answering:.2}s; {uploads} acknowledged uploads this round, all present"
+        );
+        times.push(VmRound {
+            victim: primary.clone(),
+            survivor,
+            uploads,
+            detect: cluster.switch_time(t0, "request", &primary).map(|t| t - t0),
+            fenced: cluster.switch_time(t0, "done", &primary).map(|t| t - t0),
+            promoted,
+            vm_started,
+            answering,
+        });
+    }
+    // The killed node came back and was resynced.
+    wait_settled(cluster, files, Duration::from_secs(120));
+    println!(
+        "round  killed  promoted  uploads  detect(s)  fenced(s)  promoted(s)  vm started(s)  answering(s)"
+    );
+    for (i, t) in times.iter().enumerate() {
+        println!(
+            "{:>5}  {:>6}  {:>8}  {:>7}  {:>9}  {:>9}  {:>11.2}  {:>13}  {:>12.2}",
+            i + 1,
+            t.victim,
+            t.survivor,
+            t.uploads,
+            fmt_s(t.detect),
+            fmt_s(t.fenced),
+            t.promoted,
+            fmt_s(t.vm_started),
+            t.answering
+        );
+    }
+    println!(
+        "median                           {:>9}  {:>9}  {:>11}  {:>13}  {:>12}",
+        fmt_s(median(times.iter().filter_map(|t| t.detect).collect())),
+        fmt_s(median(times.iter().filter_map(|t| t.fenced).collect())),
+        fmt_s(median(times.iter().map(|t| t.promoted).collect())),
+        fmt_s(median(times.iter().filter_map(|t| t.vm_started).collect())),
+        fmt_s(median(times.iter().map(|t| t.answering).collect())),
+    );
+    drop(env);
 }

@@ -45,54 +45,6 @@ impl Rng {
     }
 }
 
-/// One acknowledged upload.
-#[derive(Clone)]
-struct Upload {
-    name: String,
-    data: Vec<u8>,
-}
-
-/// Uploads `data` as `name`; Ok only when the guest acknowledged it with the right sha256.
-fn upload(port: u16, name: &str, data: &[u8]) -> Result<(), String> {
-    let sum = sha256_hex(data);
-    let r = http(port, "POST", &format!("/cgi-bin/upload?name={name}"), data)
-        .map_err(|e| e.to_string())?;
-    if r.status != 200 {
-        return Err(format!("status {}: {}", r.status, r.text()));
-    }
-    if r.text().trim() != format!("sha256={sum}") {
-        return Err(format!("guest stored other bytes: {}", r.text()));
-    }
-    Ok(())
-}
-
-fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest;
-    sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-fn check_uploads(port: u16, uploads: &[Upload], when: &str) {
-    for u in uploads {
-        let r = http(port, "GET", &format!("/files/{}", u.name), b"")
-            .unwrap_or_else(|e| panic!("{when}: download {}: {e}", u.name));
-        assert_eq!(
-            r.status, 200,
-            "{when}: acknowledged upload {} is missing",
-            u.name
-        );
-        assert!(
-            r.body == u.data,
-            "{when}: acknowledged upload {} reads back different ({} bytes, expected {})",
-            u.name,
-            r.body.len(),
-            u.data.len()
-        );
-    }
-}
-
 fn mirror_status(control: &Path) -> serde_json::Value {
     mirror_proto::control::query_status(control)
         .unwrap_or_else(|e| panic!("status of {}: {e}", control.display()))

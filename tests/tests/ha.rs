@@ -1,7 +1,8 @@
 //! The Pacemaker integration's pieces that need no cluster (issue 11, item 2): the OCF
-//! resource agent `ha/ocf/vhost-mirror` passes `ocf-tester` (package resource-agents), which
-//! runs its actions in the order a cluster would (start, monitor, promote, demote, a second
-//! start and stop, ...) against the real binaries and checks each exit code.
+//! resource agents `ha/ocf/vhost-mirror` (the disk) and `ha/ocf/vm` (a QEMU command line) pass
+//! `ocf-tester` (package resource-agents), which runs their actions in the order a cluster
+//! would (start, monitor, promote, demote, a second start and stop, ...) against real processes
+//! and checks each exit code.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,14 +14,14 @@ use vhost_mirror_tests::{
 
 /// Kills whatever the agent's pid files still name when dropped (the agent starts its daemons
 /// in their own sessions: a failed run could leave them behind).
-struct Daemons(PathBuf);
+struct Daemons(PathBuf, &'static [&'static str]);
 
 impl Drop for Daemons {
     fn drop(&mut self) {
-        for f in ["disk.vhost-mirror.pid", "disk.access-node.pid"] {
+        for f in self.1 {
             if let Some(pid) = std::fs::read_to_string(self.0.join(f))
                 .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok())
+                .and_then(|p| p.split_whitespace().next()?.parse::<i32>().ok())
                 .filter(|p| *p > 1)
             {
                 // SAFETY: kill(2) with a pid the agent recorded for a daemon it started.
@@ -36,13 +37,17 @@ fn agent() -> PathBuf {
         .join("ha/ocf/vhost-mirror")
 }
 
-#[test]
-fn the_ocf_agent_passes_ocf_tester() {
-    let _wd = Watchdog::new("the_ocf_agent_passes_ocf_tester", Duration::from_secs(180));
+fn require_ocf_tester() {
     assert!(
         std::path::Path::new("/usr/sbin/ocf-tester").exists(),
         "ocf-tester not found: install resource-agents and libxml2-utils (bash ci/setup.sh)"
     );
+}
+
+#[test]
+fn the_ocf_agent_passes_ocf_tester() {
+    let _wd = Watchdog::new("the_ocf_agent_passes_ocf_tester", Duration::from_secs(180));
+    require_ocf_tester();
     let dir = test_dir("ocf-agent");
     let image = dir.path().join("disk.img");
     std::fs::File::create(&image)
@@ -68,7 +73,10 @@ fn the_ocf_agent_passes_ocf_tester() {
     )
     .expect("utf-8");
     let run_dir = dir.path().join("run");
-    let _daemons = Daemons(run_dir.clone());
+    let _daemons = Daemons(
+        run_dir.clone(),
+        &["disk.vhost-mirror.pid", "disk.access-node.pid"],
+    );
     let out = run_with_timeout(
         Command::new("ocf-tester")
             .arg("-v")
@@ -118,4 +126,91 @@ fn the_ocf_agent_passes_ocf_tester() {
     for pid in ["disk.vhost-mirror.pid", "disk.access-node.pid"] {
         assert!(!run_dir.join(pid).exists(), "{pid} left behind");
     }
+}
+
+/// The VM agent (`ha/ocf/vm`, a plain QEMU command line; here a stand-in that runs until
+/// killed): ocf-tester's sequence; start waits for the disk's socket; a command that exits at
+/// once fails the start; stop ends the process.
+#[test]
+fn the_vm_agent_passes_ocf_tester() {
+    let _wd = Watchdog::new("the_vm_agent_passes_ocf_tester", Duration::from_secs(120));
+    require_ocf_tester();
+    let dir = test_dir("ocf-vm");
+    let run_dir = dir.path().join("run");
+    let sock = dir.path().join("disk.sock");
+    let vm_agent = agent().with_file_name("vm");
+    let _daemons = Daemons(run_dir.clone(), &["vm.vm.pid"]);
+    let run = |action: &str, command: &str| {
+        run_with_timeout(
+            Command::new(&vm_agent)
+                .arg(action)
+                .env("OCF_ROOT", "/usr/lib/ocf")
+                .env("OCF_RESOURCE_INSTANCE", "vm")
+                .env("OCF_RESKEY_command", command)
+                .env("OCF_RESKEY_socket", &sock)
+                .env("OCF_RESKEY_run_dir", &run_dir)
+                .env("OCF_RESKEY_CRM_meta_timeout", "8000"),
+            Duration::from_secs(30),
+        )
+    };
+    // No socket yet: start waits for it, and gives up within its timeout.
+    let t = std::time::Instant::now();
+    let out = run("start", "sleep 600");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "start without a socket: {out:?}"
+    );
+    assert!(t.elapsed() >= Duration::from_secs(2), "start did not wait");
+    let _listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind socket");
+    let out = run("start", "exit 3");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a command that exits at once: {out:?}"
+    );
+    assert_eq!(run("monitor", "exit 3").status.code(), Some(7));
+
+    let out = run_with_timeout(
+        Command::new("ocf-tester")
+            .arg("-v")
+            .arg("-n")
+            .arg("vm")
+            .arg("-o")
+            .arg("command=sleep 600")
+            .arg("-o")
+            .arg(format!("socket={}", sock.display()))
+            .arg("-o")
+            .arg(format!("run_dir={}", run_dir.display()))
+            .arg("-o")
+            .arg("stop_timeout=5")
+            .arg(&vm_agent),
+        Duration::from_secs(100),
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("passed all tests"),
+        "ocf-tester failed ({}):\n{text}",
+        out.status
+    );
+
+    // Started, it runs and is monitored; stopped, the process is gone.
+    assert_eq!(run("start", "sleep 600").status.code(), Some(0));
+    let pid: i32 = std::fs::read_to_string(run_dir.join("vm.vm.pid"))
+        .expect("pid file")
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("pid");
+    assert_eq!(run("monitor", "sleep 600").status.code(), Some(0));
+    assert_eq!(run("stop", "sleep 600").status.code(), Some(0));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the VM process {pid} outlived stop"
+    );
+    assert_eq!(run("monitor", "sleep 600").status.code(), Some(7));
 }
