@@ -1253,6 +1253,7 @@ fn the_file_server_vm_fails_over_under_the_cluster() {
         // When the agent started the VM there (its log: "--- start at EPOCH ...").
         let vm_started = vm_log(&survivor)
             .lines()
+            .rev()
             .filter_map(|l| {
                 l.strip_prefix("--- start at ")?
                     .split(' ')
@@ -1260,8 +1261,7 @@ fn the_file_server_vm_fails_over_under_the_cluster() {
                     .parse::<f64>()
                     .ok()
             })
-            .filter(|t| *t > t0)
-            .last()
+            .find(|t| *t > t0)
             .map(|t| t - t0);
         stop.store(true, Ordering::Relaxed);
         uploader.join().expect("uploader");
