@@ -4,7 +4,8 @@
 set -euo pipefail
 
 # resource-agents + libxml2-utils: ocf-tester (and ocf-shellfuncs) for the OCF agent in ha/.
-need_pkgs=(qemu-system-x86 qemu-utils cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables resource-agents libxml2-utils)
+# systemd: systemd-analyze, which checks the units in systemd/ (tests/tests/config.rs).
+need_pkgs=(qemu-system-x86 qemu-utils cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables resource-agents libxml2-utils systemd)
 # The cluster tier (ha/testcluster/cluster.sh): Corosync and Pacemaker, run inside namespaces
 # by the tests, never as services of this machine.
 cluster_pkgs=(corosync pacemaker pacemaker-cli-utils)
@@ -34,7 +35,7 @@ SRC
     fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
-    apt-get install -y -qq --no-install-recommends cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables resource-agents libxml2-utils
+    apt-get install -y -qq --no-install-recommends cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables resource-agents libxml2-utils systemd
 fi
 
 # Installs the cluster packages without starting them: their maintainer scripts ask invoke-rc.d,

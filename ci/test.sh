@@ -25,6 +25,9 @@ cargo test -p vhost-mirror-tests --locked --test client
 echo "== local sockets (modes, peer credentials, --socket-group; as root, with user nobody)"
 cargo test -p vhost-mirror-tests --locked --test sockets
 
+echo "== config files, Type=notify, systemd units (systemd-analyze verify)"
+cargo test -p vhost-mirror-tests --locked --test config
+
 echo "== link security (relay injection and snooping, pre-auth lock-out, weak secrets)"
 cargo test -p vhost-mirror-tests --locked --test security
 

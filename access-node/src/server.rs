@@ -436,7 +436,10 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         source,
     })?;
     info!("listening on {addr}");
+    // The listener and the control socket are bound: ready for a `Type=notify` unit.
+    mirror_proto::notify::notify(&format!("READY=1\nSTATUS=replica listening on {addr}"));
     server.serve()?;
+    mirror_proto::notify::notify("STOPPING=1");
     info!("stopped after the promotion");
     Ok(())
 }
@@ -458,6 +461,7 @@ fn spawn_signal_handler(node: Arc<Node>, control: Option<PathBuf>) -> Result<(),
         .name("signals".into())
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
+                mirror_proto::notify::notify("STOPPING=1");
                 // Holding the replica lock: no request is half applied, none starts (and the
                 // flush gate first: a session's running flush ends, and its outcome counts).
                 let _gate = lock(&node.flush_gate);

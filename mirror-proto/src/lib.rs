@@ -1,17 +1,20 @@
 //! Shared by `vhost-mirror` and `access-node`: the replication wire protocol (a pure codec),
-//! authentication, generation comparison, the out-of-sync bitmap, and the metadata files.
+//! authentication, generation comparison, the out-of-sync bitmap, the metadata files, the
+//! `--config` file and the service manager's notifications.
 
 pub mod activity_log;
 pub mod auth;
 pub mod bitmap;
 pub mod bitmap_file;
 pub mod blockhash;
+pub mod config_file;
 pub mod conn;
 pub mod control;
 pub mod files;
 pub mod frame;
 pub mod generation;
 pub mod meta;
+pub mod notify;
 pub mod secure;
 pub mod sys;
 pub mod witness;

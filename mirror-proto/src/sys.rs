@@ -141,7 +141,7 @@ impl SocketAccess {
     }
 }
 
-fn effective_uid() -> libc::uid_t {
+pub(crate) fn effective_uid() -> libc::uid_t {
     // SAFETY: geteuid(2) has no preconditions and cannot fail.
     unsafe { libc::geteuid() }
 }

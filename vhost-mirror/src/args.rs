@@ -31,12 +31,17 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Raw image file (or block device) to serve.
+    /// Read the options from this TOML file too: one key per option, by its long name
+    /// (`num-queues = 2`, `peer = "192.0.2.2:7800"`). Options given here override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Raw image file (or block device) to serve (required, here or in FILE).
     #[arg(long, value_name = "IMG")]
-    pub image: PathBuf,
-    /// vhost-user socket path QEMU connects to (created; must not be in use).
+    pub image: Option<PathBuf>,
+    /// vhost-user socket path QEMU connects to (created; must not be in use; required, here
+    /// or in FILE).
     #[arg(long, value_name = "SOCK")]
-    pub socket: PathBuf,
+    pub socket: Option<PathBuf>,
     /// Number of virtqueues (each gets its own worker thread).
     #[arg(long, default_value_t = 1, value_name = "N")]
     pub num_queues: u16,

@@ -1,9 +1,14 @@
-//! Validated configuration of `vhost-mirror serve`.
+//! Validated configuration of `vhost-mirror serve`: the command line, merged with the
+//! `--config` file, then checked.
 
 use std::path::PathBuf;
 
+use clap::parser::ValueSource;
+use clap::ArgMatches;
 use mirror_proto::auth::{AuthError, Secret};
+use mirror_proto::config_file::{self, ConfigFileError};
 use mirror_proto::sys::{GroupError, SocketAccess};
+use serde::Deserialize;
 use thiserror::Error;
 
 use crate::args::ServeArgs;
@@ -14,12 +19,24 @@ pub const MAX_QUEUES: u16 = 64;
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    #[error("--{0} is required (on the command line or in the --config file)")]
+    Missing(&'static str),
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
+    #[error("with the options in {}", path.display())]
+    WithFile {
+        path: PathBuf,
+        #[source]
+        source: Box<ConfigError>,
+    },
     #[error("--peer needs --secret-file (the link is always authenticated)")]
     PeerWithoutSecret,
     #[error(
         "--secret-file, --on-peer-loss, --resync-rate, --witness and --fence-peer need --peer"
     )]
     SecretWithoutPeer,
+    #[error("--witness and --fence-peer cannot be combined")]
+    WitnessAndFencePeer,
     #[error("--readonly cannot be combined with --peer")]
     ReadonlyPeer,
     #[error("--resync-rate and --resync-min-rate must be at least 1 MiB/s")]
@@ -38,6 +55,101 @@ pub enum ConfigError {
     SamePaths,
     #[error("--socket-group")]
     SocketGroup(#[source] GroupError),
+}
+
+/// The `--config` file: every option of `serve` but `--config`, by its long name
+/// (`systemd/example-primary.toml` lists them).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ServeFile {
+    pub image: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub num_queues: Option<u16>,
+    pub queue_size: Option<u16>,
+    pub readonly: Option<bool>,
+    pub poll_us: Option<u64>,
+    pub poll_inflight_us: Option<u64>,
+    pub control: Option<PathBuf>,
+    pub socket_group: Option<String>,
+    pub peer: Option<String>,
+    pub secret_file: Option<PathBuf>,
+    pub on_peer_loss: Option<PeerLoss>,
+    pub resync_rate: Option<u64>,
+    pub resync_min_rate: Option<u64>,
+    pub witness: Option<String>,
+    pub fence_peer: Option<String>,
+}
+
+/// Each option of `file` that the command line did not give (`on_command_line(id)`: clap's
+/// id of the option, the field's name) replaces `a`'s value, a default or nothing.
+pub fn merge(
+    mut a: ServeArgs,
+    file: ServeFile,
+    on_command_line: impl Fn(&str) -> bool,
+) -> ServeArgs {
+    // Destructured: a new field of ServeFile that is not merged does not compile.
+    let ServeFile {
+        image,
+        socket,
+        num_queues,
+        queue_size,
+        readonly,
+        poll_us,
+        poll_inflight_us,
+        control,
+        socket_group,
+        peer,
+        secret_file,
+        on_peer_loss,
+        resync_rate,
+        resync_min_rate,
+        witness,
+        fence_peer,
+    } = file;
+    macro_rules! take {
+        ($($field:ident),*) => {$(
+            if let Some(v) = $field {
+                if !on_command_line(stringify!($field)) {
+                    a.$field = v.into();
+                }
+            }
+        )*};
+    }
+    take!(
+        image,
+        socket,
+        num_queues,
+        queue_size,
+        readonly,
+        poll_us,
+        poll_inflight_us,
+        control,
+        socket_group,
+        peer,
+        secret_file,
+        on_peer_loss,
+        resync_rate,
+        resync_min_rate,
+        witness,
+        fence_peer
+    );
+    a
+}
+
+/// `serve`'s configuration: the options of the command line (`a`, parsed from `m`), with,
+/// under `--config FILE`, those of FILE that the command line left out; then validated.
+pub fn load(a: ServeArgs, m: &ArgMatches) -> Result<ServeConfig, ConfigError> {
+    let Some(path) = a.config.clone() else {
+        return ServeConfig::try_from(a);
+    };
+    let file: ServeFile = config_file::load(&path)?;
+    let a = merge(a, file, |id| {
+        m.value_source(id) == Some(ValueSource::CommandLine)
+    });
+    ServeConfig::try_from(a).map_err(|e| ConfigError::WithFile {
+        path,
+        source: Box::new(e),
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -59,13 +171,18 @@ impl TryFrom<ServeArgs> for ServeConfig {
     type Error = ConfigError;
 
     fn try_from(a: ServeArgs) -> Result<Self, Self::Error> {
+        let image = a.image.ok_or(ConfigError::Missing("image"))?;
+        let socket = a.socket.ok_or(ConfigError::Missing("socket"))?;
+        if a.witness.is_some() && a.fence_peer.is_some() {
+            return Err(ConfigError::WitnessAndFencePeer);
+        }
         if a.num_queues == 0 || a.num_queues > MAX_QUEUES {
             return Err(ConfigError::NumQueues(a.num_queues));
         }
         if a.queue_size < 2 || !a.queue_size.is_power_of_two() {
             return Err(ConfigError::QueueSize(a.queue_size));
         }
-        if a.control.as_ref() == Some(&a.socket) {
+        if a.control.as_ref() == Some(&socket) {
             return Err(ConfigError::SamePaths);
         }
         if a.poll_us > 1000 {
@@ -91,7 +208,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
                     return Err(ConfigError::ResyncRate);
                 }
                 Some(MirrorConfig {
-                    image: a.image.clone(),
+                    image: image.clone(),
                     peer: Some(PeerAddr {
                         addr: peer,
                         secret: Secret::load(&secret)?,
@@ -117,9 +234,9 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 // its writes are recorded out of sync, for the peer's return. (A symbolic link
                 // there counts too: loading it is refused, rather than serving unrecorded.)
                 let paired = !a.readonly
-                    && std::fs::symlink_metadata(mirror_proto::meta::meta_path(&a.image)).is_ok();
+                    && std::fs::symlink_metadata(mirror_proto::meta::meta_path(&image)).is_ok();
                 paired.then(|| MirrorConfig {
-                    image: a.image.clone(),
+                    image: image.clone(),
                     peer: None,
                     on_peer_loss: PeerLoss::Degrade,
                     resync_rate: None,
@@ -130,8 +247,8 @@ impl TryFrom<ServeArgs> for ServeConfig {
             }
         };
         Ok(ServeConfig {
-            image: a.image,
-            socket: a.socket,
+            image,
+            socket,
             num_queues: a.num_queues,
             queue_size: a.queue_size,
             readonly: a.readonly,
@@ -150,8 +267,9 @@ mod tests {
 
     fn args() -> ServeArgs {
         ServeArgs {
-            image: "a.img".into(),
-            socket: "s.sock".into(),
+            config: None,
+            image: Some("a.img".into()),
+            socket: Some("s.sock".into()),
             num_queues: 1,
             queue_size: 256,
             readonly: false,
@@ -269,17 +387,182 @@ mod tests {
         let img = d.path().join("paired.img");
         std::fs::write(mirror_proto::meta::meta_path(&img), "{}").unwrap();
         let c = ServeConfig::try_from(ServeArgs {
-            image: img.clone(),
+            image: Some(img.clone()),
             ..args()
         })
         .unwrap();
         assert!(c.mirror.unwrap().peer.is_none());
         let c = ServeConfig::try_from(ServeArgs {
-            image: img,
+            image: Some(img),
             readonly: true,
             ..args()
         })
         .unwrap();
         assert!(c.mirror.is_none());
+    }
+
+    /// `vhost-mirror serve ARGS...` parsed as main.rs does.
+    fn parse(cli: &[&str]) -> (ServeArgs, ArgMatches) {
+        use clap::{CommandFactory, FromArgMatches};
+        let m = crate::args::Cli::command()
+            .try_get_matches_from(["vhost-mirror", "serve"].iter().chain(cli))
+            .unwrap();
+        let sub = m.subcommand_matches("serve").unwrap().clone();
+        (ServeArgs::from_arg_matches(&sub).unwrap(), sub)
+    }
+
+    fn on_cli(m: &ArgMatches) -> impl Fn(&str) -> bool + '_ {
+        |id| m.value_source(id) == Some(ValueSource::CommandLine)
+    }
+
+    #[test]
+    fn every_serve_option_is_a_file_key() {
+        use clap::CommandFactory;
+        let cmd = crate::args::Cli::command();
+        let serve = cmd.find_subcommand("serve").unwrap();
+        let mut n = 0;
+        for arg in serve.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            let key = format!("{{\"{long}\": null}}");
+            let parsed = serde_json::from_str::<ServeFile>(&key);
+            if long == "config" || long == "help" {
+                assert!(parsed.is_err(), "{long} must not be a file key");
+            } else {
+                assert!(
+                    parsed.is_ok(),
+                    "--{long} has no key in ServeFile: {parsed:?}"
+                );
+                n += 1;
+            }
+        }
+        assert_eq!(n, 16);
+    }
+
+    #[test]
+    fn command_line_beats_file_beats_defaults() {
+        let file = ServeFile {
+            image: Some("f.img".into()),
+            socket: Some("f.sock".into()),
+            num_queues: Some(4),
+            queue_size: Some(128),
+            poll_us: Some(5),
+            readonly: Some(true),
+            socket_group: Some("kvm".into()),
+            ..ServeFile::default()
+        };
+        // --poll-us given with clap's default value still beats the file.
+        let (a, m) = parse(&["--socket", "c.sock", "--num-queues", "2", "--poll-us", "32"]);
+        let a = merge(a, file, on_cli(&m));
+        assert_eq!(a.image.as_deref(), Some("f.img".as_ref()));
+        assert_eq!(a.socket.as_deref(), Some("c.sock".as_ref()));
+        assert_eq!((a.num_queues, a.queue_size, a.poll_us), (2, 128, 32));
+        assert!(a.readonly);
+        assert_eq!(a.socket_group.as_deref(), Some("kvm"));
+        // Neither gave these: clap's defaults.
+        assert_eq!((a.poll_inflight_us, a.resync_min_rate), (100, 2));
+        assert_eq!(a.on_peer_loss, PeerLoss::Degrade);
+        assert_eq!(a.control, None);
+
+        // A flag that is on the command line keeps its value; readonly = false in the file
+        // does not undo --readonly.
+        let (a, m) = parse(&["--readonly"]);
+        let a = merge(
+            a,
+            ServeFile {
+                readonly: Some(false),
+                on_peer_loss: Some(PeerLoss::Suspend),
+                ..ServeFile::default()
+            },
+            on_cli(&m),
+        );
+        assert!(a.readonly);
+        assert_eq!(a.on_peer_loss, PeerLoss::Suspend);
+    }
+
+    #[test]
+    fn required_options_from_either_place() {
+        let (a, _) = parse(&[]);
+        assert!(matches!(
+            ServeConfig::try_from(a),
+            Err(ConfigError::Missing("image"))
+        ));
+        let (a, m) = parse(&["--socket", "c.sock"]);
+        let a = merge(
+            a,
+            ServeFile {
+                image: Some("f.img".into()),
+                ..ServeFile::default()
+            },
+            on_cli(&m),
+        );
+        let c = ServeConfig::try_from(a).unwrap();
+        assert_eq!(c.image, PathBuf::from("f.img"));
+        assert_eq!(c.socket, PathBuf::from("c.sock"));
+    }
+
+    #[test]
+    fn load_reads_the_file_and_names_it_in_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = d.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let f = write(
+            "ok.toml",
+            "image = \"f.img\"\nsocket = \"f.sock\"\nqueue-size = 64\non-peer-loss = \"degrade\"\n",
+        );
+        let f = f.to_str().unwrap();
+        let (a, m) = parse(&["--config", f, "--queue-size", "32"]);
+        let c = load(a, &m).unwrap();
+        assert_eq!(c.image, PathBuf::from("f.img"));
+        assert_eq!(c.queue_size, 32);
+
+        let bad = [
+            ("unknown.toml", "image = \"a\"\nsokcet = \"b\"\n", "sokcet"),
+            ("value.toml", "on-peer-loss = \"panic\"\n", "panic"),
+            ("notoml.toml", "<xml/>\n", "notoml.toml"),
+            // Valid TOML, refused by the validation: the message names the file too.
+            (
+                "zero.toml",
+                "image = \"a\"\nsocket = \"b\"\nnum-queues = 0\n",
+                "--num-queues",
+            ),
+            (
+                "both.toml",
+                "image = \"a\"\nsocket = \"b\"\nwitness = \"w:1\"\n",
+                "--fence-peer",
+            ),
+        ];
+        for (name, text, needle) in bad {
+            let p = write(name, text);
+            let (a, m) = parse(&["--config", p.to_str().unwrap(), "--fence-peer", "true"]);
+            let e = load(a, &m).unwrap_err();
+            let msg = mirror_proto::sys::error_chain(&e);
+            assert!(msg.contains(name) && msg.contains(needle), "{msg}");
+        }
+        let (a, m) = parse(&["--config", "/nonexistent/vm.toml"]);
+        let e = load(a, &m).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/vm.toml"), "{e}");
+    }
+
+    #[test]
+    fn the_example_file_names_every_key() {
+        // Every key, commented out or not, once uncommented.
+        let text: String = include_str!("../../systemd/example-primary.toml")
+            .lines()
+            .map(|l| match l.strip_prefix('#') {
+                Some(rest) if rest.contains(" = ") && !rest.starts_with(' ') => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("example.toml");
+        std::fs::write(&p, text).unwrap();
+        let file: ServeFile = config_file::load(&p).unwrap();
+        let all = format!("{file:?}");
+        assert!(!all.contains("None"), "a key is missing: {all}");
+        assert_eq!(all.matches("Some(").count(), 16, "{all}");
     }
 }

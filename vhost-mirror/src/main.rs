@@ -2,13 +2,13 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use mirror_proto::control;
 use mirror_proto::sys::error_chain as chain;
 use std::time::Duration;
 
 use vhost_mirror::args::{Cli, Command, VerifyArgs};
-use vhost_mirror::config::ServeConfig;
+use vhost_mirror::config;
 use vhost_mirror::server;
 
 /// `vhost-mirror verify`: 0 identical, 1 differences found, 2 could not run.
@@ -68,11 +68,15 @@ fn verify(a: &VerifyArgs) -> ExitCode {
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
+    // The matches too: `serve --config` asks them which options the command line gave.
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
         Command::Verify(a) => return verify(&a),
-        Command::Serve(a) => ServeConfig::try_from(a)
-            .map_err(Into::into)
+        Command::Serve(a) => matches
+            .subcommand_matches("serve")
+            .ok_or_else(|| "no serve options".into())
+            .and_then(|m| config::load(a, m).map_err(Into::into))
             .and_then(|c| server::run(c).map_err(Into::into)),
         Command::Status(a) => control::print_status(&a.control, a.json).map_err(Into::into),
     };

@@ -195,6 +195,13 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         },
         config.socket.display()
     );
+    // The sockets listen (a frontend that connects now is accepted below): ready for a
+    // `Type=notify` unit.
+    mirror_proto::notify::notify(&format!(
+        "READY=1\nSTATUS=serving {} on {}",
+        config.image.display(),
+        config.socket.display()
+    ));
 
     loop {
         // Only a frontend whose credentials pass gets here (frontend.rs).
@@ -258,6 +265,7 @@ fn spawn_signal_handler(state: Arc<ServerState>) -> Result<(), ServeError> {
         .spawn(move || {
             if let Some(sig) = signals.forever().next() {
                 info!("signal {sig}: finishing in-flight requests");
+                mirror_proto::notify::notify("STOPPING=1");
                 if let Some(m) = &state.dev.mirror {
                     m.begin_shutdown();
                 }

@@ -50,7 +50,8 @@ pub enum MirrorError {
 }
 
 /// What to do with guest writes while the peer is unreachable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum PeerLoss {
     /// Keep running on the local disk, record what changed, resync later.
     Degrade,
