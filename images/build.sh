@@ -420,8 +420,10 @@ terminal_input serial console
 terminal_output serial console
 echo "GRUB: booting /boot/vmlinuz from (hd0,msdos1)"
 set root=(hd0,msdos1)
-linux /boot/vmlinuz console=ttyS0 root=/dev/vda1 rw panic=-1
+linux /boot/vmlinuz console=ttyS0 root=/dev/vda1 rw panic=-1 quiet
+echo "GRUB: kernel loaded"
 initrd /boot/initrd.img
+echo "GRUB: initrd loaded"
 boot
 echo "GRUB-FAILED: could not boot /boot/vmlinuz"
 halt'

@@ -97,7 +97,8 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn up(dir: &Path) -> Cluster {
+    /// `reboot`: whether fencing starts the node again at once (else the test does, `start`).
+    fn up(dir: &Path, reboot: bool) -> Cluster {
         let c = Cluster {
             dir: dir.to_path_buf(),
         };
@@ -106,6 +107,7 @@ impl Cluster {
                 .arg("up")
                 .arg(dir)
                 .env("TC_SUBNET", SUBNET)
+                .env("TC_FENCE_REBOOT", if reboot { "restart" } else { "off" })
                 .env("TC_OWNER_PID", std::process::id().to_string()),
             Duration::from_secs(30),
         );
@@ -155,6 +157,10 @@ impl Cluster {
 
     fn cut(&self, node: &str) {
         self.switch("cut", node);
+    }
+
+    fn start(&self, node: &str) {
+        self.switch("start", node);
     }
 
     /// The path of `node`'s network namespace (its VM's file server answers on its loopback).
@@ -719,7 +725,8 @@ struct Env {
 impl Env {
     /// `first_image` creates node1's image (the first primary's); node2's is created by its
     /// access node at the first contact, and fully synced.
-    fn start(name: &str, first_image: impl FnOnce(&Path)) -> Env {
+    /// `reboot`: fencing starts a node again at once (see [`Cluster::up`]).
+    fn start(name: &str, reboot: bool, first_image: impl FnOnce(&Path)) -> Env {
         for tool in [
             "/usr/sbin/corosync",
             "/usr/sbin/pacemakerd",
@@ -752,7 +759,7 @@ impl Env {
         assert!(out.status.success(), "bootstrap promote: {}", text(&out));
 
         let t_up = Instant::now();
-        let cluster = Cluster::up(&cluster_dir);
+        let cluster = Cluster::up(&cluster_dir, reboot);
         // The witness, a plain process on node3 (killed with the node by `down`).
         let witness_state = root.join("witness");
         std::fs::create_dir(&witness_state).expect("mkdir witness state");
@@ -822,7 +829,7 @@ fn the_primary_node_dies_during_durable_writes() {
         "the_primary_node_dies_during_durable_writes",
         Duration::from_secs(90 + 150 * rounds),
     );
-    let env = Env::start("cluster", |image| {
+    let env = Env::start("cluster", true, |image| {
         std::fs::File::create(image)
             .and_then(|f| f.set_len(IMAGE_SIZE))
             .expect("create image");
@@ -1178,7 +1185,9 @@ fn the_file_server_vm_fails_over_under_the_cluster() {
     );
     let guest = build_guest();
     let disk = guest.join(GUEST_DISK);
-    let env = Env::start("cluster-vm", |image| {
+    // Fencing only powers a node off: a node that dies stays down while the other boots the
+    // VM (a real one takes minutes to come back), and the test starts it again afterwards.
+    let env = Env::start("cluster-vm", false, |image| {
         let out = run_with_timeout(
             Command::new("cp")
                 .arg("--sparse=always")
@@ -1223,11 +1232,20 @@ fn the_file_server_vm_fails_over_under_the_cluster() {
                 }
             })
         };
-        std::thread::sleep(Duration::from_secs(3));
+        // A few uploads acknowledged, and more on the way: then the kill.
+        let t_up = Instant::now();
+        let going = wait_until(Duration::from_secs(60), || {
+            std::thread::sleep(Duration::from_millis(50));
+            uploader.is_finished() || acked.lock().expect("uploads").len() >= before + 4
+        });
         assert!(
-            !uploader.is_finished(),
-            "round {round}: uploads stopped before the kill; VM log:\n{}",
+            going && !uploader.is_finished(),
+            "round {round}: uploads stopped or stalled before the kill; VM log:\n{}",
             vm_log(&primary)
+        );
+        eprintln!(
+            "round {round}: 4 uploads acknowledged in {:.1}s",
+            t_up.elapsed().as_secs_f64()
         );
         let t0 = epoch_now();
         let k0 = Instant::now();
@@ -1242,6 +1260,32 @@ fn the_file_server_vm_fails_over_under_the_cluster() {
             sf.log()
         );
         let promoted = k0.elapsed().as_secs_f64();
+        // The boot's phases, from its console (polled; for the table).
+        let phases = {
+            let serial = sf.run_dir.join("vm-serial.log");
+            let done = Arc::new(AtomicBool::new(false));
+            let d = done.clone();
+            let th = std::thread::spawn(move || {
+                let marks = [
+                    "GRUB: booting",
+                    "GRUB: initrd loaded",
+                    "rcS: network up",
+                    "FILESERVER-READY",
+                ];
+                let mut at: Vec<Option<f64>> = vec![None; marks.len()];
+                while !d.load(Ordering::Relaxed) {
+                    let log = std::fs::read_to_string(&serial).unwrap_or_default();
+                    for (i, m) in marks.iter().enumerate() {
+                        if at[i].is_none() && log.contains(m) {
+                            at[i] = Some(k0.elapsed().as_secs_f64());
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                at
+            });
+            (done, th)
+        };
         let ns_s = cluster.netns(&survivor);
         first_answer_in(
             Some(&ns_s),
@@ -1250,6 +1294,15 @@ fn the_file_server_vm_fails_over_under_the_cluster() {
             &mut || {},
         );
         let answering = k0.elapsed().as_secs_f64();
+        phases.0.store(true, Ordering::Relaxed);
+        let phases = phases.1.join().expect("console poller");
+        eprintln!(
+            "round {round}: console: GRUB {}, initrd loaded {}, network up {}, file server ready {} (s after the kill)",
+            fmt_s(phases[0]),
+            fmt_s(phases[1]),
+            fmt_s(phases[2]),
+            fmt_s(phases[3])
+        );
         // When the agent started the VM there (its log: "--- start at EPOCH ...").
         let vm_started = vm_log(&survivor)
             .lines()
@@ -1273,6 +1326,8 @@ fn the_file_server_vm_fails_over_under_the_cluster() {
         );
         let when = format!("round {round}, after the failover to {survivor}");
         in_netns(&ns_s, move || check_uploads(VM_HTTP_PORT, &all, &when));
+        // The dead node comes back (as after a repair) and is resynced before the next round.
+        cluster.start(&primary);
         eprintln!(
             "round {round}: killed {primary}; file server answering on {survivor} after \
              {answering:.2}s; {uploads} acknowledged uploads this round, all present"
