@@ -5,11 +5,13 @@
 # the promoted node, that node is killed, and every acknowledged write must be on the node
 # promoted in its place; the killed node comes back and is resynced, and the next round kills
 # the other one. Then N rounds where the promoted node is only cut off from both others (fenced,
-# it must come back as the new primary's replica without a split brain). Prints the timings of
-# every round (detect, fenced, promoted, serving) and their medians per scenario. ci/test.sh
-# runs one round of each.
+# it must come back as the new primary's replica without a split brain), N planned switch-overs
+# and N cuts of the replication link alone. Then the file-server VM under the cluster: N rounds
+# where its node is killed during durable uploads (kill -> file server answering on the other
+# node). Prints the timings of every round and their medians per scenario. ci/test.sh runs one
+# round of each.
 #
-# Usage (as root on Debian 12): bash ci/cluster.sh [--rounds N]   (default 10 of each; ~12 s a round)
+# Usage (as root on Debian 12): bash ci/cluster.sh [--rounds N]   (default 10 of each; ~2 min per N)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,4 +25,4 @@ done
 
 bash ci/setup.sh
 cargo build --workspace --locked
-CLUSTER_ROUNDS=$rounds cargo test -p vhost-mirror-tests --locked --test cluster -- --nocapture
+CLUSTER_ROUNDS=$rounds cargo test -p vhost-mirror-tests --locked --test cluster -- --nocapture --test-threads=1

@@ -40,8 +40,8 @@ cargo test -p vhost-mirror-tests --locked --test witness -- --test-threads=2
 echo "== Pacemaker pieces that need no cluster (ocf-tester on ha/ocf/vhost-mirror)"
 cargo test -p vhost-mirror-tests --locked --test ha
 
-echo "== cluster tier (Corosync + Pacemaker in namespaces: the primary node dies, or is cut off, during writes; ci/cluster.sh runs more rounds)"
-cargo test -p vhost-mirror-tests --locked --test cluster -- --nocapture
+echo "== cluster tier (Corosync + Pacemaker in namespaces: the primary node dies, or is cut off, during writes; switch-over; link cut; the file-server VM fails over; ci/cluster.sh runs more rounds)"
+cargo test -p vhost-mirror-tests --locked --test cluster -- --nocapture --test-threads=1
 
 echo "== durability regressions (scripted replica)"
 cargo test -p vhost-mirror-tests --locked --test durability -- --test-threads=2

@@ -671,6 +671,183 @@ fn fail_primary(
     }
 }
 
+/// A planned switch-over (what `pcs resource move` does, with crm_resource): the guest writes
+/// with flushes and stops; the promoted role moves to the other node; nothing is copied (the
+/// demoted side stopped cleanly, both disks are the same), and every acknowledged write is
+/// there. Returns the seconds until promoted there and in sync.
+fn switch_over(
+    cluster: &Cluster,
+    files: &HashMap<&str, NodeFiles>,
+    ledger: &Arc<Mutex<Ledger>>,
+    seed: u64,
+) -> f64 {
+    let blocks = IMAGE_SIZE / BLOCK as u64;
+    let (from, to) = wait_settled(cluster, files, Duration::from_secs(60));
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sock, l, st) = (
+            files[from.as_str()].socket.clone(),
+            ledger.clone(),
+            stop.clone(),
+        );
+        let writer = std::thread::spawn(move || guest(sock, seed, blocks / 2, l, st));
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::Relaxed);
+        writer.join().expect("guest thread");
+    }
+    let clone = format!("{RSC}-clone");
+    let t_move = Instant::now();
+    cluster.exec_ok(
+        "node3",
+        &[
+            "crm_resource",
+            "--move",
+            "-r",
+            &clone,
+            "--promoted",
+            "-N",
+            &to,
+        ],
+    );
+    let ok = wait_until(Duration::from_secs(60), || {
+        std::thread::sleep(Duration::from_millis(500));
+        cluster.promoted().as_deref() == Some(to.as_str())
+            && vm_status(&files[to.as_str()].vm_control()).is_some_and(|v| is_in_sync(&v))
+    });
+    assert!(
+        ok,
+        "the promoted role did not move to {to}; agent log:\n{}",
+        files[to.as_str()].log()
+    );
+    let moved_in = t_move.elapsed().as_secs_f64();
+    let st = vm_status(&files[to.as_str()].vm_control()).expect("status");
+    let copied = st["resync_sent_bytes"].as_u64();
+    assert_eq!(
+        (copied, st["resync_total_bytes"].as_u64()),
+        (Some(0), Some(0)),
+        "the planned switch-over to {to} copied data: {st}"
+    );
+    {
+        let opts = ClientOpts {
+            connect_timeout: Duration::from_secs(5),
+            ..ClientOpts::default()
+        };
+        let mut c = Client::try_connect(&files[to.as_str()].socket, &opts)
+            .unwrap_or_else(|e| panic!("connecting to {to} after the move: {e}"));
+        let l = ledger.lock().expect("ledger");
+        l.verify(&mut c)
+            .unwrap_or_else(|e| panic!("after the switch-over to {to}: {e}"));
+    }
+    cluster.exec_ok("node3", &["crm_resource", "--clear", "-r", &clone]);
+    eprintln!(
+        "planned switch-over {from} -> {to}: {moved_in:.1}s until promoted and in sync, 0 bytes copied"
+    );
+
+    moved_in
+}
+
+/// Only the replication link is cut (corosync and the witness still see both nodes): the
+/// primary goes on once the witness recorded the replica outdated; the replica is not promoted
+/// (its promotion is refused); after the heal the pair resyncs by itself.
+fn cut_link(
+    cluster: &Cluster,
+    files: &HashMap<&str, NodeFiles>,
+    ledger: &Arc<Mutex<Ledger>>,
+    seed: u64,
+) {
+    let blocks = IMAGE_SIZE / BLOCK as u64;
+    let (p, r) = wait_settled(cluster, files, Duration::from_secs(60));
+    let r_ip = format!("{SUBNET}.{}", &r[4..]);
+    for cmd in [
+        vec!["nft", "add", "table", "inet", "vmcut"],
+        vec![
+            "nft",
+            "add",
+            "chain",
+            "inet",
+            "vmcut",
+            "out",
+            "{ type filter hook output priority 0 ; }",
+        ],
+        vec![
+            "nft", "add", "rule", "inet", "vmcut", "out", "ip", "daddr", &r_ip, "tcp", "dport",
+            "7800", "drop",
+        ],
+    ] {
+        cluster.exec_ok(&p, &cmd);
+    }
+    let (cut_at, unacked_at) = {
+        let l = ledger.lock().expect("ledger");
+        (l.acked, l.unacked)
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (sock, l, st) = (
+            files[p.as_str()].socket.clone(),
+            ledger.clone(),
+            stop.clone(),
+        );
+        // Writes wait while the primary finds the link dead (up to its 10 s reply timeout)
+        // and the witness records the replica outdated.
+        std::thread::spawn(move || {
+            guest_within(sock, seed, blocks / 4, l, st, Duration::from_secs(40))
+        })
+    };
+    let p_ctl = files[p.as_str()].vm_control();
+    let outdated = wait_until(Duration::from_secs(40), || {
+        std::thread::sleep(Duration::from_millis(200));
+        vm_status(&p_ctl).is_some_and(|v| v["fence_state"] == "peer-outdated")
+    });
+    assert!(
+        outdated,
+        "{p} did not get its replica outdated: {:?}",
+        vm_status(&p_ctl)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("guest thread");
+    assert_eq!(
+        ledger.lock().expect("ledger").unacked,
+        unacked_at,
+        "a guest write failed during the cut"
+    );
+    let during = ledger.lock().expect("ledger").acked - cut_at;
+    assert!(during > 0, "no write was acknowledged during the cut");
+    let r_ctl = files[r.as_str()]
+        .run_dir
+        .join(format!("{RSC}.access-node.ctl"));
+    let out = run_with_timeout(
+        Command::new(bin_path("access-node"))
+            .arg("promote")
+            .arg("--control")
+            .arg(&r_ctl),
+        Duration::from_secs(30),
+    );
+    assert!(
+        !out.status.success() && text(&out).contains("witness recorded it outdated"),
+        "the cut-off replica {r} was promoted, or refused for another reason: {}",
+        text(&out)
+    );
+    cluster.exec_ok(&p, &["nft", "delete", "table", "inet", "vmcut"]);
+    let (p2, _) = wait_settled(cluster, files, Duration::from_secs(90));
+    assert_eq!(p2, p, "the role moved during the link cut");
+    {
+        let opts = ClientOpts {
+            connect_timeout: Duration::from_secs(5),
+            ..ClientOpts::default()
+        };
+        let mut c = Client::try_connect(&files[p.as_str()].socket, &opts)
+            .unwrap_or_else(|e| panic!("connecting to {p} after the heal: {e}"));
+        let l = ledger.lock().expect("ledger");
+        l.verify(&mut c)
+            .unwrap_or_else(|e| panic!("after the link cut and heal: {e}"));
+    }
+    eprintln!(
+        "replication link {p} -> {r} cut: {during} writes acknowledged with the replica \
+         outdated by the witness, its promotion refused, resynced after the heal"
+    );
+}
+
 /// Waits until the clone is promoted on one node whose vhost-mirror is in sync with the other
 /// node, and the other node has a promotion score (so it can take over): the steady state a
 /// round starts from. Returns (promoted, other).
@@ -844,7 +1021,6 @@ fn the_primary_node_dies_during_durable_writes() {
             times.push(fail_primary(cluster, files, &ledger, round, fault));
         }
     }
-    let blocks = IMAGE_SIZE / BLOCK as u64;
     // The killed node came back (fencing restarts it): the survivor keeps the role, resyncs it.
     let (p, _) = wait_settled(cluster, files, Duration::from_secs(60));
     assert_eq!(
@@ -853,165 +1029,13 @@ fn the_primary_node_dies_during_durable_writes() {
         "the promoted role moved back to the node that was killed"
     );
 
-    // A planned switch-over (what `pcs resource move` does, with crm_resource): the guest
-    // writes with flushes and stops; the promoted role moves to the other node; nothing is
-    // copied (the demoted side stopped cleanly, both disks are the same), and every
-    // acknowledged write is there.
-    let (from, to) = wait_settled(cluster, files, Duration::from_secs(60));
-    {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (sock, l, st) = (
-            files[from.as_str()].socket.clone(),
-            ledger.clone(),
-            stop.clone(),
-        );
-        let writer = std::thread::spawn(move || guest(sock, round + 1, blocks / 2, l, st));
-        std::thread::sleep(Duration::from_millis(500));
-        stop.store(true, Ordering::Relaxed);
-        writer.join().expect("guest thread");
+    let mut moves = Vec::new();
+    for _ in 0..rounds {
+        round += 1;
+        moves.push(switch_over(cluster, files, &ledger, round));
+        round += 1;
+        cut_link(cluster, files, &ledger, round);
     }
-    let clone = format!("{RSC}-clone");
-    let t_move = Instant::now();
-    cluster.exec_ok(
-        "node3",
-        &[
-            "crm_resource",
-            "--move",
-            "-r",
-            &clone,
-            "--promoted",
-            "-N",
-            &to,
-        ],
-    );
-    let ok = wait_until(Duration::from_secs(60), || {
-        std::thread::sleep(Duration::from_millis(500));
-        cluster.promoted().as_deref() == Some(to.as_str())
-            && vm_status(&files[to.as_str()].vm_control()).is_some_and(|v| is_in_sync(&v))
-    });
-    assert!(
-        ok,
-        "the promoted role did not move to {to}; agent log:\n{}",
-        files[to.as_str()].log()
-    );
-    let moved_in = t_move.elapsed().as_secs_f64();
-    let st = vm_status(&files[to.as_str()].vm_control()).expect("status");
-    let copied = st["resync_sent_bytes"].as_u64();
-    assert_eq!(
-        (copied, st["resync_total_bytes"].as_u64()),
-        (Some(0), Some(0)),
-        "the planned switch-over to {to} copied data: {st}"
-    );
-    {
-        let opts = ClientOpts {
-            connect_timeout: Duration::from_secs(5),
-            ..ClientOpts::default()
-        };
-        let mut c = Client::try_connect(&files[to.as_str()].socket, &opts)
-            .unwrap_or_else(|e| panic!("connecting to {to} after the move: {e}"));
-        let l = ledger.lock().expect("ledger");
-        l.verify(&mut c)
-            .unwrap_or_else(|e| panic!("after the switch-over to {to}: {e}"));
-    }
-    cluster.exec_ok("node3", &["crm_resource", "--clear", "-r", &clone]);
-    eprintln!(
-        "planned switch-over {from} -> {to}: {moved_in:.1}s until promoted and in sync, 0 bytes copied"
-    );
-
-    // Only the replication link is cut (corosync and the witness still see both nodes): the
-    // primary goes on once the witness recorded the replica outdated; the replica is not
-    // promoted (its promotion is refused); after the heal the pair resyncs by itself.
-    let (p, r) = wait_settled(cluster, files, Duration::from_secs(60));
-    let r_ip = format!("{SUBNET}.{}", &r[4..]);
-    for cmd in [
-        vec!["nft", "add", "table", "inet", "vmcut"],
-        vec![
-            "nft",
-            "add",
-            "chain",
-            "inet",
-            "vmcut",
-            "out",
-            "{ type filter hook output priority 0 ; }",
-        ],
-        vec![
-            "nft", "add", "rule", "inet", "vmcut", "out", "ip", "daddr", &r_ip, "tcp", "dport",
-            "7800", "drop",
-        ],
-    ] {
-        cluster.exec_ok(&p, &cmd);
-    }
-    let (cut_at, unacked_at) = {
-        let l = ledger.lock().expect("ledger");
-        (l.acked, l.unacked)
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (sock, l, st) = (
-            files[p.as_str()].socket.clone(),
-            ledger.clone(),
-            stop.clone(),
-        );
-        // Writes wait while the primary finds the link dead (up to its 10 s reply timeout)
-        // and the witness records the replica outdated.
-        std::thread::spawn(move || {
-            guest_within(sock, round + 2, blocks / 4, l, st, Duration::from_secs(40))
-        })
-    };
-    let p_ctl = files[p.as_str()].vm_control();
-    let outdated = wait_until(Duration::from_secs(40), || {
-        std::thread::sleep(Duration::from_millis(200));
-        vm_status(&p_ctl).is_some_and(|v| v["fence_state"] == "peer-outdated")
-    });
-    assert!(
-        outdated,
-        "{p} did not get its replica outdated: {:?}",
-        vm_status(&p_ctl)
-    );
-    std::thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::Relaxed);
-    writer.join().expect("guest thread");
-    assert_eq!(
-        ledger.lock().expect("ledger").unacked,
-        unacked_at,
-        "a guest write failed during the cut"
-    );
-    let during = ledger.lock().expect("ledger").acked - cut_at;
-    assert!(during > 0, "no write was acknowledged during the cut");
-    let r_ctl = files[r.as_str()]
-        .run_dir
-        .join(format!("{RSC}.access-node.ctl"));
-    let out = run_with_timeout(
-        Command::new(bin_path("access-node"))
-            .arg("promote")
-            .arg("--control")
-            .arg(&r_ctl),
-        Duration::from_secs(30),
-    );
-    assert!(
-        !out.status.success() && text(&out).contains("witness recorded it outdated"),
-        "the cut-off replica {r} was promoted, or refused for another reason: {}",
-        text(&out)
-    );
-    cluster.exec_ok(&p, &["nft", "delete", "table", "inet", "vmcut"]);
-    let (p2, _) = wait_settled(cluster, files, Duration::from_secs(90));
-    assert_eq!(p2, p, "the role moved during the link cut");
-    {
-        let opts = ClientOpts {
-            connect_timeout: Duration::from_secs(5),
-            ..ClientOpts::default()
-        };
-        let mut c = Client::try_connect(&files[p.as_str()].socket, &opts)
-            .unwrap_or_else(|e| panic!("connecting to {p} after the heal: {e}"));
-        let l = ledger.lock().expect("ledger");
-        l.verify(&mut c)
-            .unwrap_or_else(|e| panic!("after the link cut and heal: {e}"));
-    }
-    eprintln!(
-        "replication link {p} -> {r} cut: {during} writes acknowledged with the replica \
-         outdated by the witness, its promotion refused, resynced after the heal"
-    );
-
     println!(
         "round  fault     lost   promoted  acked  flushed  detect(s)  fenced(s)  promoted(s)  serving(s)"
     );
@@ -1030,6 +1054,13 @@ fn the_primary_node_dies_during_durable_writes() {
             t.serving
         );
     }
+    println!(
+        "planned switch-over: {} rounds, 0 bytes copied, median {} s until promoted and in sync; \
+         replication link cut: {} rounds, the replica outdated and not promoted, resynced",
+        moves.len(),
+        fmt_s(median(moves.clone())),
+        rounds
+    );
     for fault in [Fault::Kill, Fault::Isolate] {
         let of = |f: &dyn Fn(&RoundTimes) -> Option<f64>| {
             fmt_s(median(
