@@ -7,8 +7,9 @@ set -euo pipefail
 # systemd: systemd-analyze, which checks the units in systemd/ (tests/tests/config.rs).
 need_pkgs=(qemu-system-x86 qemu-utils cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables resource-agents libxml2-utils systemd)
 # The cluster tier (ha/testcluster/cluster.sh): Corosync and Pacemaker, run inside namespaces
-# by the tests, never as services of this machine.
-cluster_pkgs=(corosync pacemaker pacemaker-cli-utils)
+# by the tests, never as services of this machine; pcs, to check the README's commands offline
+# (pcs -f on a CIB file: tests/tests/ha.rs).
+cluster_pkgs=(corosync pacemaker pacemaker-cli-utils pcs)
 
 missing=()
 for p in "${need_pkgs[@]}"; do

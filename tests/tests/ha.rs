@@ -214,3 +214,109 @@ fn the_vm_agent_passes_ocf_tester() {
     );
     assert_eq!(run("monitor", "sleep 600").status.code(), Some(7));
 }
+
+/// README "Running under Pacemaker": its `pcs` commands, run as written (through `pcs -f` on
+/// an empty CIB file, with the two agents visible where Pacemaker looks for them, in a mount
+/// namespace of the test's own), make a configuration Pacemaker accepts (`crm_verify`; fencing
+/// switched off only for the check, a real cluster needs a fence device) with the promotable
+/// clone, the VM, and the VM colocated with and ordered after the promotion.
+#[test]
+fn the_readme_pcs_commands_make_a_valid_configuration() {
+    let _wd = Watchdog::new(
+        "the_readme_pcs_commands_make_a_valid_configuration",
+        Duration::from_secs(120),
+    );
+    for tool in [
+        "/usr/sbin/pcs",
+        "/usr/sbin/crm_verify",
+        "/usr/sbin/cibadmin",
+    ] {
+        assert!(
+            std::path::Path::new(tool).exists(),
+            "{tool} not found: install pcs and pacemaker-cli-utils (bash ci/setup.sh)"
+        );
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let section = readme
+        .split("### Running under Pacemaker")
+        .nth(1)
+        .expect("README has a section \"Running under Pacemaker\"");
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("a sh block in that section");
+    // The pcs commands with their continuation lines.
+    let mut commands = Vec::new();
+    let mut current = String::new();
+    for line in block.lines() {
+        if current.is_empty() && !line.starts_with("pcs ") {
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+        if !line.ends_with('\\') {
+            commands.push(std::mem::take(&mut current));
+        }
+    }
+    assert!(
+        commands.len() >= 4,
+        "expected the pcs commands in README's block, found {commands:?}"
+    );
+    let dir = test_dir("pcs");
+    let ocf = dir.path().join("ocf/vhost-mirror");
+    std::fs::create_dir_all(&ocf).expect("mkdir");
+    std::fs::copy(agent(), ocf.join("disk")).expect("copy disk agent");
+    std::fs::copy(agent().with_file_name("vm"), ocf.join("vm")).expect("copy vm agent");
+    let cib = dir.path().join("cib.xml");
+    let out = run_with_timeout(
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("cibadmin --empty > '{}'", cib.display())),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "cibadmin --empty: {out:?}");
+    let script = format!(
+        "set -e\nmount -t overlay overlay -o 'lowerdir={}:/usr/lib/ocf/resource.d' /usr/lib/ocf/resource.d\n\
+         pcs() {{ command pcs -f '{}' \"$@\"; }}\n{}",
+        dir.path().join("ocf").display(),
+        cib.display(),
+        commands.concat()
+    );
+    let out = run_with_timeout(
+        Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "bash", "-c"])
+            .arg(&script),
+        Duration::from_secs(90),
+    );
+    assert!(
+        out.status.success(),
+        "README's pcs commands failed:\n{script}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run_with_timeout(
+        Command::new("sh").arg("-c").arg(format!(
+            "pcs -f '{0}' property set stonith-enabled=false && crm_verify -V -x '{0}'",
+            cib.display()
+        )),
+        Duration::from_secs(30),
+    );
+    assert!(
+        out.status.success(),
+        "crm_verify refuses the configuration: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let xml = std::fs::read_to_string(&cib).expect("read cib");
+    for needle in [
+        r#"type="disk""#,
+        r#"type="vm""#,
+        r#"name="promotable" value="true""#,
+        r#"with-rsc-role="Promoted""#,
+        r#"first-action="promote""#,
+    ] {
+        assert!(xml.contains(needle), "{needle} not in the CIB:\n{xml}");
+    }
+}
