@@ -343,15 +343,17 @@ pub fn wait_http(port: u16, proc: &mut ChildGuard, timeout: Duration) -> Duratio
 /// probe ends by itself within 2 s; once httpd answers one, the list CGI is asked. `check`
 /// runs between probes (to fail fast); panics after `timeout`.
 pub fn first_answer(port: u16, timeout: Duration, check: &mut dyn FnMut()) {
-    first_answer_in(None, port, timeout, check);
+    first_answer_in(None, port, "/cgi-bin/list", timeout, check);
 }
 
 /// [`first_answer`], each probe from inside the network namespace `netns` (a path such as
 /// /run/netns/NAME) when given: the file server of a VM that runs in a cluster node's
-/// namespace answers on that namespace's loopback.
+/// namespace answers on that namespace's loopback. `ready` is the request that must get a 200
+/// once httpd answers (the list CGI hashes every file: with many files, ask for one instead).
 pub fn first_answer_in(
     netns: Option<&Path>,
     port: u16,
+    ready: &'static str,
     timeout: Duration,
     check: &mut dyn FnMut(),
 ) {
@@ -383,8 +385,8 @@ pub fn first_answer_in(
     let mut listening = false;
     loop {
         if listening {
-            // Stage 2: the file server itself (the list CGI), one request at a time.
-            get("/cgi-bin/list", Duration::from_secs(10));
+            // Stage 2: the file server itself, one request at a time.
+            get(ready, Duration::from_secs(10));
             if rx.recv().ok().flatten() == Some(200) {
                 return;
             }

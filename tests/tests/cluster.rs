@@ -1241,6 +1241,7 @@ fn the_file_server_vm_fails_over_under_the_cluster() {
         first_answer_in(
             Some(&ns),
             VM_HTTP_PORT,
+            "/cgi-bin/list",
             Duration::from_secs(120),
             &mut || {},
         );
@@ -1321,6 +1322,9 @@ fn the_file_server_vm_fails_over_under_the_cluster() {
         first_answer_in(
             Some(&ns_s),
             VM_HTTP_PORT,
+            // A file uploaded in the first round: the list CGI hashes every file, and the
+            // files pile up round after round.
+            "/files/r1-0",
             Duration::from_secs(90),
             &mut || {},
         );
