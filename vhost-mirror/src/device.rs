@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use log::{debug, warn};
+use log::{debug, error, warn};
 use mirror_proto::sys::RefusalLog;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
@@ -326,11 +326,12 @@ impl BlkBackend {
         };
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
-        // Under the worker's lock: `stop_vring` (which holds it too) clears it for good.
-        dev.enabled[queue].store(
-            !drain && state.get_queue().ready() && state.is_enabled(),
-            Ordering::Relaxed,
-        );
+        // Under the worker's lock: `stop_vring` (which holds it too) clears it for good. Written
+        // only when it changes: the flags of all queues share a cache line.
+        let enabled = !drain && state.get_queue().ready() && state.is_enabled();
+        if dev.enabled[queue].load(Ordering::Relaxed) != enabled {
+            dev.enabled[queue].store(enabled, Ordering::Relaxed);
+        }
         let used_any = std::cell::Cell::new(false);
         let add_used = |state: &mut vhost_user_backend::VringState<_>, head, len| {
             used_any.set(true);
@@ -730,7 +731,11 @@ impl VhostUserBackend for BlkBackend {
         }
         // One queue per thread: the vring is vrings[0] and the queue index is the thread's.
         // Only a started, enabled queue has events: its first one starts it.
-        self.start_queue(thread_id)?;
+        if let Err(e) = self.start_queue(thread_id) {
+            // The library ends this worker on an error without a word.
+            error!("queue {thread_id}: cannot start it: {e}");
+            return Err(e);
+        }
         let vring = if device_event == completion_event_id(self.dev.events.len()) {
             // Deferred requests finished.
             let Some(ev) = self.dev.event(thread_id) else {
