@@ -2,9 +2,13 @@
 # Boots the file-server guest built by images/build.sh, its root disk served by a
 # vhost-user-blk backend that is already listening on SOCK.
 #
-#   images/boot.sh --dir OUTDIR --socket SOCK --http-port PORT [--num-queues N] [--mem 256M]
-#                  [--smp N] [--serial LOGFILE] [--accel auto|tcg|kvm] [--extra-append STR]
-#                  [--firmware]
+#   images/boot.sh --dir OUTDIR --socket SOCK --http-port PORT [--num-queues N|default]
+#                  [--mem 256M] [--smp N] [--serial LOGFILE] [--accel auto|tcg|kvm]
+#                  [--extra-append STR] [--firmware]
+#
+# --num-queues (default 1) is the vhost-user-blk-pci device's num-queues; `default` leaves it
+# out, and QEMU then asks the backend for one queue per vCPU (--smp), as a plain
+# `-device vhost-user-blk-pci,chardev=...` does.
 #
 # The guest's HTTP server (port 80) is forwarded to 127.0.0.1:PORT on the host (loopback only).
 # Without --serial the serial console goes to stdout (interactive: Ctrl-A x quits QEMU).
@@ -31,7 +35,7 @@ set -euo pipefail
 
 die() { echo "boot.sh: $*" >&2; exit 1; }
 usage() {
-    sed -n '5,7p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '5,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -54,7 +58,7 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$DIR" ] && [ -n "$SOCK" ] && [ -n "$PORT" ] || usage
 case "$PORT" in *[!0-9]*|"") die "--http-port must be a number" ;; esac
-case "$QUEUES" in *[!0-9]*|""|0) die "--num-queues must be a positive number" ;; esac
+case "$QUEUES" in default) ;; *[!0-9]*|""|0) die "--num-queues must be a positive number or default" ;; esac
 case "$ACCEL" in auto|tcg|kvm) ;; *) die "--accel must be auto, tcg or kvm" ;; esac
 [ "$FIRMWARE" = 0 ] || [ -z "$EXTRA" ] \
     || die "--extra-append does not work with --firmware (the command line is in boot-disk.raw)"
@@ -108,6 +112,10 @@ else
     console_args=(-nographic -serial mon:stdio)
 fi
 
+# num-queues left out: QEMU's default, one queue per vCPU.
+disk_device="vhost-user-blk-pci,chardev=disk0,bootindex=1"
+[ "$QUEUES" = default ] || disk_device+=",num-queues=$QUEUES"
+
 APPEND="console=ttyS0 root=/dev/vda rw panic=-1 ${EXTRA}"
 if [ "$FIRMWARE" = 1 ]; then
     kernel_args=()  # SeaBIOS boots the disk (bootindex=1): MBR -> GRUB -> /boot/vmlinuz
@@ -127,7 +135,7 @@ exec "$QEMU" \
     "${console_args[@]}" \
     -no-reboot \
     -chardev "socket,id=disk0,path=$SOCK" \
-    -device "vhost-user-blk-pci,chardev=disk0,num-queues=$QUEUES,bootindex=1" \
+    -device "$disk_device" \
     -netdev "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:$PORT-:80" \
     -device virtio-net-pci,netdev=n0 \
     "${kernel_args[@]}"

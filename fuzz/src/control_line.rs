@@ -19,7 +19,7 @@ use mirror_proto::control::{self, AfterReply, Handler, MAX_REQUEST};
 use serde_json::{Map, Value};
 
 /// The keys `render_table` looks at, and a few it does not.
-const KEYS: [&str; 34] = [
+const KEYS: [&str; 35] = [
     "role",
     "image",
     "readonly",
@@ -38,6 +38,7 @@ const KEYS: [&str; 34] = [
     "bytes_received",
     "num_queues",
     "queue_size",
+    "queues_enabled",
     "frontend_connected",
     "connections",
     "reads",

@@ -362,10 +362,11 @@ pub fn render_table(v: &Value) -> String {
         );
     }
     if has("num_queues") {
-        row(
-            "queues",
-            format!("{} x {}", u("num_queues"), u("queue_size")),
-        );
+        let mut q = format!("{} x {}", u("num_queues"), u("queue_size"));
+        if has("queues_enabled") {
+            q += &format!(", {} enabled", u("queues_enabled"));
+        }
+        row("queues", q);
     }
     if has("frontend_connected") {
         row(
@@ -486,6 +487,16 @@ mod tests {
             (cmd.as_str(), echoed.as_str()),
             ("promote force", Some("promote force"))
         );
+    }
+
+    #[test]
+    fn table_shows_queues_offered_and_enabled() {
+        let t = render_table(&serde_json::json!({"num_queues": 16u64, "queue_size": 256u64}));
+        assert!(t.contains("16 x 256\n"), "{t}");
+        let t = render_table(&serde_json::json!({
+            "num_queues": 16u64, "queue_size": 256u64, "queues_enabled": 4u64
+        }));
+        assert!(t.contains("16 x 256, 4 enabled\n"), "{t}");
     }
 
     #[test]

@@ -679,6 +679,99 @@ fn two_queues_concurrently() {
     }
 }
 
+/// What a process holds, from /proc.
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    threads: u64,
+    rss_kib: u64,
+    rss_anon_kib: u64,
+    fds: u64,
+}
+
+fn usage(pid: u32) -> Usage {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("/proc fd")
+        .count();
+    Usage {
+        threads: field("Threads:"),
+        rss_kib: field("VmRSS:"),
+        rss_anon_kib: field("RssAnon:"),
+        fds: fds as u64,
+    }
+}
+
+/// 7b. The default offers 16 queues (QEMU asks one per vCPU unless told); a frontend that uses
+///     one costs, beyond `--num-queues 1`, the 15 idle worker threads vhost-user-backend makes
+///     for the others (and their epoll fds), no buffers: status shows 1 of 16 enabled.
+#[test]
+fn offered_queues_idle_until_the_frontend_enables_them() {
+    if is_qsd() {
+        eprintln!("skipped: vhost-mirror's own queues");
+        return;
+    }
+    let size = 16 * MIB;
+    let run = |name: &str, o: &BackendOpts| {
+        let mut fx = fixture(name, size, o, None);
+        let waiting = usage(fx.b.pid());
+        let mut c = Client::connect(fx.b.socket());
+        let q = c.q();
+        q.write_pattern(0, size, 4096, 16, 0x51);
+        q.verify_pattern(0, size, usz(MIB), 4, 0x51)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let s = fx.b.status_json();
+        let used = usage(fx.b.pid());
+        fx.b.assert_running();
+        drop(c);
+        (waiting, used, s)
+    };
+    let (w1, u1, s1) = run(
+        "q1",
+        &BackendOpts {
+            num_queues: Some(1),
+            ..opts()
+        },
+    );
+    let (w16, u16_, s16) = run("q16", &opts());
+    eprintln!("--num-queues 1: waiting {w1:?}, one queue used {u1:?}");
+    eprintln!("default (16):   waiting {w16:?}, one queue used {u16_:?}");
+    eprintln!(
+        "16 offered - 1 offered, one used: {} threads, {} fds, RSS {} KiB (anonymous {} KiB)",
+        u16_.threads as i64 - u1.threads as i64,
+        u16_.fds as i64 - u1.fds as i64,
+        u16_.rss_kib as i64 - u1.rss_kib as i64,
+        u16_.rss_anon_kib as i64 - u1.rss_anon_kib as i64
+    );
+    assert_eq!(
+        (s1["num_queues"].as_u64(), s1["queues_enabled"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(
+        (s16["num_queues"].as_u64(), s16["queues_enabled"].as_u64()),
+        (Some(16), Some(1)),
+        "{s16}"
+    );
+    // No frontend: no queue threads at all, whatever is offered.
+    assert_eq!(w16.threads, w1.threads, "waiting for a frontend");
+    // The library's threads: one per offered queue.
+    assert_eq!(u16_.threads, u1.threads + 15, "threads");
+    // Idle workers hold no buffers: each has its stack's touched pages and a malloc arena
+    // (about 13 KiB in all on the development machine, a debug build).
+    let extra_anon = u16_.rss_anon_kib.saturating_sub(u1.rss_anon_kib);
+    assert!(
+        extra_anon < 15 * 64,
+        "15 idle queues cost {extra_anon} KiB of anonymous memory"
+    );
+}
+
 /// 8. `status --json` has the documented keys and right values; counters count exactly; the
 ///    table form names the image.
 #[test]

@@ -26,7 +26,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vhost_mirror_tests::vm::*;
-use vhost_mirror_tests::{free_port, test_dir, Backend, BackendOpts, ChildGuard};
+use vhost_mirror_tests::{free_port, test_dir, Backend, BackendKind, BackendOpts, ChildGuard};
 
 #[test]
 fn vm_file_server_roundtrip() {
@@ -259,6 +259,85 @@ fn vm_file_server_roundtrip() {
         files.len(),
         image.display()
     );
+    drop(_report);
+    drop(tmp);
+}
+
+/// What a new user starts: a 4-vCPU VM with a plain `-device vhost-user-blk-pci,chardev=...`
+/// (no num-queues: QEMU asks the backend for one queue per vCPU) on `vhost-mirror serve` with
+/// no `--num-queues`. It boots (the firmware, then Linux, through the disk), its file server
+/// stores a file and gives it back, and the backend shows the guest's 4 queues enabled of the
+/// 16 it offers.
+#[test]
+fn vm_with_four_vcpus_boots_on_the_defaults() {
+    require_tool("qemu-system-x86_64", "qemu-system-x86");
+    if BackendKind::from_env() == BackendKind::Qsd {
+        eprintln!("skipped: vhost-mirror's default queues (qemu-storage-daemon offers 1)");
+        return;
+    }
+    let gdir = build_guest();
+    let tmp = test_dir("vm-smp4");
+    let dir = tmp.path().to_path_buf();
+    let image = dir.join("disk.raw");
+    let serial = dir.join("serial.log");
+    let qemu_log = dir.join("qemu.log");
+    let _report = FailureReport {
+        logs: vec![
+            ("serial console", serial.clone()),
+            ("boot.sh/QEMU output", qemu_log.clone()),
+        ],
+        dir: dir.clone(),
+        kept: false,
+    };
+    run_ok(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(gdir.join(GUEST_DISK))
+            .arg(&image),
+        "copy the guest disk",
+    );
+    let mut backend = Backend::spawn(&dir, &image, &BackendOpts::default());
+    let port = free_port();
+    let qemu_out = fs::File::create(&qemu_log).expect("create qemu log");
+    let qemu_err = qemu_out.try_clone().expect("clone log fd");
+    let mut cmd = boot_command(&gdir, backend.socket(), port, &serial);
+    cmd.extend(["--smp", "4", "--num-queues", "default"].map(String::from));
+    let mut boot = Command::new(&cmd[0]);
+    boot.args(&cmd[1..])
+        .stdin(Stdio::null())
+        .stdout(qemu_out)
+        .stderr(qemu_err);
+    let t_boot = Instant::now();
+    let mut qemu = ChildGuard::spawn("qemu (images/boot.sh --smp 4)", &mut boot);
+    wait_for_ready(&serial, &mut qemu, &mut backend);
+    eprintln!(
+        "vm smp4 test: boot took {:.1} s",
+        t_boot.elapsed().as_secs_f64()
+    );
+
+    let file = Upload {
+        name: "four-vcpus.bin".into(),
+        data: random_bytes(300_001),
+    };
+    upload(port, &file.name, &file.data).unwrap_or_else(|e| panic!("upload: {e}"));
+    check_uploads(port, std::slice::from_ref(&file), "4 vCPUs");
+
+    let s = backend.status_json();
+    eprintln!(
+        "vm smp4 test: num_queues {} queues_enabled {}",
+        s["num_queues"], s["queues_enabled"]
+    );
+    assert_eq!(s["num_queues"].as_u64(), Some(16), "queues offered: {s}");
+    assert_eq!(s["queues_enabled"].as_u64(), Some(4), "queues enabled: {s}");
+
+    let reply = http(port, "GET", "/cgi-bin/halt", b"").expect("halt");
+    assert_eq!(reply.status, 200, "halt: {}", reply.text());
+    let status = qemu
+        .wait_timeout(EXIT_TIMEOUT)
+        .unwrap_or_else(|| panic!("QEMU still running {EXIT_TIMEOUT:?} after halt"));
+    assert!(status.success(), "QEMU exit status {status}");
+    let status = backend.terminate(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "backend exit status: {status}");
     drop(_report);
     drop(tmp);
 }

@@ -42,8 +42,11 @@ pub struct ServeArgs {
     /// or in FILE).
     #[arg(long, value_name = "SOCK")]
     pub socket: Option<PathBuf>,
-    /// Number of virtqueues (each gets its own worker thread).
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    /// Virtqueues offered to the frontend, at most 64. QEMU's vhost-user-blk-pci asks one per
+    /// vCPU unless given num-queues=, and refuses to start if we offer fewer; the default covers
+    /// VMs of up to 16 vCPUs. Each offered queue has a worker thread, idle until the frontend
+    /// enables the queue; buffers and the queue's event are made only then.
+    #[arg(long, default_value_t = crate::config::DEFAULT_NUM_QUEUES, value_name = "N")]
     pub num_queues: u16,
     /// Largest virtqueue size the frontend may use (a power of two).
     #[arg(long, default_value_t = 256, value_name = "N")]

@@ -17,6 +17,17 @@ use crate::replication::{MirrorConfig, PeerAddr, PeerLoss};
 /// Most queues we accept (vhost-user-backend maps queues to threads with a u64 mask).
 pub const MAX_QUEUES: u16 = 64;
 
+/// Queues offered unless `--num-queues` says otherwise. QEMU's vhost-user-blk-pci without
+/// `num-queues=` asks one queue per vCPU (up to 1024) and refuses to start when the backend
+/// offers fewer ("The maximum number of queues supported by the backend is N"): the default
+/// must cover the VMs people start without thinking about it. 16 does for VMs of up to 16
+/// vCPUs; larger ones set `--num-queues` (up to [`MAX_QUEUES`]) or QEMU's `num-queues=`.
+/// A fixed number rather than one taken from this host's CPUs: a VM must start on either node
+/// of a pair, whatever each has, and a guest may have more vCPUs than its host has CPUs. An
+/// offered queue the frontend never enables costs an idle thread (per connection) and a few
+/// hundred bytes; its buffers and its eventfd are made only when it is enabled (`device.rs`).
+pub const DEFAULT_NUM_QUEUES: u16 = 16;
+
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("--{0} is required (on the command line or in the --config file)")]
@@ -460,6 +471,9 @@ mod tests {
         assert_eq!(a.socket_group.as_deref(), Some("kvm"));
         // Neither gave these: clap's defaults.
         assert_eq!((a.poll_inflight_us, a.resync_min_rate), (100, 2));
+        let (d, _) = parse(&[]);
+        assert_eq!(d.num_queues, DEFAULT_NUM_QUEUES);
+        assert_eq!(DEFAULT_NUM_QUEUES, 16);
         assert_eq!(a.on_peer_loss, PeerLoss::Degrade);
         assert_eq!(a.control, None);
 

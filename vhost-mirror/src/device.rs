@@ -2,16 +2,22 @@
 //!
 //! `vhost-user-backend` runs one thread per entry of `queues_per_thread`; we give each queue its
 //! own thread and its own state, so queues never wait for each other on the I/O path.
+//!
+//! Every offered queue (`--num-queues`) gets its thread when a frontend connects (the library
+//! makes them all then, each blocked in its epoll loop), but nothing else until the frontend
+//! starts and enables that queue: its completion eventfd is made and registered then, by its
+//! own worker (`BlkBackend::start_queue`), and its request buffers grow with its first
+//! requests. A queue the frontend never uses costs an idle thread and a few hundred bytes.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use log::{debug, warn};
+use log::{debug, error, warn};
 use mirror_proto::sys::RefusalLog;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -33,7 +39,7 @@ use crate::stats::QueueCounters;
 
 /// State of one queue worker, kept across connections. Its mutex is taken by that queue's
 /// worker thread, by `stop_vring` (GET_VRING_BASE) and by `lock_all_drained` (shutdown, a
-/// frontend gone).
+/// frontend gone). Its buffers start empty (no allocation) and grow with the queue's requests.
 pub struct QueueWorker {
     request: Request,
     iov: IovecBuf,
@@ -51,6 +57,16 @@ impl Default for QueueWorker {
             deferred: Vec::new(),
             bad_log: RefusalLog::new("guest requests"),
         }
+    }
+}
+
+impl QueueWorker {
+    /// Bytes its buffers hold allocated (0 for a queue that never served a request).
+    #[cfg(test)]
+    pub fn buffer_bytes(&self) -> usize {
+        self.request.buffer_bytes()
+            + self.iov.buffer_bytes()
+            + self.deferred.capacity() * std::mem::size_of::<Deferred>()
     }
 }
 
@@ -80,8 +96,12 @@ pub struct Device {
     pub mirror: Option<Arc<Mirror>>,
     /// Runs the fdatasync of guest FLUSH requests in the background.
     pub flusher: Flusher,
-    /// Per queue: signalled when one of its deferred requests finished (`completion.rs`).
-    pub events: Vec<Arc<QueueEvent>>,
+    /// Per queue: signalled when one of its deferred requests finished (`completion.rs`). Made
+    /// when the frontend first enables the queue (`completion_event`), kept across connections.
+    events: Vec<OnceLock<Arc<QueueEvent>>>,
+    /// Per queue: the frontend started and enabled it, as its worker last saw it (cleared when
+    /// the frontend stops the ring or goes away). `status` counts them (`queues_enabled`).
+    enabled: Vec<AtomicBool>,
 }
 
 /// The epoll `data` of a queue thread's completion event (0..num_queues are the kicks, and
@@ -97,12 +117,9 @@ impl Device {
         id: [u8; ID_BYTES],
         mirror: Option<Arc<Mirror>>,
         flusher: Flusher,
-    ) -> io::Result<Self> {
+    ) -> Self {
         let n = usize::from(model.num_queues);
-        let events = (0..n)
-            .map(|_| QueueEvent::new().map(Arc::new))
-            .collect::<io::Result<_>>()?;
-        Ok(Device {
+        Device {
             disk,
             model,
             counters: (0..n).map(|_| QueueCounters::default()).collect(),
@@ -115,8 +132,9 @@ impl Device {
             id,
             mirror,
             flusher,
-            events,
-        })
+            events: (0..n).map(|_| OnceLock::new()).collect(),
+            enabled: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        }
     }
 
     /// Whether workers take new requests (not shutting down, the frontend still there). When
@@ -125,25 +143,39 @@ impl Device {
         !self.stopping.load(Ordering::Acquire) && !self.frontend_gone.load(Ordering::Acquire)
     }
 
-    /// Registers queue `q`'s completion event in its thread's event loop (one per frontend
-    /// connection: a new daemon has new loops).
-    pub fn register_completion_event<B>(
-        &self,
-        q: usize,
-        handler: &vhost_user_backend::VringEpollHandler<B>,
-    ) -> io::Result<()>
-    where
-        B: VhostUserBackend,
-    {
-        let ev = self
+    /// Queue `q`'s completion event, if the frontend ever enabled `q`.
+    fn event(&self, q: usize) -> Option<&Arc<QueueEvent>> {
+        self.events.get(q).and_then(OnceLock::get)
+    }
+
+    /// Queue `q`'s completion event, made now if this is the first time the frontend enabled
+    /// `q` (only `q`'s worker thread calls this for `q`).
+    fn completion_event(&self, q: usize) -> io::Result<&Arc<QueueEvent>> {
+        let slot = self
             .events
             .get(q)
             .ok_or_else(|| io::Error::other(format!("no queue {q}")))?;
-        handler.register_listener(
-            ev.as_raw_fd(),
-            EventSet::IN,
-            u64::from(completion_event_id(self.events.len())),
-        )
+        if slot.get().is_none() {
+            // Set by nobody else meanwhile (one thread per queue); if it were, that one is kept.
+            let _ = slot.set(Arc::new(QueueEvent::new()?));
+        }
+        slot.get()
+            .ok_or_else(|| io::Error::other(format!("no completion event for queue {q}")))
+    }
+
+    /// How many queues the frontend started and enabled (a worker serves them).
+    pub fn queues_enabled(&self) -> usize {
+        self.enabled
+            .iter()
+            .filter(|e| e.load(Ordering::Relaxed))
+            .count()
+    }
+
+    /// The frontend is gone and its daemon (so every queue worker) dropped: no queue is enabled.
+    pub fn frontend_left(&self) {
+        for e in &self.enabled {
+            e.store(false, Ordering::Relaxed);
+        }
     }
 
     /// After the frontend went away (before its daemon, and so the queue workers, are
@@ -189,7 +221,7 @@ impl Device {
         self.stopping.store(true, Ordering::SeqCst);
         // Workers with deferred requests wake and complete them to the guest (waiting for
         // them); what is left (a ring not running) is finished without the guest.
-        for e in &self.events {
+        for e in self.events.iter().filter_map(OnceLock::get) {
             e.force_signal();
         }
         self.lock_all_drained()
@@ -203,7 +235,13 @@ pub struct BlkBackend {
     mem: GuestMemoryAtomic<GuestMemoryMmap>,
     event_idx: Arc<AtomicBool>,
     /// Each queue's vring, once its worker saw it (for `stop_vring`, which is not given it).
-    vrings: Arc<Vec<std::sync::OnceLock<VringRwLock>>>,
+    vrings: Arc<Vec<OnceLock<VringRwLock>>>,
+    /// This connection's event loops, one per queue (`set_event_loops`): a queue's completion
+    /// event joins its loop when the frontend first enables the queue. Weak: each loop holds a
+    /// clone of this backend.
+    loops: Arc<OnceLock<Vec<Weak<VringEpollHandler<BlkBackend>>>>>,
+    /// Per queue: its completion event is in its loop (the queue is started).
+    started: Arc<Vec<AtomicBool>>,
 }
 
 impl BlkBackend {
@@ -213,8 +251,52 @@ impl BlkBackend {
             dev,
             mem,
             event_idx: Arc::new(AtomicBool::new(false)),
-            vrings: Arc::new((0..n).map(|_| std::sync::OnceLock::new()).collect()),
+            vrings: Arc::new((0..n).map(|_| OnceLock::new()).collect()),
+            loops: Arc::new(OnceLock::new()),
+            started: Arc::new((0..n).map(|_| AtomicBool::new(false)).collect()),
         }
+    }
+
+    /// Hands this connection's event loops (the daemon's, one per queue) to the backend,
+    /// before the frontend is attached.
+    pub fn set_event_loops(&self, loops: &[Arc<VringEpollHandler<BlkBackend>>]) -> io::Result<()> {
+        if loops.len() != self.started.len() {
+            return Err(io::Error::other(format!(
+                "{} event loops for {} queues",
+                loops.len(),
+                self.started.len()
+            )));
+        }
+        self.loops
+            .set(loops.iter().map(Arc::downgrade).collect())
+            .map_err(|_| io::Error::other("event loops set twice"))
+    }
+
+    /// The frontend enabled queue `q` (its worker runs for the first time in this connection):
+    /// its completion event is made (the first time ever) and joins the worker's event loop.
+    /// Called on `q`'s worker thread only.
+    fn start_queue(&self, q: usize) -> io::Result<()> {
+        let Some(started) = self.started.get(q) else {
+            return Err(io::Error::other(format!("no queue {q}")));
+        };
+        if started.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let ev = self.dev.completion_event(q)?;
+        let event_loop = self
+            .loops
+            .get()
+            .and_then(|l| l.get(q))
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| io::Error::other(format!("no event loop for queue {q}")))?;
+        event_loop.register_listener(
+            ev.as_raw_fd(),
+            EventSet::IN,
+            u64::from(completion_event_id(self.dev.events.len())),
+        )?;
+        started.store(true, Ordering::Relaxed);
+        debug!("queue {q}: enabled by the frontend");
+        Ok(())
     }
 
     /// Drains the queue: parse, execute, complete what is ready, then notify the guest once
@@ -244,6 +326,12 @@ impl BlkBackend {
         };
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
+        // Under the worker's lock: `stop_vring` (which holds it too) clears it for good. Written
+        // only when it changes: the flags of all queues share a cache line.
+        let enabled = !drain && state.get_queue().ready() && state.is_enabled();
+        if dev.enabled[queue].load(Ordering::Relaxed) != enabled {
+            dev.enabled[queue].store(enabled, Ordering::Relaxed);
+        }
         let used_any = std::cell::Cell::new(false);
         let add_used = |state: &mut vhost_user_backend::VringState<_>, head, len| {
             used_any.set(true);
@@ -344,7 +432,9 @@ impl BlkBackend {
                 }
             };
         }
-        let event = &dev.events[queue];
+        let Some(event) = dev.event(queue) else {
+            return Err(io::Error::other(format!("queue {queue} was never started")));
+        };
         // The in-flight poll counts new requests on the ring as a reason to go round again,
         // unless that once found nothing to take (a ring whose index is off: no busy loop).
         let mut watch_ring = true;
@@ -502,7 +592,7 @@ impl BlkBackend {
                         continue;
                     }
                 }
-                dev.events[queue].arm();
+                event.arm();
                 if harvest!() == 0 {
                     break;
                 }
@@ -640,9 +730,15 @@ impl VhostUserBackend for BlkBackend {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
         // One queue per thread: the vring is vrings[0] and the queue index is the thread's.
+        // Only a started, enabled queue has events: its first one starts it.
+        if let Err(e) = self.start_queue(thread_id) {
+            // The library ends this worker on an error without a word.
+            error!("queue {thread_id}: cannot start it: {e}");
+            return Err(e);
+        }
         let vring = if device_event == completion_event_id(self.dev.events.len()) {
             // Deferred requests finished.
-            let Some(ev) = self.dev.events.get(thread_id) else {
+            let Some(ev) = self.dev.event(thread_id) else {
                 return Err(io::Error::other(format!("no completion event {thread_id}")));
             };
             ev.consume();
@@ -691,5 +787,78 @@ impl VhostUserBackend for BlkBackend {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vhost_user_backend::VhostUserDaemon;
+
+    fn device(num_queues: u16) -> (tempfile::TempDir, Arc<Device>) {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+        let disk = Arc::new(RawImage::open(&img, false).unwrap());
+        let model = DeviceModel {
+            capacity_sectors: disk.size() / 512,
+            num_queues,
+            queue_size: 256,
+            readonly: false,
+        };
+        let flusher = Flusher::start(disk.clone()).unwrap();
+        let dev = Device::new(disk, model, [0; ID_BYTES], None, flusher);
+        (d, Arc::new(dev))
+    }
+
+    /// A queue the frontend never enables has no buffers and no eventfd; one it enables gets
+    /// its event (registered in its own loop) and counts as enabled until it is stopped.
+    #[test]
+    fn queues_cost_nothing_until_enabled() {
+        let (_d, dev) = device(16);
+        let idle = |dev: &Device, q: usize| {
+            dev.event(q).is_none() && dev.workers[q].lock().unwrap().buffer_bytes() == 0
+        };
+        assert!((0..16).all(|q| idle(&dev, q)));
+        assert_eq!(dev.queues_enabled(), 0);
+
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let backend = BlkBackend::new(dev.clone(), mem.clone());
+        let daemon = VhostUserDaemon::new("test".into(), backend.clone(), mem.clone()).unwrap();
+        let loops = daemon.get_epoll_handlers();
+        assert_eq!(loops.len(), 16, "one worker thread per offered queue");
+        backend.set_event_loops(&loops).unwrap();
+        assert!(backend.set_event_loops(&loops).is_err());
+
+        // The frontend starts and enables queue 3: its worker's first event.
+        let vring = VringRwLock::new(mem, 256).unwrap();
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        backend
+            .handle_event(0, EventSet::IN, std::slice::from_ref(&vring), 3)
+            .unwrap();
+        assert!(dev.event(3).is_some());
+        assert!((0..16).filter(|&q| q != 3).all(|q| idle(&dev, q)));
+        assert_eq!(dev.queues_enabled(), 1);
+        // Registered in queue 3's loop already: a second registration is refused.
+        let ev = dev.event(3).unwrap();
+        assert!(loops[3]
+            .register_listener(
+                ev.as_raw_fd(),
+                EventSet::IN,
+                u64::from(completion_event_id(16))
+            )
+            .is_err());
+
+        // GET_VRING_BASE stops it.
+        vring.set_queue_ready(false);
+        backend.stop_vring(3).unwrap();
+        assert_eq!(dev.queues_enabled(), 0);
+        drop(loops);
+        drop(daemon);
+        dev.frontend_left();
+        assert_eq!(dev.queues_enabled(), 0);
+        // The event stays for the next connection (and is registered again there).
+        assert!(dev.event(3).is_some());
     }
 }

@@ -29,6 +29,14 @@ pub struct IovecBuf(Vec<libc::iovec>, Vec<u8>);
 // otherwise, so moving it to another thread cannot expose a dangling pointer.
 unsafe impl Send for IovecBuf {}
 
+impl IovecBuf {
+    /// Bytes allocated (both start empty and grow with the requests served).
+    #[cfg(test)]
+    pub fn buffer_bytes(&self) -> usize {
+        self.0.capacity() * std::mem::size_of::<libc::iovec>() + self.1.capacity()
+    }
+}
+
 /// What the device needs to know to execute requests.
 pub struct Target<'a> {
     pub disk: &'a RawImage,

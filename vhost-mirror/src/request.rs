@@ -141,6 +141,14 @@ pub struct Request {
 }
 
 impl Request {
+    /// Bytes its buffers hold allocated (all start empty).
+    #[cfg(test)]
+    pub fn buffer_bytes(&self) -> usize {
+        let seg = std::mem::size_of::<Segment>();
+        (self.data.capacity() + self.readable.capacity() + self.writable.capacity()) * seg
+            + self.ranges.capacity() * std::mem::size_of::<Range>()
+    }
+
     /// The request's type; only valid after a successful [`Request::parse`].
     pub fn kind(&self) -> RequestType {
         self.kind.unwrap_or(RequestType::Flush)

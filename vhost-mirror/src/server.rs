@@ -88,6 +88,7 @@ impl ServerState {
             "image": self.config.image.display().to_string(),
             "capacity_bytes": self.dev.model.capacity_sectors * SECTOR_SIZE,
             "num_queues": self.dev.model.num_queues,
+            "queues_enabled": self.dev.queues_enabled(),
             "queue_size": self.dev.model.queue_size,
             "readonly": self.dev.model.readonly,
             "disk_error": self.dev.disk.failure(),
@@ -148,8 +149,7 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         device_id(&config.image),
         mirror.clone(),
         flusher,
-    )
-    .map_err(ServeError::Thread)?;
+    );
     device.poll = config.poll;
     device.poll_inflight = config.poll_inflight;
     let dev = Arc::new(device);
@@ -216,13 +216,15 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         dev.frontend_gone.store(false, Ordering::SeqCst);
         let backend = BlkBackend::new(dev.clone(), mem.clone());
-        let mut daemon = VhostUserDaemon::new("vhost-mirror".into(), backend, mem)
+        // One worker thread per offered queue, each idle in its event loop until the frontend
+        // enables its queue (device.rs).
+        let mut daemon = VhostUserDaemon::new("vhost-mirror".into(), backend.clone(), mem)
             .map_err(|e| ServeError::Daemon(e.to_string()))?;
-        // Each queue's completion event, beside its kick in the queue's own event loop.
-        for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            dev.register_completion_event(q, handler)
-                .map_err(|e| ServeError::Daemon(format!("completion event of queue {q}: {e}")))?;
-        }
+        // A queue's completion event joins its loop, beside its kick, once the queue is enabled.
+        backend
+            .set_event_loops(&daemon.get_epoll_handlers())
+            .map_err(|e| ServeError::Daemon(format!("event loops: {e}")))?;
+        drop(backend);
         // The daemon connects to the private hand-off socket; the relay joins it to `stream`.
         let relay = match frontends.attach(stream, |path| {
             daemon.start_client(path).map_err(|e| e.to_string())
@@ -240,9 +242,16 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
             "frontend connected (connection {n}; pid {} uid {})",
             peer.pid, peer.uid
         );
+        let used = || {
+            format!(
+                "{} of {} queue(s) enabled",
+                dev.queues_enabled(),
+                config.num_queues
+            )
+        };
         match daemon.wait() {
-            Ok(()) => info!("frontend disconnected"),
-            Err(e) => info!("frontend disconnected: {e}"),
+            Ok(()) => info!("frontend disconnected ({})", used()),
+            Err(e) => info!("frontend disconnected ({}): {e}", used()),
         }
         relay.close();
         state.connected.store(false, Ordering::Relaxed);
@@ -250,6 +259,7 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         // replica's part and the bookkeeping), then the workers are joined.
         dev.finish_all_deferred();
         drop(daemon);
+        dev.frontend_left();
         if let Err(e) = disk.flush() {
             error!("flush after disconnect failed: {}", chain(&e));
         }
