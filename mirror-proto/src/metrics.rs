@@ -32,6 +32,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often listening on ADDR is tried again after it failed (address in use, not there yet).
 pub const BIND_RETRY: Duration = Duration::from_secs(5);
 
+/// The values of both servers' `vhost_mirror_disk_state{state=...}`: the disk states of the
+/// protocol and `failed` (the primary's local I/O error, until a restart).
+pub const DISK_STATES: [&str; 4] = ["up-to-date", "inconsistent", "outdated", "failed"];
+
 // ------------------------------------------------------------------------------------------------
 // Histograms
 // ------------------------------------------------------------------------------------------------
@@ -683,6 +687,13 @@ mod tests {
         assert_eq!(s.count(), 3);
         assert_eq!(s.buckets[0], 2);
         assert_eq!(s.sum_ns, 1_000_002_000);
+    }
+
+    #[test]
+    fn disk_states_cover_the_protocols() {
+        for d in crate::frame::DiskState::ALL {
+            assert!(DISK_STATES.contains(&d.as_str()), "{d:?}");
+        }
     }
 
     #[test]
