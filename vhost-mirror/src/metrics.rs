@@ -167,12 +167,12 @@ pub fn render(dev: &Device, image: &Path, frontend_connected: bool, connections:
         );
         e.counter(
             "vhost_mirror_link_sent_bytes_total",
-            "Bytes sent on the replication link (encrypted records)",
+            "Bytes of frames sent on the replication link (before encryption)",
             r.link_sent,
         );
         e.counter(
             "vhost_mirror_link_received_bytes_total",
-            "Bytes received on the replication link (frames)",
+            "Bytes of frames received on the replication link (decrypted)",
             r.link_received,
         );
         e.histogram(
