@@ -72,8 +72,32 @@ if [ "${#missing[@]}" -gt 0 ]; then
     install_cluster_pkgs "${missing[@]}"
 fi
 
+# The metrics tier (tests/tests/metrics.rs) parses what both servers export with the
+# Prometheus text parser of the Python client library, pinned here.
+prometheus_client_version=0.26.0
+have_prometheus_client() {
+    python3 - "$prometheus_client_version" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+import prometheus_client.parser
+sys.exit(0 if version("prometheus-client") == sys.argv[1] else 1)
+PY
+}
+if ! have_prometheus_client; then
+    echo "setup: installing prometheus-client $prometheus_client_version (pip)"
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip
+    fi
+    # A distribution's own Python refuses pip installs (PEP 668) unless told otherwise.
+    python3 -m pip install --quiet --disable-pip-version-check "prometheus-client==$prometheus_client_version" ||
+        python3 -m pip install --quiet --disable-pip-version-check --break-system-packages \
+            "prometheus-client==$prometheus_client_version"
+    have_prometheus_client || { echo "setup: prometheus-client did not install" >&2; exit 1; }
+fi
+
 if ! command -v cargo >/dev/null; then
     echo "setup: cargo not found; install the Rust toolchain (rustup) first" >&2
     exit 1
 fi
-echo "setup: $(qemu-system-x86_64 --version | head -n1); $(cargo --version)"
+echo "setup: $(qemu-system-x86_64 --version | head -n1); $(cargo --version); prometheus-client $prometheus_client_version"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets up this machine and runs every test tier: unit, blkio client, local sockets,
-# replication, witness, the Pacemaker agent and a cluster failover, durability and fault
+# Sets up this machine and runs every test tier: unit, blkio client, local sockets, config
+# files, metrics, replication, witness, the Pacemaker agent and a cluster failover, durability and fault
 # injection (a short pass of the randomized checker), QEMU VM (file server, failover/failback),
 # and a smoke run of the benchmark.
 # Usage (as root on Debian 12): bash ci/test.sh
@@ -27,6 +27,9 @@ cargo test -p vhost-mirror-tests --locked --test sockets
 
 echo "== config files, Type=notify, systemd units (systemd-analyze verify)"
 cargo test -p vhost-mirror-tests --locked --test config
+
+echo "== metrics (--metrics of a mirrored pair scraped under load, parsed by prometheus_client; garbage and floods at the endpoint)"
+cargo test -p vhost-mirror-tests --locked --test metrics
 
 echo "== link security (relay injection and snooping, pre-auth lock-out, weak secrets)"
 cargo test -p vhost-mirror-tests --locked --test security

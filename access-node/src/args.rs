@@ -74,6 +74,11 @@ pub struct ServeArgs {
     /// owned by GROUP. Without it, 0600: only root and this user. Needs --control.
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9943). Anyone who
+    /// reaches ADDR can read them (no authentication): keep it on loopback or a management
+    /// network.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Read cache size in MiB (0 disables the cache).
     #[arg(long, default_value_t = 64, value_name = "N")]
     pub cache_mb: u64,

@@ -58,6 +58,12 @@ pub enum ConfigError {
     GroupWithoutControl,
     #[error("--socket-group")]
     SocketGroup(#[source] GroupError),
+    #[error("--metrics {addr:?} is not an address like 127.0.0.1:9943")]
+    Metrics {
+        addr: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
 }
 
 /// The `--config` file: every option of `serve` but `--config`, by its long name
@@ -70,6 +76,7 @@ pub struct ServeFile {
     pub secret_file: Option<PathBuf>,
     pub control: Option<PathBuf>,
     pub socket_group: Option<String>,
+    pub metrics: Option<String>,
     pub cache_mb: Option<u64>,
     pub discard_my_data: Option<bool>,
     pub on_primary_loss: Option<String>,
@@ -91,6 +98,7 @@ pub fn merge(
         secret_file,
         control,
         socket_group,
+        metrics,
         cache_mb,
         discard_my_data,
         on_primary_loss,
@@ -112,6 +120,7 @@ pub fn merge(
         secret_file,
         control,
         socket_group,
+        metrics,
         cache_mb,
         discard_my_data,
         on_primary_loss,
@@ -158,6 +167,8 @@ pub struct ServeConfig {
     pub discard_my_data: bool,
     pub primary_loss: Option<PrimaryLoss>,
     pub witness: Option<crate::replica::WitnessCfg>,
+    /// `--metrics ADDR`: where the Prometheus endpoint listens.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -173,6 +184,18 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 addr: listen.clone(),
                 source,
             })?;
+        let metrics = match a.metrics {
+            Some(addr) => {
+                Some(
+                    addr.parse::<SocketAddr>()
+                        .map_err(|source| ConfigError::Metrics {
+                            addr: addr.clone(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         if a.cache_mb > MAX_CACHE_MB {
             return Err(ConfigError::CacheSize(a.cache_mb));
         }
@@ -224,6 +247,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             discard_my_data: a.discard_my_data,
             primary_loss,
             witness,
+            metrics,
         })
     }
 }
@@ -244,6 +268,7 @@ mod tests {
             secret_file: Some(secret),
             control: None,
             socket_group: None,
+            metrics: None,
             cache_mb: 64,
             discard_my_data: false,
             on_primary_loss: None,
@@ -265,6 +290,19 @@ mod tests {
         };
         let e = ServeConfig::try_from(a).unwrap_err();
         assert!(e.to_string().contains("localhost"), "{e}");
+
+        let a = ServeArgs {
+            metrics: Some("[::1]:9943".into()),
+            ..args(d.path())
+        };
+        let c = ServeConfig::try_from(a).unwrap();
+        assert_eq!(c.metrics, Some("[::1]:9943".parse().unwrap()));
+        let a = ServeArgs {
+            metrics: Some("9943".into()),
+            ..args(d.path())
+        };
+        let e = ServeConfig::try_from(a).unwrap_err();
+        assert!(matches!(e, ConfigError::Metrics { .. }), "{e}");
 
         let a = ServeArgs {
             cache_mb: MAX_CACHE_MB + 1,
@@ -454,7 +492,7 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 10);
+        assert_eq!(n, 11);
     }
 
     #[test]
@@ -553,6 +591,6 @@ mod tests {
         let file: ServeFile = config_file::load(&p).unwrap();
         let all = format!("{file:?}");
         assert!(!all.contains("None"), "a key is missing: {all}");
-        assert_eq!(all.matches("Some(").count(), 10, "{all}");
+        assert_eq!(all.matches("Some(").count(), 11, "{all}");
     }
 }

@@ -139,7 +139,12 @@ impl FlushQueue {
             let unwinding = FailOnUnwind(self);
             let ack = match failed {
                 Some(ack) => Some(ack),
-                None => self.flush(node),
+                None => {
+                    let t = std::time::Instant::now();
+                    let ack = self.flush(node);
+                    node.status.counters.flush.record(t.elapsed());
+                    ack
+                }
             };
             out.clear();
             for &seq in &batch {

@@ -5,6 +5,7 @@ mod args;
 mod cache;
 mod config;
 mod flusher;
+mod metrics;
 mod preauth;
 mod promote;
 mod replica;

@@ -325,6 +325,12 @@ impl Server {
             flush_gate: Mutex::new(()),
             witness: config.witness,
         });
+        if let Some(addr) = config.metrics {
+            let st = status.clone();
+            let render: mirror_proto::metrics::Render =
+                Arc::new(move || crate::metrics::render(&st));
+            mirror_proto::metrics::spawn(addr, render).map_err(ServeError::Thread)?;
+        }
         if let Some(l) = control_listener {
             let n = node.clone();
             let f: Handler = Arc::new(move |cmd| match cmd {

@@ -74,6 +74,7 @@ impl Fixture {
             discard_my_data: opts.discard_my_data,
             primary_loss: opts.primary_loss,
             witness: None,
+            metrics: None,
         };
         let server = Server::bind(config).unwrap();
         let addr = server.local_addr().unwrap();

@@ -568,7 +568,9 @@ fn apply(
         } => {
             let start = Instant::now();
             let r = rep.write(offset, data);
-            Counters::add(&c.write_nanos, start.elapsed().as_nanos() as u64);
+            let spent = start.elapsed();
+            c.local_write.record(spent);
+            Counters::add(&c.write_nanos, spent.as_nanos() as u64);
             Counters::add(&c.writes, 1);
             if r.is_ok() {
                 Counters::add(&c.bytes_written, data.len() as u64);

@@ -9,6 +9,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use mirror_proto::frame::{DiskState, Role};
+use mirror_proto::metrics::Histogram;
 use serde_json::{json, Value};
 
 pub use mirror_proto::control::PeerState;
@@ -37,6 +38,10 @@ pub struct Counters {
     pub out_of_sync_bytes: AtomicU64,
     pub resync_done_bytes: AtomicU64,
     pub resyncing: AtomicBool,
+    /// Applying each Write (its `pwrite`), for the metrics.
+    pub local_write: Histogram,
+    /// Each `fdatasync` of the flusher, answering a batch of Flushes.
+    pub flush: Histogram,
 }
 
 impl Counters {
@@ -245,6 +250,27 @@ impl Status {
         let c = &self.counters;
         c.out_of_sync_bytes.store(0, Ordering::Relaxed);
         c.resyncing.store(false, Ordering::Relaxed);
+    }
+
+    /// The replica's role, disk state, generation and size, as last published.
+    pub fn disk(&self) -> (Role, DiskState, u64, u64) {
+        let d = lock(&self.disk);
+        (d.role, d.disk_state, d.generation, d.capacity)
+    }
+
+    /// The link to the primary: connected while one is attached, else how the last
+    /// connection ended.
+    pub fn peer_state(&self) -> PeerState {
+        let p = lock(&self.peer);
+        match p.attached {
+            Some(_) => PeerState::Connected,
+            None => p.last,
+        }
+    }
+
+    /// Connections that never authenticated.
+    pub fn handshake_failures(&self) -> u64 {
+        self.handshake_failures.load(Ordering::Relaxed)
     }
 
     /// The status document (JSON keys are a contract, see the README).

@@ -32,6 +32,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::info;
 
@@ -61,6 +62,8 @@ pub struct BitmapFile {
     file: File,
     path: PathBuf,
     damaged: Vec<(u64, u64)>,
+    /// Persists so far (each a write of blocks and an fdatasync), for the metrics.
+    writes: AtomicU64,
 }
 
 /// Words of the bitmap of an image of `size` bytes.
@@ -307,6 +310,7 @@ impl BitmapFile {
                 file,
                 path,
                 damaged,
+                writes: AtomicU64::new(0),
             },
             bitmap,
         ))
@@ -322,11 +326,17 @@ impl BitmapFile {
         &self.damaged
     }
 
+    /// Persists made since the file was opened (tried: also failed ones).
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
     /// Writes the blocks holding the given words of `bitmap` and makes them durable.
     pub fn persist_words(&self, bitmap: &Bitmap, words: &[usize]) -> Result<(), MetaError> {
         if words.is_empty() {
             return Ok(());
         }
+        self.writes.fetch_add(1, Ordering::Relaxed);
         let werr = |source| MetaError::Write {
             path: self.path.clone(),
             source,
@@ -347,6 +357,7 @@ impl BitmapFile {
 
     /// Writes the whole bitmap and makes it durable.
     pub fn persist_all(&self, bitmap: &Bitmap) -> Result<(), MetaError> {
+        self.writes.fetch_add(1, Ordering::Relaxed);
         let werr = |source| MetaError::Write {
             path: self.path.clone(),
             source,
@@ -365,6 +376,21 @@ mod tests {
     /// 200 regions: 4 words, one data block. `big`: 3 blocks and a short last one.
     const SIZE: u64 = 200 * REGION_SIZE;
     const BIG: u64 = (2 * 63 * 64 + 100) * REGION_SIZE;
+
+    #[test]
+    fn persists_are_counted() {
+        let d = tempfile::tempdir().unwrap();
+        let img = d.path().join("disk.img");
+        let (f, mut b) = BitmapFile::open_or_create(&img, SIZE).unwrap();
+        assert_eq!(f.writes(), 0);
+        f.persist_words(&b, &[]).unwrap();
+        assert_eq!(f.writes(), 0, "nothing to write is no write");
+        let mut changed = Vec::new();
+        b.set_range(0, 1, &mut changed);
+        f.persist_words(&b, &changed).unwrap();
+        f.persist_all(&b).unwrap();
+        assert_eq!(f.writes(), 2);
+    }
 
     fn marked(img: &Path, size: u64, regions: &[u64]) -> Bitmap {
         let (f, mut b) = BitmapFile::open_or_create(img, size).unwrap();

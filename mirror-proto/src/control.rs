@@ -62,6 +62,17 @@ pub enum PeerState {
 }
 
 impl PeerState {
+    /// Every state (the metrics write one sample per state).
+    pub const ALL: [PeerState; 7] = [
+        PeerState::Connecting,
+        PeerState::Connected,
+        PeerState::Disconnected,
+        PeerState::AuthFailed,
+        PeerState::Refused,
+        PeerState::SplitBrain,
+        PeerState::Standalone,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             PeerState::Connecting => "connecting",

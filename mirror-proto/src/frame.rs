@@ -76,6 +76,13 @@ pub enum DiskState {
 }
 
 impl DiskState {
+    /// Every state (the metrics write one sample per state).
+    pub const ALL: [DiskState; 3] = [
+        DiskState::UpToDate,
+        DiskState::Inconsistent,
+        DiskState::Outdated,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DiskState::UpToDate => "up-to-date",

@@ -1,6 +1,6 @@
 //! Shared by `vhost-mirror` and `access-node`: the replication wire protocol (a pure codec),
 //! authentication, generation comparison, the out-of-sync bitmap, the metadata files, the
-//! `--config` file and the service manager's notifications.
+//! `--config` file, the service manager's notifications and the Prometheus metrics endpoint.
 
 pub mod activity_log;
 pub mod auth;
@@ -14,6 +14,7 @@ pub mod files;
 pub mod frame;
 pub mod generation;
 pub mod meta;
+pub mod metrics;
 pub mod notify;
 pub mod secure;
 pub mod sys;

@@ -17,6 +17,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once at start: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve IMG to QEMU over a vhost-user-blk socket.
@@ -72,6 +74,11 @@ pub struct ServeArgs {
     /// 0660, owned by GROUP. Without it they are 0600: only root and this user.
     #[arg(long, value_name = "GROUP")]
     pub socket_group: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9942). Anyone who
+    /// reaches ADDR can read them (no authentication): keep it on loopback or a management
+    /// network.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Replicate synchronously to the access node at ADDR (host:port).
     #[arg(long, value_name = "ADDR")]
     pub peer: Option<String>,

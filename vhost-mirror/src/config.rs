@@ -1,6 +1,7 @@
 //! Validated configuration of `vhost-mirror serve`: the command line, merged with the
 //! `--config` file, then checked.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::parser::ValueSource;
@@ -66,6 +67,12 @@ pub enum ConfigError {
     SamePaths,
     #[error("--socket-group")]
     SocketGroup(#[source] GroupError),
+    #[error("--metrics {addr:?} is not an address like 127.0.0.1:9942")]
+    Metrics {
+        addr: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
 }
 
 /// The `--config` file: every option of `serve` but `--config`, by its long name
@@ -82,6 +89,7 @@ pub struct ServeFile {
     pub poll_inflight_us: Option<u64>,
     pub control: Option<PathBuf>,
     pub socket_group: Option<String>,
+    pub metrics: Option<String>,
     pub peer: Option<String>,
     pub secret_file: Option<PathBuf>,
     pub on_peer_loss: Option<PeerLoss>,
@@ -109,6 +117,7 @@ pub fn merge(
         poll_inflight_us,
         control,
         socket_group,
+        metrics,
         peer,
         secret_file,
         on_peer_loss,
@@ -136,6 +145,7 @@ pub fn merge(
         poll_inflight_us,
         control,
         socket_group,
+        metrics,
         peer,
         secret_file,
         on_peer_loss,
@@ -176,6 +186,8 @@ pub struct ServeConfig {
     pub mirror: Option<MirrorConfig>,
     pub poll: std::time::Duration,
     pub poll_inflight: std::time::Duration,
+    /// `--metrics ADDR`: where the Prometheus endpoint listens.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl TryFrom<ServeArgs> for ServeConfig {
@@ -209,6 +221,18 @@ impl TryFrom<ServeArgs> for ServeConfig {
                 }
                 None => None,
             },
+        };
+        let metrics = match a.metrics {
+            Some(addr) => {
+                Some(
+                    addr.parse::<SocketAddr>()
+                        .map_err(|source| ConfigError::Metrics {
+                            addr: addr.clone(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
         };
         let mirror = match (a.peer, a.secret_file) {
             (Some(peer), Some(secret)) => {
@@ -268,6 +292,7 @@ impl TryFrom<ServeArgs> for ServeConfig {
             mirror,
             poll: std::time::Duration::from_micros(a.poll_us),
             poll_inflight: std::time::Duration::from_micros(a.poll_inflight_us),
+            metrics,
         })
     }
 }
@@ -288,6 +313,7 @@ mod tests {
             poll_inflight_us: 100,
             control: None,
             socket_group: None,
+            metrics: None,
             peer: None,
             secret_file: None,
             on_peer_loss: PeerLoss::Degrade,
@@ -330,6 +356,24 @@ mod tests {
             }),
             ConfigError::SamePaths
         ));
+    }
+
+    #[test]
+    fn metrics_address() {
+        assert_eq!(ServeConfig::try_from(args()).unwrap().metrics, None);
+        let c = ServeConfig::try_from(ServeArgs {
+            metrics: Some("127.0.0.1:9942".into()),
+            ..args()
+        })
+        .unwrap();
+        assert_eq!(c.metrics, Some("127.0.0.1:9942".parse().unwrap()));
+        let e = ServeConfig::try_from(ServeArgs {
+            metrics: Some("localhost:9942".into()),
+            ..args()
+        })
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::Metrics { .. }), "{e}");
+        assert!(e.to_string().contains("localhost:9942"), "{e}");
     }
 
     #[test]
@@ -446,7 +490,7 @@ mod tests {
                 n += 1;
             }
         }
-        assert_eq!(n, 16);
+        assert_eq!(n, 17);
     }
 
     #[test]
@@ -577,6 +621,6 @@ mod tests {
         let file: ServeFile = config_file::load(&p).unwrap();
         let all = format!("{file:?}");
         assert!(!all.contains("None"), "a key is missing: {all}");
-        assert_eq!(all.matches("Some(").count(), 16, "{all}");
+        assert_eq!(all.matches("Some(").count(), 17, "{all}");
     }
 }

@@ -206,6 +206,7 @@ impl Device {
                 };
                 let mut g = g;
                 drain_deferred(&mut g.deferred, self.mirror.as_deref(), &self.counters[q]);
+                self.counters[q].inflight.store(0, Ordering::Relaxed);
                 guards[q] = Some(g);
             }
             if guards.iter().all(Option::is_some) {
@@ -309,13 +310,30 @@ impl BlkBackend {
             return Err(io::Error::other(format!("no worker for queue {queue}")));
         };
         let mut worker = worker.lock().unwrap_or_else(|p| p.into_inner());
+        let r = self.process_locked(queue, &mut worker, vring, drain);
+        // However the turn ended (an error part way too): what is left in flight.
+        dev.counters[queue]
+            .inflight
+            .store(worker.deferred.len() as u64, Ordering::Relaxed);
+        r
+    }
+
+    /// [`Self::process_queue`]'s turn, with the queue's worker state locked.
+    fn process_locked(
+        &self,
+        queue: usize,
+        worker: &mut QueueWorker,
+        vring: &VringRwLock,
+        drain: bool,
+    ) -> io::Result<bool> {
+        let dev = &*self.dev;
         let stopping = || drain || !dev.accepting();
         let QueueWorker {
             request,
             iov,
             deferred,
             bad_log,
-        } = &mut *worker;
+        } = worker;
         let counters = &dev.counters[queue];
         let mirror = dev.mirror.as_deref();
         let target = Target {
@@ -342,6 +360,15 @@ impl BlkBackend {
         };
         // Completions that must wait for the replica (suspend mode, after a failure).
         let mut held: Vec<executor::Finished> = Vec::new();
+        // The in-flight gauge (metrics), kept current during a long turn: a relaxed store to
+        // this queue's own counters.
+        macro_rules! gauge {
+            () => {
+                counters
+                    .inflight
+                    .store((deferred.len() + held.len()) as u64, Ordering::Relaxed)
+            };
+        }
         // Puts a finished deferred request on the used ring, or aside if the guest must be held.
         macro_rules! done {
             ($f:expr) => {{
@@ -371,6 +398,7 @@ impl BlkBackend {
             () => {
                 if !held.is_empty() {
                     finish_all!();
+                    gauge!();
                     for f in held.drain(..) {
                         let mut len = f.used_len;
                         if let (Some(m), Some(r)) = (mirror, f.hold) {
@@ -405,6 +433,7 @@ impl BlkBackend {
                 }
                 if n > 0 {
                     settle_holds!();
+                    gauge!();
                 }
                 n
             }};
@@ -471,10 +500,12 @@ impl BlkBackend {
                             remote,
                             local_ok: true,
                             flush: Some(dev.flusher.submit()),
+                            flush_started: Some(std::time::Instant::now()),
                         };
                         d.notify_when_ready(mirror, event);
                         deferred.push(d);
                         make_room!();
+                        gauge!();
                         continue;
                     }
                     (Ok(()), Some(m)) if request.is_mirrored() => {
@@ -515,10 +546,12 @@ impl BlkBackend {
                                     remote: Some(remote),
                                     local_ok,
                                     flush: None,
+                                    flush_started: None,
                                 };
                                 d.notify_when_ready(mirror, event);
                                 deferred.push(d);
                                 make_room!();
+                                gauge!();
                                 continue;
                             }
                             None => c,

@@ -4,6 +4,7 @@
 //! and completed by the queue worker (`device.rs`) with the status this returns.
 
 use std::sync::atomic::AtomicU64;
+use std::time::Instant;
 
 use log::{debug, warn};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
@@ -164,6 +165,8 @@ pub struct Deferred {
     pub local_ok: bool,
     /// A FLUSH's local fdatasync, running in the background.
     pub flush: Option<std::sync::Arc<crate::flusher::FlushTicket>>,
+    /// When a FLUSH was taken from the ring (its latency is recorded when it finishes).
+    pub flush_started: Option<Instant>,
 }
 
 impl Deferred {
@@ -252,6 +255,8 @@ pub fn execute_mirrored(
         WriteOp::Write => {
             QueueCounters::add(&counters.writes, 1);
             let mut local: Result<(), DiskError> = Ok(());
+            // Only the local pwrites (not the copies or the link).
+            let mut local_time = std::time::Duration::ZERO;
             let mut done = 0u64;
             while done < len {
                 let n = (len - done).min(MAX_DATA as u64) as usize;
@@ -270,10 +275,13 @@ pub fn execute_mirrored(
                     return refused(e);
                 }
                 if local.is_ok() {
+                    let t = Instant::now();
                     local = target.disk.write_at(chunk, offset + done);
+                    local_time += t.elapsed();
                 }
                 done += n as u64;
             }
+            counters.local_write.record(local_time);
             let local = local.and_then(|()| sync_if_writethrough(target));
             status_of(mem, req, local, counters, |c| {
                 QueueCounters::add(&c.bytes_written, len)
@@ -406,6 +414,9 @@ fn settle(
     if fresh_failure {
         QueueCounters::add(&counters.errors, 1);
     }
+    if let Some(t) = d.flush_started.take() {
+        counters.flush.record(t.elapsed());
+    }
     (fresh_failure, hold)
 }
 
@@ -441,10 +452,14 @@ pub fn execute(
         RequestType::Out => {
             add(&counters.writes, 1);
             match guest_iovecs(mem, &req.data, Permissions::Read, &mut iov.0) {
-                // SAFETY: as above; the memory is only read.
-                Ok(()) => unsafe { disk.write_vectored(&mut iov.0, req.offset) }
-                    .and_then(|()| sync_if_writethrough(target))
-                    .map(|()| add(&counters.bytes_written, req.data_len)),
+                Ok(()) => {
+                    let t = Instant::now();
+                    // SAFETY: as above; the memory is only read.
+                    let r = unsafe { disk.write_vectored(&mut iov.0, req.offset) };
+                    counters.local_write.record(t.elapsed());
+                    r.and_then(|()| sync_if_writethrough(target))
+                        .map(|()| add(&counters.bytes_written, req.data_len))
+                }
                 Err(e) => {
                     warn!("guest buffer of a write is not in guest memory: {e}");
                     Err(bad_buffer())

@@ -177,6 +177,18 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         });
         control::spawn_server(l, access, f).map_err(ServeError::Thread)?;
     }
+    if let Some(addr) = config.metrics {
+        let st = state.clone();
+        let render: mirror_proto::metrics::Render = Arc::new(move || {
+            crate::metrics::render(
+                &st.dev,
+                &st.config.image,
+                st.connected.load(Ordering::Relaxed),
+                st.connections.load(Ordering::Relaxed),
+            )
+        });
+        mirror_proto::metrics::spawn(addr, render).map_err(ServeError::Thread)?;
+    }
     spawn_signal_handler(state.clone())?;
     if let Some(m) = &mirror {
         m.spawn_manager().map_err(ServeError::Thread)?;

@@ -1,7 +1,9 @@
 //! Counters of served requests, one set per queue (no cache line shared by two queue
-//! workers), summed only when someone asks for status.
+//! workers), summed only when someone asks for status or metrics.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use mirror_proto::metrics::{Histogram, HistogramSnapshot};
 
 /// Counters for one virtqueue. Aligned so that two queues never share a cache line.
 #[derive(Debug, Default)]
@@ -19,6 +21,13 @@ pub struct QueueCounters {
     pub errors: AtomicU64,
     /// Requests that completed with VIRTIO_BLK_S_UNSUPP.
     pub unsupported: AtomicU64,
+    /// Requests taken from the ring whose completion waits for the replica or an fdatasync
+    /// (a gauge, stored by the queue worker).
+    pub inflight: AtomicU64,
+    /// The local `pwritev` of each guest write (all its chunks, when mirrored).
+    pub local_write: Histogram,
+    /// Each guest FLUSH, from the worker taking it to its completion (both sides durable).
+    pub flush: Histogram,
 }
 
 impl QueueCounters {
@@ -40,6 +49,22 @@ pub struct CounterSnapshot {
     pub bytes_written: u64,
     pub errors: u64,
     pub unsupported: u64,
+}
+
+/// Requests in flight over all queues, and the latency histograms summed: local writes and
+/// flushes.
+pub fn latencies(queues: &[QueueCounters]) -> (u64, HistogramSnapshot, HistogramSnapshot) {
+    let (mut inflight, mut write, mut flush) = (
+        0u64,
+        HistogramSnapshot::default(),
+        HistogramSnapshot::default(),
+    );
+    for q in queues {
+        inflight += q.inflight.load(Ordering::Relaxed);
+        write.merge(&q.local_write.snapshot());
+        flush.merge(&q.flush.snapshot());
+    }
+    (inflight, write, flush)
 }
 
 pub fn snapshot(queues: &[QueueCounters]) -> CounterSnapshot {
@@ -74,5 +99,15 @@ mod tests {
         assert_eq!(s.reads, 5);
         assert_eq!(s.bytes_written, 4096);
         assert_eq!(std::mem::align_of::<QueueCounters>(), 128);
+        q[0].inflight.store(2, Ordering::Relaxed);
+        q[1].inflight.store(3, Ordering::Relaxed);
+        q[0].local_write.record(std::time::Duration::from_micros(5));
+        q[1].local_write.record(std::time::Duration::from_micros(7));
+        q[1].flush.record(std::time::Duration::from_millis(2));
+        let (inflight, w, f) = latencies(&q);
+        assert_eq!(
+            (inflight, w.count(), w.sum_ns, f.count()),
+            (5, 2, 12_000, 1)
+        );
     }
 }

@@ -53,6 +53,14 @@ pub enum Gate {
 }
 
 impl Gate {
+    /// Every state (the metrics write one sample per state).
+    pub const ALL: [Gate; 4] = [
+        Gate::Attached,
+        Gate::Pending,
+        Gate::Outdated,
+        Gate::Superseded,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Gate::Attached => "attached",

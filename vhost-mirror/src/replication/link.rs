@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use mirror_proto::conn::{ConnError, FrameReader};
 use mirror_proto::frame::{self, AckStatus, Frame, MAX_DATA};
+use mirror_proto::metrics::Histogram;
 use mirror_proto::secure::{SecureReader, SecureWriter};
 
 use crate::completion::QueueEvent;
@@ -137,10 +138,13 @@ pub struct LinkStats {
     /// Flushes the replica answered Ok, and their round trips in all, ns.
     pub flush_acks: AtomicU64,
     pub flush_latency_ns: AtomicU64,
+    /// Guest write round trips (each chunk sent to its ack), for the metrics.
+    pub write_ack: Histogram,
 }
 
 impl LinkStats {
     fn record_write_latency(&self, d: Duration) {
+        self.write_ack.record(d);
         let ns = d.as_nanos() as u64;
         self.write_acks.fetch_add(1, Ordering::Relaxed);
         self.write_latency_ns.fetch_add(ns, Ordering::Relaxed);

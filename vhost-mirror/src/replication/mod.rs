@@ -149,6 +149,9 @@ pub struct Mirror {
     /// their block hashes (not sent).
     resync_sent: AtomicU64,
     resync_same: AtomicU64,
+    /// The running resync's rate: bytes of regions copied or compared per second over its
+    /// last second or so (0 when none runs).
+    resync_rate: AtomicU64,
     /// Guest write-type requests and flushes so far (the resync yields while it grows).
     guest_writes: AtomicU64,
     /// The resync is yielding to guest writes right now.
@@ -159,6 +162,31 @@ pub struct Mirror {
     stopping: AtomicBool,
     /// With a witness: whether writes the replica lacks may be acknowledged.
     fence: Option<Arc<fence::Fence>>,
+}
+
+/// The replication figures of the metrics ([`Mirror::metrics`]).
+#[derive(Debug, Clone)]
+pub struct MirrorMetrics {
+    pub peer_state: PeerState,
+    /// The replica's disk as last heard of (None: not yet).
+    pub peer_disk: Option<DiskState>,
+    /// With a witness or a fence-peer handler: the fence's gate.
+    pub fence: Option<fence::Gate>,
+    pub generation: u64,
+    pub out_of_sync: u64,
+    pub resyncing: bool,
+    pub resync_yielding: bool,
+    /// Bytes of regions resynced (copied or found equal, then flushed), in all.
+    pub resync_done: u64,
+    pub resync_sent: u64,
+    pub resync_same: u64,
+    /// Bytes per second of the running resync.
+    pub resync_rate: u64,
+    pub link_sent: u64,
+    pub link_received: u64,
+    pub replica_ack: mirror_proto::metrics::HistogramSnapshot,
+    pub activity_log_writes: u64,
+    pub bitmap_writes: u64,
 }
 
 /// The write-type requests that are mirrored.
@@ -248,6 +276,7 @@ impl Mirror {
             guest_writes: AtomicU64::new(0),
             resync_yielding: AtomicBool::new(false),
             resync_same: AtomicU64::new(0),
+            resync_rate: AtomicU64::new(0),
             verify: verify::Progress::default(),
             verify_last: Mutex::new(verify_last),
             stopping: AtomicBool::new(false),
@@ -824,6 +853,37 @@ impl Mirror {
         // Nothing is in flight any more: no extent can differ because of a crash.
         if let Err(e) = self.activity_log.clear() {
             error!("{}", mirror_proto::sys::error_chain(&e));
+        }
+    }
+
+    /// The replication figures the metrics export (`metrics.rs`), read at one moment.
+    pub fn metrics(&self) -> MirrorMetrics {
+        let (out_of_sync, generation, bitmap_writes) = {
+            let s = self.sync_state();
+            (s.out_of_sync_bytes(), s.meta.generation, s.bitmap_writes())
+        };
+        let (peer_state, peer_disk, resyncing) = {
+            let st = self.status_lock();
+            (st.state, st.peer_disk, st.resyncing)
+        };
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        MirrorMetrics {
+            peer_state,
+            peer_disk,
+            fence: self.fence.as_ref().map(|f| f.gate()),
+            generation,
+            out_of_sync,
+            resyncing,
+            resync_yielding: self.resync_yielding.load(Ordering::Relaxed),
+            resync_done: l(&self.resync_total),
+            resync_sent: l(&self.resync_sent),
+            resync_same: l(&self.resync_same),
+            resync_rate: l(&self.resync_rate),
+            link_sent: l(&self.stats.bytes_sent),
+            link_received: l(&self.stats.bytes_received),
+            replica_ack: self.stats.write_ack.snapshot(),
+            activity_log_writes: self.activity_log.writes(),
+            bitmap_writes,
         }
     }
 

@@ -205,6 +205,11 @@ impl SyncState {
         Ok(false)
     }
 
+    /// Writes of the bitmap file so far (each blocks and an fdatasync), for the metrics.
+    pub fn bitmap_writes(&self) -> u64 {
+        self.file.writes()
+    }
+
     pub fn out_of_sync_bytes(&self) -> u64 {
         self.bitmap.bytes(self.size)
     }

@@ -43,6 +43,8 @@ const BUSY_RUN_REGIONS: u64 = 1;
 const BUSY_FOR: Duration = Duration::from_millis(20);
 /// Persist the (shrinking) bitmap after this many bytes.
 const PERSIST_EVERY: u64 = 64 << 20;
+/// The resync rate of the metrics is measured over windows of this length.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Error)]
 pub enum ResyncError {
@@ -434,6 +436,7 @@ fn copy_all(
     let csums = !full && m.status_lock().peer_hashes;
     let result = copy_runs(m, link, size, csums, &mut p);
     m.resync_yielding.store(false, Ordering::Relaxed);
+    m.resync_rate.store(0, Ordering::Relaxed);
     // On error, let what is in flight finish (or fail) and free its ranges.
     let drained = p.drain(m, link);
     m.sync_state().watch_marks(false);
@@ -455,6 +458,8 @@ fn copy_runs(
     let mut since_persist = 0u64;
     let started = Instant::now();
     let mut sent_bytes = 0u64;
+    // The rate the metrics show: bytes of the runs taken over the last RATE_WINDOW or so.
+    let mut window = (Instant::now(), 0u64);
     loop {
         let busy = guest.busy();
         if busy {
@@ -553,6 +558,13 @@ fn copy_runs(
         }
         sent_bytes += len;
         since_persist += len;
+        window.1 += len;
+        let elapsed = window.0.elapsed();
+        if elapsed >= RATE_WINDOW {
+            let rate = window.1 as f64 / elapsed.as_secs_f64();
+            m.resync_rate.store(rate as u64, Ordering::Relaxed);
+            window = (Instant::now(), 0);
+        }
         if p.window.len() >= WINDOW {
             p.complete_one(m, link)?;
         }
