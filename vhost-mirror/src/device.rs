@@ -79,6 +79,10 @@ pub struct Device {
     pub model: DeviceModel,
     pub counters: Vec<QueueCounters>,
     pub workers: Vec<Mutex<QueueWorker>>,
+    /// Held while one caller takes every worker (`lock_all_drained`): two callers at once (a
+    /// SIGTERM's `quiesce` and the departing frontend's `finish_all_deferred`) could each hold
+    /// part of the workers and wait for the rest forever.
+    draining: Mutex<()>,
     /// Guest's write-cache setting (virtio-blk WCE); writeback by default.
     pub writeback: AtomicBool,
     /// Set on shutdown: workers stop taking new requests.
@@ -124,6 +128,7 @@ impl Device {
             model,
             counters: (0..n).map(|_| QueueCounters::default()).collect(),
             workers: (0..n).map(|_| Mutex::new(QueueWorker::default())).collect(),
+            draining: Mutex::new(()),
             writeback: AtomicBool::new(true),
             stopping: AtomicBool::new(false),
             frontend_gone: AtomicBool::new(false),
@@ -192,6 +197,8 @@ impl Device {
     /// deferred request holds gets it once that one is finished here: so the workers are
     /// locked in rounds, whichever is free, never in a fixed order.
     fn lock_all_drained(&self) -> Vec<std::sync::MutexGuard<'_, QueueWorker>> {
+        // One taker at a time (a second one waits here, then for the guards the first keeps).
+        let _one = self.draining.lock().unwrap_or_else(|p| p.into_inner());
         let mut guards: Vec<Option<std::sync::MutexGuard<'_, QueueWorker>>> =
             self.workers.iter().map(|_| None).collect();
         loop {
@@ -846,6 +853,30 @@ mod tests {
 
     /// A queue the frontend never enables has no buffers and no eventfd; one it enables gets
     /// its event (registered in its own loop) and counts as enabled until it is stopped.
+    /// Found by the fresh-clone run once 16 queues became the default: a SIGTERM's `quiesce`
+    /// and the departing frontend's `finish_all_deferred` took the workers together, each
+    /// got part of them, and both waited for the rest forever (the process never exited).
+    #[test]
+    fn two_takers_of_every_worker_never_deadlock() {
+        let (_d, dev) = device(16);
+        for _ in 0..200 {
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let (tx, rx) = std::sync::mpsc::channel();
+            for _ in 0..2 {
+                let (dev, barrier, tx) = (dev.clone(), barrier.clone(), tx.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    drop(dev.lock_all_drained());
+                    let _ = tx.send(());
+                });
+            }
+            for _ in 0..2 {
+                rx.recv_timeout(std::time::Duration::from_secs(5))
+                    .expect("a taker of every worker is stuck");
+            }
+        }
+    }
+
     #[test]
     fn queues_cost_nothing_until_enabled() {
         let (_d, dev) = device(16);
