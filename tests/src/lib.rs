@@ -2100,6 +2100,12 @@ pub mod raw {
             };
             let fd = std::os::fd::AsRawFd::as_raw_fd(&c.memfd);
             c.transport.map_mem_region(p as usize, MEM_LEN, fd, 0)?;
+            // The region goes to the backend in a message nobody answers, and a kick takes
+            // another path (an eventfd): the first request could reach a queue worker before
+            // the backend's message thread added the region ("descriptor ... outside guest
+            // memory", seen once in a loaded run). A question the backend answers in order
+            // after that message makes sure the region is there.
+            c.transport.get_config()?;
             Ok(c)
         }
 

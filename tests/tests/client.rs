@@ -759,10 +759,21 @@ fn offered_queues_idle_until_the_frontend_enables_them() {
         (Some(16), Some(1)),
         "{s16}"
     );
-    // No frontend: no queue threads at all, whatever is offered.
-    assert_eq!(w16.threads, w1.threads, "waiting for a frontend");
-    // The library's threads: one per offered queue.
-    assert_eq!(u16_.threads, u1.threads + 15, "threads");
+    // No frontend: no queue threads at all, whatever is offered. (Within one: a control
+    // connection's thread may still be ending when the threads are counted; seen once.)
+    assert!(
+        w16.threads.abs_diff(w1.threads) <= 1,
+        "waiting for a frontend: {} threads with 16 queues offered, {} with 1",
+        w16.threads,
+        w1.threads
+    );
+    // The library's threads: one per offered queue (within one, as above).
+    assert!(
+        (u16_.threads as i64 - u1.threads as i64 - 15).abs() <= 1,
+        "threads: {} with 16 queues offered, {} with 1",
+        u16_.threads,
+        u1.threads
+    );
     // Idle workers hold no buffers: each has its stack's touched pages and a malloc arena
     // (about 13 KiB in all on the development machine, a debug build).
     let extra_anon = u16_.rss_anon_kib.saturating_sub(u1.rss_anon_kib);
