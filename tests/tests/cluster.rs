@@ -97,6 +97,14 @@ struct Cluster {
 }
 
 impl Cluster {
+    /// Adds `xml` to the CIB's `section` (through node3, never killed).
+    fn cib_create(&self, section: &str, xml: &str) {
+        self.exec_ok(
+            "node3",
+            &["cibadmin", "--create", "-o", section, "--xml-text", xml],
+        );
+    }
+
     /// `reboot`: whether fencing starts the node again at once (else the test does, `start`).
     fn up(dir: &Path, reboot: bool) -> Cluster {
         let c = Cluster {
@@ -302,8 +310,13 @@ impl NodeFiles {
     fn vm_control(&self) -> PathBuf {
         self.run_dir.join(format!("{RSC}.vhost-mirror.ctl"))
     }
+    /// The disk agent's log.
     fn log(&self) -> String {
-        std::fs::read_to_string(self.run_dir.join(format!("{RSC}.log"))).unwrap_or_default()
+        self.log_of(RSC)
+    }
+    /// The log of resource `rsc`'s agent on this node.
+    fn log_of(&self, rsc: &str) -> String {
+        std::fs::read_to_string(self.run_dir.join(format!("{rsc}.log"))).unwrap_or_default()
     }
 }
 
@@ -334,32 +347,18 @@ fn addr(node_index: u32, port: u16) -> String {
 /// Pacemaker"), with per-node image, socket and run directory (rules on #uname), and kept off
 /// node3 (no probes there either).
 fn configure(c: &Cluster, files: &HashMap<&str, NodeFiles>, secret: &Path) {
-    let nv = |id: &str, name: &str, value: &str| {
-        format!(r#"<nvpair id="{RSC}-{id}" name="{name}" value="{value}"/>"#)
-    };
+    let nv = |id: &str, name: &str, value: &str| nvpair(RSC, id, name, value);
     let mut per_node = String::new();
     for n in DISK_NODES {
         let f = &files[n];
-        per_node += &format!(
-            r##"<instance_attributes id="{RSC}-{n}">
-<rule id="{RSC}-{n}-rule" score="0"><expression id="{RSC}-{n}-expr" attribute="#uname" operation="eq" value="{n}"/></rule>
-{}{}{}</instance_attributes>
-"##,
-            nv(
-                &format!("{n}-image"),
-                "image",
-                &f.image.display().to_string()
-            ),
-            nv(
-                &format!("{n}-socket"),
-                "socket",
-                &f.socket.display().to_string()
-            ),
-            nv(
-                &format!("{n}-run"),
-                "run_dir",
-                &f.run_dir.display().to_string()
-            ),
+        per_node += &node_attributes(
+            RSC,
+            n,
+            &[
+                ("image", "image", f.image.display().to_string()),
+                ("socket", "socket", f.socket.display().to_string()),
+                ("run", "run_dir", f.run_dir.display().to_string()),
+            ],
         );
     }
     let peers = format!("node1={} node2={}", addr(1, NODE_PORT), addr(2, NODE_PORT));
@@ -385,31 +384,33 @@ fn configure(c: &Cluster, files: &HashMap<&str, NodeFiles>, secret: &Path) {
         nv("witness", "witness", &addr(3, WITNESS_PORT)),
         nv("bindir", "bindir", &bin_dir().display().to_string()),
     );
-    c.exec_ok(
-        "node3",
-        &[
-            "cibadmin",
-            "--create",
-            "-o",
-            "resources",
-            "--xml-text",
-            &clone,
-        ],
+    c.cib_create("resources", &clone);
+    c.cib_create(
+        "constraints",
+        &format!(
+            r#"<rsc_location id="{RSC}-not-on-node3" rsc="{RSC}-clone" node="node3" score="-INFINITY" resource-discovery="never"/>"#
+        ),
     );
-    let ban = format!(
-        r#"<rsc_location id="{RSC}-not-on-node3" rsc="{RSC}-clone" node="node3" score="-INFINITY" resource-discovery="never"/>"#
-    );
-    c.exec_ok(
-        "node3",
-        &[
-            "cibadmin",
-            "--create",
-            "-o",
-            "constraints",
-            "--xml-text",
-            &ban,
-        ],
-    );
+}
+
+/// `<nvpair>` of resource `rsc` (its id prefixed with `rsc`).
+fn nvpair(rsc: &str, id: &str, name: &str, value: &str) -> String {
+    format!(r#"<nvpair id="{rsc}-{id}" name="{name}" value="{value}"/>"#)
+}
+
+/// Instance attributes of resource `rsc` that apply on `node` only (a rule on #uname), from
+/// (id, name, value) triples.
+fn node_attributes(rsc: &str, node: &str, pairs: &[(&str, &str, String)]) -> String {
+    let pairs: String = pairs
+        .iter()
+        .map(|(id, name, value)| nvpair(rsc, &format!("{node}-{id}"), name, value))
+        .collect();
+    format!(
+        r##"<instance_attributes id="{rsc}-{node}">
+<rule id="{rsc}-{node}-rule" score="0"><expression id="{rsc}-{node}-expr" attribute="#uname" operation="eq" value="{node}"/></rule>
+{pairs}</instance_attributes>
+"##
+    )
 }
 
 /// What the guest wrote: per block offset, its writes in order (seed, acknowledged).
@@ -604,17 +605,8 @@ fn fail_primary(
             cluster.cut(&primary);
         }
     }
-    // Promoted: the survivor's vhost-mirror answers (host-side polling, no cluster load).
     let sf = &files[survivor.as_str()];
-    assert!(
-        wait_until(Duration::from_secs(60), || {
-            std::thread::sleep(Duration::from_millis(10));
-            vm_status(&sf.vm_control()).is_some()
-        }),
-        "{survivor} not promoted within 60s after {primary} was {}; agent log:\n{}",
-        fault.as_str(),
-        sf.log()
-    );
+    wait_promoted(sf, &survivor, &format!("{primary} was {}", fault.as_str()));
     let promoted = k0.elapsed().as_secs_f64();
     let _ = std::fs::remove_file(&delay);
     let mut client = None;
@@ -845,6 +837,19 @@ fn cut_link(
     eprintln!(
         "replication link {p} -> {r} cut: {during} writes acknowledged with the replica \
          outdated by the witness, its promotion refused, resynced after the heal"
+    );
+}
+
+/// Waits (60 s at most) until `survivor`'s vhost-mirror answers on its control socket: it was
+/// promoted after `what` happened to the other node (host-side polling, no cluster load).
+fn wait_promoted(sf: &NodeFiles, survivor: &str, what: &str) {
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            std::thread::sleep(Duration::from_millis(10));
+            vm_status(&sf.vm_control()).is_some()
+        }),
+        "{survivor} not promoted within 60s after {what}; agent log:\n{}",
+        sf.log()
     );
 }
 
@@ -1086,9 +1091,6 @@ fn the_primary_node_dies_during_durable_writes() {
 /// command line, firmware boot, TCG), colocated with the disk's promoted instance and started
 /// after its promotion, with per-node socket and run directory (rules on #uname).
 fn configure_vm(c: &Cluster, files: &HashMap<&str, NodeFiles>, guest: &Path) {
-    let nv = |id: &str, name: &str, value: &str| {
-        format!(r#"<nvpair id="{VM}-{id}" name="{name}" value="{value}"/>"#)
-    };
     let mut per_node = String::new();
     for n in DISK_NODES {
         let f = &files[n];
@@ -1102,26 +1104,14 @@ fn configure_vm(c: &Cluster, files: &HashMap<&str, NodeFiles>, guest: &Path) {
         .map(|w| format!("'{w}'"))
         .collect::<Vec<_>>()
         .join(" ");
-        per_node += &format!(
-            r##"<instance_attributes id="{VM}-{n}">
-<rule id="{VM}-{n}-rule" score="0"><expression id="{VM}-{n}-expr" attribute="#uname" operation="eq" value="{n}"/></rule>
-{}{}{}</instance_attributes>
-"##,
-            nv(
-                &format!("{n}-command"),
-                "command",
-                &cmd.replace('\'', "&apos;")
-            ),
-            nv(
-                &format!("{n}-socket"),
-                "socket",
-                &f.socket.display().to_string()
-            ),
-            nv(
-                &format!("{n}-run"),
-                "run_dir",
-                &f.run_dir.display().to_string()
-            ),
+        per_node += &node_attributes(
+            VM,
+            n,
+            &[
+                ("command", "command", cmd.replace('\'', "&apos;")),
+                ("socket", "socket", f.socket.display().to_string()),
+                ("run", "run_dir", f.run_dir.display().to_string()),
+            ],
         );
     }
     let vm = format!(
@@ -1134,12 +1124,9 @@ fn configure_vm(c: &Cluster, files: &HashMap<&str, NodeFiles>, guest: &Path) {
 <op id="{VM}-monitor" name="monitor" interval="2s" timeout="10s"/>
 </operations>
 </primitive>"#,
-        nv("stop-timeout", "stop_timeout", "10"),
+        nvpair(VM, "stop-timeout", "stop_timeout", "10"),
     );
-    c.exec_ok(
-        "node3",
-        &["cibadmin", "--create", "-o", "resources", "--xml-text", &vm],
-    );
+    c.cib_create("resources", &vm);
     for constraint in [
         format!(
             r#"<rsc_location id="{VM}-not-on-node3" rsc="{VM}" node="node3" score="-INFINITY" resource-discovery="never"/>"#
@@ -1151,17 +1138,7 @@ fn configure_vm(c: &Cluster, files: &HashMap<&str, NodeFiles>, guest: &Path) {
             r#"<rsc_order id="{VM}-after-disk" first="{RSC}-clone" first-action="promote" then="{VM}" then-action="start" kind="Mandatory"/>"#
         ),
     ] {
-        c.exec_ok(
-            "node3",
-            &[
-                "cibadmin",
-                "--create",
-                "-o",
-                "constraints",
-                "--xml-text",
-                &constraint,
-            ],
-        );
+        c.cib_create("constraints", &constraint);
     }
     // Created stopped: started only once the constraints keep it off node3.
     c.exec_ok(
@@ -1235,9 +1212,7 @@ fn the_file_server_vm_fails_over_under_the_cluster() {
     for round in 1..=rounds {
         let (primary, survivor) = wait_settled(cluster, files, Duration::from_secs(120));
         let ns = cluster.netns(&primary);
-        let vm_log = |n: &str| {
-            std::fs::read_to_string(files[n].run_dir.join(format!("{VM}.log"))).unwrap_or_default()
-        };
+        let vm_log = |n: &str| files[n].log_of(VM);
         first_answer_in(
             Some(&ns),
             VM_HTTP_PORT,
@@ -1283,14 +1258,7 @@ fn the_file_server_vm_fails_over_under_the_cluster() {
         let k0 = Instant::now();
         cluster.kill(&primary);
         let sf = &files[survivor.as_str()];
-        assert!(
-            wait_until(Duration::from_secs(60), || {
-                std::thread::sleep(Duration::from_millis(10));
-                vm_status(&sf.vm_control()).is_some()
-            }),
-            "{survivor} not promoted within 60s of killing {primary}; agent log:\n{}",
-            sf.log()
-        );
+        wait_promoted(sf, &survivor, &format!("{primary} was killed"));
         let promoted = k0.elapsed().as_secs_f64();
         // The boot's phases, from its console (polled; for the table).
         let phases = {

@@ -170,11 +170,7 @@ impl SyncState {
             rewrite = true;
         }
         if rewrite && meta.bitmap_generation == 0 && !bitmap.is_clear() {
-            meta = if deferred {
-                base_only(image, &meta)?
-            } else {
-                new_generation_for_bitmap(image, &meta, meta.generation)?
-            };
+            meta = based_on_ours(image, &meta, deferred)?;
         }
         if rewrite {
             file.persist_all(&bitmap)?;
@@ -311,12 +307,7 @@ impl SyncState {
             return Ok(());
         }
         if self.meta.bitmap_generation == 0 && !self.bitmap.is_clear() {
-            let based = if self.deferred {
-                self.base_only()
-            } else {
-                self.new_generation_for_bitmap(self.meta.generation)
-            };
-            if let Err(e) = based {
+            if let Err(e) = self.base_on_ours() {
                 self.unpersisted = true;
                 return Err(e);
             }
@@ -353,9 +344,10 @@ impl SyncState {
         Ok(())
     }
 
-    /// Deferred: the bitmap's base is our own generation, saved (memory follows the file).
-    fn base_only(&mut self) -> Result<(), SyncStateError> {
-        self.meta = base_only(&self.image, &self.meta)?;
+    /// Bits the replica at our generation lacks (see [`based_on_ours`]); memory follows the
+    /// file.
+    fn base_on_ours(&mut self) -> Result<(), SyncStateError> {
+        self.meta = based_on_ours(&self.image, &self.meta, self.deferred)?;
         Ok(())
     }
 
@@ -444,11 +436,7 @@ impl SyncState {
                 self.meta = m;
             }
         } else if self.meta.generation == generation {
-            if self.deferred {
-                self.base_only()?;
-            } else {
-                self.new_generation_for_bitmap(generation)?;
-            }
+            self.base_on_ours()?;
             self.persist()?;
         } else {
             // A new generation already started after SyncDone was sent; its base stays.
@@ -472,8 +460,13 @@ fn block_mask(r: u64, offset: u64, len: u64) -> u16 {
     mask
 }
 
-/// Saves `meta` with its bitmap relative to its own generation (deferred); returns it.
-fn base_only(image: &Path, meta: &Meta) -> Result<Meta, SyncStateError> {
+/// Saves `meta` for bits the replica, at our generation, lacks: with `deferred` (a fence) only
+/// the base (our generation), the new generation waiting for [`SyncState::confirm_generation`];
+/// without, a new generation at once. Returns it.
+fn based_on_ours(image: &Path, meta: &Meta, deferred: bool) -> Result<Meta, SyncStateError> {
+    if !deferred {
+        return new_generation_for_bitmap(image, meta, meta.generation);
+    }
     let mut m = meta.clone();
     m.bitmap_generation = m.generation;
     meta::save(image, &m)?;
