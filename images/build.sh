@@ -14,11 +14,12 @@
 #                      and fio (Debian's package) with only the shared objects it loads. Kernel
 #                      flag vmfio=<base64 of a fio job file> runs that job instead of the file
 #                      server, prints its JSON output between VMFIO-BEGIN and VMFIO-END, then
-#                      VMFIO-EXIT <status>, and powers off (README.md, "fio jobs").
+#                      VMFIO-EXIT <status>, and powers off (README.md, "fio in the guest").
 # With --firmware, also:
 #   OUTDIR/boot-disk.raw  sparse raw disk (DISK_SIZE) for firmware boot (boot.sh --firmware):
 #                      MBR with GRUB's boot.img, GRUB core.img in the gap after the MBR, one
-#                      ext4 partition (1 MiB..end, /dev/vda1) with the same root filesystem plus
+#                      ext4 partition (1 MiB..end, /dev/vda1) with the same root filesystem (less
+#                      fio: vmfio= needs direct kernel boot's command line) plus
 #                      /boot/vmlinuz and /boot/initrd.img. GRUB (grub-pc-bin + grub-common,
 #                      apt-get download + dpkg -x like the kernel) loads them from there.
 #                      Why GRUB and not syslinux/extlinux: README.md, "Why direct kernel boot,
@@ -435,10 +436,13 @@ else
 fi
 
 # ---- 4. disk.raw (root filesystem with the HTTP file server) ------------------------------
+# write_rootfs ROOT [fio]: with "fio", fio and its shared objects too (disk.raw only: the
+# vmfio= flag needs direct kernel boot's -append, and the firmware disk stays small for the
+# failover and cluster tiers, which copy and resync it).
 write_rootfs() {
     local R=$1
     install_busybox "$R"
-    install_fio "$R"
+    [ "${2:-}" != fio ] || install_fio "$R"
     mkdir -p "$R"/{proc,sys,dev,tmp,run,root,etc/init.d,srv/files,srv/cgi-bin,var/log}
     chmod 1777 "$R/tmp"
     echo fileserver >"$R/etc/hostname"
@@ -621,7 +625,7 @@ if up_to_date "$OUT/disk.raw" "$st"; then
 else
     rm -rf "$WORK/rootfs"
     mkdir -p "$WORK/rootfs"
-    write_rootfs "$WORK/rootfs"
+    write_rootfs "$WORK/rootfs" fio
     rm -f "$OUT/disk.raw.tmp"
     truncate -s "$DISK_SIZE" "$OUT/disk.raw.tmp"
     mke2fs -q -F -t ext4 -L fileserver -E root_owner=0:0 -d "$WORK/rootfs" "$OUT/disk.raw.tmp" \
@@ -670,7 +674,7 @@ write_mbr_table() { # IMAGE START_SECTOR SECTORS
 if [ "$FIRMWARE" = 1 ]; then
     GPDEB=$(fetch_deb grub-pc-bin)
     GCDEB=$(fetch_deb grub-common)
-    st=$(stamp_for boot-disk "$DISK_SIZE" "$FIO_HASH" "$KVER" "$(basename "$GPDEB")" "$(basename "$GCDEB")")
+    st=$(stamp_for boot-disk "$DISK_SIZE" "$KVER" "$(basename "$GPDEB")" "$(basename "$GCDEB")")
     if up_to_date "$OUT/boot-disk.raw" "$st"; then
         log "boot-disk.raw up to date"
     else
