@@ -2,8 +2,10 @@
 //! reconnect, shared memfd guest RAM, firmware boot, domain type `qemu` = TCG) started with
 //! `virsh create` on `qemu:///system` boots the file-server guest from a disk served by
 //! `vhost-mirror serve --socket-group <QEMU's group>`; uploads are stored and read back, the
-//! backend's counters show the guest's reads, writes and flushes, the guest halts cleanly (the
-//! transient domain is gone), and the image is a clean ext4 with the uploads in it.
+//! backend's counters show the guest's reads, writes and flushes; vhost-mirror is restarted and
+//! QEMU reconnects by itself (the `<reconnect>` element), the next upload going through the new
+//! process; the guest halts cleanly (the transient domain is gone), and the image is a clean
+//! ext4 with the uploads in it.
 //!
 //! libvirtd (and virtlogd) are started by the test when `qemu:///system` does not answer (no
 //! systemd here), and stopped again afterwards, also when an assertion fails
@@ -14,6 +16,7 @@
 //! Environment: `VHOST_MIRROR_KEEP_LOGS=1` keeps the temp dir and libvirt's QEMU log
 //! (/var/log/libvirt/qemu/NAME.log); `VHOST_MIRROR_VM_GUEST_DIR` as in `vm.rs`.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -21,7 +24,7 @@ use vhost_mirror_tests::libvirt::{
     example_domain, open_dir_to_group, qemu_group, unique_name, Domain, Libvirtd,
 };
 use vhost_mirror_tests::vm::*;
-use vhost_mirror_tests::{free_port, test_dir, Backend, BackendKind, BackendOpts};
+use vhost_mirror_tests::{free_port, test_dir, wait_status, Backend, BackendKind, BackendOpts};
 
 #[test]
 fn libvirt_domain_boots_through_vhost_mirror() {
@@ -156,6 +159,50 @@ fn libvirt_domain_boots_through_vhost_mirror() {
         "durable uploads (fdatasync) sent no FLUSH: {after:?}"
     );
     assert_eq!(after.errors, 0, "{after:?}");
+
+    // <reconnect enabled='yes' timeout='1'/>: vhost-mirror is restarted while the guest is idle
+    // (SIGTERM: flushed, sockets removed; a new process on the same socket); QEMU reconnects by
+    // itself within a second or so, and the guest's next upload goes through the new process.
+    let status = backend.terminate(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "vhost-mirror exit status: {status}");
+    let socket = backend.socket().to_path_buf();
+    let control = backend.control().map(Path::to_path_buf);
+    drop(backend);
+    let t_restart = Instant::now();
+    let mut backend = Backend::spawn(
+        &dir,
+        &image,
+        &BackendOpts {
+            kind: Some(BackendKind::VhostMirror),
+            extra_args: vec!["--socket-group".into(), group.clone()],
+            socket: Some(socket),
+            control,
+            ..BackendOpts::default()
+        },
+    );
+    let s = wait_status(&mut backend, Duration::from_secs(30), |s| {
+        s["frontend_connected"] == true
+    })
+    .unwrap_or_else(|s| panic!("QEMU did not reconnect to the restarted vhost-mirror: {s}"));
+    eprintln!(
+        "libvirt test: QEMU reconnected {:.1} s after vhost-mirror's restart",
+        t_restart.elapsed().as_secs_f64()
+    );
+    assert!(domain.is_running(), "domain {name} stopped: {s}");
+    let again = Upload {
+        name: "after-reconnect.bin".into(),
+        data: random_bytes(200_001),
+    };
+    upload(port, &again.name, &again.data)
+        .unwrap_or_else(|e| panic!("upload after the reconnect: {e}"));
+    let mut all = uploads.clone();
+    all.push(again);
+    check_uploads(port, &all, "after the reconnect");
+    let c = backend.counters().expect("vhost-mirror counters");
+    assert!(
+        c.writes > 0 && c.bytes_written >= 200_001 && c.flushes > 0,
+        "the restarted vhost-mirror saw no upload: {c:?}"
+    );
 
     // Clean halt: the guest powers off, the transient domain is gone.
     let reply = http(port, "GET", "/cgi-bin/halt", b"").expect("halt");
