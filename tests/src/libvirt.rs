@@ -79,8 +79,8 @@ impl Libvirtd {
     /// `log_dir`) if needed. Fails loudly when libvirt is not installed.
     pub fn ensure(log_dir: &Path) -> Libvirtd {
         require_tool("virsh", "libvirt-clients");
-        require_tool("libvirtd", "libvirt-daemon-system");
-        require_tool("virtlogd", "libvirt-daemon-system");
+        let libvirtd = daemon_path("libvirtd");
+        let virtlogd = daemon_path("virtlogd");
         let lock = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         warn_if_kvm_hidden_from_qemu();
         let mut d = Libvirtd {
@@ -89,14 +89,14 @@ impl Libvirtd {
             _lock: lock,
         };
         if UnixStream::connect(VIRTLOGD_SOCKET).is_err() {
-            d.virtlogd = Some(start("virtlogd", &log_dir.join("virtlogd.log"), &|| {
+            d.virtlogd = Some(start(&virtlogd, &log_dir.join("virtlogd.log"), &|| {
                 UnixStream::connect(VIRTLOGD_SOCKET).is_ok()
             }));
         }
         if answers() {
             eprintln!("libvirt: {URI} answers (a daemon this test did not start)");
         } else {
-            d.libvirtd = Some(start("libvirtd", &log_dir.join("libvirtd.log"), &answers));
+            d.libvirtd = Some(start(&libvirtd, &log_dir.join("libvirtd.log"), &answers));
         }
         d
     }
@@ -107,14 +107,35 @@ impl Libvirtd {
     }
 }
 
+/// A daemon of libvirt-daemon-system: in PATH, else in /usr/sbin (a PATH without the sbin
+/// directories is common for scripts); fails loudly when it is not installed.
+fn daemon_path(name: &str) -> PathBuf {
+    let in_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|p| p.is_file())
+    });
+    let path = in_path.unwrap_or_else(|| Path::new("/usr/sbin").join(name));
+    assert!(
+        path.is_file(),
+        "the libvirt tests need `{name}` (Debian package libvirt-daemon-system); run ci/setup.sh"
+    );
+    path
+}
+
 /// Starts `program` in the foreground (so its PID is the one we stop) and waits until `ready`.
-fn start(program: &str, log: &Path, ready: &dyn Fn() -> bool) -> ChildGuard {
+fn start(path: &Path, log: &Path, ready: &dyn Fn() -> bool) -> ChildGuard {
+    let program = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string());
+    let program = program.as_str();
     let logf =
         std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
     let t = Instant::now();
     let mut child = ChildGuard::spawn(
         program,
-        Command::new(program)
+        Command::new(path)
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("dup log fd"))
             .stderr(logf),
