@@ -10,6 +10,9 @@ need_pkgs=(qemu-system-x86 qemu-utils cpio e2fsprogs curl busybox-static iproute
 # by the tests, never as services of this machine; pcs, to check the README's commands offline
 # (pcs -f on a CIB file: tests/tests/ha.rs).
 cluster_pkgs=(corosync pacemaker pacemaker-cli-utils pcs)
+# The libvirt test (tests/tests/libvirt.rs): Debian 12's libvirt 9 (monolithic libvirtd), started
+# by the test itself when qemu:///system does not answer, never as a service of this machine.
+libvirt_pkgs=(libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu)
 
 missing=()
 for p in "${need_pkgs[@]}"; do
@@ -39,16 +42,16 @@ SRC
     apt-get install -y -qq --no-install-recommends cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables resource-agents libxml2-utils systemd
 fi
 
-# Installs the cluster packages without starting them: their maintainer scripts ask invoke-rc.d,
-# which asks /usr/sbin/policy-rc.d (exit 101: "not now"). An existing policy-rc.d is set aside
-# meanwhile and put back afterwards, whatever happens.
+# Installs the cluster and libvirt packages without starting them: their maintainer scripts ask
+# invoke-rc.d, which asks /usr/sbin/policy-rc.d (exit 101: "not now"). An existing policy-rc.d is
+# set aside meanwhile and put back afterwards, whatever happens.
 policy_rc=/usr/sbin/policy-rc.d
 policy_rc_saved=
 restore_policy_rc() {
     if [ -n "$policy_rc_saved" ]; then mv -f "$policy_rc_saved" "$policy_rc"; else rm -f "$policy_rc"; fi
     policy_rc_saved=
 }
-install_cluster_pkgs() {
+install_without_starting() {
     if [ -e "$policy_rc" ] || [ -L "$policy_rc" ]; then
         policy_rc_saved=$(mktemp /usr/sbin/.policy-rc.d.saved.XXXXXX)
         mv -f "$policy_rc" "$policy_rc_saved"
@@ -63,13 +66,26 @@ install_cluster_pkgs() {
 }
 
 missing=()
-for p in "${cluster_pkgs[@]}"; do
+for p in "${cluster_pkgs[@]}" "${libvirt_pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing ${missing[*]} (services not started)"
     apt-get update -qq
-    install_cluster_pkgs "${missing[@]}"
+    install_without_starting "${missing[@]}"
+fi
+
+# libvirt trusts its cache of a QEMU binary's capabilities only while KVM is as usable by QEMU's
+# user (libvirt-qemu, in group kvm) as when it probed. Without udev (these machines run no
+# systemd) /dev/kvm stays root's 0600, the check fails every time, and libvirt probes QEMU again
+# about a dozen times per domain start: a minute each. Set what Debian's udev rule sets (0660,
+# group kvm); root's use of /dev/kvm is unchanged, and a reboot or udev sets it the same way.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null; then
+    if [ "$(stat -c %G:%a /dev/kvm)" != kvm:660 ]; then
+        echo "setup: /dev/kvm to group kvm, mode 0660 (as udev does)"
+        chgrp kvm /dev/kvm
+        chmod 0660 /dev/kvm
+    fi
 fi
 
 # The metrics tier (tests/tests/metrics.rs) parses what both servers export with the

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up this machine and runs every test tier: unit, blkio client, local sockets, config
 # files, metrics, replication, witness, the Pacemaker agent and a cluster failover, durability and fault
-# injection (a short pass of the randomized checker), QEMU VM (file server, failover/failback),
+# injection (a short pass of the randomized checker), QEMU VM (file server, a libvirt domain,
+# failover/failback),
 # and a smoke run of the benchmark.
 # Usage (as root on Debian 12): bash ci/test.sh
 set -euo pipefail
@@ -61,8 +62,9 @@ echo "== fault tier: regressions and a short pass of the randomized checker (ci/
 FAULT_SEED=${FAULT_SEED:-18ed331fa1eff14a} FAULT_ROUNDS=${FAULT_ROUNDS:-3} FAULT_STEPS=${FAULT_STEPS:-12} \
     cargo test -p vhost-mirror-tests --locked --test faults -- --nocapture --test-threads=1
 
-echo "== VM tier (QEMU, TCG unless KVM works): file server, fio on a data disk, then failover and failback"
+echo "== VM tier (QEMU, TCG unless KVM works): file server, fio on a data disk, restarts under load, the same guest as a libvirt domain, then failover and failback"
 cargo test -p vhost-mirror-tests --locked --test vm -- --nocapture
+cargo test -p vhost-mirror-tests --locked --test libvirt -- --nocapture
 cargo test -p vhost-mirror-tests --locked --test failover -- --nocapture --test-threads=1
 
 bash ci/fuzz.sh --replay

@@ -5,6 +5,9 @@
 # Usage:
 #   images/failover.sh --replica IMG --access-control CTL --socket SOCK \
 #       [--peer ADDR] [--secret-file F] [--control CTL2] [--force] -- QEMU_COMMAND...
+#   images/failover.sh --replica IMG --access-control CTL --socket SOCK \
+#       [--peer ADDR] [--secret-file F] [--control CTL2] [--force] \
+#       [--socket-group GROUP] --libvirt XML|NAME
 #
 #   --replica IMG          the access node's replica image (becomes the primary's disk)
 #   --access-control CTL   the access node's control socket; when nothing answers there (the
@@ -16,7 +19,16 @@
 #   --secret-file F        shared secret for --peer
 #   --control CTL2         control socket of the new vhost-mirror
 #   --force                promote even an inconsistent replica (initial sync unfinished)
+#   --socket-group GROUP   let GROUP open SOCK too (vhost-mirror's --socket-group): QEMU under
+#                          libvirt is not root (Debian: user libvirt-qemu, group libvirt-qemu)
+#   --libvirt XML|NAME     boot the standby VM as a libvirt domain instead of QEMU_COMMAND: an
+#                          existing file is a domain XML started with `virsh create` (transient),
+#                          anything else the name of a defined domain (`virsh start`). Its disk
+#                          must be SOCK (images/vhost-mirror-vm.xml is an example). The script
+#                          waits until the domain stops, and destroys it when it is stopped
+#                          itself. Connection: $LIBVIRT_DEFAULT_URI, else qemu:///system.
 #
+# Exit status: QEMU_COMMAND's; with --libvirt 0 once the domain stopped, 1 if it crashed.
 # Binaries: $VHOST_MIRROR and $ACCESS_NODE, else PATH, else this checkout's target/{release,debug}.
 set -euo pipefail
 
@@ -32,7 +44,7 @@ find_bin() {
     die "$name not found (build it with cargo build --release, or set \$$var)"
 }
 
-replica= access_ctl= socket= peer= secret= control= force=
+replica= access_ctl= socket= peer= secret= control= force= socket_group= libvirt=
 while [ $# -gt 0 ]; do
     case "$1" in
         --replica) replica=$2; shift 2 ;;
@@ -42,6 +54,8 @@ while [ $# -gt 0 ]; do
         --secret-file) secret=$2; shift 2 ;;
         --control) control=$2; shift 2 ;;
         --force) force=--force; shift ;;
+        --socket-group) socket_group=$2; shift 2 ;;
+        --libvirt) libvirt=$2; shift 2 ;;
         --) shift; break ;;
         *) die "unknown option $1 (see the usage at the top of $0)" ;;
     esac
@@ -49,7 +63,12 @@ done
 [ -n "$replica" ] || die "--replica IMG is required"
 [ -n "$access_ctl" ] || die "--access-control CTL is required"
 [ -n "$socket" ] || die "--socket SOCK is required"
-[ $# -gt 0 ] || die "no QEMU command after --"
+if [ -n "$libvirt" ]; then
+    [ $# -eq 0 ] || die "give either --libvirt or a QEMU command after --, not both"
+    command -v virsh >/dev/null 2>&1 || die "--libvirt needs virsh (package libvirt-clients)"
+else
+    [ $# -gt 0 ] || die "no QEMU command after --"
+fi
 [ -z "$peer" ] || [ -n "$secret" ] || die "--peer needs --secret-file"
 
 vm=$(find_bin vhost-mirror VHOST_MIRROR)
@@ -75,13 +94,17 @@ step "    promoted in $(ms "$t")"
 t=$(now)
 args=(serve --image "$replica" --socket "$socket")
 [ -n "$control" ] && args+=(--control "$control")
+[ -n "$socket_group" ] && args+=(--socket-group "$socket_group")
 [ -n "$peer" ] && args+=(--peer "$peer" --secret-file "$secret")
 step "2/3 starting vhost-mirror ${args[*]}"
 "$vm" "${args[@]}" &
 vm_pid=$!
-qemu_pid=
+qemu_pid= domain=
+uri=${LIBVIRT_DEFAULT_URI:-qemu:///system}
+virsh_() { virsh -q -c "$uri" "$@"; }
 cleanup() {
     [ -n "$qemu_pid" ] && kill -TERM "$qemu_pid" 2>/dev/null || true
+    [ -n "$domain" ] && virsh_ destroy "$domain" >/dev/null 2>&1 || true
     if kill -0 "$vm_pid" 2>/dev/null; then
         kill -TERM "$vm_pid" 2>/dev/null || true
         wait "$vm_pid" 2>/dev/null || true
@@ -98,15 +121,47 @@ done
 step "    vhost-mirror (pid $vm_pid) ready in $(ms "$t")"
 
 # 3. Boot the standby VM from the replica image.
-step "3/3 booting the standby VM: $*"
-step "    $(ms "$t_start") since failover started"
-"$@" &
-qemu_pid=$!
-set +e
-wait "$qemu_pid"
-rc=$?
-set -e
-qemu_pid=
+if [ -n "$libvirt" ]; then
+    if [ -f "$libvirt" ]; then
+        grep -qF "$socket" "$libvirt" \
+            || echo "failover: warning: $libvirt does not mention $socket" >&2
+        name=$(sed -n 's:.*<name>\([^<]*\)</name>.*:\1:p' "$libvirt" | head -n 1)
+        [ -n "$name" ] || die "no <name> in $libvirt"
+        step "3/3 booting the standby VM: virsh -c $uri create $libvirt (domain $name)"
+        step "    $(ms "$t_start") since failover started"
+        domain=$name
+        virsh_ create "$libvirt" >/dev/null || { domain=; die "virsh create $libvirt failed"; }
+    else
+        virsh_ dumpxml "$libvirt" 2>/dev/null | grep -qF "$socket" \
+            || echo "failover: warning: domain $libvirt does not mention $socket" >&2
+        step "3/3 booting the standby VM: virsh -c $uri start $libvirt"
+        step "    $(ms "$t_start") since failover started"
+        domain=$libvirt
+        virsh_ start "$libvirt" >/dev/null || { domain=; die "virsh start $libvirt failed"; }
+    fi
+    step "    domain $domain started"
+    # Until it stops: a transient domain is then gone, a defined one is "shut off (REASON)".
+    rc=0
+    while state=$(virsh_ domstate --reason "$domain" 2>/dev/null); do
+        case "$state" in
+            crashed* | "shut off (crashed)"*) rc=1; break ;;
+            "shut off"*) break ;;
+        esac
+        sleep 0.5
+    done
+    domain=
+    step "domain stopped (${state:-gone})"
+else
+    step "3/3 booting the standby VM: $*"
+    step "    $(ms "$t_start") since failover started"
+    "$@" &
+    qemu_pid=$!
+    set +e
+    wait "$qemu_pid"
+    rc=$?
+    set -e
+    qemu_pid=
+fi
 step "VM exited with status $rc; stopping vhost-mirror"
 kill -TERM "$vm_pid"
 if wait "$vm_pid"; then

@@ -12,6 +12,7 @@
 //!   [`wait_in_sync`], [`secret_file`], [`compare_files`] for the replication tests.
 //! * Data patterns: [`fill_pattern`] / [`check_pattern`] produce offset-dependent data, so a
 //!   misplaced, torn or lost write shows up as a mismatch at a precise device offset.
+//! * [`libvirt`]: a `qemu:///system` daemon for the libvirt tests, the example domain XML, domains.
 //! * Other local users: [`on_thread_as`] runs code (e.g. a [`Client`]) with another uid, gid
 //!   and groups; [`run_as`] runs one of our programs as another user (`setpriv`).
 
@@ -2227,6 +2228,7 @@ mod tests {
 }
 
 pub mod faultfs;
+pub mod libvirt;
 pub mod loopdev;
 pub mod netfault;
 pub mod vm;

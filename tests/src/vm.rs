@@ -242,6 +242,17 @@ pub fn check_uploads(port: u16, uploads: &[Upload], when: &str) {
 
 /// Waits for `marker` in the serial log while both processes stay alive.
 pub fn wait_for_ready(serial: &Path, qemu: &mut ChildGuard, backend: &mut Backend) {
+    wait_for_console(serial, &mut || {
+        if let Some(status) = qemu.try_wait() {
+            panic!("QEMU exited ({status}) before {READY_MARKER}");
+        }
+        backend.assert_running();
+    });
+}
+
+/// Waits for [`READY_MARKER`] in the serial log; fails on the guest's failure markers, and
+/// `check` runs between looks (to fail fast when a process died).
+pub fn wait_for_console(serial: &Path, check: &mut dyn FnMut()) {
     let start = Instant::now();
     loop {
         let log = fs::read(serial).unwrap_or_default();
@@ -259,10 +270,7 @@ pub fn wait_for_ready(serial: &Path, qemu: &mut ChildGuard, backend: &mut Backen
                 "guest reported {marker:?} on its console"
             );
         }
-        if let Some(status) = qemu.try_wait() {
-            panic!("QEMU exited ({status}) before {READY_MARKER}");
-        }
-        backend.assert_running();
+        check();
         assert!(
             start.elapsed() < BOOT_TIMEOUT,
             "no {READY_MARKER} within {BOOT_TIMEOUT:?}"

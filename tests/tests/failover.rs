@@ -22,10 +22,11 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use mirror_proto::activity_log::EXTENT_SIZE;
+use vhost_mirror_tests::libvirt;
 use vhost_mirror_tests::vm::*;
 use vhost_mirror_tests::{
-    bin_path, free_port, is_in_sync, secret_file, status_u64, test_dir, wait_status, AccessNode,
-    AccessNodeOpts, Backend, BackendOpts, ChildGuard, Client, Watchdog,
+    bin_path, free_port, is_in_sync, secret_file, status_u64, test_dir, wait_status, wait_until,
+    AccessNode, AccessNodeOpts, Backend, BackendOpts, ChildGuard, Client, Watchdog,
 };
 
 const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
@@ -78,6 +79,10 @@ struct Round {
     secret: PathBuf,
     rng: Rng,
     index: usize,
+    /// The standby VM is the example libvirt domain (`failover.sh --libvirt XML`), not QEMU.
+    libvirt: bool,
+    /// Host A is not killed before this many uploads were acknowledged.
+    min_acked: usize,
 }
 
 impl Round {
@@ -153,8 +158,19 @@ impl Round {
                 }
             })
         };
+        let uploading = Instant::now();
         let delay = Duration::from_millis(self.rng.range(500, 4000));
         sleep(delay);
+        // A round that must check uploads waits for a few (a loaded machine may take seconds
+        // for the first).
+        let enough = wait_until(Duration::from_secs(60), || {
+            acked.lock().expect("lock").len() >= self.min_acked
+        });
+        assert!(
+            enough,
+            "round {r}: fewer than {} uploads acknowledged in 60 s",
+            self.min_acked
+        );
         // 3. Host A dies.
         stop.store(true, Ordering::Relaxed);
         sigkill(qemu_a.pid());
@@ -166,7 +182,7 @@ impl Round {
         let acked = acked.lock().expect("lock").clone();
         eprintln!(
             "round {r}: killed host A after {:.1} s, {} uploads acknowledged",
-            delay.as_secs_f64(),
+            uploading.elapsed().as_secs_f64(),
             acked.len()
         );
 
@@ -174,27 +190,45 @@ impl Round {
         let sock_b = b_dir.join("vm.sock");
         let ctl_b = b_dir.join("vm.ctl");
         let serial_b = b_dir.join("serial.log");
-        let boot_b = boot_command(&self.guest, &sock_b, http_port, &serial_b);
         let failover_log = std::fs::File::create(b_dir.join("failover.log")).expect("log");
+        let mut cmd = Command::new("bash");
+        cmd.arg(workspace_root().join("images/failover.sh"))
+            .arg("--replica")
+            .arg(&img_b)
+            .arg("--access-control")
+            .arg(node_b.control())
+            .arg("--socket")
+            .arg(&sock_b)
+            .arg("--control")
+            .arg(&ctl_b)
+            .arg("--peer")
+            .arg(format!("127.0.0.1:{port_a}"))
+            .arg("--secret-file")
+            .arg(&self.secret);
+        // With libvirt: QEMU runs as libvirt's user, so the socket is opened to its group (and
+        // the round's dir, see failover_to_a_libvirt_domain); the domain is destroyed if the
+        // test fails (failover.sh, killed with its process group, cannot do it then).
+        let mut _standby_domain = None;
+        if self.libvirt {
+            let name = libvirt::unique_name(&format!("failover-{r}"));
+            let xml = b_dir.join("domain.xml");
+            std::fs::write(
+                &xml,
+                libvirt::example_domain(&name, &sock_b, &serial_b, http_port),
+            )
+            .expect("write domain XML");
+            _standby_domain = Some(libvirt::Domain::watch(&name));
+            cmd.arg("--socket-group")
+                .arg(libvirt::qemu_group())
+                .arg("--libvirt")
+                .arg(&xml);
+        } else {
+            cmd.arg("--")
+                .args(boot_command(&self.guest, &sock_b, http_port, &serial_b));
+        }
         let mut failover = GroupGuard::spawn(
             "images/failover.sh",
-            Command::new("bash")
-                .arg(workspace_root().join("images/failover.sh"))
-                .arg("--replica")
-                .arg(&img_b)
-                .arg("--access-control")
-                .arg(node_b.control())
-                .arg("--socket")
-                .arg(&sock_b)
-                .arg("--control")
-                .arg(&ctl_b)
-                .arg("--peer")
-                .arg(format!("127.0.0.1:{port_a}"))
-                .arg("--secret-file")
-                .arg(&self.secret)
-                .arg("--")
-                .args(&boot_b)
-                .env("VHOST_MIRROR", bin_path("vhost-mirror"))
+            cmd.env("VHOST_MIRROR", bin_path("vhost-mirror"))
                 .env("ACCESS_NODE", bin_path("access-node"))
                 .stdin(Stdio::null())
                 .stdout(failover_log.try_clone().expect("clone"))
@@ -344,39 +378,9 @@ fn failover_and_failback_rounds() {
     let mut recoveries = Vec::new();
     let mut total_acked = 0;
     for index in 0..rounds {
-        let tmp = test_dir("failover");
-        let dir = tmp.path().to_path_buf();
-        let keep = std::env::var_os("VHOST_MIRROR_KEEP_LOGS").is_some();
-        let _report = FailureReport {
-            logs: vec![
-                ("host A serial console", dir.join("hostA/serial.log")),
-                ("host B serial console", dir.join("hostB/serial.log")),
-                ("failover.sh", dir.join("hostB/failover.log")),
-            ],
-            dir: dir.clone(),
-            kept: keep,
-        };
-        let secret = secret_file(
-            &dir,
-            &format!("failover round {index} secret {}", rng.next()),
-        );
-        let round = Round {
-            dir: dir.clone(),
-            guest: guest.clone(),
-            secret,
-            rng: Rng(rng.next() | 1),
-            index,
-        };
-        let (recovery, moved, bound, acked) = round.run(index == 0);
+        let (recovery, acked) = run_round(&guest, &mut rng, index, false);
         recoveries.push(recovery);
         total_acked += acked;
-        eprintln!(
-            "round {index}: recovery {:.2} s, resync {moved} <= {bound} bytes, {acked} acknowledged uploads, 0 lost",
-            recovery.as_secs_f64()
-        );
-        if keep {
-            let _ = tmp.keep();
-        }
     }
     recoveries.sort();
     let median = recoveries[recoveries.len() / 2];
@@ -386,6 +390,80 @@ fn failover_and_failback_rounds() {
          (SIGKILL to the standby's first answer) median {:.2} s, worst {:.2} s",
         median.as_secs_f64(),
         worst.as_secs_f64()
+    );
+}
+
+/// One round in a temp dir of its own (kept with `VHOST_MIRROR_KEEP_LOGS`); round 0 of QEMU
+/// standbys also switches back. Returns the recovery time and the number of acknowledged uploads.
+fn run_round(guest: &Path, rng: &mut Rng, index: usize, libvirt: bool) -> (Duration, u64) {
+    let tmp = test_dir("failover");
+    let dir = tmp.path().to_path_buf();
+    let keep = std::env::var_os("VHOST_MIRROR_KEEP_LOGS").is_some();
+    let _report = FailureReport {
+        logs: vec![
+            ("host A serial console", dir.join("hostA/serial.log")),
+            ("host B serial console", dir.join("hostB/serial.log")),
+            ("failover.sh", dir.join("hostB/failover.log")),
+            ("libvirtd (if started here)", dir.join("libvirtd.log")),
+        ],
+        dir: dir.clone(),
+        kept: keep,
+    };
+    // QEMU under libvirt is not root: it must pass the round's dir to reach host B's socket.
+    let _libvirtd = libvirt.then(|| {
+        libvirt::open_dir_to_group(&dir, &libvirt::qemu_group());
+        libvirt::Libvirtd::ensure(&dir)
+    });
+    let secret = secret_file(
+        &dir,
+        &format!("failover round {index} secret {}", rng.next()),
+    );
+    let round = Round {
+        dir: dir.clone(),
+        guest: guest.to_path_buf(),
+        secret,
+        rng: Rng(rng.next() | 1),
+        index,
+        libvirt,
+        // The QEMU rounds kill at any moment, also before the first upload; the one libvirt
+        // round has uploads to check.
+        min_acked: if libvirt { 3 } else { 0 },
+    };
+    let (recovery, moved, bound, acked) = round.run(index == 0 && !libvirt);
+    eprintln!(
+        "round {index}: recovery {:.2} s, resync {moved} <= {bound} bytes, {acked} acknowledged uploads, 0 lost",
+        recovery.as_secs_f64()
+    );
+    if keep {
+        let _ = tmp.keep();
+    }
+    (recovery, acked)
+}
+
+/// One round whose standby VM is the example libvirt domain (images/vhost-mirror-vm.xml), started
+/// by `images/failover.sh --socket-group GROUP --libvirt XML` on `qemu:///system` (libvirtd
+/// started here if it does not answer): every acknowledged upload is there, the failback copies
+/// only what changed, and failover.sh returns 0 once the domain halted.
+#[test]
+fn failover_to_a_libvirt_domain() {
+    require_tool("debugfs", "e2fsprogs");
+    let seed: u64 = std::env::var("VHOST_MIRROR_FAILOVER_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("libvirt failover test: seed {seed} (VHOST_MIRROR_FAILOVER_SEED to replay)");
+    let _watchdog = Watchdog::new("libvirt failover test", Duration::from_secs(600));
+    let guest = build_guest();
+    let (recovery, acked) = run_round(&guest, &mut Rng(seed | 1), 0, true);
+    eprintln!(
+        "libvirt failover test: {acked} acknowledged uploads, 0 lost; the domain served {:.2} s \
+         after the SIGKILL",
+        recovery.as_secs_f64()
     );
 }
 
