@@ -69,7 +69,8 @@ root=$work/debian/vhost-mirror
 doc=$root/usr/share/doc/vhost-mirror
 
 # Dates (changelog, and the files' times in the package, which dpkg-deb clamps to it): the
-# last commit's, so that building the same commit twice gives the same package.
+# last commit's, so that two runs on the same build give the same package. (Not across
+# checkouts: the binaries hold their build paths.)
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}
 commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 
