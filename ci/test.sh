@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Sets up this machine and runs every test tier: unit, blkio client, local sockets, config
-# files, metrics, replication, witness, the Pacemaker agent and a cluster failover, durability and fault
-# injection (a short pass of the randomized checker), QEMU VM (file server, a libvirt domain,
-# failover/failback),
-# and a smoke run of the benchmark.
+# files, the Debian package, metrics, replication, witness, the Pacemaker agent and a cluster
+# failover, durability and fault injection (a short pass of the randomized checker), QEMU VM
+# (file server, fio and restarts under load, a libvirt domain, failover/failback), and a smoke
+# run of the benchmark.
 # Usage (as root on Debian 12): bash ci/test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,9 @@ cargo test -p vhost-mirror-tests --locked --test sockets
 
 echo "== config files, Type=notify, systemd units (systemd-analyze verify)"
 cargo test -p vhost-mirror-tests --locked --test config
+
+echo "== Debian package (ci/deb.sh; installed with dpkg --root into a scratch root: both binaries' --version, man pages, completions, OCF agents, units)"
+cargo test -p vhost-mirror-tests --locked --test package -- --nocapture
 
 echo "== metrics (--metrics of a mirrored pair scraped under load, parsed by prometheus_client; garbage and floods at the endpoint)"
 cargo test -p vhost-mirror-tests --locked --test metrics

@@ -1,7 +1,6 @@
 //! access-node: the replica server of vhost-mirror. Keeps a standby copy of a VM disk, fed
 //! synchronously over TCP by the primary's `vhost-mirror`.
 
-mod args;
 mod cache;
 mod config;
 mod flusher;
@@ -20,7 +19,10 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches};
 use mirror_proto::control;
 
-use crate::args::{Cli, Command};
+// The command line is in the library (lib.rs), for the packaging crate's man pages and
+// completions; the modules here name it `crate::args`.
+use access_node::args;
+use args::{Cli, Command};
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
