@@ -9,9 +9,10 @@
 //! own worker (`BlkBackend::start_queue`), and its request buffers grow with its first
 //! requests. A queue the frontend never uses costs an idle thread and a few hundred bytes.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use log::{debug, error, warn};
@@ -20,7 +21,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -33,6 +34,7 @@ use mirror_proto::sys::error_chain as chain;
 use crate::completion::QueueEvent;
 use crate::executor::{self, Completion, Deferred, IovecBuf, Target};
 use crate::flusher::Flusher;
+use crate::inflight_shm::{HeadChain, InflightHost, InflightRegion, QueueInflight};
 use crate::replication::Mirror;
 use crate::request::{ParseError, Request, RequestType};
 use crate::stats::QueueCounters;
@@ -47,6 +49,12 @@ pub struct QueueWorker {
     deferred: Vec<Deferred>,
     /// Bad requests are logged at most once per few seconds (a guest can send any number).
     bad_log: RefusalLog,
+    /// This queue's part of the in-flight region (`inflight_shm.rs`), if the frontend gave one.
+    inflight: Option<QueueInflight>,
+    /// The region `inflight` belongs to ([`Device::inflight_epoch`] when it was looked at).
+    inflight_epoch: u64,
+    /// Requests left in flight by the last process, to run again before taking new ones.
+    resubmit: VecDeque<u16>,
 }
 
 impl Default for QueueWorker {
@@ -56,6 +64,9 @@ impl Default for QueueWorker {
             iov: IovecBuf::default(),
             deferred: Vec::new(),
             bad_log: RefusalLog::new("guest requests"),
+            inflight: None,
+            inflight_epoch: 0,
+            resubmit: VecDeque::new(),
         }
     }
 }
@@ -106,6 +117,24 @@ pub struct Device {
     /// Per queue: the frontend started and enabled it, as its worker last saw it (cleared when
     /// the frontend stops the ring or goes away). `status` counts them (`queues_enabled`).
     enabled: Vec<AtomicBool>,
+    /// The in-flight region of the current frontend (SET_INFLIGHT_FD, through the relay).
+    inflight: Mutex<Option<Arc<InflightRegion>>>,
+    /// Changes whenever `inflight` does: a worker that saw another value looks at it again.
+    inflight_epoch: AtomicU64,
+}
+
+impl InflightHost for Device {
+    fn set_region(&self, region: Arc<InflightRegion>) {
+        *self.inflight.lock().unwrap_or_else(|p| p.into_inner()) = Some(region);
+        self.inflight_epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn has_region(&self) -> bool {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
 }
 
 /// The epoll `data` of a queue thread's completion event (0..num_queues are the kicks, and
@@ -139,6 +168,8 @@ impl Device {
             flusher,
             events: (0..n).map(|_| OnceLock::new()).collect(),
             enabled: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            inflight: Mutex::new(None),
+            inflight_epoch: AtomicU64::new(0),
         }
     }
 
@@ -181,6 +212,9 @@ impl Device {
         for e in &self.enabled {
             e.store(false, Ordering::Relaxed);
         }
+        // The region was that frontend's; the next one brings its own (or none).
+        *self.inflight.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.inflight_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// After the frontend went away (before its daemon, and so the queue workers, are
@@ -335,12 +369,19 @@ impl BlkBackend {
     ) -> io::Result<bool> {
         let dev = &*self.dev;
         let stopping = || drain || !dev.accepting();
+        if !drain {
+            resume_inflight(dev, queue, worker, vring, &self.mem.memory());
+        }
         let QueueWorker {
             request,
             iov,
             deferred,
             bad_log,
+            inflight,
+            inflight_epoch: _,
+            resubmit,
         } = worker;
+        let inflight = &*inflight;
         let counters = &dev.counters[queue];
         let mirror = dev.mirror.as_deref();
         let target = Target {
@@ -358,12 +399,19 @@ impl BlkBackend {
             dev.enabled[queue].store(enabled, Ordering::Relaxed);
         }
         let used_any = std::cell::Cell::new(false);
+        // Every completion goes through here: in-flight tracking brackets the ring's update.
         let add_used = |state: &mut vhost_user_backend::VringState<_>, head, len| {
             used_any.set(true);
-            state
-                .get_queue_mut()
-                .add_used(&*mem, head, len)
-                .map_err(|e| io::Error::other(format!("add_used: {e}")))
+            if let Some(i) = inflight {
+                i.completing(head);
+            }
+            let q = state.get_queue_mut();
+            q.add_used(&*mem, head, len)
+                .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
+            if let Some(i) = inflight {
+                i.completed(head, q.next_used());
+            }
+            Ok::<(), io::Error>(())
         };
         // Completions that must wait for the replica (suspend mode, after a failure).
         let mut held: Vec<executor::Finished> = Vec::new();
@@ -479,17 +527,29 @@ impl BlkBackend {
             let mut took_any = false;
             // When stopping, take no new requests; the deferred ones are finished below.
             while !stopping() {
-                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
-                    break;
-                };
-                took_any = true;
-                let head = chain.head_index();
-                let parsed = request.parse(
-                    chain,
+                let (capacity, readonly, max_data) = (
                     dev.model.capacity_sectors,
                     dev.model.readonly,
                     dev.model.max_request_bytes(),
                 );
+                // Requests the last process left in flight first, in the order it took them.
+                let (head, parsed) = if let Some(head) = resubmit.pop_front() {
+                    let q = state.get_queue();
+                    let descs = HeadChain::new(&*mem, GuestAddress(q.desc_table()), q.size(), head);
+                    let parsed = request.parse_descs(descs, &*mem, capacity, readonly, max_data);
+                    (head, parsed)
+                } else {
+                    let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone())
+                    else {
+                        break;
+                    };
+                    let head = chain.head_index();
+                    if let Some(i) = inflight {
+                        i.taken(head);
+                    }
+                    (head, request.parse(chain, capacity, readonly, max_data))
+                };
+                took_any = true;
                 let completion = match (parsed, mirror) {
                     (Ok(()), _) if request.kind() == RequestType::Flush => {
                         // Local fdatasync in the background, the replica's flush on the link;
@@ -651,6 +711,67 @@ fn drain_deferred(deferred: &mut Vec<Deferred>, mirror: Option<&Mirror>, c: &Que
     }
 }
 
+/// Looks at the in-flight region when the frontend gave a new one (or took it away): on the
+/// first turn of a connection that brought one, the requests the last process left in flight
+/// are queued to run again and the ring resumes after the ones it took (`inflight_shm.rs`).
+fn resume_inflight(
+    dev: &Device,
+    queue: usize,
+    worker: &mut QueueWorker,
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+) {
+    let epoch = dev.inflight_epoch.load(Ordering::SeqCst);
+    if worker.inflight_epoch == epoch {
+        return;
+    }
+    worker.inflight_epoch = epoch;
+    worker.inflight = None;
+    worker.resubmit.clear();
+    let region = dev
+        .inflight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let Some(region) = region else {
+        return;
+    };
+    let mut state = vring.get_mut();
+    let q = state.get_queue_mut();
+    let Some(mut part) = region.queue(queue, q.size()) else {
+        warn!(
+            "queue {queue}: the in-flight region has no part for a ring of {} entries;              requests in flight are not tracked",
+            q.size()
+        );
+        return;
+    };
+    let used = match q.used_idx(mem, Ordering::Acquire) {
+        Ok(u) => u.0,
+        Err(e) => {
+            warn!("queue {queue}: cannot read the used index ({e}); requests in flight are not tracked");
+            return;
+        }
+    };
+    let r = part.recover(used);
+    if !r.resubmit.is_empty() || r.next_avail != q.next_avail() {
+        log::info!(
+            "queue {queue}: {} request(s) left in flight by the last process run again; \
+             the ring resumes at {} (used {used}{})",
+            r.resubmit.len(),
+            r.next_avail,
+            if r.cleared_last {
+                ", the last completion was done"
+            } else {
+                ""
+            }
+        );
+    }
+    q.set_next_avail(r.next_avail);
+    q.set_next_used(used);
+    worker.resubmit = r.resubmit.into();
+    worker.inflight = Some(part);
+}
+
 /// Whether the guest made requests available that the device has not taken yet.
 fn ring_has_new(q: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> bool {
     q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
@@ -698,6 +819,8 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // Answered by the relay (frontend.rs, inflight_shm.rs), not by the library.
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
