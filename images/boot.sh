@@ -5,10 +5,18 @@
 #   images/boot.sh --dir OUTDIR --socket SOCK --http-port PORT [--num-queues N|default]
 #                  [--mem 256M] [--smp N] [--serial LOGFILE] [--accel auto|tcg|kvm]
 #                  [--extra-append STR] [--firmware]
+#                  [--data-socket SOCK2 [--data-queues N|default] [--reconnect-ms MS]]
 #
 # --num-queues (default 1) is the vhost-user-blk-pci device's num-queues; `default` leaves it
 # out, and QEMU then asks the backend for one queue per vCPU (--smp), as a plain
 # `-device vhost-user-blk-pci,chardev=...` does.
+#
+# --data-socket adds a second vhost-user-blk-pci disk (the data disk, /dev/vdb in the guest; the
+# root disk stays /dev/vda) on the backend listening at SOCK2, with --data-queues (default 1;
+# `default` as for --num-queues) queues. --reconnect-ms MS gives the data disk's chardev
+# `reconnect-ms=MS` (QEMU 9.2 or later): when its backend goes away, QEMU keeps the guest running
+# and connects again every MS milliseconds; SOCK2 then need not exist yet when QEMU starts. The
+# root disk's chardev has no reconnect.
 #
 # The guest's HTTP server (port 80) is forwarded to 127.0.0.1:PORT on the host (loopback only).
 # Without --serial the serial console goes to stdout (interactive: Ctrl-A x quits QEMU).
@@ -35,11 +43,12 @@ set -euo pipefail
 
 die() { echo "boot.sh: $*" >&2; exit 1; }
 usage() {
-    sed -n '5,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '5,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
 DIR= SOCK= PORT= QUEUES=1 MEM=256M SMP=1 SERIAL= ACCEL=auto EXTRA= FIRMWARE=0
+DATA_SOCK= DATA_QUEUES=1 RECONNECT_MS=
 while [ $# -gt 0 ]; do
     case "$1" in
         --dir) DIR=${2:?}; shift 2 ;;
@@ -52,6 +61,9 @@ while [ $# -gt 0 ]; do
         --accel) ACCEL=${2:?}; shift 2 ;;
         --extra-append) EXTRA=${2?}; shift 2 ;;
         --firmware) FIRMWARE=1; shift ;;
+        --data-socket) DATA_SOCK=${2:?}; shift 2 ;;
+        --data-queues) DATA_QUEUES=${2:?}; shift 2 ;;
+        --reconnect-ms) RECONNECT_MS=${2:?}; shift 2 ;;
         -h|--help) usage ;;
         *) echo "boot.sh: unknown argument $1" >&2; usage ;;
     esac
@@ -60,6 +72,9 @@ done
 case "$PORT" in *[!0-9]*|"") die "--http-port must be a number" ;; esac
 case "$QUEUES" in default) ;; *[!0-9]*|""|0) die "--num-queues must be a positive number or default" ;; esac
 case "$ACCEL" in auto|tcg|kvm) ;; *) die "--accel must be auto, tcg or kvm" ;; esac
+case "$DATA_QUEUES" in default) ;; *[!0-9]*|""|0) die "--data-queues must be a positive number or default" ;; esac
+case "$RECONNECT_MS" in "") ;; *[!0-9]*|0) die "--reconnect-ms must be a positive number" ;; esac
+[ -n "$DATA_SOCK" ] || [ -z "$RECONNECT_MS" ] || die "--reconnect-ms applies to the data disk: give --data-socket"
 [ "$FIRMWARE" = 0 ] || [ -z "$EXTRA" ] \
     || die "--extra-append does not work with --firmware (the command line is in boot-disk.raw)"
 
@@ -69,6 +84,8 @@ command -v "$QEMU" >/dev/null 2>&1 \
 [ -f "$DIR/vmlinuz" ] && [ -f "$DIR/initrd.img" ] \
     || die "$DIR/vmlinuz or $DIR/initrd.img missing (run images/build.sh $DIR)"
 [ -S "$SOCK" ] || die "$SOCK is not a socket (start the vhost-user-blk backend first)"
+[ -z "$DATA_SOCK" ] || [ -n "$RECONNECT_MS" ] || [ -S "$DATA_SOCK" ] \
+    || die "$DATA_SOCK is not a socket (start the data disk's backend first, or give --reconnect-ms)"
 
 # ---- accelerator -------------------------------------------------------------------------
 kvm_probe() { # prints yes or no
@@ -116,7 +133,27 @@ fi
 disk_device="vhost-user-blk-pci,chardev=disk0,bootindex=1"
 [ "$QUEUES" = default ] || disk_device+=",num-queues=$QUEUES"
 
+# The data disk, right after the root disk (so the guest names them vda, vdb).
+data_args=()
+if [ -n "$DATA_SOCK" ]; then
+    data_chardev="socket,id=data0,path=$DATA_SOCK"
+    [ -z "$RECONNECT_MS" ] || data_chardev+=",reconnect-ms=$RECONNECT_MS"
+    data_device="vhost-user-blk-pci,chardev=data0"
+    [ "$DATA_QUEUES" = default ] || data_device+=",num-queues=$DATA_QUEUES"
+    data_args=(-chardev "$data_chardev" -device "$data_device")
+fi
+
 APPEND="console=ttyS0 root=/dev/vda rw panic=-1 ${EXTRA}"
+# The kernel takes at most cmdline_size bytes (its boot header, offset 0x238: 2047 for
+# Debian's 6.1 kernel). A longer -append is not refused by QEMU 10.0: the guest hangs before
+# printing anything, so refuse it here.
+if [ "$FIRMWARE" = 0 ]; then
+    max=$(od -An -tu4 -j 568 -N4 "$DIR/vmlinuz" | tr -d ' ')
+    case "$max" in ""|*[!0-9]*|0) max=2047 ;; esac
+    len=$(printf '%s' "$APPEND" | wc -c)
+    [ "$len" -le "$max" ] \
+        || die "kernel command line is $len bytes, the kernel takes at most $max (--extra-append too long)"
+fi
 if [ "$FIRMWARE" = 1 ]; then
     kernel_args=()  # SeaBIOS boots the disk (bootindex=1): MBR -> GRUB -> /boot/vmlinuz
 else
@@ -136,6 +173,7 @@ exec "$QEMU" \
     -no-reboot \
     -chardev "socket,id=disk0,path=$SOCK" \
     -device "$disk_device" \
+    "${data_args[@]}" \
     -netdev "user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:$PORT-:80" \
     -device virtio-net-pci,netdev=n0 \
     "${kernel_args[@]}"

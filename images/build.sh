@@ -10,11 +10,16 @@
 #                      Kernel flag vmprobe=1 prints VM-PROBE-OK and powers off at once (used by
 #                      boot.sh to probe whether KVM works).
 #   OUTDIR/disk.raw    sparse raw disk (default 256 MiB, env DISK_SIZE), whole-disk ext4
-#                      holding the root filesystem: busybox + an HTTP file server (see README.md).
+#                      holding the root filesystem: busybox + an HTTP file server (see README.md),
+#                      and fio (Debian's package) with only the shared objects it loads. Kernel
+#                      flag vmfio=<base64 of a fio job file> runs that job instead of the file
+#                      server, prints its JSON output between VMFIO-BEGIN and VMFIO-END, then
+#                      VMFIO-EXIT <status>, and powers off (README.md, "fio in the guest").
 # With --firmware, also:
 #   OUTDIR/boot-disk.raw  sparse raw disk (DISK_SIZE) for firmware boot (boot.sh --firmware):
 #                      MBR with GRUB's boot.img, GRUB core.img in the gap after the MBR, one
-#                      ext4 partition (1 MiB..end, /dev/vda1) with the same root filesystem plus
+#                      ext4 partition (1 MiB..end, /dev/vda1) with the same root filesystem (less
+#                      fio: vmfio= needs direct kernel boot's command line) plus
 #                      /boot/vmlinuz and /boot/initrd.img. GRUB (grub-pc-bin + grub-common,
 #                      apt-get download + dpkg -x like the kernel) loads them from there.
 #                      Why GRUB and not syslinux/extlinux: README.md, "Why direct kernel boot,
@@ -47,6 +52,7 @@ need cpio cpio
 need gzip gzip
 need mke2fs e2fsprogs
 need strings binutils
+need readelf binutils
 need sha256sum coreutils
 need truncate coreutils
 [ ${#missing[@]} -eq 0 ] || die "missing tools: ${missing[*]} (run ci/setup.sh)"
@@ -118,6 +124,166 @@ VMLINUZ_SRC=$(ls "$KDIR"/boot/vmlinuz-* 2>/dev/null | head -n1)
 KVER=${VMLINUZ_SRC##*/vmlinuz-}
 MODDIR="$KDIR/lib/modules/$KVER"
 [ -d "$MODDIR" ] || die "no modules dir $MODDIR"
+
+# ---- fio (the VM tests' load generator) and exactly the shared objects it loads -----------
+# Debian's fio links its engines in (NEEDED: libaio, librados, librbd, libgfapi, libibverbs,
+# libnbd, libpmem... and libc), and its package closure is ~113 packages (217 MiB, python3 and
+# perl included). The guest gets only fio's binary, the dynamic loader and the shared objects
+# the loader would open, found as ld.so finds them (NEEDED sonames, recursively, through each
+# object's RUNPATH/RPATH and the multiarch system directories) in the library packages that the
+# needing package Depends on. Only those packages are downloaded (cached like the others).
+# The result is cached in $CACHE/fio-closure (one "DEB SOURCE DEST" line per file, DEB a
+# cached .deb's name, SOURCE the real file inside it, DEST its path in the guest), reused while
+# the fio package and every listed .deb are unchanged, so a second run neither resolves nor
+# downloads anything.
+FIO_SYSDIRS=(lib/x86_64-linux-gnu usr/lib/x86_64-linux-gnu lib usr/lib)
+FIO_PKGS=()           # extracted packages searched for sonames, in the order they came
+declare -A FIO_PKG_DEB=() FIO_PKG_DIR=() FIO_SO_DONE=()
+FIO_LINES=()
+
+pkg_of_deb() { local b; b=$(basename "$1" .deb); echo "${b%%_*}"; }
+
+# in_root ROOT REL: REL with its symlinks followed inside ROOT (absolute targets are relative
+# to ROOT); prints the real file's path relative to ROOT, or fails.
+in_root() {
+    local root=$1 rel=$2 t i=0
+    while [ -L "$root/$rel" ]; do
+        i=$((i + 1)); [ $i -le 40 ] || return 1
+        t=$(readlink "$root/$rel")
+        case "$t" in /*) rel=${t#/} ;; *) rel=$(dirname "$rel")/$t ;; esac
+    done
+    [ -f "$root/$rel" ] || return 1
+    echo "$rel"
+}
+
+fio_add_pkg() { # fio_add_pkg DEB: extracts it and searches it from now on
+    local deb=$1 pkg
+    pkg=$(pkg_of_deb "$deb")
+    [ -n "${FIO_PKG_DIR[$pkg]:-}" ] && return 0
+    FIO_PKG_DEB[$pkg]=$deb
+    FIO_PKG_DIR[$pkg]=$(extract "$deb")
+    FIO_PKGS+=("$pkg")
+}
+
+# fio_find SONAME DIR...: the first extracted package with DIR/SONAME (DIRs relative to the
+# root, searched in order); prints "PKG DIR".
+fio_find() {
+    local so=$1 pkg d; shift
+    for d in "$@"; do
+        for pkg in "${FIO_PKGS[@]}"; do
+            if in_root "${FIO_PKG_DIR[$pkg]}" "$d/$so" >/dev/null; then echo "$pkg $d"; return 0; fi
+        done
+    done
+    return 1
+}
+
+# The packages a library may come from: PKG's Depends and Pre-Depends (alternatives
+# included) with "lib" in their name. With MODE "named": only the package Debian's naming rule
+# gives for SONAME (libfoo.so.1 -> libfoo1, libfoo2.so.3 -> libfoo2-3) and those whose name
+# starts like SONAME; with "all": those first, then the others.
+fio_candidates() { # fio_candidates MODE PKG SONAME
+    local mode=$1 deb=${FIO_PKG_DEB[$2]} so=$3 stem ver guess all
+    stem=$(echo "${so%%.so*}" | tr '[:upper:]_' '[:lower:]-')
+    ver=${so#*.so}; ver=${ver#.}
+    case "$stem" in *[0-9]) guess="$stem-$ver" ;; *) guess="$stem$ver" ;; esac
+    all=$( { dpkg-deb -f "$deb" Depends; dpkg-deb -f "$deb" Pre-Depends; } 2>/dev/null \
+        | tr ',|' '\n\n' | sed 's/(.*//; s/\[.*//; s/:any//; s/[[:space:]]//g' \
+        | grep 'lib' | awk '!seen[$0]++' || true)
+    {
+        echo "$all" | grep -x -- "$guess" || true
+        echo "$all" | grep -- "^$stem" || true
+        [ "$mode" = named ] || echo "$all"
+    } | awk 'NF && !seen[$0]++'
+}
+
+# fio_dirs_of PKG REL: where ld.so looks for the NEEDED of PKG's file REL: its RUNPATH
+# (or RPATH), $ORIGIN expanded, then the system directories.
+fio_dirs_of() {
+    local f="${FIO_PKG_DIR[$1]}/$2" rp d origin
+    origin=$(dirname "$2")
+    rp=$(readelf -d "$f" | sed -n 's/.*(RUNPATH).*\[\(.*\)\]/\1/p')
+    [ -n "$rp" ] || rp=$(readelf -d "$f" | sed -n 's/.*(RPATH).*\[\(.*\)\]/\1/p')
+    for d in $(echo "$rp" | tr ':' ' '); do
+        d=${d//\$\{ORIGIN\}/\/$origin}; d=${d//\$ORIGIN/\/$origin}
+        echo "${d#/}"
+    done
+    printf '%s\n' "${FIO_SYSDIRS[@]}"
+}
+
+# fio_resolve PKG REL: records every shared object PKG's file REL needs, recursively.
+# Pass 1 takes the sonames found in an extracted package or in the package named after them;
+# pass 2 the rest, trying each dependency in turn (by then most are extracted).
+fio_resolve() {
+    local pkg=$1 rel=$2 so hit c deb hpkg hdir real pass mode dirs=() pending=()
+    mapfile -t dirs < <(fio_dirs_of "$pkg" "$rel")
+    for pass in 1 2; do
+        mode=named; [ $pass = 2 ] && mode=all
+        for so in $(readelf -d "${FIO_PKG_DIR[$pkg]}/$rel" | sed -n 's/.*(NEEDED).*\[\(.*\)\]/\1/p'); do
+            [ -n "${FIO_SO_DONE[$so]:-}" ] && continue
+            hit=$(fio_find "$so" "${dirs[@]}" || true)
+            if [ -z "$hit" ]; then
+                for c in $(fio_candidates "$mode" "$pkg" "$so"); do
+                    [ -n "${FIO_PKG_DIR[$c]:-}" ] && continue
+                    deb=$(fetch_deb "$c") || die "fio: cannot download $c"
+                    fio_add_pkg "$deb"
+                    hit=$(fio_find "$so" "${dirs[@]}" || true)
+                    [ -n "$hit" ] && break
+                done
+            fi
+            if [ -z "$hit" ]; then
+                [ $pass = 2 ] && die "fio: $so (needed by $rel) is in no library $pkg depends on"
+                continue
+            fi
+            FIO_SO_DONE[$so]=1
+            hpkg=${hit%% *} hdir=${hit#* }
+            real=$(in_root "${FIO_PKG_DIR[$hpkg]}" "$hdir/$so")
+            FIO_LINES+=("$(basename "${FIO_PKG_DEB[$hpkg]}") $real $hdir/$so")
+            pending+=("$hpkg $real")
+        done
+    done
+    for c in "${pending[@]}"; do fio_resolve "${c%% *}" "${c#* }"; done
+}
+
+FIO_DEB=$(fetch_deb fio)
+FIO_CLOSURE="$CACHE/fio-closure"
+fio_closure_ok() {
+    local deb src dst
+    [ -s "$FIO_CLOSURE" ] || return 1
+    [ "$(head -n1 "$FIO_CLOSURE")" = "# $(basename "$FIO_DEB")" ] || return 1
+    while read -r deb src dst; do
+        case "$deb" in '#'*) continue ;; esac
+        [ -f "$CACHE/debs/$deb" ] || return 1
+    done <"$FIO_CLOSURE"
+}
+if ! fio_closure_ok; then
+    log "fio: resolving the shared objects of $(basename "$FIO_DEB")"
+    fio_add_pkg "$FIO_DEB"
+    [ -f "${FIO_PKG_DIR[fio]}/usr/bin/fio" ] || die "no usr/bin/fio in $FIO_DEB"
+    interp=$(readelf -l "${FIO_PKG_DIR[fio]}/usr/bin/fio" \
+        | sed -n 's/.*Requesting program interpreter: \(.*\)\]/\1/p')
+    [ -n "$interp" ] || die "fio: no program interpreter in usr/bin/fio"
+    fio_add_pkg "$(fetch_deb libc6)"
+    interp_real=$(in_root "${FIO_PKG_DIR[libc6]}" "${interp#/}") \
+        || die "fio: no $interp in libc6"
+    FIO_LINES+=("$(basename "$FIO_DEB") usr/bin/fio usr/bin/fio"
+                "$(basename "${FIO_PKG_DEB[libc6]}") $interp_real ${interp#/}")
+    fio_resolve fio usr/bin/fio
+    { echo "# $(basename "$FIO_DEB")"; printf '%s\n' "${FIO_LINES[@]}"; } >"$FIO_CLOSURE.tmp"
+    mv "$FIO_CLOSURE.tmp" "$FIO_CLOSURE"
+    log "fio: $(( ${#FIO_LINES[@]} - 2 )) shared objects from ${#FIO_PKGS[@]} packages"
+fi
+FIO_HASH=$(sha256sum "$FIO_CLOSURE" | cut -d' ' -f1)
+
+# Installs fio, the loader and the shared objects of $FIO_CLOSURE into ROOT.
+install_fio() {
+    local root=$1 deb src dst dir
+    while read -r deb src dst; do
+        case "$deb" in '#'*) continue ;; esac
+        dir=$(extract "$CACHE/debs/$deb")
+        mkdir -p "$root/$(dirname "$dst")"
+        cp "$dir/$src" "$root/$dst"
+    done <"$FIO_CLOSURE"
+}
 
 # Stamp = hash of this script + the package files it is built from + parameters.
 SCRIPT_HASH=$(sha256sum "$SELF" | cut -d' ' -f1)
@@ -270,9 +436,13 @@ else
 fi
 
 # ---- 4. disk.raw (root filesystem with the HTTP file server) ------------------------------
+# write_rootfs ROOT [fio]: with "fio", fio and its shared objects too (disk.raw only: the
+# vmfio= flag needs direct kernel boot's -append, and the firmware disk stays small for the
+# failover and cluster tiers, which copy and resync it).
 write_rootfs() {
     local R=$1
     install_busybox "$R"
+    [ "${2:-}" != fio ] || install_fio "$R"
     mkdir -p "$R"/{proc,sys,dev,tmp,run,root,etc/init.d,srv/files,srv/cgi-bin,var/log}
     chmod 1777 "$R/tmp"
     echo fileserver >"$R/etc/hostname"
@@ -299,6 +469,63 @@ ip addr add 10.0.2.15/24 dev eth0
 ip link set eth0 up
 ip route add default via 10.0.2.2
 echo "rcS: network up: eth0 10.0.2.15/24 gw 10.0.2.2"
+# Kernel flag vmfio=<base64 of a fio job file>: run that job instead of the file server;
+# /etc/init.d/vmfio powers off and never returns.
+case " $(cat /proc/cmdline) " in *" vmfio="*) exec /etc/init.d/vmfio ;; esac
+EOF
+
+    # Kernel flag vmfio=BASE64 (images/README.md): decodes the fio job file, waits for the block
+    # devices its filename= lines name, prints VMFIO-START, runs fio with JSON output, prints
+    # that output between VMFIO-BEGIN and VMFIO-END, then VMFIO-EXIT <fio's exit status>, and
+    # powers off with / read-only. Setup failures print VMFIO-FAILED: <why> and exit 250-254.
+    cat >"$R/etc/init.d/vmfio" <<'EOF'
+#!/bin/sh
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+D=/run/vmfio
+finish() {
+    echo "VMFIO-EXIT $1"
+    sync
+    mount -o remount,ro / || { sleep 1; sync; mount -o remount,ro /; }
+    poweroff -f
+}
+fail() { echo "VMFIO-FAILED: $2"; finish "$1"; }
+job=
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in vmfio=*) job=${arg#vmfio=} ;; esac
+done
+mkdir -p "$D"
+echo "$job" | base64 -d >"$D/job.fio" 2>"$D/base64.err" || fail 254 "vmfio= is not base64"
+[ -s "$D/job.fio" ] || fail 254 "vmfio= holds an empty job file"
+for dev in $(sed -n 's/^[[:space:]]*filename[[:space:]]*=[[:space:]]*//p' "$D/job.fio" | tr ':' ' '); do
+    case "$dev" in /dev/*) ;; *) continue ;; esac
+    i=0
+    while [ ! -b "$dev" ]; do
+        i=$((i + 1))
+        [ $i -gt 300 ] && fail 253 "no block device $dev after 30 s"
+        sleep 0.1
+    done
+done
+echo "VMFIO-START"
+status=0
+fio --output-format=json --eta=never --output="$D/out.json" "$D/job.fio" || status=$?
+# fio may put a warning line or two before the JSON document (e.g. "fio: multiple writers
+# may overwrite blocks ...").
+echo "VMFIO-BEGIN"
+cat "$D/out.json"
+echo
+echo "VMFIO-END"
+# Completion interrupts per virtqueue of each virtio disk: VMFIO-IRQ vdb req.0 1234
+for dev in /sys/block/vd*; do
+    [ -e "$dev/device" ] || continue
+    vdev=$(basename "$(readlink "$dev/device")")
+    grep " $vdev-" /proc/interrupts | while read -r line; do
+        name=${line##* }
+        n=0
+        for f in ${line#*:}; do case "$f" in *[!0-9]*) break ;; *) n=$((n + f)) ;; esac; done
+        echo "VMFIO-IRQ ${dev##*/} ${name#"$vdev"-} $n"
+    done
+done
+finish "$status"
 EOF
 
     # Waits until httpd answers, then prints the marker the tests wait for.
@@ -392,13 +619,13 @@ EOF
     chmod 755 "$R/etc/init.d/"* "$R/srv/cgi-bin/"*
 }
 
-st=$(stamp_for disk "$DISK_SIZE")
+st=$(stamp_for disk "$DISK_SIZE" "$FIO_HASH")
 if up_to_date "$OUT/disk.raw" "$st"; then
     log "disk.raw up to date"
 else
     rm -rf "$WORK/rootfs"
     mkdir -p "$WORK/rootfs"
-    write_rootfs "$WORK/rootfs"
+    write_rootfs "$WORK/rootfs" fio
     rm -f "$OUT/disk.raw.tmp"
     truncate -s "$DISK_SIZE" "$OUT/disk.raw.tmp"
     mke2fs -q -F -t ext4 -L fileserver -E root_owner=0:0 -d "$WORK/rootfs" "$OUT/disk.raw.tmp" \

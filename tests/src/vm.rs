@@ -1,5 +1,6 @@
 //! Shared by the QEMU tiers (`tests/tests/vm.rs`, `tests/tests/failover.rs`): the guest image,
-//! booting it, a minimal HTTP client for its file server, and failure reports.
+//! booting it, a minimal HTTP client for its file server, failure reports, and guests that run
+//! a fio job on a second (data) disk ([`FioVm`], [`boot_fio_guest`]).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -520,4 +521,453 @@ fn read_full(f: &mut fs::File, buf: &mut [u8]) -> usize {
         }
     }
     n
+}
+
+// ------------------------------------------------------------------------------------------------
+// fio in the guest (kernel flag vmfio=, images/build.sh)
+// ------------------------------------------------------------------------------------------------
+
+/// The guest disk for direct kernel boot (`-kernel/-initrd`, root=/dev/vda): whole-disk ext4.
+pub const DIRECT_BOOT_DISK: &str = "disk.raw";
+/// Printed by the guest right before it starts fio.
+pub const FIO_START_MARKER: &str = "VMFIO-START";
+/// Bound for a whole fio guest run ([`boot_fio_guest`]): boot, the job, power-off.
+pub const FIO_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// How to boot a fio guest ([`FioVm::start`], [`boot_fio_guest`]): direct kernel boot of
+/// `guest`'s kernel, root disk `/dev/vda` on `root_socket` (a backend the caller started, serving
+/// a copy of [`DIRECT_BOOT_DISK`]), data disk `/dev/vdb` on `data_socket`, and the kernel flag
+/// `vmfio=<base64 of job>`: instead of the file server, the guest runs
+/// `fio --output-format=json JOB`, prints the result on its console and powers off.
+#[derive(Clone, Debug)]
+pub struct FioGuestOpts {
+    /// Guest directory ([`build_guest`]).
+    pub guest: PathBuf,
+    /// Where the console and QEMU logs go (`fio-serial-N.log`, `fio-qemu-N.log`).
+    pub dir: PathBuf,
+    pub root_socket: PathBuf,
+    pub data_socket: PathBuf,
+    /// The fio job file's text. With the rest of the kernel command line it must fit the
+    /// kernel's 2047 bytes once base64-encoded (about 1.5 KB of job text).
+    pub job: String,
+    /// vCPUs (`--smp`); default 2, so that two jobs pinned with `cpus_allowed` submit on two
+    /// queues.
+    pub smp: u32,
+    /// The data disk's `num-queues` (default 2); `None`: QEMU's default, one per vCPU.
+    pub data_queues: Option<u16>,
+    /// The data disk's chardev `reconnect-ms` (none by default): with it QEMU survives its
+    /// backend going away and connects again every so many milliseconds.
+    pub reconnect_ms: Option<u64>,
+    /// Guest RAM (`--mem`, default 256M).
+    pub mem: String,
+}
+
+impl FioGuestOpts {
+    pub fn new(
+        guest: &Path,
+        dir: &Path,
+        root_socket: &Path,
+        data_socket: &Path,
+        job: &str,
+    ) -> FioGuestOpts {
+        FioGuestOpts {
+            guest: guest.to_path_buf(),
+            dir: dir.to_path_buf(),
+            root_socket: root_socket.to_path_buf(),
+            data_socket: data_socket.to_path_buf(),
+            job: job.to_owned(),
+            smp: 2,
+            data_queues: Some(2),
+            reconnect_ms: None,
+            mem: "256M".into(),
+        }
+    }
+}
+
+/// What a fio guest reported.
+#[derive(Clone, Debug)]
+pub struct FioResult {
+    /// fio's exit status in the guest (`VMFIO-EXIT N`; 250-254: the guest could not start fio,
+    /// see `notes`).
+    pub exit: i32,
+    /// fio's JSON document, or `None` if there was none to parse (then see `output`).
+    pub json: Option<serde_json::Value>,
+    /// Everything between `VMFIO-BEGIN` and `VMFIO-END` (warnings of fio's before the JSON).
+    pub output: String,
+    /// Lines fio printed before its JSON (e.g. "fio: multiple writers may overwrite ..."),
+    /// and a `VMFIO-FAILED: ...` reason if the guest could not run fio.
+    pub notes: Vec<String>,
+    /// Completion interrupts per virtqueue after the job: (disk, queue, count), e.g.
+    /// ("vdb", "req.1", 4120). Each queue has its own MSI-X vector.
+    pub irqs: Vec<(String, String, u64)>,
+    /// The serial console log.
+    pub console: PathBuf,
+    /// From QEMU's start to its exit.
+    pub elapsed: Duration,
+}
+
+impl FioResult {
+    /// The JSON document; panics with fio's output if there is none.
+    pub fn json(&self) -> &serde_json::Value {
+        self.json.as_ref().unwrap_or_else(|| {
+            panic!(
+                "fio printed no JSON (exit {}); its output:\n{}\nnotes: {:?}",
+                self.exit, self.output, self.notes
+            )
+        })
+    }
+
+    /// The `jobs` array of the JSON document.
+    pub fn jobs(&self) -> &[serde_json::Value] {
+        self.json()["jobs"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_else(|| panic!("fio JSON has no jobs array: {}", self.json()))
+    }
+
+    /// "JOBNAME: error N" for every job whose `error` is not 0 (verify failures included: fio
+    /// stops the job with EILSEQ, 84).
+    pub fn job_errors(&self) -> Vec<String> {
+        self.jobs()
+            .iter()
+            .filter(|j| j["error"].as_i64() != Some(0))
+            .map(|j| format!("{}: error {}", j["jobname"], j["error"]))
+            .collect()
+    }
+
+    /// Completion interrupts of `disk`'s request queues ("req.N"), by queue name.
+    pub fn queue_irqs(&self, disk: &str) -> Vec<(String, u64)> {
+        self.irqs
+            .iter()
+            .filter(|(d, q, _)| d == disk && q.starts_with("req."))
+            .map(|(_, q, n)| (q.clone(), *n))
+            .collect()
+    }
+}
+
+/// Standard base64 (with `=` padding), the alphabet busybox `base64 -d` reads.
+pub fn base64(data: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
+        let n = (b(0) << 16) | (b(1) << 8) | b(2);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ABC[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// What the guest's vmfio script printed ([`parse_fio_console`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FioConsole {
+    /// `VMFIO-EXIT N`.
+    pub exit: i32,
+    /// The lines between `VMFIO-BEGIN` and `VMFIO-END`.
+    pub output: String,
+    /// fio's lines before its JSON document, and `VMFIO-FAILED: ...` lines.
+    pub notes: Vec<String>,
+    /// `VMFIO-IRQ DISK QUEUE N` lines.
+    pub irqs: Vec<(String, String, u64)>,
+}
+
+/// Parses what the guest's vmfio script printed (`images/build.sh`): the block between
+/// `VMFIO-BEGIN` and `VMFIO-END`, `VMFIO-EXIT N`, `VMFIO-IRQ DISK QUEUE N` and
+/// `VMFIO-FAILED: ...`. `None` without a `VMFIO-EXIT` line.
+pub fn parse_fio_console(console: &str) -> Option<FioConsole> {
+    let mut exit = None;
+    let mut output = Vec::new();
+    let mut notes = Vec::new();
+    let mut irqs = Vec::new();
+    let mut inside = false;
+    for line in console.lines() {
+        let line = line.trim_end_matches('\r');
+        if inside {
+            if line.trim() == "VMFIO-END" {
+                inside = false;
+            } else {
+                output.push(line);
+            }
+            continue;
+        }
+        let t = line.trim();
+        if t == "VMFIO-BEGIN" {
+            inside = true;
+        } else if let Some(n) = t.strip_prefix("VMFIO-EXIT ") {
+            exit = n.trim().parse().ok();
+        } else if let Some(why) = t.strip_prefix("VMFIO-FAILED: ") {
+            notes.push(format!("VMFIO-FAILED: {why}"));
+        } else if let Some(rest) = t.strip_prefix("VMFIO-IRQ ") {
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            if let [disk, queue, n] = f[..] {
+                if let Ok(n) = n.parse() {
+                    irqs.push((disk.to_owned(), queue.to_owned(), n));
+                }
+            }
+        }
+    }
+    // fio's notes come before the document, which starts with a line "{".
+    let start = output.iter().position(|l| l.starts_with('{'));
+    notes.extend(
+        output[..start.unwrap_or(output.len())]
+            .iter()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| (*l).to_owned()),
+    );
+    Some(FioConsole {
+        exit: exit?,
+        output: output.join("\n"),
+        notes,
+        irqs,
+    })
+}
+
+/// A QEMU guest running a fio job ([`FioGuestOpts`]); QEMU is killed when this is dropped, and
+/// a panicking test gets the tails of the console and QEMU logs.
+pub struct FioVm {
+    qemu: ChildGuard,
+    console: PathBuf,
+    qemu_log: PathBuf,
+    started: Instant,
+}
+
+impl FioVm {
+    /// Starts QEMU (`images/boot.sh`, direct kernel boot, `VHOST_MIRROR_VM_ACCEL` or auto)
+    /// and returns at once.
+    pub fn start(opts: &FioGuestOpts) -> FioVm {
+        require_tool("qemu-system-x86_64", "qemu-system-x86");
+        let id = crate::unique_id();
+        let console = opts.dir.join(format!("fio-serial-{id}.log"));
+        let qemu_log = opts.dir.join(format!("fio-qemu-{id}.log"));
+        let accel = std::env::var("VHOST_MIRROR_VM_ACCEL").unwrap_or_else(|_| "auto".into());
+        let out = fs::File::create(&qemu_log).expect("create qemu log");
+        let err = out.try_clone().expect("clone log fd");
+        let mut cmd = Command::new("bash");
+        cmd.arg(workspace_root().join("images/boot.sh"))
+            .arg("--dir")
+            .arg(&opts.guest)
+            .arg("--socket")
+            .arg(&opts.root_socket)
+            .arg("--http-port")
+            .arg(crate::free_port().to_string())
+            .args(["--smp", &opts.smp.to_string(), "--mem", &opts.mem])
+            .args(["--serial"])
+            .arg(&console)
+            .args(["--accel", &accel])
+            .arg("--data-socket")
+            .arg(&opts.data_socket)
+            .args([
+                "--data-queues",
+                &opts
+                    .data_queues
+                    .map_or_else(|| "default".to_owned(), |n| n.to_string()),
+            ])
+            .arg("--extra-append")
+            // quiet: under TCG every console character costs; errors still show.
+            .arg(format!("quiet vmfio={}", base64(opts.job.as_bytes())));
+        if let Some(ms) = opts.reconnect_ms {
+            cmd.args(["--reconnect-ms", &ms.to_string()]);
+        }
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // boot.sh execs QEMU, so this PID is QEMU's.
+        let qemu = ChildGuard::spawn("qemu (images/boot.sh, vmfio)", &mut cmd);
+        eprintln!(
+            "fio guest: QEMU pid {}, console {}",
+            qemu.pid(),
+            console.display()
+        );
+        FioVm {
+            qemu,
+            console,
+            qemu_log,
+            started: Instant::now(),
+        }
+    }
+
+    pub fn qemu(&mut self) -> &mut ChildGuard {
+        &mut self.qemu
+    }
+
+    pub fn console(&self) -> &Path {
+        &self.console
+    }
+
+    pub fn qemu_log(&self) -> &Path {
+        &self.qemu_log
+    }
+
+    /// The console so far.
+    pub fn console_text(&self) -> String {
+        String::from_utf8_lossy(&fs::read(&self.console).unwrap_or_default()).into_owned()
+    }
+
+    fn fail_on_guest_errors(&mut self, text: &str, waiting_for: &str) {
+        for marker in ["VMFIO-FAILED", "INITRAMFS-FAILED", "Kernel panic"] {
+            if let Some(i) = text.find(marker) {
+                let line = text[i..].lines().next().unwrap_or(marker);
+                panic!("guest: {line:?} while waiting for {waiting_for}");
+            }
+        }
+    }
+
+    /// Waits until the console shows `marker`, calling `check` between looks (e.g. to assert
+    /// that a backend still runs); panics if QEMU exits, the guest reports a failure, or
+    /// `timeout` passes. Returns the time since QEMU started.
+    pub fn wait_for(
+        &mut self,
+        marker: &str,
+        timeout: Duration,
+        check: &mut dyn FnMut(),
+    ) -> Duration {
+        let start = Instant::now();
+        loop {
+            let text = self.console_text();
+            if text.contains(marker) {
+                return self.started.elapsed();
+            }
+            self.fail_on_guest_errors(&text, marker);
+            if let Some(status) = self.qemu.try_wait() {
+                panic!(
+                    "QEMU exited ({status}) before {marker:?}; its output:\n{}",
+                    fs::read_to_string(&self.qemu_log).unwrap_or_default()
+                );
+            }
+            check();
+            assert!(
+                start.elapsed() < timeout,
+                "no {marker:?} on the guest's console within {timeout:?}"
+            );
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the guest is about to start fio (`VMFIO-START`): the root disk and the data
+    /// disk are up, the job's devices exist. fio's first I/O follows within a second or so.
+    pub fn wait_started(&mut self, timeout: Duration) -> Duration {
+        let t = self.wait_for(FIO_START_MARKER, timeout, &mut || {});
+        eprintln!(
+            "fio guest: fio starting {:.1} s after QEMU",
+            t.as_secs_f64()
+        );
+        t
+    }
+
+    /// Waits for the guest to power off (QEMU exits by itself, successfully) and returns what
+    /// it reported; panics on a timeout (QEMU is then killed), a failed QEMU, or a console
+    /// without `VMFIO-EXIT`. `check` runs between looks.
+    pub fn finish(&mut self, timeout: Duration, check: &mut dyn FnMut()) -> FioResult {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = self.qemu.try_wait() {
+                break s;
+            }
+            let text = self.console_text();
+            if !text.contains("VMFIO-EXIT") {
+                self.fail_on_guest_errors(&text, "fio's result");
+            }
+            check();
+            if start.elapsed() >= timeout {
+                self.qemu.kill();
+                panic!("the fio guest did not power off within {timeout:?}");
+            }
+            sleep(Duration::from_millis(100));
+        };
+        let elapsed = self.started.elapsed();
+        let text = self.console_text();
+        assert!(
+            status.success(),
+            "QEMU exit status {status}; its output:\n{}",
+            fs::read_to_string(&self.qemu_log).unwrap_or_default()
+        );
+        let FioConsole {
+            exit,
+            output,
+            notes,
+            irqs,
+        } = parse_fio_console(&text)
+            .unwrap_or_else(|| panic!("the guest powered off without VMFIO-EXIT"));
+        let json = output
+            .find("\n{")
+            .map(|i| i + 1)
+            .or_else(|| output.starts_with('{').then_some(0))
+            .and_then(|i| serde_json::from_str(&output[i..]).ok());
+        eprintln!(
+            "fio guest: fio exit {exit}, QEMU exited {:.1} s after start",
+            elapsed.as_secs_f64()
+        );
+        FioResult {
+            exit,
+            json,
+            output,
+            notes,
+            irqs,
+            console: self.console.clone(),
+            elapsed,
+        }
+    }
+}
+
+impl Drop for FioVm {
+    fn drop(&mut self) {
+        // Killed first (ChildGuard would too), so the logs below are complete.
+        self.qemu.kill();
+        if !std::thread::panicking() {
+            return;
+        }
+        for (what, path) in [("console", &self.console), ("QEMU output", &self.qemu_log)] {
+            eprintln!("==== fio guest {what}: {} (last 40 lines)", path.display());
+            let text = String::from_utf8_lossy(&fs::read(path).unwrap_or_default()).into_owned();
+            let lines: Vec<&str> = text.lines().collect();
+            for line in &lines[lines.len().saturating_sub(40)..] {
+                eprintln!("  {line}");
+            }
+        }
+    }
+}
+
+/// Boots a fio guest ([`FioGuestOpts`]), waits for its result (within [`FIO_TIMEOUT`]) and
+/// returns it; QEMU is killed if anything fails.
+pub fn boot_fio_guest(opts: &FioGuestOpts) -> FioResult {
+    let mut vm = FioVm::start(opts);
+    vm.wait_started(FIO_TIMEOUT);
+    let left = FIO_TIMEOUT.saturating_sub(vm.started.elapsed());
+    vm.finish(left, &mut || {})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        for (plain, enc) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), enc);
+        }
+        assert_eq!(base64(&[0xfb, 0xff, 0xbf]), "+/+/");
+    }
+
+    #[test]
+    fn parses_the_guest_console() {
+        let console = "rcS: network up\r\nVMFIO-START\r\nVMFIO-BEGIN\r\nfio: a note\r\n{\r\n  \"jobs\" : []\r\n}\r\n\r\nVMFIO-END\r\nVMFIO-IRQ vdb config 0\r\nVMFIO-IRQ vdb req.0 12\r\nVMFIO-IRQ vdb req.1 7\r\nVMFIO-EXIT 0\r\n";
+        let c = parse_fio_console(console).expect("parsed");
+        assert_eq!(c.exit, 0);
+        assert_eq!(c.notes, vec!["fio: a note".to_owned()]);
+        assert_eq!(c.irqs.len(), 3);
+        assert_eq!(c.irqs[2], ("vdb".into(), "req.1".into(), 7));
+        assert!(c.output.contains("\"jobs\""));
+        assert!(parse_fio_console("VMFIO-START\nVMFIO-BEGIN\n").is_none());
+    }
 }
