@@ -61,7 +61,7 @@ echo "== fault tier: regressions and a short pass of the randomized checker (ci/
 FAULT_SEED=${FAULT_SEED:-18ed331fa1eff14a} FAULT_ROUNDS=${FAULT_ROUNDS:-3} FAULT_STEPS=${FAULT_STEPS:-12} \
     cargo test -p vhost-mirror-tests --locked --test faults -- --nocapture --test-threads=1
 
-echo "== VM tier (QEMU, TCG unless KVM works): file server, then failover and failback"
+echo "== VM tier (QEMU, TCG unless KVM works): file server, fio on a data disk, then failover and failback"
 cargo test -p vhost-mirror-tests --locked --test vm -- --nocapture
 cargo test -p vhost-mirror-tests --locked --test failover -- --nocapture --test-threads=1
 
