@@ -505,9 +505,10 @@ fn vm_backend_restarts_under_load_mirrored() {
 }
 
 /// vhost-mirror SIGKILLed and restarted (three times) and stopped with SIGTERM and restarted
-/// (once, as an upgrade does) while the guest keeps 32 requests in flight on two queues: fio,
-/// 2 jobs x iodepth 16, 4k random writes with a flush every 16, then every block read back and
-/// verified. QEMU reconnects by itself (`reconnect-ms`). The guest must see no I/O error and
+/// (once, as an upgrade does) while the guest keeps 50 requests in flight on two queues: fio,
+/// per vCPU a writer (4k random writes at iodepth 16, then every block read back and verified),
+/// a reader (iodepth 8) and a flusher (a write and an fdatasync at a time), so that requests
+/// complete out of order. QEMU reconnects by itself (`reconnect-ms`). The guest must see no I/O error and
 /// every block must verify; mirrored, the replica must then be identical to the primary.
 /// Without in-flight tracking (`inflight_shm.rs`) a killed process's requests completed out of
 /// order make QEMU's rewind to the used index run some twice and lose others: the guest waits
@@ -536,7 +537,9 @@ fn restarts_under_load(mirrored: bool) {
         "copy the guest disk",
     );
     const JOB_MIB: u64 = 32;
-    let size = 2 * JOB_MIB << 20;
+    // The readers and flushers run this long (the writers, restarts included, take less).
+    const AUX_S: u64 = 20;
+    let size = (2 * JOB_MIB + 32) << 20;
     let data_image = dir.join("data.raw");
     create_image(&data_image, size);
     let mut root = Backend::spawn(
@@ -572,24 +575,25 @@ fn restarts_under_load(mirrored: bool) {
         wait_in_sync(&mut data, Duration::from_secs(60));
     }
 
-    let job = format!(
-        "[global]\n\
-         filename=/dev/vdb\n\
-         ioengine=libaio\n\
-         direct=1\n\
-         bs=4k\n\
-         rw=randwrite\n\
-         iodepth=16\n\
-         numjobs=2\n\
-         size={JOB_MIB}M\n\
-         offset_increment={JOB_MIB}M\n\
-         fdatasync=16\n\
-         cpus_allowed=0-1\n\
-         cpus_allowed_policy=split\n\
-         verify=crc32c\n\
-         do_verify=1\n\
-         [restarts]\n"
-    );
+    // Per vCPU (so per queue): a writer whose every block is read back and verified, a
+    // reader and a flusher beside it. Their requests complete out of order: mirrored, a read
+    // does not wait for the writes ahead of it (they wait for the replica); both ways, writes
+    // complete while a FLUSH's fdatasync runs. (fio quiesces a job before its own fdatasync, so
+    // a writer with fdatasync= alone would complete in order.)
+    let mut job = String::from("[global]\nfilename=/dev/vdb\nioengine=libaio\ndirect=1\nbs=4k\n");
+    for cpu in 0..2u64 {
+        job.push_str(&format!(
+            "[w{cpu}]\nrw=randwrite\niodepth=16\nsize={JOB_MIB}M\noffset={}M\n\
+             verify=crc32c\ndo_verify=1\ncpus_allowed={cpu}\n\
+             [r{cpu}]\nrw=randread\niodepth=8\nsize=8M\noffset={}M\ntime_based=1\n\
+             runtime={AUX_S}\ncpus_allowed={cpu}\n\
+             [f{cpu}]\nrw=write\nfdatasync=1\nsize=1M\noffset={}M\ntime_based=1\n\
+             runtime={AUX_S}\ncpus_allowed={cpu}\n",
+            cpu * JOB_MIB,
+            2 * JOB_MIB + cpu * 8,
+            2 * JOB_MIB + 16 + cpu,
+        ));
+    }
     let mut fopts = FioGuestOpts::new(&gdir, &dir, root.socket(), data.socket(), &job);
     fopts.reconnect_ms = Some(100);
     let mut vm = FioVm::start(&fopts);
@@ -648,24 +652,37 @@ fn restarts_under_load(mirrored: bool) {
     assert_eq!(r.exit, 0, "fio exit status; output:\n{}", r.output);
     assert_eq!(r.job_errors(), Vec::<String>::new(), "fio job errors");
     let jobs = r.jobs();
-    assert_eq!(jobs.len(), 2, "fio jobs");
+    assert_eq!(jobs.len(), 6, "fio jobs");
     let mut max_clat_ms = 0.0f64;
     for j in jobs {
-        assert_eq!(
-            j["write"]["io_bytes"].as_u64(),
-            Some(JOB_MIB << 20),
-            "bytes written by {}",
-            j["jobname"]
-        );
-        // do_verify read every block back and checked it.
-        assert_eq!(
-            j["read"]["io_bytes"].as_u64(),
-            Some(JOB_MIB << 20),
-            "bytes verified by {}",
-            j["jobname"]
-        );
-        let clat = j["write"]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6;
-        max_clat_ms = max_clat_ms.max(clat);
+        let name = j["jobname"].as_str().unwrap_or("?");
+        if name.starts_with('w') {
+            assert_eq!(
+                j["write"]["io_bytes"].as_u64(),
+                Some(JOB_MIB << 20),
+                "bytes written by {name}"
+            );
+            // do_verify read every block back and checked it.
+            assert_eq!(
+                j["read"]["io_bytes"].as_u64(),
+                Some(JOB_MIB << 20),
+                "bytes verified by {name}"
+            );
+        } else {
+            let kind = if name.starts_with('r') {
+                "read"
+            } else {
+                "write"
+            };
+            assert!(
+                j[kind]["io_bytes"].as_u64().is_some_and(|b| b > 0),
+                "{name} did no I/O"
+            );
+        }
+        for kind in ["read", "write"] {
+            let clat = j[kind]["clat_ns"]["max"].as_f64().unwrap_or(0.0) / 1e6;
+            max_clat_ms = max_clat_ms.max(clat);
+        }
     }
     let rerun: usize = logs
         .iter()
@@ -673,7 +690,7 @@ fn restarts_under_load(mirrored: bool) {
         .filter(|l| l.contains("left in flight by the last process run again"))
         .count();
     eprintln!(
-        "restarts under load ({}): pauses {:?}; fio's longest write completion {max_clat_ms:.0} ms; \
+        "restarts under load ({}): pauses {:?}; fio's longest completion {max_clat_ms:.0} ms; \
          {rerun} queue(s) ran requests again after a restart",
         if mirrored { "mirrored" } else { "unmirrored" },
         pauses
