@@ -284,6 +284,12 @@ pub struct BlkBackend {
     loops: Arc<OnceLock<Vec<Weak<VringEpollHandler<BlkBackend>>>>>,
     /// Per queue: its completion event is in its loop (the queue is started).
     started: Arc<Vec<AtomicBool>>,
+    /// Per queue: the guest was interrupted in this connection. The first turn of a
+    /// connection interrupts it whatever it completed: the process before us (killed, or a
+    /// connection that broke) may have put requests on the used ring and died before telling
+    /// the guest, and with EVENT_IDX the guest's `used_event` is then behind the used index,
+    /// so no later completion would tell it either (libvhost-user: `signalled_used_valid`).
+    told_guest: Arc<Vec<AtomicBool>>,
 }
 
 impl BlkBackend {
@@ -296,6 +302,7 @@ impl BlkBackend {
             vrings: Arc::new((0..n).map(|_| OnceLock::new()).collect()),
             loops: Arc::new(OnceLock::new()),
             started: Arc::new((0..n).map(|_| AtomicBool::new(false)).collect()),
+            told_guest: Arc::new((0..n).map(|_| AtomicBool::new(false)).collect()),
         }
     }
 
@@ -503,16 +510,19 @@ impl BlkBackend {
                 }
             };
         }
-        // Tells the guest about what was put on the used ring (if it wants to hear).
+        // Tells the guest about what was put on the used ring (if it wants to hear), and the
+        // first time in this connection in any case (`told_guest`).
+        let told_guest = &self.told_guest[queue];
         macro_rules! notify_guest {
             () => {
-                if used_any.replace(false)
+                let wants = used_any.replace(false)
                     && state
                         .get_queue_mut()
                         .needs_notification(&*mem)
-                        .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?
-                {
+                        .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?;
+                if wants || !told_guest.load(Ordering::Relaxed) {
                     state.signal_used_queue()?;
+                    told_guest.store(true, Ordering::Relaxed);
                 }
             };
         }
@@ -957,6 +967,7 @@ impl VhostUserBackend for BlkBackend {
 mod tests {
     use super::*;
     use vhost_user_backend::VhostUserDaemon;
+    use vm_memory::Address;
 
     fn device(num_queues: u16) -> (tempfile::TempDir, Arc<Device>) {
         let d = tempfile::tempdir().unwrap();
@@ -1047,5 +1058,213 @@ mod tests {
         assert_eq!(dev.queues_enabled(), 0);
         // The event stays for the next connection (and is registered again there).
         assert!(dev.event(3).is_some());
+    }
+
+    /// A guest's split ring of 16 entries in guest memory, the driver's side written by hand
+    /// (desc table at 0, avail ring at 0x1000, used ring at 0x2000), and the queue worker's
+    /// side as the daemon sets it up for a connection.
+    struct Guest {
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        vring: VringRwLock,
+        /// The read end of the queue's call eventfd (the guest's interrupt).
+        call: std::fs::File,
+    }
+
+    const RING: u16 = 16;
+    const DESC: GuestAddress = GuestAddress(0);
+    const AVAIL: GuestAddress = GuestAddress(0x1000);
+    const USED: GuestAddress = GuestAddress(0x2000);
+
+    impl Guest {
+        fn new() -> Guest {
+            let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+            let mem = GuestMemoryAtomic::new(gm);
+            let vring = VringRwLock::new(mem.clone(), 256).unwrap();
+            // SAFETY: eventfd(2) with constant flags; the result is checked.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: eventfd just returned this descriptor; nothing else owns it.
+            let call = std::fs::File::from(unsafe {
+                <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+            });
+            vring.set_call(Some(call.try_clone().unwrap()));
+            Guest { mem, vring, call }
+        }
+
+        fn m(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
+            self.mem.memory()
+        }
+
+        /// A READ of sector `head` in the three descriptors from `head` (header, 512 bytes of
+        /// data, status).
+        fn read_request(&self, head: u16) {
+            use virtio_queue::desc::split::Descriptor as D;
+            let m = self.m();
+            let h = u64::from(head);
+            let hdr = GuestAddress(0x10_0000 + h * 0x1000);
+            let mut header = [0u8; 16];
+            header[8..16].copy_from_slice(&h.to_le_bytes());
+            m.write_slice(&header, hdr).unwrap();
+            let descs = [
+                D::new(hdr.0, 16, 1, head + 1),
+                D::new(0x20_0000 + h * 0x1000, 512, 1 | 2, head + 2),
+                D::new(0x30_0000 + h, 1, 2, 0),
+            ];
+            for (i, d) in descs.into_iter().enumerate() {
+                m.write_obj(d, DESC.unchecked_add((h + i as u64) * 16))
+                    .unwrap();
+            }
+            m.write_obj(0xffu8, GuestAddress(0x30_0000 + h)).unwrap();
+        }
+
+        /// The guest makes `head` available.
+        fn make_available(&self, head: u16) {
+            let m = self.m();
+            let idx: u16 = m.read_obj(AVAIL.unchecked_add(2)).unwrap();
+            let slot = AVAIL.unchecked_add(4 + 2 * u64::from(idx % RING));
+            m.write_obj(head, slot).unwrap();
+            m.write_obj(idx.wrapping_add(1), AVAIL.unchecked_add(2))
+                .unwrap();
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.m().read_obj(USED.unchecked_add(2)).unwrap()
+        }
+
+        /// The used element at ring index `i`: (head, len).
+        fn used_elem(&self, i: u16) -> (u32, u32) {
+            let at = USED.unchecked_add(4 + 8 * u64::from(i % RING));
+            let m = self.m();
+            (
+                m.read_obj(at).unwrap(),
+                m.read_obj(at.unchecked_add(4)).unwrap(),
+            )
+        }
+
+        /// What a (previous) device did: `head` put on the used ring.
+        fn put_used(&self, head: u16, len: u32) {
+            let i = self.used_idx();
+            let at = USED.unchecked_add(4 + 8 * u64::from(i % RING));
+            let m = self.m();
+            m.write_obj(u32::from(head), at).unwrap();
+            m.write_obj(len, at.unchecked_add(4)).unwrap();
+            m.write_obj(i.wrapping_add(1), USED.unchecked_add(2))
+                .unwrap();
+        }
+
+        /// EVENT_IDX: the guest wants an interrupt once the used index passes `idx`.
+        fn set_used_event(&self, idx: u16) {
+            let at = AVAIL.unchecked_add(4 + 2 * u64::from(RING));
+            self.m().write_obj(idx, at).unwrap();
+        }
+
+        /// Whether the guest was interrupted since the last look.
+        fn interrupted(&self) -> bool {
+            use std::io::Read;
+            let mut b = [0u8; 8];
+            (&self.call).read_exact(&mut b).is_ok()
+        }
+
+        /// The frontend starts the ring for a connection: SET_VRING_BASE with `base` (QEMU
+        /// after a disconnect: the used index), SET_VRING_ADDR (the library reads the used
+        /// index), enabled.
+        fn start_ring(&self, base: u16, event_idx: bool) {
+            let v = &self.vring;
+            v.set_queue_size(RING);
+            v.set_queue_info(DESC.0, AVAIL.0, USED.0).unwrap();
+            v.set_queue_event_idx(event_idx);
+            v.set_queue_next_avail(base);
+            v.set_queue_next_used(self.used_idx());
+            v.set_queue_ready(true);
+            v.set_enabled(true);
+        }
+    }
+
+    /// A connection's backend for `dev` on `guest`'s memory, its queues' loops set.
+    fn connect(
+        dev: &Arc<Device>,
+        guest: &Guest,
+        event_idx: bool,
+    ) -> (BlkBackend, VhostUserDaemon<BlkBackend>) {
+        let backend = BlkBackend::new(dev.clone(), guest.mem.clone());
+        let daemon =
+            VhostUserDaemon::new("test".into(), backend.clone(), guest.mem.clone()).unwrap();
+        backend
+            .set_event_loops(&daemon.get_epoll_handlers())
+            .unwrap();
+        backend.set_event_idx(event_idx);
+        (backend, daemon)
+    }
+
+    /// The killed process took heads 0 and 3 (reads), put 3 on the used ring and died before
+    /// it interrupted the guest, which, with EVENT_IDX, asked to be interrupted once the used
+    /// index passes 0. The next process runs 0 again: the guest must hear of both, or it waits
+    /// forever (no later completion passes its used_event until the index wraps).
+    #[test]
+    fn a_restart_interrupts_the_guest_for_what_the_killed_process_left_unsignalled() {
+        for event_idx in [true, false] {
+            let (_d, dev) = device(1);
+            let guest = Guest::new();
+            guest.read_request(0);
+            guest.read_request(3);
+            guest.make_available(0);
+            guest.make_available(3);
+            guest.set_used_event(0);
+            let (region, _file) = InflightRegion::create(1, RING).unwrap();
+            let region = Arc::new(region);
+            {
+                // The killed process.
+                let mut q = region.queue(0, RING).unwrap();
+                q.recover(0);
+                q.taken(0);
+                q.taken(3);
+                q.completing(3);
+                guest.put_used(3, 513);
+                q.completed(3, 1);
+            }
+            // The next process: QEMU hands it the region and rewinds the ring to used.
+            dev.set_region(region.clone());
+            guest.start_ring(1, event_idx);
+            let (backend, _daemon) = connect(&dev, &guest, event_idx);
+            backend
+                .handle_event(0, EventSet::IN, std::slice::from_ref(&guest.vring), 0)
+                .unwrap();
+            assert_eq!(guest.used_idx(), 2, "event_idx {event_idx}");
+            assert_eq!(guest.used_elem(1), (0, 513), "event_idx {event_idx}");
+            assert!(
+                guest.interrupted(),
+                "event_idx {event_idx}: the guest never hears of its completions"
+            );
+            assert_eq!(
+                region.queue(0, RING).unwrap().recover(2).resubmit,
+                Vec::<u16>::new()
+            );
+        }
+    }
+
+    /// The same with nothing left to run (the killed process completed both, told nobody), and
+    /// no region (a frontend without in-flight tracking): the first turn tells the guest.
+    #[test]
+    fn a_restart_with_nothing_to_run_still_interrupts_the_guest() {
+        for event_idx in [true, false] {
+            let (_d, dev) = device(1);
+            let guest = Guest::new();
+            guest.read_request(0);
+            guest.make_available(0);
+            guest.set_used_event(0);
+            guest.put_used(0, 513);
+            guest.start_ring(1, event_idx);
+            let (backend, _daemon) = connect(&dev, &guest, event_idx);
+            backend
+                .handle_event(0, EventSet::IN, std::slice::from_ref(&guest.vring), 0)
+                .unwrap();
+            assert_eq!(guest.used_idx(), 1);
+            assert!(guest.interrupted(), "event_idx {event_idx}");
+            // Later turns interrupt only when there is something new.
+            backend
+                .handle_event(0, EventSet::IN, std::slice::from_ref(&guest.vring), 0)
+                .unwrap();
+            assert!(!guest.interrupted(), "event_idx {event_idx}");
+        }
     }
 }
