@@ -117,22 +117,28 @@ pub struct Device {
     /// Per queue: the frontend started and enabled it, as its worker last saw it (cleared when
     /// the frontend stops the ring or goes away). `status` counts them (`queues_enabled`).
     enabled: Vec<AtomicBool>,
-    /// The in-flight region of the current frontend (SET_INFLIGHT_FD, through the relay).
-    inflight: Mutex<Option<Arc<InflightRegion>>>,
-    /// Changes whenever `inflight` does: a worker that saw another value looks at it again.
+    /// The in-flight region of the current frontend (SET_INFLIGHT_FD, through the relay), and
+    /// its epoch, changed with it under the same lock whenever it changes: a worker takes the
+    /// two together, so it never records an epoch with another epoch's region (and recovers
+    /// the region again, its own requests in flight among "the last process's").
+    inflight: Mutex<(u64, Option<Arc<InflightRegion>>)>,
+    /// The epoch, for a worker's look at each turn (stored under `inflight`'s lock).
     inflight_epoch: AtomicU64,
 }
 
 impl InflightHost for Device {
-    fn set_region(&self, region: Arc<InflightRegion>) {
-        *self.inflight.lock().unwrap_or_else(|p| p.into_inner()) = Some(region);
-        self.inflight_epoch.fetch_add(1, Ordering::SeqCst);
+    fn set_region(&self, region: Option<Arc<InflightRegion>>) {
+        let mut g = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 += 1;
+        g.1 = region;
+        self.inflight_epoch.store(g.0, Ordering::SeqCst);
     }
 
     fn has_region(&self) -> bool {
         self.inflight
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .1
             .is_some()
     }
 }
@@ -168,7 +174,7 @@ impl Device {
             flusher,
             events: (0..n).map(|_| OnceLock::new()).collect(),
             enabled: (0..n).map(|_| AtomicBool::new(false)).collect(),
-            inflight: Mutex::new(None),
+            inflight: Mutex::new((0, None)),
             inflight_epoch: AtomicU64::new(0),
         }
     }
@@ -213,8 +219,7 @@ impl Device {
             e.store(false, Ordering::Relaxed);
         }
         // The region was that frontend's; the next one brings its own (or none).
-        *self.inflight.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        self.inflight_epoch.fetch_add(1, Ordering::SeqCst);
+        self.set_region(None);
     }
 
     /// After the frontend went away (before its daemon, and so the queue workers, are
@@ -731,18 +736,17 @@ fn resume_inflight(
     vring: &VringRwLock,
     mem: &GuestMemoryMmap,
 ) {
-    let epoch = dev.inflight_epoch.load(Ordering::SeqCst);
-    if worker.inflight_epoch == epoch {
+    if worker.inflight_epoch == dev.inflight_epoch.load(Ordering::SeqCst) {
         return;
     }
-    worker.inflight_epoch = epoch;
-    worker.inflight = None;
-    worker.resubmit.clear();
-    let region = dev
+    let (epoch, region) = dev
         .inflight
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    worker.inflight_epoch = epoch;
+    worker.inflight = None;
+    worker.resubmit.clear();
     let Some(region) = region else {
         return;
     };
@@ -750,7 +754,8 @@ fn resume_inflight(
     let q = state.get_queue_mut();
     let Some(mut part) = region.queue(queue, q.size()) else {
         warn!(
-            "queue {queue}: the in-flight region has no part for a ring of {} entries;              requests in flight are not tracked",
+            "queue {queue}: the in-flight region has no part for a ring of {} entries; \
+             requests in flight are not tracked",
             q.size()
         );
         return;
@@ -1223,7 +1228,7 @@ mod tests {
                 q.completed(3, 1);
             }
             // The next process: QEMU hands it the region and rewinds the ring to used.
-            dev.set_region(region.clone());
+            dev.set_region(Some(region.clone()));
             guest.start_ring(1, event_idx);
             let (backend, _daemon) = connect(&dev, &guest, event_idx);
             backend

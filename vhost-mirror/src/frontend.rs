@@ -414,8 +414,8 @@ mod tests {
     #[derive(Default)]
     struct TestHost(Mutex<Option<Arc<inflight::InflightRegion>>>);
     impl InflightHost for TestHost {
-        fn set_region(&self, r: Arc<inflight::InflightRegion>) {
-            *self.0.lock().unwrap() = Some(r);
+        fn set_region(&self, r: Option<Arc<inflight::InflightRegion>>) {
+            *self.0.lock().unwrap() = r;
         }
         fn has_region(&self) -> bool {
             self.0.lock().unwrap().is_some()

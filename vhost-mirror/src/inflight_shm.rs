@@ -382,8 +382,9 @@ impl<M: GuestMemory> Iterator for HeadChain<'_, M> {
 
 /// Where the relay keeps the region of the current connection.
 pub trait InflightHost: Send + Sync {
-    /// A region for this connection (SET_INFLIGHT_FD), replacing any earlier one.
-    fn set_region(&self, region: Arc<InflightRegion>);
+    /// A region for this connection (GET_INFLIGHT_FD, SET_INFLIGHT_FD), replacing any earlier
+    /// one; `None`: no region (a GET_INFLIGHT_FD we could not answer with one).
+    fn set_region(&self, region: Option<Arc<InflightRegion>>);
     /// Whether a region is set (the relay then kicks each queue once it has its kick eventfd,
     /// so that requests to run again are run without waiting for the guest's next request).
     fn has_region(&self) -> bool;
@@ -442,6 +443,9 @@ pub fn intercept(bytes: &[u8], fds: &mut Vec<OwnedFd>, host: &dyn InflightHost) 
     let payload = &bytes[12..];
     match request {
         GET_INFLIGHT_FD => {
+            // The frontend asks only when it has no region (the first start, or after a device
+            // reset freed it): whatever we had is stale, also if no new one can be made.
+            host.set_region(None);
             let r = (|| {
                 if payload.len() < 20 {
                     return Err(InflightError::Message {
@@ -452,7 +456,7 @@ pub fn intercept(bytes: &[u8], fds: &mut Vec<OwnedFd>, host: &dyn InflightHost) 
                 let (num_queues, queue_size) = (u16_at(payload, 16), u16_at(payload, 18));
                 let (region, file) = InflightRegion::create(num_queues, queue_size)?;
                 let size = u64::from(num_queues) * queue_part_bytes(queue_size) as u64;
-                host.set_region(Arc::new(region));
+                host.set_region(Some(Arc::new(region)));
                 Ok((size, num_queues, queue_size, file))
             })();
             match r {
@@ -497,7 +501,7 @@ pub fn intercept(bytes: &[u8], fds: &mut Vec<OwnedFd>, host: &dyn InflightHost) 
                     region.num_queues,
                     region.queue_size
                 );
-                host.set_region(Arc::new(region));
+                host.set_region(Some(Arc::new(region)));
                 Ok(())
             })();
             let status: u64 = match r {
@@ -688,8 +692,8 @@ mod tests {
 
     struct Host(std::sync::Mutex<Option<Arc<InflightRegion>>>);
     impl InflightHost for Host {
-        fn set_region(&self, r: Arc<InflightRegion>) {
-            *self.0.lock().unwrap() = Some(r);
+        fn set_region(&self, r: Option<Arc<InflightRegion>>) {
+            *self.0.lock().unwrap() = r;
         }
         fn has_region(&self) -> bool {
             self.0.lock().unwrap().is_some()
@@ -776,6 +780,28 @@ mod tests {
             intercept(&msg(1, 1, &[]), &mut Vec::new(), &host),
             Intercepted::Forward
         ));
+    }
+
+    /// QEMU asks for a region (GET_INFLIGHT_FD) only when it has none: at the first start and
+    /// after a device reset (`vhost_user_blk_reset` frees it). The region we had is then
+    /// stale: if we cannot make the new one, the frontend goes on without tracking, and we
+    /// must too (not run the old region's requests again on the guest's new rings, nor kick
+    /// for it).
+    #[test]
+    fn a_refused_get_drops_the_previous_region() {
+        let host = Host(std::sync::Mutex::new(None));
+        let get = |qs: u16| msg(GET_INFLIGHT_FD, 1, &inflight_payload(0, 0, 1, qs));
+        assert!(matches!(
+            intercept(&get(64), &mut Vec::new(), &host),
+            Intercepted::Reply(..)
+        ));
+        assert!(host.has_region());
+        let Intercepted::Reply(r, fds) = intercept(&get(100), &mut Vec::new(), &host) else {
+            panic!("GET_INFLIGHT_FD forwarded");
+        };
+        assert_eq!(u64_at(&r, 12), 0, "mmap_size 0: no tracking");
+        assert!(fds.is_empty());
+        assert!(!host.has_region(), "the stale region is still used");
     }
 
     #[test]
