@@ -34,7 +34,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -88,6 +88,8 @@ pub enum InflightError {
     Create(#[source] io::Error),
     #[error("cannot map the in-flight region")]
     Map(#[source] MmapRegionError),
+    #[error("in-flight region: its file could shrink under the mapping (not sealed against it)")]
+    Unsealed(#[source] io::Error),
     #[error("vhost-user {request} message: {why}")]
     Message { request: u32, why: &'static str },
 }
@@ -123,21 +125,33 @@ impl InflightRegion {
         check_shape(num_queues, queue_size)?;
         let size = usize::from(num_queues) * queue_part_bytes(queue_size);
         // SAFETY: a constant NUL-terminated name and flags; the result is checked.
-        let fd =
-            unsafe { libc::memfd_create(c"vhost-mirror-inflight".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"vhost-mirror-inflight".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         if fd < 0 {
             return Err(InflightError::Create(io::Error::last_os_error()));
         }
         // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
         let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
         file.set_len(size as u64).map_err(InflightError::Create)?;
+        // The frontend holds the file: sealed, as libvhost-user seals its own, so that it cannot
+        // shrink it under our mapping (a mark past the end is SIGBUS) nor grow it.
+        add_seals(
+            &file,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+        )
+        .map_err(InflightError::Create)?;
         let dup = file.try_clone().map_err(InflightError::Create)?;
         let region = Self::map(dup, 0, size as u64, num_queues, queue_size)?;
         Ok((region, file))
     }
 
     /// Maps the region the frontend gave us (SET_INFLIGHT_FD), after checking that the file
-    /// holds it all (a mapping past the file's end faults on access).
+    /// holds it all and cannot shrink (a mapping past the file's end faults on access): ours
+    /// are sealed so; another memfd is sealed now, anything else refused.
     pub fn map(
         file: File,
         offset: u64,
@@ -146,6 +160,11 @@ impl InflightRegion {
         queue_size: u16,
     ) -> Result<InflightRegion, InflightError> {
         check_shape(num_queues, queue_size)?;
+        // SAFETY: F_GET_SEALS on a descriptor we own; the result is checked.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals < 0 || seals & libc::F_SEAL_SHRINK == 0 {
+            add_seals(&file, libc::F_SEAL_SHRINK).map_err(InflightError::Unsealed)?;
+        }
         let needed = u64::from(num_queues) * queue_part_bytes(queue_size) as u64;
         let file_len = file.metadata().map_err(InflightError::Create)?.len();
         let page = 4096;
@@ -182,6 +201,16 @@ impl InflightRegion {
             counter: std::cell::Cell::new(0),
         })
     }
+}
+
+/// Adds `seals` to a memfd (one made with `MFD_ALLOW_SEALING` and not sealed with
+/// `F_SEAL_SEAL`; anything else refuses).
+fn add_seals(file: &File, seals: libc::c_int) -> io::Result<()> {
+    // SAFETY: F_ADD_SEALS on a descriptor we own, with seal flags; the result is checked.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// What a queue does after [`QueueInflight::recover`].
@@ -660,6 +689,33 @@ mod tests {
         let r = region.queue(1, 16).unwrap().recover(3);
         assert_eq!(r.resubmit.len(), 16);
         assert!(r.resubmit.iter().all(|&h| h < 16));
+    }
+
+    /// The frontend holds the region's file: if it could shrink it, our next mark would touch
+    /// a page past its end (SIGBUS, the process dies). Ours is sealed as libvhost-user seals
+    /// its own; one the frontend brings is sealed against shrinking before it is mapped, or
+    /// refused.
+    #[test]
+    fn a_region_cannot_shrink_under_its_mapping() {
+        let (_region, file) = InflightRegion::create(1, 64).unwrap();
+        assert!(file.set_len(0).is_err(), "our own region can be shrunk");
+        let need = queue_part_bytes(64) as u64;
+        // SAFETY: a constant NUL-terminated name and flags; the result is checked.
+        let fd = unsafe {
+            libc::memfd_create(c"t".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        assert!(fd >= 0);
+        // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
+        let memfd = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        memfd.set_len(need).unwrap();
+        InflightRegion::map(memfd.try_clone().unwrap(), 0, need, 1, 64).unwrap();
+        assert!(memfd.set_len(0).is_err(), "a mapped region can be shrunk");
+        let plain = tempfile::tempfile().unwrap();
+        plain.set_len(need).unwrap();
+        assert!(matches!(
+            InflightRegion::map(plain, 0, need, 1, 64),
+            Err(InflightError::Unsealed(_))
+        ));
     }
 
     #[test]
