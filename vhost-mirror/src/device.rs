@@ -9,9 +9,10 @@
 //! own worker (`BlkBackend::start_queue`), and its request buffers grow with its first
 //! requests. A queue the frontend never uses costs an idle thread and a few hundred bytes.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use log::{debug, error, warn};
@@ -20,7 +21,7 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -33,6 +34,7 @@ use mirror_proto::sys::error_chain as chain;
 use crate::completion::QueueEvent;
 use crate::executor::{self, Completion, Deferred, IovecBuf, Target};
 use crate::flusher::Flusher;
+use crate::inflight_shm::{HeadChain, InflightHost, InflightRegion, QueueInflight};
 use crate::replication::Mirror;
 use crate::request::{ParseError, Request, RequestType};
 use crate::stats::QueueCounters;
@@ -47,6 +49,12 @@ pub struct QueueWorker {
     deferred: Vec<Deferred>,
     /// Bad requests are logged at most once per few seconds (a guest can send any number).
     bad_log: RefusalLog,
+    /// This queue's part of the in-flight region (`inflight_shm.rs`), if the frontend gave one.
+    inflight: Option<QueueInflight>,
+    /// The region `inflight` belongs to ([`Device::inflight_epoch`] when it was looked at).
+    inflight_epoch: u64,
+    /// Requests left in flight by the last process, to run again before taking new ones.
+    resubmit: VecDeque<u16>,
 }
 
 impl Default for QueueWorker {
@@ -56,6 +64,9 @@ impl Default for QueueWorker {
             iov: IovecBuf::default(),
             deferred: Vec::new(),
             bad_log: RefusalLog::new("guest requests"),
+            inflight: None,
+            inflight_epoch: 0,
+            resubmit: VecDeque::new(),
         }
     }
 }
@@ -106,6 +117,30 @@ pub struct Device {
     /// Per queue: the frontend started and enabled it, as its worker last saw it (cleared when
     /// the frontend stops the ring or goes away). `status` counts them (`queues_enabled`).
     enabled: Vec<AtomicBool>,
+    /// The in-flight region of the current frontend (SET_INFLIGHT_FD, through the relay), and
+    /// its epoch, changed with it under the same lock whenever it changes: a worker takes the
+    /// two together, so it never records an epoch with another epoch's region (and recovers
+    /// the region again, its own requests in flight among "the last process's").
+    inflight: Mutex<(u64, Option<Arc<InflightRegion>>)>,
+    /// The epoch, for a worker's look at each turn (stored under `inflight`'s lock).
+    inflight_epoch: AtomicU64,
+}
+
+impl InflightHost for Device {
+    fn set_region(&self, region: Option<Arc<InflightRegion>>) {
+        let mut g = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        g.0 += 1;
+        g.1 = region;
+        self.inflight_epoch.store(g.0, Ordering::SeqCst);
+    }
+
+    fn has_region(&self) -> bool {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .is_some()
+    }
 }
 
 /// The epoll `data` of a queue thread's completion event (0..num_queues are the kicks, and
@@ -139,6 +174,8 @@ impl Device {
             flusher,
             events: (0..n).map(|_| OnceLock::new()).collect(),
             enabled: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            inflight: Mutex::new((0, None)),
+            inflight_epoch: AtomicU64::new(0),
         }
     }
 
@@ -181,6 +218,8 @@ impl Device {
         for e in &self.enabled {
             e.store(false, Ordering::Relaxed);
         }
+        // The region was that frontend's; the next one brings its own (or none).
+        self.set_region(None);
     }
 
     /// After the frontend went away (before its daemon, and so the queue workers, are
@@ -250,6 +289,12 @@ pub struct BlkBackend {
     loops: Arc<OnceLock<Vec<Weak<VringEpollHandler<BlkBackend>>>>>,
     /// Per queue: its completion event is in its loop (the queue is started).
     started: Arc<Vec<AtomicBool>>,
+    /// Per queue: the guest was interrupted in this connection. The first turn of a
+    /// connection interrupts it whatever it completed: the process before us (killed, or a
+    /// connection that broke) may have put requests on the used ring and died before telling
+    /// the guest, and with EVENT_IDX the guest's `used_event` is then behind the used index,
+    /// so no later completion would tell it either (libvhost-user: `signalled_used_valid`).
+    told_guest: Arc<Vec<AtomicBool>>,
 }
 
 impl BlkBackend {
@@ -262,6 +307,7 @@ impl BlkBackend {
             vrings: Arc::new((0..n).map(|_| OnceLock::new()).collect()),
             loops: Arc::new(OnceLock::new()),
             started: Arc::new((0..n).map(|_| AtomicBool::new(false)).collect()),
+            told_guest: Arc::new((0..n).map(|_| AtomicBool::new(false)).collect()),
         }
     }
 
@@ -335,12 +381,19 @@ impl BlkBackend {
     ) -> io::Result<bool> {
         let dev = &*self.dev;
         let stopping = || drain || !dev.accepting();
+        if !drain {
+            resume_inflight(dev, queue, worker, vring, &self.mem.memory());
+        }
         let QueueWorker {
             request,
             iov,
             deferred,
             bad_log,
+            inflight,
+            inflight_epoch: _,
+            resubmit,
         } = worker;
+        let inflight = &*inflight;
         let counters = &dev.counters[queue];
         let mirror = dev.mirror.as_deref();
         let target = Target {
@@ -358,12 +411,19 @@ impl BlkBackend {
             dev.enabled[queue].store(enabled, Ordering::Relaxed);
         }
         let used_any = std::cell::Cell::new(false);
+        // Every completion goes through here: in-flight tracking brackets the ring's update.
         let add_used = |state: &mut vhost_user_backend::VringState<_>, head, len| {
             used_any.set(true);
-            state
-                .get_queue_mut()
-                .add_used(&*mem, head, len)
-                .map_err(|e| io::Error::other(format!("add_used: {e}")))
+            if let Some(i) = inflight {
+                i.completing(head);
+            }
+            let q = state.get_queue_mut();
+            q.add_used(&*mem, head, len)
+                .map_err(|e| io::Error::other(format!("add_used: {e}")))?;
+            if let Some(i) = inflight {
+                i.completed(head, q.next_used());
+            }
+            Ok::<(), io::Error>(())
         };
         // Completions that must wait for the replica (suspend mode, after a failure).
         let mut held: Vec<executor::Finished> = Vec::new();
@@ -455,16 +515,19 @@ impl BlkBackend {
                 }
             };
         }
-        // Tells the guest about what was put on the used ring (if it wants to hear).
+        // Tells the guest about what was put on the used ring (if it wants to hear), and the
+        // first time in this connection in any case (`told_guest`).
+        let told_guest = &self.told_guest[queue];
         macro_rules! notify_guest {
             () => {
-                if used_any.replace(false)
+                let wants = used_any.replace(false)
                     && state
                         .get_queue_mut()
                         .needs_notification(&*mem)
-                        .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?
-                {
+                        .map_err(|e| io::Error::other(format!("needs_notification: {e}")))?;
+                if wants || !told_guest.load(Ordering::Relaxed) {
                     state.signal_used_queue()?;
+                    told_guest.store(true, Ordering::Relaxed);
                 }
             };
         }
@@ -479,17 +542,29 @@ impl BlkBackend {
             let mut took_any = false;
             // When stopping, take no new requests; the deferred ones are finished below.
             while !stopping() {
-                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone()) else {
-                    break;
-                };
-                took_any = true;
-                let head = chain.head_index();
-                let parsed = request.parse(
-                    chain,
+                let (capacity, readonly, max_data) = (
                     dev.model.capacity_sectors,
                     dev.model.readonly,
                     dev.model.max_request_bytes(),
                 );
+                // Requests the last process left in flight first, in the order it took them.
+                let (head, parsed) = if let Some(head) = resubmit.pop_front() {
+                    let q = state.get_queue();
+                    let descs = HeadChain::new(&*mem, GuestAddress(q.desc_table()), q.size(), head);
+                    let parsed = request.parse_descs(descs, &*mem, capacity, readonly, max_data);
+                    (head, parsed)
+                } else {
+                    let Some(chain) = state.get_queue_mut().pop_descriptor_chain(mem.clone())
+                    else {
+                        break;
+                    };
+                    let head = chain.head_index();
+                    if let Some(i) = inflight {
+                        i.taken(head);
+                    }
+                    (head, request.parse(chain, capacity, readonly, max_data))
+                };
+                took_any = true;
                 let completion = match (parsed, mirror) {
                     (Ok(()), _) if request.kind() == RequestType::Flush => {
                         // Local fdatasync in the background, the replica's flush on the link;
@@ -651,6 +726,67 @@ fn drain_deferred(deferred: &mut Vec<Deferred>, mirror: Option<&Mirror>, c: &Que
     }
 }
 
+/// Looks at the in-flight region when the frontend gave a new one (or took it away): on the
+/// first turn of a connection that brought one, the requests the last process left in flight
+/// are queued to run again and the ring resumes after the ones it took (`inflight_shm.rs`).
+fn resume_inflight(
+    dev: &Device,
+    queue: usize,
+    worker: &mut QueueWorker,
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+) {
+    if worker.inflight_epoch == dev.inflight_epoch.load(Ordering::SeqCst) {
+        return;
+    }
+    let (epoch, region) = dev
+        .inflight
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    worker.inflight_epoch = epoch;
+    worker.inflight = None;
+    worker.resubmit.clear();
+    let Some(region) = region else {
+        return;
+    };
+    let mut state = vring.get_mut();
+    let q = state.get_queue_mut();
+    let Some(mut part) = region.queue(queue, q.size()) else {
+        warn!(
+            "queue {queue}: the in-flight region has no part for a ring of {} entries; \
+             requests in flight are not tracked",
+            q.size()
+        );
+        return;
+    };
+    let used = match q.used_idx(mem, Ordering::Acquire) {
+        Ok(u) => u.0,
+        Err(e) => {
+            warn!("queue {queue}: cannot read the used index ({e}); requests in flight are not tracked");
+            return;
+        }
+    };
+    let r = part.recover(used);
+    if !r.resubmit.is_empty() || r.next_avail != q.next_avail() {
+        log::info!(
+            "queue {queue}: {} request(s) left in flight by the last process run again; \
+             the ring resumes at {} (used {used}{})",
+            r.resubmit.len(),
+            r.next_avail,
+            if r.cleared_last {
+                ", the last completion was done"
+            } else {
+                ""
+            }
+        );
+    }
+    q.set_next_avail(r.next_avail);
+    q.set_next_used(used);
+    worker.resubmit = r.resubmit.into();
+    worker.inflight = Some(part);
+}
+
 /// Whether the guest made requests available that the device has not taken yet.
 fn ring_has_new(q: &virtio_queue::Queue, mem: &GuestMemoryMmap) -> bool {
     q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)
@@ -698,6 +834,8 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            // Answered by the relay (frontend.rs, inflight_shm.rs), not by the library.
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -834,6 +972,7 @@ impl VhostUserBackend for BlkBackend {
 mod tests {
     use super::*;
     use vhost_user_backend::VhostUserDaemon;
+    use vm_memory::Address;
 
     fn device(num_queues: u16) -> (tempfile::TempDir, Arc<Device>) {
         let d = tempfile::tempdir().unwrap();
@@ -924,5 +1063,213 @@ mod tests {
         assert_eq!(dev.queues_enabled(), 0);
         // The event stays for the next connection (and is registered again there).
         assert!(dev.event(3).is_some());
+    }
+
+    /// A guest's split ring of 16 entries in guest memory, the driver's side written by hand
+    /// (desc table at 0, avail ring at 0x1000, used ring at 0x2000), and the queue worker's
+    /// side as the daemon sets it up for a connection.
+    struct Guest {
+        mem: GuestMemoryAtomic<GuestMemoryMmap>,
+        vring: VringRwLock,
+        /// The read end of the queue's call eventfd (the guest's interrupt).
+        call: std::fs::File,
+    }
+
+    const RING: u16 = 16;
+    const DESC: GuestAddress = GuestAddress(0);
+    const AVAIL: GuestAddress = GuestAddress(0x1000);
+    const USED: GuestAddress = GuestAddress(0x2000);
+
+    impl Guest {
+        fn new() -> Guest {
+            let gm = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+            let mem = GuestMemoryAtomic::new(gm);
+            let vring = VringRwLock::new(mem.clone(), 256).unwrap();
+            // SAFETY: eventfd(2) with constant flags; the result is checked.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+            assert!(fd >= 0);
+            // SAFETY: eventfd just returned this descriptor; nothing else owns it.
+            let call = std::fs::File::from(unsafe {
+                <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd)
+            });
+            vring.set_call(Some(call.try_clone().unwrap()));
+            Guest { mem, vring, call }
+        }
+
+        fn m(&self) -> vm_memory::GuestMemoryLoadGuard<GuestMemoryMmap> {
+            self.mem.memory()
+        }
+
+        /// A READ of sector `head` in the three descriptors from `head` (header, 512 bytes of
+        /// data, status).
+        fn read_request(&self, head: u16) {
+            use virtio_queue::desc::split::Descriptor as D;
+            let m = self.m();
+            let h = u64::from(head);
+            let hdr = GuestAddress(0x10_0000 + h * 0x1000);
+            let mut header = [0u8; 16];
+            header[8..16].copy_from_slice(&h.to_le_bytes());
+            m.write_slice(&header, hdr).unwrap();
+            let descs = [
+                D::new(hdr.0, 16, 1, head + 1),
+                D::new(0x20_0000 + h * 0x1000, 512, 1 | 2, head + 2),
+                D::new(0x30_0000 + h, 1, 2, 0),
+            ];
+            for (i, d) in descs.into_iter().enumerate() {
+                m.write_obj(d, DESC.unchecked_add((h + i as u64) * 16))
+                    .unwrap();
+            }
+            m.write_obj(0xffu8, GuestAddress(0x30_0000 + h)).unwrap();
+        }
+
+        /// The guest makes `head` available.
+        fn make_available(&self, head: u16) {
+            let m = self.m();
+            let idx: u16 = m.read_obj(AVAIL.unchecked_add(2)).unwrap();
+            let slot = AVAIL.unchecked_add(4 + 2 * u64::from(idx % RING));
+            m.write_obj(head, slot).unwrap();
+            m.write_obj(idx.wrapping_add(1), AVAIL.unchecked_add(2))
+                .unwrap();
+        }
+
+        fn used_idx(&self) -> u16 {
+            self.m().read_obj(USED.unchecked_add(2)).unwrap()
+        }
+
+        /// The used element at ring index `i`: (head, len).
+        fn used_elem(&self, i: u16) -> (u32, u32) {
+            let at = USED.unchecked_add(4 + 8 * u64::from(i % RING));
+            let m = self.m();
+            (
+                m.read_obj(at).unwrap(),
+                m.read_obj(at.unchecked_add(4)).unwrap(),
+            )
+        }
+
+        /// What a (previous) device did: `head` put on the used ring.
+        fn put_used(&self, head: u16, len: u32) {
+            let i = self.used_idx();
+            let at = USED.unchecked_add(4 + 8 * u64::from(i % RING));
+            let m = self.m();
+            m.write_obj(u32::from(head), at).unwrap();
+            m.write_obj(len, at.unchecked_add(4)).unwrap();
+            m.write_obj(i.wrapping_add(1), USED.unchecked_add(2))
+                .unwrap();
+        }
+
+        /// EVENT_IDX: the guest wants an interrupt once the used index passes `idx`.
+        fn set_used_event(&self, idx: u16) {
+            let at = AVAIL.unchecked_add(4 + 2 * u64::from(RING));
+            self.m().write_obj(idx, at).unwrap();
+        }
+
+        /// Whether the guest was interrupted since the last look.
+        fn interrupted(&self) -> bool {
+            use std::io::Read;
+            let mut b = [0u8; 8];
+            (&self.call).read_exact(&mut b).is_ok()
+        }
+
+        /// The frontend starts the ring for a connection: SET_VRING_BASE with `base` (QEMU
+        /// after a disconnect: the used index), SET_VRING_ADDR (the library reads the used
+        /// index), enabled.
+        fn start_ring(&self, base: u16, event_idx: bool) {
+            let v = &self.vring;
+            v.set_queue_size(RING);
+            v.set_queue_info(DESC.0, AVAIL.0, USED.0).unwrap();
+            v.set_queue_event_idx(event_idx);
+            v.set_queue_next_avail(base);
+            v.set_queue_next_used(self.used_idx());
+            v.set_queue_ready(true);
+            v.set_enabled(true);
+        }
+    }
+
+    /// A connection's backend for `dev` on `guest`'s memory, its queues' loops set.
+    fn connect(
+        dev: &Arc<Device>,
+        guest: &Guest,
+        event_idx: bool,
+    ) -> (BlkBackend, VhostUserDaemon<BlkBackend>) {
+        let backend = BlkBackend::new(dev.clone(), guest.mem.clone());
+        let daemon =
+            VhostUserDaemon::new("test".into(), backend.clone(), guest.mem.clone()).unwrap();
+        backend
+            .set_event_loops(&daemon.get_epoll_handlers())
+            .unwrap();
+        backend.set_event_idx(event_idx);
+        (backend, daemon)
+    }
+
+    /// The killed process took heads 0 and 3 (reads), put 3 on the used ring and died before
+    /// it interrupted the guest, which, with EVENT_IDX, asked to be interrupted once the used
+    /// index passes 0. The next process runs 0 again: the guest must hear of both, or it waits
+    /// forever (no later completion passes its used_event until the index wraps).
+    #[test]
+    fn a_restart_interrupts_the_guest_for_what_the_killed_process_left_unsignalled() {
+        for event_idx in [true, false] {
+            let (_d, dev) = device(1);
+            let guest = Guest::new();
+            guest.read_request(0);
+            guest.read_request(3);
+            guest.make_available(0);
+            guest.make_available(3);
+            guest.set_used_event(0);
+            let (region, _file) = InflightRegion::create(1, RING).unwrap();
+            let region = Arc::new(region);
+            {
+                // The killed process.
+                let mut q = region.queue(0, RING).unwrap();
+                q.recover(0);
+                q.taken(0);
+                q.taken(3);
+                q.completing(3);
+                guest.put_used(3, 513);
+                q.completed(3, 1);
+            }
+            // The next process: QEMU hands it the region and rewinds the ring to used.
+            dev.set_region(Some(region.clone()));
+            guest.start_ring(1, event_idx);
+            let (backend, _daemon) = connect(&dev, &guest, event_idx);
+            backend
+                .handle_event(0, EventSet::IN, std::slice::from_ref(&guest.vring), 0)
+                .unwrap();
+            assert_eq!(guest.used_idx(), 2, "event_idx {event_idx}");
+            assert_eq!(guest.used_elem(1), (0, 513), "event_idx {event_idx}");
+            assert!(
+                guest.interrupted(),
+                "event_idx {event_idx}: the guest never hears of its completions"
+            );
+            assert_eq!(
+                region.queue(0, RING).unwrap().recover(2).resubmit,
+                Vec::<u16>::new()
+            );
+        }
+    }
+
+    /// The same with nothing left to run (the killed process completed both, told nobody), and
+    /// no region (a frontend without in-flight tracking): the first turn tells the guest.
+    #[test]
+    fn a_restart_with_nothing_to_run_still_interrupts_the_guest() {
+        for event_idx in [true, false] {
+            let (_d, dev) = device(1);
+            let guest = Guest::new();
+            guest.read_request(0);
+            guest.make_available(0);
+            guest.set_used_event(0);
+            guest.put_used(0, 513);
+            guest.start_ring(1, event_idx);
+            let (backend, _daemon) = connect(&dev, &guest, event_idx);
+            backend
+                .handle_event(0, EventSet::IN, std::slice::from_ref(&guest.vring), 0)
+                .unwrap();
+            assert_eq!(guest.used_idx(), 1);
+            assert!(guest.interrupted(), "event_idx {event_idx}");
+            // Later turns interrupt only when there is something new.
+            backend
+                .handle_event(0, EventSet::IN, std::slice::from_ref(&guest.vring), 0)
+                .unwrap();
+            assert!(!guest.interrupted(), "event_idx {event_idx}");
+        }
     }
 }

@@ -27,6 +27,7 @@ use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use log::{debug, info};
@@ -34,6 +35,8 @@ use mirror_proto::sys::{self, PeerCredentials, RefusalLog, SocketAccess, SocketP
 use thiserror::Error;
 use vhost::vhost_user::message::{MAX_ATTACHED_FD_ENTRIES, MAX_MSG_SIZE};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::inflight_shm::{self as inflight, InflightHost};
 
 /// A vhost-user message header: request, flags, payload size (u32 each, native byte order).
 const HEADER_BYTES: usize = 12;
@@ -99,9 +102,11 @@ impl FrontendSocket {
     /// Connects the daemon to `frontend`: `start_client` (the daemon's
     /// `VhostUserDaemon::start_client`) is called with the hand-off path, the daemon's
     /// connection is taken there, and a relay runs between the two until either side closes.
+    /// The relay answers the in-flight region's messages itself, for `host` (`inflight_shm.rs`).
     pub fn attach(
         &self,
         frontend: UnixStream,
+        host: Arc<dyn InflightHost>,
         start_client: impl FnOnce(&str) -> Result<(), String>,
     ) -> io::Result<Relay> {
         // A connection left over by an attempt that failed half-way must not be taken for
@@ -109,9 +114,16 @@ impl FrontendSocket {
         self.drain_handoff()?;
         start_client(&self.handoff_path).map_err(io::Error::other)?;
         let daemon = accept_own(&self.handoff)?;
+        // Both directions write to the frontend (the daemon's replies, ours): one at a time.
+        let to_frontend = Arc::new(Mutex::new(frontend.try_clone()?));
         let threads = vec![
-            spawn_pump("vu-relay-in", frontend.try_clone()?, daemon.try_clone()?)?,
-            spawn_pump("vu-relay-out", daemon.try_clone()?, frontend.try_clone()?)?,
+            spawn_pump(
+                "vu-relay-in",
+                frontend.try_clone()?,
+                Arc::new(Mutex::new(daemon.try_clone()?)),
+                Some((host, to_frontend.clone())),
+            )?,
+            spawn_pump("vu-relay-out", daemon.try_clone()?, to_frontend, None)?,
         ];
         Ok(Relay {
             frontend,
@@ -205,24 +217,57 @@ fn private_dir() -> io::Result<PathBuf> {
     Ok(PathBuf::from(std::ffi::OsString::from_vec(buf)))
 }
 
-fn spawn_pump(name: &str, from: UnixStream, to: UnixStream) -> io::Result<JoinHandle<()>> {
+/// The frontend's side of the in-direction: where in-flight messages are answered.
+type Answering = (Arc<dyn InflightHost>, Arc<Mutex<UnixStream>>);
+
+fn spawn_pump(
+    name: &str,
+    from: UnixStream,
+    to: Arc<Mutex<UnixStream>>,
+    answer: Option<Answering>,
+) -> io::Result<JoinHandle<()>> {
     let what = name.to_owned();
     std::thread::Builder::new()
         .name(what.clone())
         .spawn(move || {
-            if let Err(e) = pump(&from, &to) {
+            if let Err(e) = pump(&from, &to, answer.as_ref()) {
                 debug!("{what}: {e}");
             }
             // Either side gone: end both directions (the daemon sees EOF and stops).
             let _ = from.shutdown(Shutdown::Both);
-            let _ = to.shutdown(Shutdown::Both);
+            let _ = lock(&to).shutdown(Shutdown::Both);
         })
 }
 
-/// Copies messages from `from` to `to` until `from` ends (Ok) or anything fails.
-fn pump(from: &UnixStream, to: &UnixStream) -> io::Result<()> {
-    while let Some(m) = read_message(from)? {
-        write_message(to, &m)?;
+fn lock(s: &Mutex<UnixStream>) -> std::sync::MutexGuard<'_, UnixStream> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Copies messages from `from` to `to` until `from` ends (Ok) or anything fails. With
+/// `answer` (frontend to daemon), the in-flight region's messages are answered to the frontend
+/// instead, and each queue's kick eventfd is signalled once after the daemon got it.
+fn pump(from: &UnixStream, to: &Mutex<UnixStream>, answer: Option<&Answering>) -> io::Result<()> {
+    while let Some(mut m) = read_message(from)? {
+        let Some((host, frontend)) = answer else {
+            write_message(&lock(to), &m)?;
+            continue;
+        };
+        match inflight::intercept(&m.bytes, &mut m.fds, host.as_ref()) {
+            inflight::Intercepted::Forward => {
+                let kick = inflight::kick_fd_of(&m.bytes, &m.fds, host.as_ref());
+                write_message(&lock(to), &m)?;
+                if let Some(k) = kick {
+                    if let Err(e) = inflight::kick(&k) {
+                        debug!("kicking a queue after SET_VRING_KICK: {e}");
+                    }
+                }
+            }
+            inflight::Intercepted::Reply(bytes, fds) => {
+                if !bytes.is_empty() {
+                    write_message(&lock(frontend), &Message { bytes, fds })?;
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -366,6 +411,17 @@ mod tests {
         );
     }
 
+    #[derive(Default)]
+    struct TestHost(Mutex<Option<Arc<inflight::InflightRegion>>>);
+    impl InflightHost for TestHost {
+        fn set_region(&self, r: Option<Arc<inflight::InflightRegion>>) {
+            *self.0.lock().unwrap() = r;
+        }
+        fn has_region(&self) -> bool {
+            self.0.lock().unwrap().is_some()
+        }
+    }
+
     #[test]
     fn relays_both_ways_and_closes_both() {
         let d = tempfile::tempdir().unwrap();
@@ -376,8 +432,9 @@ mod tests {
         assert_eq!(peer.pid, std::process::id() as libc::pid_t);
         // The daemon's side: what start_client does.
         let mut daemon = None;
+        let host = Arc::new(TestHost::default());
         let relay = s
-            .attach(accepted, |path| {
+            .attach(accepted, host.clone(), |path| {
                 daemon = Some(UnixStream::connect(path).map_err(|e| e.to_string())?);
                 Ok(())
             })
@@ -395,6 +452,24 @@ mod tests {
         let mut got = vec![0u8; reply.len()];
         frontend.read_exact(&mut got).unwrap();
         assert_eq!(got, reply);
+
+        // GET_INFLIGHT_FD is answered by the relay, with a descriptor; the daemon never sees
+        // it, and sees the next message.
+        let mut get = header(inflight::GET_INFLIGHT_FD, 24);
+        get.extend_from_slice(&[0u8; 16]);
+        get.extend_from_slice(&1u16.to_ne_bytes());
+        get.extend_from_slice(&64u16.to_ne_bytes());
+        get.extend_from_slice(&[0u8; 4]);
+        frontend.write_all(&get).unwrap();
+        let m = read_message(&frontend).unwrap().unwrap();
+        assert_eq!(&m.bytes[0..4], &inflight::GET_INFLIGHT_FD.to_ne_bytes());
+        assert_eq!(m.bytes.len(), 12 + 24);
+        assert_eq!(m.fds.len(), 1);
+        assert!(host.has_region());
+        frontend.write_all(&header(2, 0)).unwrap();
+        let mut got = vec![0u8; 12];
+        daemon.read_exact(&mut got).unwrap();
+        assert_eq!(got, header(2, 0));
 
         // The frontend leaves: the daemon's side sees the end of the stream.
         drop(frontend);

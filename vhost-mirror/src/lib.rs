@@ -11,6 +11,7 @@ mod disk;
 mod executor;
 mod flusher;
 mod frontend;
+mod inflight_shm;
 mod metrics;
 mod replication;
 pub mod request;

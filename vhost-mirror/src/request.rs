@@ -192,6 +192,20 @@ impl Request {
         M: Deref + Clone,
         M::Target: GuestMemory,
     {
+        let mem = chain.memory();
+        self.parse_descs(chain.clone(), mem, capacity_sectors, readonly, max_data)
+    }
+
+    /// [`Self::parse`] for the descriptors of a chain however they are walked (a request run
+    /// again after a restart is walked from its head: `inflight::HeadChain`).
+    pub fn parse_descs<G: GuestMemory + ?Sized>(
+        &mut self,
+        descs: impl Iterator<Item = Descriptor>,
+        mem: &G,
+        capacity_sectors: u64,
+        readonly: bool,
+        max_data: u64,
+    ) -> Result<(), ParseError> {
         self.kind = None;
         self.offset = 0;
         self.data.clear();
@@ -200,12 +214,11 @@ impl Request {
         self.status = None;
         self.readable.clear();
         self.writable.clear();
-        let mem = chain.memory();
 
         // 1. The chain's shape: readable descriptors first, then writable ones.
         let max = usize::from(u16::MAX);
         let mut first_err = None;
-        for desc in chain.clone() {
+        for desc in descs {
             let desc: Descriptor = desc;
             let seg = Segment {
                 addr: desc.addr(),

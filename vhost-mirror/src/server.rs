@@ -238,7 +238,7 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
             .map_err(|e| ServeError::Daemon(format!("event loops: {e}")))?;
         drop(backend);
         // The daemon connects to the private hand-off socket; the relay joins it to `stream`.
-        let relay = match frontends.attach(stream, |path| {
+        let relay = match frontends.attach(stream, dev.clone(), |path| {
             daemon.start_client(path).map_err(|e| e.to_string())
         }) {
             Ok(r) => r,
