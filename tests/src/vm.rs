@@ -643,6 +643,22 @@ impl FioResult {
             .collect()
     }
 
+    /// Asserts that job `j` (one of [`Self::jobs`]) wrote `bytes` and, with `do_verify`, read
+    /// every one of them back and checked it.
+    pub fn assert_wrote_and_verified(j: &serde_json::Value, bytes: u64) {
+        let name = &j["jobname"];
+        assert_eq!(
+            j["write"]["io_bytes"].as_u64(),
+            Some(bytes),
+            "bytes written by {name}: {j}"
+        );
+        assert_eq!(
+            j["read"]["io_bytes"].as_u64(),
+            Some(bytes),
+            "bytes verified by {name}: {j}"
+        );
+    }
+
     /// Completion interrupts of `disk`'s request queues ("req.N"), by queue name.
     pub fn queue_irqs(&self, disk: &str) -> Vec<(String, u64)> {
         self.irqs

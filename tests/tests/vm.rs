@@ -442,16 +442,7 @@ fn vm_fio_two_queues_verify() {
     assert_eq!(jobs.len(), 2, "fio jobs");
     for j in jobs {
         // Everything written was read back: verify checked every block.
-        assert_eq!(
-            j["write"]["io_bytes"].as_u64(),
-            Some(JOB_MIB << 20),
-            "written: {j}"
-        );
-        assert_eq!(
-            j["read"]["io_bytes"].as_u64(),
-            Some(JOB_MIB << 20),
-            "verified: {j}"
-        );
+        FioResult::assert_wrote_and_verified(j, JOB_MIB << 20);
     }
     let queues = r.queue_irqs("vdb");
     assert_eq!(queues.len(), 2, "vdb's request queues: {:?}", r.irqs);
@@ -657,17 +648,7 @@ fn restarts_under_load(mirrored: bool) {
     for j in jobs {
         let name = j["jobname"].as_str().unwrap_or("?");
         if name.starts_with('w') {
-            assert_eq!(
-                j["write"]["io_bytes"].as_u64(),
-                Some(JOB_MIB << 20),
-                "bytes written by {name}"
-            );
-            // do_verify read every block back and checked it.
-            assert_eq!(
-                j["read"]["io_bytes"].as_u64(),
-                Some(JOB_MIB << 20),
-                "bytes verified by {name}"
-            );
+            FioResult::assert_wrote_and_verified(j, JOB_MIB << 20);
         } else {
             let kind = if name.starts_with('r') {
                 "read"
