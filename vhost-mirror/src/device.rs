@@ -117,6 +117,9 @@ pub struct Device {
     /// Per queue: the frontend started and enabled it, as its worker last saw it (cleared when
     /// the frontend stops the ring or goes away). `status` counts them (`queues_enabled`).
     enabled: Vec<AtomicBool>,
+    /// Per queue: enabled at some time in the current connection (for the disconnect's log
+    /// line: by then the frontend has stopped every ring).
+    used: Vec<AtomicBool>,
     /// The in-flight region of the current frontend (SET_INFLIGHT_FD, through the relay), and
     /// its epoch, changed with it under the same lock whenever it changes: a worker takes the
     /// two together, so it never records an epoch with another epoch's region (and recovers
@@ -174,6 +177,7 @@ impl Device {
             flusher,
             events: (0..n).map(|_| OnceLock::new()).collect(),
             enabled: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            used: (0..n).map(|_| AtomicBool::new(false)).collect(),
             inflight: Mutex::new((0, None)),
             inflight_epoch: AtomicU64::new(0),
         }
@@ -213,9 +217,17 @@ impl Device {
             .count()
     }
 
+    /// How many queues the frontend enabled at some time in this connection.
+    pub fn queues_used(&self) -> usize {
+        self.used
+            .iter()
+            .filter(|e| e.load(Ordering::Relaxed))
+            .count()
+    }
+
     /// The frontend is gone and its daemon (so every queue worker) dropped: no queue is enabled.
     pub fn frontend_left(&self) {
-        for e in &self.enabled {
+        for e in self.enabled.iter().chain(&self.used) {
             e.store(false, Ordering::Relaxed);
         }
         // The region was that frontend's; the next one brings its own (or none).
@@ -409,6 +421,9 @@ impl BlkBackend {
         let enabled = !drain && state.get_queue().ready() && state.is_enabled();
         if dev.enabled[queue].load(Ordering::Relaxed) != enabled {
             dev.enabled[queue].store(enabled, Ordering::Relaxed);
+            if enabled {
+                dev.used[queue].store(true, Ordering::Relaxed);
+            }
         }
         let used_any = std::cell::Cell::new(false);
         // Every completion goes through here: in-flight tracking brackets the ring's update.
@@ -1057,10 +1072,13 @@ mod tests {
         vring.set_queue_ready(false);
         backend.stop_vring(3).unwrap();
         assert_eq!(dev.queues_enabled(), 0);
+        // The disconnect's log line still counts it.
+        assert_eq!(dev.queues_used(), 1);
         drop(loops);
         drop(daemon);
         dev.frontend_left();
         assert_eq!(dev.queues_enabled(), 0);
+        assert_eq!(dev.queues_used(), 0);
         // The event stays for the next connection (and is registered again there).
         assert!(dev.event(3).is_some());
     }

@@ -256,8 +256,8 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         );
         let used = || {
             format!(
-                "{} of {} queue(s) enabled",
-                dev.queues_enabled(),
+                "{} of {} queue(s) used",
+                dev.queues_used(),
                 config.num_queues
             )
         };
