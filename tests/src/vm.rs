@@ -283,6 +283,18 @@ pub fn wait_for_console(serial: &Path, check: &mut dyn FnMut()) {
 /// VM does: an MBR, GRUB, and the root filesystem in a partition starting at 1 MiB.
 pub const GUEST_DISK: &str = "boot-disk.raw";
 
+/// Copies the guest's disk `name` ([`GUEST_DISK`] or [`DIRECT_BOOT_DISK`]) from `guest`
+/// ([`build_guest`]) to `to`, sparse; panics if `cp` fails.
+pub fn copy_guest_disk(guest: &Path, name: &str, to: &Path) {
+    run_ok(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(guest.join(name))
+            .arg(to),
+        "copy the guest disk",
+    );
+}
+
 /// The root filesystem inside a guest disk image, as e2fsprogs names it.
 pub fn root_fs(image: &Path) -> String {
     format!("{}?offset=1048576", image.display())

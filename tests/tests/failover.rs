@@ -93,13 +93,7 @@ impl Round {
         std::fs::create_dir_all(&b_dir).expect("mkdir");
         let img_a = a_dir.join("disk.raw");
         let img_b = b_dir.join("disk.raw");
-        run_ok(
-            Command::new("cp")
-                .arg("--sparse=always")
-                .arg(self.guest.join(GUEST_DISK))
-                .arg(&img_a),
-            "copy guest disk",
-        );
+        copy_guest_disk(&self.guest, GUEST_DISK, &img_a);
         let (port_a, port_b, http_port) = (free_port(), free_port(), free_port());
         let r = self.index;
 

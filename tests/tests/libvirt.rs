@@ -58,13 +58,7 @@ fn libvirt_domain_boots_through_vhost_mirror() {
     open_dir_to_group(&dir, &group);
 
     let libvirt = Libvirtd::ensure(&dir);
-    run_ok(
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg(gdir.join(GUEST_DISK))
-            .arg(&image),
-        "copy the guest disk",
-    );
+    copy_guest_disk(&gdir, GUEST_DISK, &image);
     let mut backend = Backend::spawn(
         &dir,
         &image,

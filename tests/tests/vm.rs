@@ -68,13 +68,7 @@ fn vm_file_server_roundtrip() {
         kept: keep,
     };
 
-    run_ok(
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg(gdir.join(GUEST_DISK))
-            .arg(&image),
-        "copy the guest disk",
-    );
+    copy_guest_disk(&gdir, GUEST_DISK, &image);
 
     // 2. Backend, then the VM.
     let mut backend = Backend::spawn(
@@ -293,13 +287,7 @@ fn vm_with_four_vcpus_boots_on_the_defaults() {
         dir: dir.clone(),
         kept: false,
     };
-    run_ok(
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg(gdir.join(GUEST_DISK))
-            .arg(&image),
-        "copy the guest disk",
-    );
+    copy_guest_disk(&gdir, GUEST_DISK, &image);
     let mut backend = Backend::spawn(&dir, &image, &BackendOpts::default());
     let port = free_port();
     let qemu_out = fs::File::create(&qemu_log).expect("create qemu log");
@@ -366,13 +354,7 @@ fn vm_fio_two_queues_verify() {
         kept: false,
     };
     let root_image = dir.join("root.raw");
-    run_ok(
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg(gdir.join(DIRECT_BOOT_DISK))
-            .arg(&root_image),
-        "copy the guest disk",
-    );
+    copy_guest_disk(&gdir, DIRECT_BOOT_DISK, &root_image);
     let data_image = dir.join("data.raw");
     vhost_mirror_tests::create_image(&data_image, 64 << 20);
 
@@ -520,13 +502,7 @@ fn restarts_under_load(mirrored: bool) {
     let tmp = test_dir(name);
     let dir = tmp.path().to_path_buf();
     let root_image = dir.join("root.raw");
-    run_ok(
-        Command::new("cp")
-            .arg("--sparse=always")
-            .arg(gdir.join(DIRECT_BOOT_DISK))
-            .arg(&root_image),
-        "copy the guest disk",
-    );
+    copy_guest_disk(&gdir, DIRECT_BOOT_DISK, &root_image);
     const JOB_MIB: u64 = 32;
     // The readers and flushers run this long (the writers, restarts included, take less).
     const AUX_S: u64 = 20;

@@ -257,7 +257,7 @@ fn pump(from: &UnixStream, to: &Mutex<UnixStream>, answer: Option<&Answering>) -
                 let kick = inflight::kick_fd_of(&m.bytes, &m.fds, host.as_ref());
                 write_message(&lock(to), &m)?;
                 if let Some(k) = kick {
-                    if let Err(e) = inflight::kick(&k) {
+                    if let Err(e) = inflight::kick(k) {
                         debug!("kicking a queue after SET_VRING_KICK: {e}");
                     }
                 }

@@ -470,19 +470,29 @@ pub fn intercept(bytes: &[u8], fds: &mut Vec<OwnedFd>, host: &dyn InflightHost) 
     let request = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     let flags = u32::from_ne_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
     let payload = &bytes[12..];
+    // Both messages carry a `VhostUserInflight`: (mmap_size, mmap_offset, num_queues,
+    // queue_size).
+    let fields = || {
+        if payload.len() < 20 {
+            return Err(InflightError::Message {
+                request,
+                why: "payload too short",
+            });
+        }
+        Ok((
+            u64_at(payload, 0),
+            u64_at(payload, 8),
+            u16_at(payload, 16),
+            u16_at(payload, 18),
+        ))
+    };
     match request {
         GET_INFLIGHT_FD => {
             // The frontend asks only when it has no region (the first start, or after a device
             // reset freed it): whatever we had is stale, also if no new one can be made.
             host.set_region(None);
-            let r = (|| {
-                if payload.len() < 20 {
-                    return Err(InflightError::Message {
-                        request,
-                        why: "payload too short",
-                    });
-                }
-                let (num_queues, queue_size) = (u16_at(payload, 16), u16_at(payload, 18));
+            let r = (|| -> Result<_, InflightError> {
+                let (_, _, num_queues, queue_size) = fields()?;
                 let (region, file) = InflightRegion::create(num_queues, queue_size)?;
                 let size = u64::from(num_queues) * queue_part_bytes(queue_size) as u64;
                 host.set_region(Some(Arc::new(region)));
@@ -505,12 +515,7 @@ pub fn intercept(bytes: &[u8], fds: &mut Vec<OwnedFd>, host: &dyn InflightHost) 
         }
         SET_INFLIGHT_FD => {
             let r = (|| {
-                if payload.len() < 20 {
-                    return Err(InflightError::Message {
-                        request,
-                        why: "payload too short",
-                    });
-                }
+                let (size, offset, num_queues, queue_size) = fields()?;
                 if fds.len() != 1 {
                     return Err(InflightError::Message {
                         request,
@@ -518,13 +523,7 @@ pub fn intercept(bytes: &[u8], fds: &mut Vec<OwnedFd>, host: &dyn InflightHost) 
                     });
                 }
                 let file = File::from(fds.remove(0));
-                let region = InflightRegion::map(
-                    file,
-                    u64_at(payload, 8),
-                    u64_at(payload, 0),
-                    u16_at(payload, 16),
-                    u16_at(payload, 18),
-                )?;
+                let region = InflightRegion::map(file, offset, size, num_queues, queue_size)?;
                 log::info!(
                     "in-flight tracking: the frontend's region ({} queue(s) of {} entries)",
                     region.num_queues,
@@ -566,12 +565,10 @@ pub fn kick_fd_of(bytes: &[u8], fds: &[OwnedFd], host: &dyn InflightHost) -> Opt
     fds[0].try_clone().ok()
 }
 
-/// Signals an eventfd once.
-pub fn kick(fd: &OwnedFd) -> io::Result<()> {
+/// Signals an eventfd once (the copy [`kick_fd_of`] made).
+pub fn kick(fd: OwnedFd) -> io::Result<()> {
     use std::io::Write;
-    let one = 1u64.to_ne_bytes();
-    let mut f = File::from(fd.try_clone()?);
-    f.write_all(&one)
+    File::from(fd).write_all(&1u64.to_ne_bytes())
 }
 
 #[cfg(test)]
