@@ -1,6 +1,7 @@
 //! Small operating-system helpers both programs need: claiming a unix socket path, creating
 //! a unix socket only the right local users can reach and checking who connected to it
-//! ([`SocketAccess`]), zeroing a file range, printing an error with its causes.
+//! ([`SocketAccess`]), zeroing a file range, page-aligned read buffers, printing an error with
+//! its causes.
 
 use std::ffi::CString;
 use std::fs::File;
@@ -450,6 +451,31 @@ pub fn zero_range(file: &File, offset: u64, len: u64, unmap: bool) -> io::Result
     Ok(())
 }
 
+/// The alignment of [`AlignedBuf`]'s slices: a page.
+pub const PAGE_ALIGN: usize = 4096;
+
+/// A scratch buffer for reads from files whose slices start at a multiple of [`PAGE_ALIGN`]
+/// in memory (an over-allocated `Vec` and an aligned part of it). `O_DIRECT` needs the
+/// alignment; and the kernel's copy out of the page cache ran 5x slower into the 16-byte
+/// aligned memory a large `Vec` gets from malloc than into a 32-byte (or better) aligned one
+/// on this project's AMD EPYC test machine (0.6 against 0.12 CPU seconds per GiB).
+#[derive(Debug, Default)]
+pub struct AlignedBuf {
+    raw: Vec<u8>,
+}
+
+impl AlignedBuf {
+    /// `len` bytes starting at a multiple of [`PAGE_ALIGN`] (zeros, or what earlier users
+    /// left).
+    pub fn get(&mut self, len: usize) -> &mut [u8] {
+        if self.raw.len() < len + PAGE_ALIGN {
+            self.raw.resize(len + PAGE_ALIGN, 0);
+        }
+        let skip = self.raw.as_ptr().addr().wrapping_neg() % PAGE_ALIGN;
+        &mut self.raw[skip..skip + len]
+    }
+}
+
 /// An error with its sources, on one line (for logs and status).
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
@@ -465,6 +491,16 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aligned_buffers_are_page_aligned_whatever_their_length() {
+        let mut b = AlignedBuf::default();
+        for len in [0, 1, 4096, 100_000, 4 << 20, 10] {
+            let s = b.get(len);
+            assert_eq!(s.len(), len);
+            assert_eq!(s.as_ptr().addr() % PAGE_ALIGN, 0, "{len}");
+        }
+    }
     use std::os::fd::AsFd;
 
     #[test]
