@@ -4,6 +4,7 @@
 mod cache;
 mod config;
 mod flusher;
+mod hasher;
 mod metrics;
 mod preauth;
 mod promote;

@@ -24,6 +24,7 @@ use mirror_proto::frame::{
 };
 use mirror_proto::generation;
 use mirror_proto::meta::{self, Meta, MetaError, META_FORMAT};
+use mirror_proto::sys::AlignedBuf;
 use thiserror::Error;
 
 use crate::cache::ReadCache;
@@ -162,6 +163,132 @@ struct Image {
     /// descriptor: a `dup` can fail, a `close` can flush).
     file: Arc<File>,
     size: u64,
+    /// Made on the first ReadHashes (`Replica::hash_reader`): read-only descriptors of their
+    /// own (whose `close` flushes nothing), without this one's lock.
+    reader: Option<Arc<HashReader>>,
+    /// A [`HashReader`] could not be made: hashes are read under the replica's lock.
+    no_reader: bool,
+}
+
+impl Image {
+    fn new(file: File, size: u64) -> Image {
+        Image {
+            file: Arc::new(file),
+            size,
+            reader: None,
+            no_reader: false,
+        }
+    }
+}
+
+/// Alignment of `O_DIRECT` reads (memory, offset, length): a page, a multiple of every
+/// logical block size Linux supports below it.
+const DIRECT_ALIGN: usize = mirror_proto::sys::PAGE_ALIGN;
+
+/// The page cache keeps a file in folios of up to 2 MiB (x86-64, 4 KiB pages), and
+/// `POSIX_FADV_DONTNEED` drops whole folios only.
+const FOLIO_MAX: u64 = 2 << 20;
+
+/// How a hash worker reads the image (session.rs, `hasher.rs`) without holding the replica's
+/// lock, so the session applies the requests behind a ReadHashes meanwhile: open file
+/// descriptions of its own, made by reopening the image through `/proc/self/fd` (the same
+/// inode whatever happened to the path). They carry no `flock`, so one a worker still holds
+/// does not keep the image locked once a promotion released it.
+///
+/// **What it reads is what the disk holds** (ARCHITECTURE.md, "Hashes are of the disk, not
+/// of the page cache"): after a failed writeback Linux keeps the lost data in pages it marked
+/// clean and serves it to buffered reads. The range is read with `O_DIRECT`, which reads the
+/// disk after writing back the range's dirty pages (a failure of that writeback fails the
+/// read; `fdatasync` still reports it, see `read`), and the range's clean pages are dropped
+/// first, so that where a filesystem refuses or quietly declines `O_DIRECT` (tmpfs, an
+/// unaligned tail, data journalling, ...) the buffered read comes from the disk too.
+#[derive(Debug)]
+pub struct HashReader {
+    plain: File,
+    /// None: the filesystem refused `O_DIRECT`.
+    direct: Option<File>,
+}
+
+impl HashReader {
+    fn open(image: &File) -> io::Result<HashReader> {
+        let path = format!("/proc/self/fd/{}", image.as_raw_fd());
+        let plain = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)?;
+        let direct = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_DIRECT)
+            .open(&path);
+        let direct = match direct {
+            Ok(f) => Some(f),
+            Err(e) => {
+                debug!("no O_DIRECT for block hashes ({e}): read through the dropped page cache");
+                None
+            }
+        };
+        Ok(HashReader { plain, direct })
+    }
+
+    /// Whether reads go past the page cache (`O_DIRECT`).
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// Reads `offset..offset + len` as the disk holds it into `raw` (scratch space, grown as
+    /// needed); the bytes read.
+    ///
+    /// Writeback errors: an `O_DIRECT` read first writes back the range's dirty pages
+    /// (`filemap_write_and_wait_range`); if that fails, the read fails with the error and the
+    /// primary sees a failed ReadHashes (the end of the link), never hashes. The read takes
+    /// only the mapping's `AS_EIO` flag; `fdatasync` reports writeback errors through the
+    /// mapping's `errseq_t` (`file_check_and_advance_wb_err`, Linux 4.13 on), sampled per open
+    /// file description, which a read never advances: the image's next `fdatasync` still
+    /// fails (tested: writeback.rs).
+    pub fn read<'b>(
+        &self,
+        offset: u64,
+        len: usize,
+        raw: &'b mut AlignedBuf,
+    ) -> Result<&'b [u8], ReplicaError> {
+        let io_err = |op, source| ReplicaError::Io { op, offset, source };
+        drop_clean_range(&self.plain, offset, len as u64)
+            .map_err(|e| io_err("posix_fadvise(DONTNEED) before hashing", e))?;
+        let buf = raw.get(len);
+        let mut done = 0;
+        if let Some(direct) = &self.direct {
+            if offset.is_multiple_of(DIRECT_ALIGN as u64) {
+                let n = len / DIRECT_ALIGN * DIRECT_ALIGN;
+                match direct.read_exact_at(&mut buf[..n], offset) {
+                    Ok(()) => done = n,
+                    // Refused for this range (a logical block larger than a page): read
+                    // through the page cache, dropped above.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                    Err(e) => return Err(io_err("read (O_DIRECT)", e)),
+                }
+            }
+        }
+        self.plain
+            .read_exact_at(&mut buf[done..], offset + done as u64)
+            .map_err(|e| io_err("read", e))?;
+        Ok(buf)
+    }
+}
+
+/// Drops the clean pages of `offset..offset + len` from the page cache, the range widened to
+/// whole [`FOLIO_MAX`] blocks (a 4 KiB drop kept a lost block inside a larger clean folio on
+/// ext4). Dirty pages stay (they are what the next `fdatasync` writes).
+fn drop_clean_range(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    let start = offset & !(FOLIO_MAX - 1);
+    let end = offset.saturating_add(len).div_ceil(FOLIO_MAX) * FOLIO_MAX;
+    let off = libc::off_t::try_from(start).unwrap_or(libc::off_t::MAX);
+    let n = libc::off_t::try_from(end - start).unwrap_or(0);
+    // SAFETY: posix_fadvise on a file descriptor we own; no memory is passed.
+    let r = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, n, libc::POSIX_FADV_DONTNEED) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    Ok(())
 }
 
 /// The image, its metadata and the read cache. One primary at a time drives it.
@@ -604,35 +731,23 @@ impl Replica {
     /// data from pages it marked clean, and hashes of those would call a block equal that the
     /// disk lacks (a resync would skip it, and a verify pass it). Dirty pages stay (they are
     /// what the next `fdatasync` writes; if that fails, the Flush fails and nothing is
-    /// cleared).
+    /// cleared). The way used where no [`HashReader`] can be made (it holds the replica's
+    /// lock throughout).
     pub fn hashes(
         &mut self,
         offset: u64,
         len: usize,
-        buf: &mut Vec<u8>,
+        buf: &mut AlignedBuf,
         out: &mut Vec<u8>,
     ) -> Result<(), ReplicaError> {
         self.live()?;
         let img = check_range(self.image.as_ref(), offset, len as u64)?;
-        buf.resize(len, 0);
-        // Whole folios only are dropped, and the page cache keeps a file in folios of up to
-        // 2 MiB (x86-64, 4 KiB pages): widen the range to whole 2 MiB blocks, or a lost
-        // block inside a larger clean folio stays (seen on ext4: a 4 KiB drop kept it).
-        const FOLIO_MAX: u64 = 2 << 20;
-        let start = offset & !(FOLIO_MAX - 1);
-        let end = (offset + len as u64).div_ceil(FOLIO_MAX) * FOLIO_MAX;
-        let off = libc::off_t::try_from(start).unwrap_or(libc::off_t::MAX);
-        let n = libc::off_t::try_from(end - start).unwrap_or(0);
-        // SAFETY: posix_fadvise on a file descriptor we own; no memory is passed.
-        let r =
-            unsafe { libc::posix_fadvise(img.file.as_raw_fd(), off, n, libc::POSIX_FADV_DONTNEED) };
-        if r != 0 {
-            return Err(ReplicaError::Io {
-                op: "posix_fadvise(DONTNEED) before hashing",
-                offset,
-                source: io::Error::from_raw_os_error(r),
-            });
-        }
+        let buf = buf.get(len);
+        drop_clean_range(&img.file, offset, len as u64).map_err(|source| ReplicaError::Io {
+            op: "posix_fadvise(DONTNEED) before hashing",
+            offset,
+            source,
+        })?;
         img.file
             .read_exact_at(buf, offset)
             .map_err(|source| ReplicaError::Io {
@@ -642,6 +757,46 @@ impl Replica {
             })?;
         mirror_proto::blockhash::hash_blocks(buf, out);
         Ok(())
+    }
+
+    /// The image's [`HashReader`] if `offset..offset + len` lies inside it (made on first
+    /// use); None if none can be made (no `/proc`): then [`Replica::hashes`] reads under the
+    /// replica's lock.
+    pub fn hash_reader(
+        &mut self,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<Arc<HashReader>>, ReplicaError> {
+        self.live()?;
+        check_range(self.image.as_ref(), offset, len)?;
+        let Some(img) = self.image.as_mut() else {
+            return Err(ReplicaError::NoImage);
+        };
+        if img.reader.is_none() && !img.no_reader {
+            match HashReader::open(&img.file) {
+                Ok(r) => {
+                    info!(
+                        "{}: block hashes read {}",
+                        self.path.display(),
+                        if r.is_direct() {
+                            "with O_DIRECT"
+                        } else {
+                            "through the page cache (O_DIRECT refused), its clean pages dropped"
+                        }
+                    );
+                    img.reader = Some(Arc::new(r));
+                }
+                Err(e) => {
+                    warn!(
+                        "{}: cannot reopen the image through /proc/self/fd ({e}): block hashes \
+                         are read while the session waits",
+                        self.path.display()
+                    );
+                    img.no_reader = true;
+                }
+            }
+        }
+        Ok(img.reader.clone())
     }
 
     fn invalidate(&mut self, offset: u64, len: u64) {
@@ -969,10 +1124,7 @@ fn open_existing(path: &Path) -> Result<Option<Image>, ReplicaError> {
     }
     lock(&file, path)?;
     let size = file_size(&file).map_err(open_err)?;
-    Ok(Some(Image {
-        file: Arc::new(file),
-        size,
-    }))
+    Ok(Some(Image::new(file, size)))
 }
 
 /// Creates a sparse image of `size` bytes; nothing is left behind if that fails.
@@ -994,10 +1146,7 @@ fn create(path: &Path, size: u64) -> Result<Image, ReplicaError> {
         let _ = std::fs::remove_file(path);
         return Err(e);
     }
-    Ok(Image {
-        file: Arc::new(file),
-        size,
-    })
+    Ok(Image::new(file, size))
 }
 
 /// Drops the image's clean pages from the page cache (advisory: a failure is only logged).

@@ -138,6 +138,7 @@ enum Reply {
     Attached(NodeInfo),
     Ack(AckStatus),
     Data(Vec<u8>),
+    Hashes(Vec<u8>),
     Pong(u64),
     Other(String),
 }
@@ -206,6 +207,7 @@ impl Primary {
             Frame::Attached(n) => Reply::Attached(n),
             Frame::Ack { status } => Reply::Ack(status),
             Frame::ReadData { data } => Reply::Data(data.to_vec()),
+            Frame::Hashes { hashes } => Reply::Hashes(hashes.to_vec()),
             Frame::Pong { nanos } => Reply::Pong(nanos),
             f => Reply::Other(f.name().to_owned()),
         };
@@ -1023,6 +1025,76 @@ fn a_normal_replica_reports_no_hot_extents_and_only_the_hashes_flag() {
     let (_p, info) = f.attach(MIB);
     assert!(info.hot.is_empty());
     assert_eq!(info.flags, NODE_FLAG_HASHES);
+}
+
+/// ReadHashes are read and hashed off the session's thread while it applies the requests
+/// behind them: each is of the image once everything before it was applied, never with a
+/// write sent after it (the session holds an overlapping write until the range was read),
+/// and its Hashes may come after the replies to later requests.
+#[test]
+fn hashes_are_of_the_image_as_the_requests_before_them_left_it() {
+    use mirror_proto::blockhash::hash_blocks;
+    let f = Fixture::start();
+    let size = 16 * MIB;
+    let (mut p, _) = f.attach(size);
+    let span = 4 * MIB as usize;
+    let mut image = vec![0u8; size as usize];
+    let mut asked = std::collections::HashMap::new();
+    let mut acks = Vec::new();
+    for round in 0..8u8 {
+        let at = (u64::from(round) % 4) * 4 * MIB;
+        // The span rewritten (the last write right before the ReadHashes), then asked for,
+        // then overwritten at once by a write in the middle of it and one at its end.
+        for piece in 0..(span / MAX_DATA) {
+            let o = at as usize + piece * MAX_DATA;
+            let d = pattern(round.wrapping_mul(7).wrapping_add(piece as u8), MAX_DATA);
+            image[o..o + MAX_DATA].copy_from_slice(&d);
+            acks.push(p.send(&Frame::Write {
+                offset: o as u64,
+                resync: false,
+                data: &d,
+            }));
+        }
+        let mut want = Vec::new();
+        hash_blocks(&image[at as usize..at as usize + span], &mut want);
+        let seq = p.send(&Frame::ReadHashes {
+            offset: at,
+            len: span as u32,
+        });
+        asked.insert(seq, want);
+        for o in [at as usize + span / 2 - 100, at as usize + span - 4096] {
+            let d = pattern(round.wrapping_add(100), 4096);
+            image[o..o + 4096].copy_from_slice(&d);
+            acks.push(p.send(&Frame::Write {
+                offset: o as u64,
+                resync: false,
+                data: &d,
+            }));
+        }
+    }
+    let last = p.send(&Frame::ReadHashes {
+        offset: 0,
+        len: size as u32 / 4,
+    });
+    let mut want = Vec::new();
+    hash_blocks(&image[..size as usize / 4], &mut want);
+    asked.insert(last, want);
+    let mut acked = std::collections::HashSet::new();
+    while !asked.is_empty() || acked.len() < acks.len() {
+        match p.recv() {
+            (seq, Reply::Hashes(h)) => {
+                let want = asked
+                    .remove(&seq)
+                    .expect("Hashes for a request that asked for none");
+                assert!(h == want, "the hashes of request {seq} are not of the image as the requests before it left it");
+            }
+            (seq, Reply::Ack(AckStatus::Ok)) => {
+                assert!(acks.contains(&seq) && acked.insert(seq), "ack {seq}");
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+    assert_eq!(f.status()["bytes_hashed"], 8 * span as u64 + size / 4);
 }
 
 /// Lines of a file (none if it does not exist).

@@ -3,7 +3,9 @@
 //! check or create the image), then the data phase: requests applied one at a time in arrival
 //! order, replies coalesced into one write whenever the input runs dry. Flushes are answered
 //! by a flusher thread (`flusher.rs`) after the replies before them, so replies to requests
-//! behind a Flush may come first.
+//! behind a Flush may come first. ReadHashes are read, hashed and answered by hash workers
+//! (`hasher.rs`) while the requests behind them are applied (a write overlapping one waits
+//! until its range was read).
 
 use std::io::{self, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -20,6 +22,7 @@ use thiserror::Error;
 
 use crate::chain;
 use crate::flusher::{FlushQueue, StopOnDrop};
+use crate::hasher::{self, HashQueue};
 use crate::replica::ReplicaError;
 use crate::server::{lock, ClaimError, Node, SlotGuard};
 use crate::status::{Counters, PeerState};
@@ -425,29 +428,43 @@ impl<'n> Session<'n> {
         let node = self.node;
         self.set_timeouts(node.idle_timeout)?;
         let flushes = FlushQueue::default();
+        let hashes = HashQueue::default();
         let (writer, stream) = (self.writer, self.stream);
         std::thread::scope(|scope| {
+            let stop_hashes = hasher::StopOnDrop(&hashes);
             let flusher = std::thread::Builder::new()
                 .name("replica-flush".into())
                 .spawn_scoped(scope, || flushes.run(node, writer, stream))
                 .map_err(SessionError::Io)?;
             let stop = StopOnDrop(&flushes);
-            let r = self.apply_requests(&flushes);
+            for _ in 0..hasher::WORKERS {
+                std::thread::Builder::new()
+                    .name("replica-hash".into())
+                    .spawn_scoped(scope, || hashes.run(node, writer, stream))
+                    .map_err(SessionError::Io)?;
+            }
+            let r = self.apply_requests(&flushes, &hashes);
             drop(stop);
+            drop(stop_hashes);
             let _ = flusher.join();
             r
         })
     }
 
-    fn apply_requests(&mut self, flushes: &FlushQueue) -> Result<End, SessionError> {
+    fn apply_requests(
+        &mut self,
+        flushes: &FlushQueue,
+        hashes: &HashQueue,
+    ) -> Result<End, SessionError> {
         let node = self.node;
         let mut logged = Logged::default();
         let mut rbuf = Vec::new();
         loop {
             let d = match self.reader.read_frame() {
                 Ok(d) => d,
-                // Waiting for a long fdatasync is not idleness (the primary waits too).
-                Err(e) if e.is_timeout() && flushes.busy() => continue,
+                // Waiting for a long fdatasync (or a hash) is not idleness (the primary waits
+                // too).
+                Err(e) if e.is_timeout() && (flushes.busy() || hashes.busy()) => continue,
                 Err(e) => {
                     // Replies already computed still go out if the link allows.
                     let _ = flush_pending(self.writer, &mut self.out, node);
@@ -469,6 +486,7 @@ impl<'n> Session<'n> {
             }
             match d.frame {
                 Frame::Goodbye => {
+                    hashes.drain();
                     let failed = flushes.drain();
                     flush_pending(self.writer, &mut self.out, node)?;
                     if failed.is_some() {
@@ -488,7 +506,24 @@ impl<'n> Session<'n> {
                     flushes.push(seq);
                     continue;
                 }
+                Frame::ReadHashes { offset, len } => {
+                    // Read and hashed by a hash worker (`hasher.rs`), which answers it;
+                    // everything before it has been applied. (The replies before it still go
+                    // out below, once the input runs dry.)
+                    hashes.push(seq, offset, len);
+                }
                 f => {
+                    // A write-type request applied only once no ReadHashes before it still
+                    // has to read its range.
+                    match &f {
+                        Frame::Write { offset, data, .. } => {
+                            hashes.wait_clear(*offset, data.len() as u64)
+                        }
+                        Frame::Discard { offset, len } | Frame::WriteZeroes { offset, len, .. } => {
+                            hashes.wait_clear(*offset, *len)
+                        }
+                        _ => {}
+                    }
                     if matches!(f, Frame::SyncDone { .. }) && flushes.drain().is_some() {
                         // Recorded up to date without what a failed flush lost: never.
                         self.flush_out()?;
@@ -595,17 +630,6 @@ fn apply(
                 Ok(()) => {
                     Counters::add(&c.bytes_read, u64::from(len));
                     frame::encode(seq, &Frame::ReadData { data: rbuf }, out);
-                    return Ok(false);
-                }
-                Err(e) => Err(e),
-            }
-        }
-        Frame::ReadHashes { offset, len } => {
-            let mut hashes = Vec::new();
-            match rep.hashes(offset, len as usize, rbuf, &mut hashes) {
-                Ok(()) => {
-                    Counters::add(&c.bytes_hashed, u64::from(len));
-                    frame::encode(seq, &Frame::Hashes { hashes: &hashes }, out);
                     return Ok(false);
                 }
                 Err(e) => Err(e),

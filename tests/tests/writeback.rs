@@ -193,6 +193,64 @@ fn verify_sees_a_write_lost_behind_a_clean_page() {
         .unwrap_or_else(|e| panic!("the replica's disk after the repair: {e}"));
 }
 
+/// A block written but not yet written back when verify asks for its hashes: the replica
+/// reads with `O_DIRECT`, which first writes the range's dirty pages back, and here that
+/// writeback fails. Verify must not call the block equal (the replica answers the ReadHashes
+/// with an I/O error: the run stops, exit 2), and the read must not swallow the error: the
+/// replica's next `fdatasync` still reports it (`fdatasync` reports writeback errors through
+/// the mapping's errseq, sampled per open file, which a read does not advance), so the
+/// replica records itself outdated and the pair resyncs the block.
+#[test]
+fn a_writeback_failed_by_verifys_read_is_still_reported_by_the_next_fdatasync() {
+    let _wd = Watchdog::new(
+        "a_writeback_failed_by_verifys_read_is_still_reported_by_the_next_fdatasync",
+        Duration::from_secs(60),
+    );
+    let s = Setup::new("wb-direct");
+    let mut node = s.pair.node();
+    let mut b = s.pair.mirror();
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+
+    let at = 7 * MIB + 2 * BLOCK;
+    let (old, new) = (0x1d1d, 0x2e2e);
+    guest_write(&b, at, old, true);
+    s.fs.fail("write", &format!("{DISK}$"), "EIO", None);
+    // Acknowledged, in the replica's page cache, not flushed.
+    guest_write(&b, at, new, false);
+    assert!(
+        !node.log().contains("fdatasync failed"),
+        "an fdatasync failed before the verify:\n{}",
+        node.log()
+    );
+
+    let (code, text) = run_verify(&b);
+    assert_eq!(
+        code,
+        Some(2),
+        "verify must stop: the replica's read of {at:#x} must fail (its writeback failed), \
+         not hash the page cache: {text}"
+    );
+    let log = node.log();
+    assert!(
+        log.contains("read (O_DIRECT) failed"),
+        "the replica's O_DIRECT read did not fail:\n{log}"
+    );
+    s.fs.clear();
+
+    // The failure is not forgotten: the replica's next fdatasync (the resync's Flush after
+    // the link dropped) reports it, and the pair ends in sync with the block on the disk.
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    let log = node.log();
+    assert!(
+        log.contains("fdatasync failed"),
+        "the replica's fdatasync never reported the writeback that failed under verify's \
+         read:\n{log}"
+    );
+    stop_all(&mut b, &mut node);
+    compare_files(&s.pair.primary, &s.durable_disk())
+        .unwrap_or_else(|e| panic!("the replica's disk after the repair: {e}"));
+}
+
 /// The access node is killed after the failed writeback and restarted on the image (the
 /// failure forgotten with the process, the page cache intact); the primary resyncs the dead
 /// link's unflushed ranges by comparing block hashes: the lost block must be found different
