@@ -12,7 +12,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::{info, warn};
@@ -31,6 +31,11 @@ use crate::disk::DiskError;
 pub const VERIFY: Owner = usize::MAX - 1;
 /// Bytes compared per step (one ReadHashes).
 const SPAN: u64 = MAX_HASH_SPAN as u64;
+/// Threads reading and hashing this side's spans.
+const LOCAL_WORKERS: usize = 2;
+/// Spans held and asked of the replica at once, at most: the replica reads two at a time
+/// (access-node's hash workers) while this side hashes a third.
+const IN_FLIGHT: usize = 4;
 /// Differing ranges listed in a result (all are counted and marked).
 const MAX_LISTED: usize = 64;
 
@@ -62,6 +67,8 @@ pub enum VerifyError {
     Mark(#[source] super::MirrorError),
     #[error("shutting down")]
     ShuttingDown,
+    #[error("cannot start a thread to hash the local image")]
+    Thread(#[source] std::io::Error),
     #[error(
         "part of the range was marked out of sync during the verify (a write failed on one side)"
     )]
@@ -190,71 +197,21 @@ fn run_locked(m: &Arc<Mirror>, req: VerifyRequest) -> Result<Value, VerifyError>
         m.peer_name(),
         if req.repair { " (repair)" } else { "" }
     );
-    let mut local = vec![0u8; SPAN as usize];
-    let mut mine = Vec::new();
     let mut diffs: Vec<(u64, u64)> = Vec::new();
     let mut diff_bytes = 0u64;
-    // Two spans in flight: the replica hashes the next one while this side hashes the
-    // current one. The second is taken only if it is free (never wait while holding one).
-    let mut pending: std::collections::VecDeque<Span> = std::collections::VecDeque::new();
-    let mut next = req.offset;
-    let result = loop {
-        if m.stopping.load(Ordering::Relaxed) {
-            break Err(VerifyError::ShuttingDown);
-        }
-        if pending.is_empty() && next < end {
-            let len = SPAN.min(end - next);
-            match start_span(m, &link, next, len, true) {
-                Ok(Some(sp)) => pending.push_back(sp),
-                Ok(None) => {}
-                Err(e) => break Err(e),
-            }
-            next += len;
-        }
-        if pending.len() == 1 && next < end {
-            let len = SPAN.min(end - next);
-            match start_span(m, &link, next, len, false) {
-                Ok(Some(sp)) => {
-                    pending.push_back(sp);
-                    next += len;
-                }
-                Ok(None) => {}
-                Err(e) => break Err(e),
-            }
-        }
-        let Some(sp) = pending.pop_front() else {
-            break Ok(());
-        };
-        let (at, len) = (sp.at, sp.len);
-        let r = finish_span(m, sp, &mut local[..len as usize], &mut mine);
-        let runs = match r {
-            Ok(runs) => runs,
-            Err(e) => break Err(e),
-        };
-        for (o, l) in runs {
-            diff_bytes += l;
-            match diffs.last_mut() {
-                Some(d) if d.0 + d.1 == o => d.1 += l,
-                _ => diffs.push((o, l)),
-            }
-        }
-        let done = at + len;
-        m.verify.done.fetch_add(len, Ordering::Relaxed);
-        if let Some(rate) = req.rate {
-            let due = Duration::from_secs_f64((done - req.offset) as f64 / rate as f64);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                // Nothing held while pausing: guest writes to the next span need not wait.
-                for sp in pending.drain(..) {
-                    next = next.min(sp.at);
-                    m.release(sp.token);
-                }
-                std::thread::sleep(wait);
-            }
-        }
-    };
-    for sp in pending.drain(..) {
-        m.release(sp.token);
-    }
+    let result = std::thread::scope(|scope| {
+        let mut local = Local::start(m, scope)?;
+        compare_spans(
+            m,
+            &link,
+            req,
+            end,
+            started,
+            &mut local,
+            &mut diffs,
+            &mut diff_bytes,
+        )
+    });
     // Marked out of sync (durably) before anyone hears of them, also when the run stops
     // early. As regions that may differ anywhere (`SyncState::mark`, not the write path's
     // `mark_known`): a difference behind a clear bit means the bit was wrong, and blocks of
@@ -328,6 +285,186 @@ fn run_locked(m: &Arc<Mirror>, req: VerifyRequest) -> Result<Value, VerifyError>
     Ok(result)
 }
 
+/// Compares `req.offset..end` span by span, adding what differs to `diffs` (image offsets,
+/// adjacent ones merged) and `diff_bytes`; every span it held is given back when it returns.
+#[allow(clippy::too_many_arguments)]
+fn compare_spans(
+    m: &Mirror,
+    link: &Arc<Link>,
+    req: VerifyRequest,
+    end: u64,
+    started: Instant,
+    local: &mut Local,
+    diffs: &mut Vec<(u64, u64)>,
+    diff_bytes: &mut u64,
+) -> Result<(), VerifyError> {
+    // IN_FLIGHT spans in flight: the replica reads and hashes the next ones while this side
+    // reads and hashes its own (`Local`). Only the first is waited for; the others are taken
+    // only if free (never wait while holding one).
+    let mut pending: std::collections::VecDeque<Span> = std::collections::VecDeque::new();
+    let mut next = req.offset;
+    let result = 'run: loop {
+        if m.stopping.load(Ordering::Relaxed) {
+            break Err(VerifyError::ShuttingDown);
+        }
+        while pending.len() < IN_FLIGHT && next < end {
+            let len = SPAN.min(end - next);
+            match start_span(m, link, local, next, len, pending.is_empty()) {
+                Ok(Some(sp)) => {
+                    pending.push_back(sp);
+                    next += len;
+                }
+                Ok(None) => break,
+                Err(e) => break 'run Err(e),
+            }
+        }
+        let Some(sp) = pending.pop_front() else {
+            break Ok(());
+        };
+        let (at, len) = (sp.at, sp.len);
+        let runs = match finish_span(m, sp, local) {
+            Ok(runs) => runs,
+            Err(e) => break Err(e),
+        };
+        for (o, l) in runs {
+            *diff_bytes += l;
+            match diffs.last_mut() {
+                Some(d) if d.0 + d.1 == o => d.1 += l,
+                _ => diffs.push((o, l)),
+            }
+        }
+        let done = at + len;
+        m.verify.done.fetch_add(len, Ordering::Relaxed);
+        if let Some(rate) = req.rate {
+            let due = Duration::from_secs_f64((done - req.offset) as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                // Nothing held while pausing: guest writes to the next span need not wait.
+                // (Their local hashes, if still coming, are dropped: `Local::wait`.)
+                for sp in pending.drain(..) {
+                    next = next.min(sp.at);
+                    m.release(sp.token);
+                }
+                std::thread::sleep(wait);
+            }
+        }
+    };
+    for sp in pending.drain(..) {
+        m.release(sp.token);
+    }
+    result
+}
+
+/// A local read and hash of a held span.
+struct LocalJob {
+    id: u64,
+    at: u64,
+    len: u64,
+}
+
+type LocalResult = (u64, Result<Vec<u8>, DiskError>);
+
+/// This side's reads and hashes of the held spans, on [`LOCAL_WORKERS`] threads. Each span's
+/// is asked for once it is held, and waited for before it is given back, so every read
+/// happens while the span is held.
+struct Local {
+    jobs: mpsc::Sender<LocalJob>,
+    results: mpsc::Receiver<LocalResult>,
+    /// Results that came before they were waited for.
+    early: std::collections::HashMap<u64, Result<Vec<u8>, DiskError>>,
+    next_id: u64,
+}
+
+impl Local {
+    /// Starts the workers in `scope`; they end once the `Local` is dropped.
+    fn start<'s>(
+        m: &'s Mirror,
+        scope: &'s std::thread::Scope<'s, '_>,
+    ) -> Result<Local, VerifyError> {
+        let (jobs, queue) = mpsc::channel::<LocalJob>();
+        let (done, results) = mpsc::channel();
+        let queue = Arc::new(Mutex::new(queue));
+        for _ in 0..LOCAL_WORKERS {
+            let (queue, done) = (queue.clone(), done.clone());
+            std::thread::Builder::new()
+                .name("verify-hash".into())
+                .spawn_scoped(scope, move || local_worker(m, &queue, &done))
+                .map_err(VerifyError::Thread)?;
+        }
+        Ok(Local {
+            jobs,
+            results,
+            early: std::collections::HashMap::new(),
+            next_id: 0,
+        })
+    }
+
+    /// Asks for the hashes of `at..at + len` (held); the id to wait for.
+    fn ask(&mut self, at: u64, len: u64) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        // (A send fails only if every worker ended; `wait` then says so.)
+        let _ = self.jobs.send(LocalJob { id, at, len });
+        id
+    }
+
+    /// The hashes asked for as `id`.
+    fn wait(&mut self, id: u64) -> Result<Vec<u8>, VerifyError> {
+        let results = &self.results;
+        match take_in_order(&mut self.early, id, || results.recv().ok()) {
+            Some(r) => r.map_err(VerifyError::Read),
+            None => Err(VerifyError::ShuttingDown),
+        }
+    }
+}
+
+/// The result for `id` among those `recv` delivers (in any order), keeping the ones that
+/// come early in `early`. Ids are waited for in increasing order: results of smaller ids that
+/// are not waited for (spans given back before they were compared) are dropped. None once
+/// `recv` has nothing more.
+fn take_in_order<T>(
+    early: &mut std::collections::HashMap<u64, T>,
+    id: u64,
+    mut recv: impl FnMut() -> Option<(u64, T)>,
+) -> Option<T> {
+    early.retain(|&k, _| k >= id);
+    if let Some(r) = early.remove(&id) {
+        return Some(r);
+    }
+    loop {
+        let (k, r) = recv()?;
+        if k == id {
+            return Some(r);
+        }
+        if k > id {
+            early.insert(k, r);
+        }
+    }
+}
+
+fn local_worker(
+    m: &Mirror,
+    queue: &Mutex<mpsc::Receiver<LocalJob>>,
+    done: &mpsc::Sender<LocalResult>,
+) {
+    // Page-aligned: the copy out of the page cache into it costs a fifth (`AlignedBuf`).
+    let mut buf = mirror_proto::sys::AlignedBuf::default();
+    loop {
+        let job = match queue.lock().unwrap_or_else(PoisonError::into_inner).recv() {
+            Ok(j) => j,
+            Err(_) => return,
+        };
+        let data = buf.get(job.len as usize);
+        let r = m.disk.read_at(data, job.at).map(|()| {
+            let mut h = Vec::new();
+            blockhash::hash_blocks(data, &mut h);
+            h
+        });
+        if done.send((job.id, r)).is_err() {
+            return;
+        }
+    }
+}
+
 /// Waits until the link's manager resynced what verify marked (nothing out of sync, no resync
 /// running), as long as the link lives: whether it did.
 fn wait_repaired(m: &Mirror, link: &Link) -> bool {
@@ -362,6 +499,8 @@ struct Span {
     len: u64,
     token: Token,
     theirs: Arc<super::link::Waiter>,
+    /// Its local hashes' id (`Local`).
+    mine: u64,
 }
 
 /// Takes a span in the ordering table (waiting for it if `wait`; else None if it is taken)
@@ -369,6 +508,7 @@ struct Span {
 fn start_span(
     m: &Mirror,
     link: &Arc<Link>,
+    local: &mut Local,
     at: u64,
     len: u64,
     wait: bool,
@@ -402,6 +542,7 @@ fn start_span(
             len,
             token,
             theirs,
+            mine: local.ask(at, len),
         })),
         Err(_) => {
             m.release(token);
@@ -410,18 +551,11 @@ fn start_span(
     }
 }
 
-/// Hashes the local span, compares, gives the span back; the differing ranges (image
-/// offsets).
-fn finish_span(
-    m: &Mirror,
-    sp: Span,
-    local: &mut [u8],
-    mine: &mut Vec<u8>,
-) -> Result<Vec<(u64, u64)>, VerifyError> {
+/// Waits for both sides' hashes of the span, compares them, gives the span back; the
+/// differing ranges (image offsets).
+fn finish_span(m: &Mirror, sp: Span, local: &mut Local) -> Result<Vec<(u64, u64)>, VerifyError> {
     let r = (|| {
-        m.disk.read_at(local, sp.at).map_err(VerifyError::Read)?;
-        mine.clear();
-        blockhash::hash_blocks(local, mine);
+        let mine = local.wait(sp.mine)?;
         let theirs = match sp.theirs.wait() {
             Ok(Reply::Data(d)) => d,
             Ok(Reply::Ack(s)) => return Err(VerifyError::Replica(s)),
@@ -433,7 +567,7 @@ fn finish_span(
                 want: mine.len(),
             });
         }
-        Ok(blockhash::differing_runs(mine, &theirs, local.len())
+        Ok(blockhash::differing_runs(&mine, &theirs, sp.len as usize)
             .into_iter()
             .map(|(o, l)| (sp.at + o as u64, l as u64))
             .collect())
@@ -445,6 +579,31 @@ fn finish_span(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_results_are_taken_in_order_whatever_order_they_come_in() {
+        let mut early = std::collections::HashMap::new();
+        // 1 and 2 come before 0; 0 is taken, 1 and 2 wait.
+        let mut arrivals = vec![(2u64, "two"), (1, "one"), (0, "zero")].into_iter();
+        assert_eq!(
+            take_in_order(&mut early, 0, || arrivals.next()),
+            Some("zero")
+        );
+        assert_eq!(early.len(), 2);
+        assert_eq!(take_in_order(&mut early, 1, || None), Some("one"));
+        assert_eq!(take_in_order(&mut early, 2, || None), Some("two"));
+        // 3 and 4 were given back uncompared: their results are dropped on the way to 5.
+        let mut arrivals = vec![(4u64, "four"), (3, "three"), (5, "five")].into_iter();
+        assert_eq!(
+            take_in_order(&mut early, 5, || arrivals.next()),
+            Some("five")
+        );
+        assert!(early.is_empty());
+        // A late result of a dropped id is not kept either; nothing more: None.
+        let mut arrivals = vec![(4u64, "four")].into_iter();
+        assert_eq!(take_in_order(&mut early, 6, || arrivals.next()), None);
+        assert!(early.is_empty());
+    }
 
     #[test]
     fn arguments_parse_and_bad_ones_are_refused() {
