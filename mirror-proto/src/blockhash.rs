@@ -223,6 +223,33 @@ mod tests {
     }
 
     #[test]
+    fn batched_hashes_are_blake3_of_each_block_on_every_simd_path() {
+        // `hash_blocks` uses the detected platform; a CPU without AVX2 (or without any SIMD)
+        // takes another path through `hash_many`: each one this CPU has, the portable one
+        // always, against `blake3::hash`.
+        use blake3::platform::Platform;
+        let mut platforms = vec![Platform::portable(), Platform::detect()];
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        platforms.extend(
+            [Platform::sse2(), Platform::sse41(), Platform::avx2()]
+                .into_iter()
+                .flatten(),
+        );
+        let data: Vec<u8> = (0..(BATCH * HASH_BLOCK) as u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 7) as u8)
+            .collect();
+        for p in platforms {
+            for n in 0..=BATCH {
+                let batch = &data[..n * HASH_BLOCK];
+                let (mut fast, mut reference) = (Vec::new(), Vec::new());
+                assert!(hash_batch(p, batch, &mut fast).is_some(), "{p:?} {n}");
+                hash_blocks_one_by_one(batch, &mut reference);
+                assert_eq!(fast, reference, "{p:?}, {n} blocks");
+            }
+        }
+    }
+
+    #[test]
     fn a_list_of_the_wrong_length_makes_everything_differ() {
         let mut h = Vec::new();
         hash_blocks(&[0u8; 3 * HASH_BLOCK], &mut h);
