@@ -35,8 +35,10 @@ pub const WORKERS: usize = 2;
 /// (a primary asking faster than the disk reads makes nothing grow).
 pub const MAX_QUEUED: usize = 8;
 
-/// One ReadHashes.
-#[derive(Debug, Clone, Copy)]
+/// One ReadHashes. Told apart by all of it, not by `seq` alone: the primary's sequence
+/// numbers are not checked to be unique, and a reused one must not let go of another job's
+/// range (two equal jobs are interchangeable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Job {
     seq: u64,
     offset: u64,
@@ -79,8 +81,10 @@ struct StopOnUnwind<'a> {
 impl Drop for StopOnUnwind<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.q.stop();
+            // The link first: once the queue is stopped, the session's writes no longer wait
+            // for the ranges the other worker is reading, whose hashes must then not go out.
             let _ = self.stream.shutdown(Shutdown::Both);
+            self.q.stop();
         }
     }
 }
@@ -205,6 +209,10 @@ impl HashQueue {
             };
             self.pending.fetch_sub(1, Ordering::AcqRel);
             self.changed.notify_all();
+            // A ReadHashes answered is activity, as a request applied is (the session's
+            // `primary_activity` after `apply`): the primary waits for it meanwhile, and the
+            // reaper (`cut_idle_primary`) does not see the workers, which hold no lock.
+            node.status.primary_activity();
             if !sent {
                 // The link failed: the session's next read fails too.
                 let _ = stream.shutdown(Shutdown::Read);
@@ -252,7 +260,7 @@ impl HashQueue {
 
     fn done_reading(&self, job: Job) {
         let mut s = self.lock();
-        if let Some(i) = s.reading.iter().position(|j| j.seq == job.seq) {
+        if let Some(i) = s.reading.iter().position(|j| *j == job) {
             s.reading.swap_remove(i);
         }
         drop(s);
@@ -311,5 +319,39 @@ mod tests {
         q.stop();
         q.wait_clear(0, u64::MAX);
         q.drain();
+    }
+
+    #[test]
+    fn a_reused_sequence_number_does_not_let_go_of_another_range() {
+        // A primary's sequence numbers are not checked: two ReadHashes with the same one,
+        // both being read. The one at 1 MiB read first must not free the range at 0.
+        let q = HashQueue::default();
+        q.push(7, 0, 4096);
+        q.push(7, 1 << 20, 4096);
+        {
+            let mut st = q.lock();
+            while let Some(j) = st.waiting.pop_front() {
+                st.reading.push(j);
+            }
+        }
+        q.done_reading(Job {
+            seq: 7,
+            offset: 1 << 20,
+            len: 4096,
+        });
+        std::thread::scope(|s| {
+            let t = s.spawn(|| q.wait_clear(0, 4096));
+            std::thread::sleep(Duration::from_millis(100));
+            assert!(
+                !t.is_finished(),
+                "a write to a range still being read did not wait"
+            );
+            q.done_reading(Job {
+                seq: 7,
+                offset: 0,
+                len: 4096,
+            });
+            t.join().unwrap();
+        });
     }
 }
