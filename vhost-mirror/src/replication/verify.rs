@@ -67,6 +67,8 @@ pub enum VerifyError {
     Mark(#[source] super::MirrorError),
     #[error("shutting down")]
     ShuttingDown,
+    #[error("a thread hashing the local image failed (a bug: see the log)")]
+    HashWorkerDied,
     #[error("cannot start a thread to hash the local image")]
     Thread(#[source] std::io::Error),
     #[error(
@@ -361,7 +363,7 @@ struct LocalJob {
     len: u64,
 }
 
-type LocalResult = (u64, Result<Vec<u8>, DiskError>);
+type LocalResult = (u64, Result<Vec<u8>, VerifyError>);
 
 /// This side's reads and hashes of the held spans, on [`LOCAL_WORKERS`] threads. Each span's
 /// is asked for once it is held, and waited for before it is given back, so every read
@@ -370,7 +372,7 @@ struct Local {
     jobs: mpsc::Sender<LocalJob>,
     results: mpsc::Receiver<LocalResult>,
     /// Results that came before they were waited for.
-    early: std::collections::HashMap<u64, Result<Vec<u8>, DiskError>>,
+    early: std::collections::HashMap<u64, Result<Vec<u8>, VerifyError>>,
     next_id: u64,
 }
 
@@ -411,7 +413,7 @@ impl Local {
     fn wait(&mut self, id: u64) -> Result<Vec<u8>, VerifyError> {
         let results = &self.results;
         match take_in_order(&mut self.early, id, || results.recv().ok()) {
-            Some(r) => r.map_err(VerifyError::Read),
+            Some(r) => r,
             None => Err(VerifyError::ShuttingDown),
         }
     }
@@ -453,14 +455,50 @@ fn local_worker(
             Ok(j) => j,
             Err(_) => return,
         };
+        // A panic below still answers the job, or `Local::wait` would wait for it forever
+        // while verify holds its spans (and the guest's writes to them wait too).
+        let mut answer = Answer {
+            id: job.id,
+            done,
+            sent: false,
+        };
         let data = buf.get(job.len as usize);
-        let r = m.disk.read_at(data, job.at).map(|()| {
-            let mut h = Vec::new();
-            blockhash::hash_blocks(data, &mut h);
-            h
-        });
-        if done.send((job.id, r)).is_err() {
+        let r = m
+            .disk
+            .read_at(data, job.at)
+            .map(|()| {
+                let mut h = Vec::new();
+                blockhash::hash_blocks(data, &mut h);
+                h
+            })
+            .map_err(VerifyError::Read);
+        if !answer.send(r) {
             return;
+        }
+    }
+}
+
+/// A local job's answer, sent once: with the result, or (dropped unsent, in a panic) with
+/// [`VerifyError::HashWorkerDied`].
+struct Answer<'a> {
+    id: u64,
+    done: &'a mpsc::Sender<LocalResult>,
+    sent: bool,
+}
+
+impl Answer<'_> {
+    /// Whether the waiting side still listens.
+    fn send(&mut self, r: Result<Vec<u8>, VerifyError>) -> bool {
+        self.sent = true;
+        self.done.send((self.id, r)).is_ok()
+    }
+}
+
+impl Drop for Answer<'_> {
+    fn drop(&mut self) {
+        if !self.sent {
+            log::error!("verify: a local hash worker panicked (job {})", self.id);
+            let _ = self.done.send((self.id, Err(VerifyError::HashWorkerDied)));
         }
     }
 }
@@ -579,6 +617,40 @@ fn finish_span(m: &Mirror, sp: Span, local: &mut Local) -> Result<Vec<(u64, u64)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_whose_worker_panics_is_answered_with_an_error() {
+        let (done, results) = mpsc::channel::<LocalResult>();
+        let d = done.clone();
+        // The worker keeps no sender alive past its panic, but another worker's sender lives
+        // on (as in `Local`): without the answer, `recv` would block for good.
+        let t = std::thread::spawn(move || {
+            let _answer = Answer {
+                id: 7,
+                done: &d,
+                sent: false,
+            };
+            panic!("a bug in hashing");
+        });
+        assert!(t.join().is_err());
+        let mut early = std::collections::HashMap::new();
+        let got = take_in_order(&mut early, 7, || results.recv().ok());
+        assert!(
+            matches!(got, Some(Err(VerifyError::HashWorkerDied))),
+            "{got:?}"
+        );
+        // A job answered normally sends nothing more when its answer is dropped.
+        {
+            let mut a = Answer {
+                id: 8,
+                done: &done,
+                sent: false,
+            };
+            assert!(a.send(Ok(vec![1])));
+        }
+        assert!(matches!(results.recv(), Ok((8, Ok(_)))));
+        assert!(results.try_recv().is_err());
+    }
 
     #[test]
     fn local_results_are_taken_in_order_whatever_order_they_come_in() {
