@@ -279,7 +279,10 @@ impl TestDir {
 impl Drop for TestDir {
     fn drop(&mut self) {
         if let Some(d) = self.0.take() {
-            if std::thread::panicking() {
+            // CLUSTER_KEEP=1 keeps it after a pass too (the daemons' logs, to study timings).
+            if std::thread::panicking()
+                || std::env::var_os("CLUSTER_KEEP").is_some_and(|v| v == "1")
+            {
                 eprintln!("test directory kept: {}", d.keep().display());
             }
         }
