@@ -154,9 +154,15 @@ pub fn run(m: &Arc<Mirror>, req: VerifyRequest) -> Result<Value, VerifyError> {
     if m.verify.running.swap(true, Ordering::AcqRel) {
         return Err(VerifyError::Running);
     }
-    let r = run_locked(m, req);
-    m.verify.running.store(false, Ordering::Release);
-    r
+    // Cleared however run_locked ends, a panic included: else every later verify is refused.
+    struct Running<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Running<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::Release);
+        }
+    }
+    let _running = Running(&m.verify.running);
+    run_locked(m, req)
 }
 
 fn run_locked(m: &Arc<Mirror>, req: VerifyRequest) -> Result<Value, VerifyError> {
@@ -389,7 +395,9 @@ impl Local {
             let (queue, done) = (queue.clone(), done.clone());
             std::thread::Builder::new()
                 .name("verify-hash".into())
-                .spawn_scoped(scope, move || local_worker(m, &queue, &done))
+                .spawn_scoped(scope, move || {
+                    contained(|| local_worker(m, &queue, &done));
+                })
                 .map_err(VerifyError::Thread)?;
         }
         Ok(Local {
@@ -414,7 +422,8 @@ impl Local {
         let results = &self.results;
         match take_in_order(&mut self.early, id, || results.recv().ok()) {
             Some(r) => r,
-            None => Err(VerifyError::ShuttingDown),
+            // Every worker's sender is gone: they all ended, and only a panic ends one early.
+            None => Err(VerifyError::HashWorkerDied),
         }
     }
 }
@@ -441,6 +450,13 @@ fn take_in_order<T>(
             early.insert(k, r);
         }
     }
+}
+
+/// Runs `f`, stopping a panic there: a scoped thread that panicked would make the whole scope
+/// panic when it ends (and verify's results would be lost with it). The panic is printed by
+/// the panic hook as usual; a worker's job is answered by its [`Answer`].
+fn contained(f: impl FnOnce()) {
+    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
 }
 
 fn local_worker(
@@ -621,20 +637,27 @@ mod tests {
     #[test]
     fn a_job_whose_worker_panics_is_answered_with_an_error() {
         let (done, results) = mpsc::channel::<LocalResult>();
-        let d = done.clone();
-        // The worker keeps no sender alive past its panic, but another worker's sender lives
-        // on (as in `Local`): without the answer, `recv` would block for good.
-        let t = std::thread::spawn(move || {
-            let _answer = Answer {
-                id: 7,
-                done: &d,
-                sent: false,
-            };
-            panic!("a bug in hashing");
+        // As in `Local`: a scoped worker that panics holding a job, another sender alive (so
+        // `recv` alone would block for good). The scope must end normally.
+        std::thread::scope(|scope| {
+            let d = &done;
+            std::thread::Builder::new()
+                .spawn_scoped(scope, move || {
+                    contained(|| {
+                        let _answer = Answer {
+                            id: 7,
+                            done: d,
+                            sent: false,
+                        };
+                        panic!("a bug in hashing");
+                    })
+                })
+                .expect("spawn");
         });
-        assert!(t.join().is_err());
         let mut early = std::collections::HashMap::new();
-        let got = take_in_order(&mut early, 7, || results.recv().ok());
+        let got = take_in_order(&mut early, 7, || {
+            results.recv_timeout(Duration::from_secs(10)).ok()
+        });
         assert!(
             matches!(got, Some(Err(VerifyError::HashWorkerDied))),
             "{got:?}"
