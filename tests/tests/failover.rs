@@ -257,10 +257,13 @@ impl Round {
         );
         let after = wait_mirror_in_sync(&ctl_b, SYNC_TIMEOUT);
         let moved = status_u64(&after, "resync_total_bytes");
+        let sent = status_u64(&after, "resync_sent_bytes");
+        let same = status_u64(&after, "resync_same_bytes");
         let size = std::fs::metadata(&img_a).expect("stat").len();
         eprintln!(
-            "round {r}: failback resync moved {moved} bytes (changed since promotion {changed}, \
-             hot extents {} = {hot_bytes} bytes) of a {size}-byte image",
+            "round {r}: failback resync covered {moved} bytes, sent {sent} as data, {same} found \
+             the same by block hashes (changed since promotion {changed}, hot extents {} = \
+             {hot_bytes} bytes) of a {size}-byte image",
             hot.len()
         );
         assert!(
