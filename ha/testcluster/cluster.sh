@@ -31,6 +31,11 @@
 #                        timeout plus the consensus timeout (1.2 x token): 1.1 s at 500 ms
 #   TC_TOKEN_COEFF=0     corosync totem.token_coefficient (ms); corosync's default, 650, adds
 #                        650 ms per node above two to the token timeout
+#   TC_TRANSITION_DELAY=150ms  Pacemaker's transition-delay, seeded into the initial CIB: the
+#                        DC asks for the scheduler this long after the last of a burst of
+#                        changes. At 0 (the default) it asks at the first, while its own updates
+#                        about a lost node are still pending, and Pacemaker 2.1 then sleeps 1 s
+#                        ("Re-asking for the CIB") before it schedules the fencing
 #   TC_DC_DEADTIME=2s    Pacemaker's dc-deadtime, seeded into the initial CIB (the default, 20 s,
 #                        is how long a starting cluster waits before it elects a DC)
 #   TC_FENCE_REBOOT=restart|off   what the power switch does for "reboot": kill the node and
@@ -82,6 +87,7 @@ TC_SUBNET=${TC_SUBNET:-10.77.0}
 TC_TOKEN=${TC_TOKEN:-500}
 TC_TOKEN_COEFF=${TC_TOKEN_COEFF:-0}
 TC_DC_DEADTIME=${TC_DC_DEADTIME:-2s}
+TC_TRANSITION_DELAY=${TC_TRANSITION_DELAY:-150ms}
 TC_FENCE_REBOOT=${TC_FENCE_REBOOT:-restart}
 TC_OWNER_PID=${TC_OWNER_PID:-}
 
@@ -168,6 +174,7 @@ initial_cib() {
     hosts=$(seq -f 'node%g' -s ' ' 1 "$TC_NODES")
     cibadmin --empty >"$cib"
     CIB_file=$cib crm_attribute -t crm_config -n dc-deadtime -v "$TC_DC_DEADTIME" >/dev/null
+    CIB_file=$cib crm_attribute -t crm_config -n transition-delay -v "$TC_TRANSITION_DELAY" >/dev/null
     CIB_file=$cib crm_attribute -t crm_config -n stonith-enabled -v true >/dev/null
     CIB_file=$cib cibadmin --create -o resources --xml-text "
 <primitive id=\"fence-testcluster\" class=\"stonith\" type=\"fence_testcluster\">
