@@ -352,14 +352,9 @@ impl Round {
     }
 }
 
-#[test]
-fn failover_and_failback_rounds() {
-    require_tool("debugfs", "e2fsprogs");
-    let rounds: usize = std::env::var("VHOST_MIRROR_FAILOVER_ROUNDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
-    let seed: u64 = std::env::var("VHOST_MIRROR_FAILOVER_SEED")
+/// The rounds' random seed: `VHOST_MIRROR_FAILOVER_SEED` to replay one, else the clock.
+fn seed_from_env() -> u64 {
+    std::env::var("VHOST_MIRROR_FAILOVER_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| {
@@ -367,7 +362,17 @@ fn failover_and_failback_rounds() {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(1)
-        });
+        })
+}
+
+#[test]
+fn failover_and_failback_rounds() {
+    require_tool("debugfs", "e2fsprogs");
+    let rounds: usize = std::env::var("VHOST_MIRROR_FAILOVER_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let seed = seed_from_env();
     eprintln!("failover test: {rounds} rounds, seed {seed} (VHOST_MIRROR_FAILOVER_SEED to replay)");
     let _watchdog = Watchdog::new("failover test", Duration::from_secs(150 * rounds as u64));
     let guest = build_guest();
@@ -444,15 +449,7 @@ fn run_round(guest: &Path, rng: &mut Rng, index: usize, libvirt: bool) -> (Durat
 #[test]
 fn failover_to_a_libvirt_domain() {
     require_tool("debugfs", "e2fsprogs");
-    let seed: u64 = std::env::var("VHOST_MIRROR_FAILOVER_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(1)
-        });
+    let seed = seed_from_env();
     eprintln!("libvirt failover test: seed {seed} (VHOST_MIRROR_FAILOVER_SEED to replay)");
     let _watchdog = Watchdog::new("libvirt failover test", Duration::from_secs(600));
     let guest = build_guest();

@@ -59,15 +59,13 @@ fn libvirt_domain_boots_through_vhost_mirror() {
 
     let libvirt = Libvirtd::ensure(&dir);
     copy_guest_disk(&gdir, GUEST_DISK, &image);
-    let mut backend = Backend::spawn(
-        &dir,
-        &image,
-        &BackendOpts {
-            kind: Some(BackendKind::VhostMirror),
-            extra_args: vec!["--socket-group".into(), group.clone()],
-            ..BackendOpts::default()
-        },
-    );
+    // vhost-mirror with its socket open to QEMU's group (libvirt runs QEMU as libvirt-qemu).
+    let opts = BackendOpts {
+        kind: Some(BackendKind::VhostMirror),
+        extra_args: vec!["--socket-group".into(), group.clone()],
+        ..BackendOpts::default()
+    };
+    let mut backend = Backend::spawn(&dir, &image, &opts);
 
     let port = free_port();
     let name = unique_name("libvirt-test");
@@ -167,11 +165,9 @@ fn libvirt_domain_boots_through_vhost_mirror() {
         &dir,
         &image,
         &BackendOpts {
-            kind: Some(BackendKind::VhostMirror),
-            extra_args: vec!["--socket-group".into(), group.clone()],
             socket: Some(socket),
             control,
-            ..BackendOpts::default()
+            ..opts.clone()
         },
     );
     let s = wait_status(&mut backend, Duration::from_secs(30), |s| {
