@@ -527,7 +527,12 @@ pub fn encode(seq: u64, frame: &Frame<'_>, out: &mut Vec<u8>) {
 
 /// Fills in the flags, payload length and header checksum of the frame starting at `start`.
 fn patch_header(out: &mut [u8], start: usize, flags: u16) {
-    let len = (out.len() - start - HEADER_LEN) as u32;
+    patch_header_len(out, start, flags, out.len() - start - HEADER_LEN);
+}
+
+/// Sets the flags and payload length of the header at `start` and its checksum.
+fn patch_header_len(out: &mut [u8], start: usize, flags: u16, len: usize) {
+    let len = len as u32;
     out[start + 6..start + 8].copy_from_slice(&flags.to_le_bytes());
     out[start + 16..start + 20].copy_from_slice(&len.to_le_bytes());
     let crc = crc32c::crc32c(&out[start..start + 20]);
@@ -561,6 +566,17 @@ pub fn finish_write(out: &mut [u8], start: usize, resync: bool) {
     let crc = crc32c::crc32c(&out[data_at..]);
     out[start + HEADER_LEN + 8..data_at].copy_from_slice(&crc.to_le_bytes());
     patch_header(out, start, if resync { FLAG_RESYNC } else { 0 });
+}
+
+/// Appends everything of a Write frame but its data, which the caller sends right after it
+/// (the frame's length and checksum cover `data`): the same bytes as [`encode`] of
+/// `Frame::Write` without copying the data.
+pub fn encode_write_header(out: &mut Vec<u8>, seq: u64, offset: u64, data: &[u8], resync: bool) {
+    let start = begin_write(out, seq, offset);
+    let data_at = start + HEADER_LEN + 12;
+    out[data_at - 4..data_at].copy_from_slice(&crc32c::crc32c(data).to_le_bytes());
+    let flags = if resync { FLAG_RESYNC } else { 0 };
+    patch_header_len(out, start, flags, 12 + data.len());
 }
 
 fn truncate_utf8(s: &str, max: usize) -> &str {
@@ -1029,6 +1045,23 @@ mod tests {
         b.extend_from_slice(&data);
         finish_write(&mut b, start, true);
         assert_eq!(&b[3..], &a[..]);
+        // The header alone, the data sent after it: the same bytes.
+        for resync in [true, false] {
+            let mut c = vec![0xAA; 5];
+            encode_write_header(&mut c, 5, 77, &data, resync);
+            c.extend_from_slice(&data);
+            let mut e = Vec::new();
+            encode(
+                5,
+                &Frame::Write {
+                    offset: 77,
+                    resync,
+                    data: &data,
+                },
+                &mut e,
+            );
+            assert_eq!(&c[5..], &e[..]);
+        }
     }
 
     #[test]

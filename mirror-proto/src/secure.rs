@@ -310,36 +310,54 @@ impl<W: Write> SecureWriter<W> {
     /// Encrypts `data` into as many records as it needs and writes them, up to
     /// [`WRITE_RECORDS`] records per write call (the output buffer stays that small).
     pub fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        self.send_parts(&[data])
+    }
+
+    /// Sends the concatenation of `parts`, each sealed into records straight from where it
+    /// lies (a large write's data is never copied into one plaintext buffer first). A record
+    /// never spans two parts, so a short part costs a record of its own: the reader sees one
+    /// stream of bytes either way. Empty parts are skipped (an empty record would read as the
+    /// end of the stream).
+    pub fn send_parts(&mut self, parts: &[&[u8]]) -> io::Result<()> {
         if self.broken {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "an earlier write on this link failed",
             ));
         }
-        for group in data.chunks(WRITE_RECORDS * MAX_RECORD_PLAIN) {
-            let records = group.len().div_ceil(MAX_RECORD_PLAIN);
-            // Grown once, never shrunk or cleared: every byte sent is written just below.
-            let need = group.len() + records * (RECORD_HEADER + TAG_LEN);
-            if self.out.len() < need {
-                self.out.resize(need, 0);
+        let mut at = 0;
+        let mut records = 0;
+        for chunk in parts.iter().flat_map(|p| p.chunks(MAX_RECORD_PLAIN)) {
+            let end = at + RECORD_HEADER + chunk.len() + TAG_LEN;
+            // Grown once to its largest, never shrunk: every byte sent is written just below.
+            if self.out.len() < end {
+                self.out.resize(end, 0);
             }
-            let mut at = 0;
-            for chunk in group.chunks(MAX_RECORD_PLAIN) {
-                let end = at + RECORD_HEADER + chunk.len() + TAG_LEN;
-                let n = self
-                    .keys
-                    .0
-                    .write_message(self.nonce, chunk, &mut self.out[at + RECORD_HEADER..end])
-                    .map_err(io::Error::other)?;
-                debug_assert_eq!(n, chunk.len() + TAG_LEN);
-                self.nonce += 1;
-                self.out[at..at + RECORD_HEADER].copy_from_slice(&(n as u16).to_be_bytes());
-                at = end;
+            let n = self
+                .keys
+                .0
+                .write_message(self.nonce, chunk, &mut self.out[at + RECORD_HEADER..end])
+                .map_err(io::Error::other)?;
+            debug_assert_eq!(n, chunk.len() + TAG_LEN);
+            self.nonce += 1;
+            self.out[at..at + RECORD_HEADER].copy_from_slice(&(n as u16).to_be_bytes());
+            at = end;
+            records += 1;
+            if records == WRITE_RECORDS {
+                self.write_out(at)?;
+                (at, records) = (0, 0);
             }
-            if let Err(e) = self.inner.write_all(&self.out[..at]) {
-                self.broken = true;
-                return Err(e);
-            }
+        }
+        if at > 0 {
+            self.write_out(at)?;
+        }
+        Ok(())
+    }
+
+    fn write_out(&mut self, n: usize) -> io::Result<()> {
+        if let Err(e) = self.inner.write_all(&self.out[..n]) {
+            self.broken = true;
+            return Err(e);
         }
         Ok(())
     }
@@ -599,6 +617,46 @@ mod tests {
         drop((pw, rw, pr));
         let mut rest = Vec::new();
         assert_eq!(rr.read_to_end(&mut rest).unwrap(), 0);
+    }
+
+    #[test]
+    fn parts_arrive_as_one_stream_whatever_their_sizes() {
+        let (p, r, a, b) = pair(S, S);
+        let (p, r) = (p.unwrap(), r.unwrap());
+        drop((a, b));
+        let data: Vec<u8> = (0..(40 * MAX_RECORD_PLAIN + 99))
+            .map(|i| (i * 13 + i / 251) as u8)
+            .collect();
+        // Cut points: empty parts, one-byte parts, parts of a record and a byte either side,
+        // parts of more than WRITE_RECORDS records (several writes each).
+        let cuts = [
+            0,
+            0,
+            1,
+            2,
+            36,
+            36,
+            36 + MAX_RECORD_PLAIN - 1,
+            36 + 2 * MAX_RECORD_PLAIN,
+            36 + 2 * MAX_RECORD_PLAIN + 1,
+            36 + 20 * MAX_RECORD_PLAIN,
+            data.len(),
+        ];
+        let parts: Vec<&[u8]> = cuts.windows(2).map(|w| &data[w[0]..w[1]]).collect();
+        let mut wire = Vec::new();
+        let mut w = SecureWriter::new(&mut wire, p);
+        w.send_parts(&parts).unwrap();
+        w.send_parts(&[]).unwrap();
+        w.send_parts(&[&data[..0]]).unwrap();
+        w.send_parts(&[b"tail".as_slice(), b"!".as_slice()])
+            .unwrap();
+        drop(w);
+        let mut rd = SecureReader::new(io::Cursor::new(wire), r);
+        let mut got = Vec::new();
+        rd.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), data.len() + 5);
+        assert!(got[..data.len()] == data[..], "the parts' bytes, in order");
+        assert_eq!(&got[data.len()..], b"tail!");
     }
 
     /// Counts the reads made on the stream under it.

@@ -4,6 +4,7 @@
 //! and completed by the queue worker (`device.rs`) with the status this returns.
 
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Instant;
 
 use log::{debug, warn};
@@ -15,15 +16,16 @@ use mirror_proto::sys::error_chain as chain;
 use crate::blk_config::ID_BYTES;
 use crate::disk::{DiskError, RawImage};
 use crate::replication::inflight::Token;
-use crate::replication::{Mirror, Remote, WriteOp};
+use crate::replication::{ChunkPool, Mirror, Remote, SharedData, WriteOp, SHARE_MIN};
 use crate::request::{Request, RequestType, Segment};
 use crate::stats::QueueCounters;
 use mirror_proto::frame::MAX_DATA;
 
-/// Scratch buffers reused by one queue worker: an iovec array, and the chunk of a mirrored
-/// write's data copied out of guest memory.
+/// Scratch buffers reused by one queue worker: an iovec array, the chunk of a small mirrored
+/// write's data copied out of guest memory, and the chunks of large ones (shared with the
+/// link until they are on the wire).
 #[derive(Default)]
-pub struct IovecBuf(Vec<libc::iovec>, Vec<u8>);
+pub struct IovecBuf(Vec<libc::iovec>, Vec<u8>, ChunkPool);
 
 // SAFETY: the vector only holds pointers while one request is being executed by the thread
 // that owns the buffer; it is cleared before and after each use and never dereferenced
@@ -31,10 +33,10 @@ pub struct IovecBuf(Vec<libc::iovec>, Vec<u8>);
 unsafe impl Send for IovecBuf {}
 
 impl IovecBuf {
-    /// Bytes allocated (both start empty and grow with the requests served).
+    /// Bytes allocated (all start empty and grow with the requests served).
     #[cfg(test)]
     pub fn buffer_bytes(&self) -> usize {
-        self.0.capacity() * std::mem::size_of::<libc::iovec>() + self.1.capacity()
+        self.0.capacity() * std::mem::size_of::<libc::iovec>() + self.1.capacity() + self.2.bytes()
     }
 }
 
@@ -260,24 +262,56 @@ pub fn execute_mirrored(
             let mut done = 0u64;
             while done < len {
                 let n = (len - done).min(MAX_DATA as u64) as usize;
-                // Zero-filled only when it grows (not per request: a 1 MiB memset each).
-                if iov.1.len() < n {
-                    iov.1.resize(n, 0);
-                }
-                let chunk = &mut iov.1[..n];
-                if !copy_from_guest(mem, &req.data, done, chunk) {
-                    mirror.fail_request(remote);
-                    QueueCounters::add(&counters.errors, 1);
-                    return (complete(mem, req, VIRTIO_BLK_S_IOERR as u8, 0), None);
-                }
-                if let Err(e) = mirror.send_data(&mut remote, offset + done, chunk, direct) {
-                    mirror.fail_request(remote);
-                    return refused(e);
-                }
+                let at = offset + done;
+                // A large chunk is shared with the link (sealed from where it lies), a small
+                // one copied into its send buffer.
+                let shared = if n >= SHARE_MIN {
+                    let mut c = iov.2.take(n);
+                    if !copy_from_guest(mem, &req.data, done, &mut c[..n]) {
+                        iov.2.give(Arc::new(c));
+                        mirror.fail_request(remote);
+                        QueueCounters::add(&counters.errors, 1);
+                        return (complete(mem, req, VIRTIO_BLK_S_IOERR as u8, 0), None);
+                    }
+                    let c = Arc::new(c);
+                    let data = SharedData {
+                        buf: c.clone(),
+                        at: 0,
+                        len: n,
+                    };
+                    if let Err(e) = mirror.send_shared(&mut remote, at, data, direct) {
+                        iov.2.give(c);
+                        mirror.fail_request(remote);
+                        return refused(e);
+                    }
+                    Some(c)
+                } else {
+                    // Zero-filled only when it grows (not per request).
+                    if iov.1.len() < n {
+                        iov.1.resize(n, 0);
+                    }
+                    let chunk = &mut iov.1[..n];
+                    if !copy_from_guest(mem, &req.data, done, chunk) {
+                        mirror.fail_request(remote);
+                        QueueCounters::add(&counters.errors, 1);
+                        return (complete(mem, req, VIRTIO_BLK_S_IOERR as u8, 0), None);
+                    }
+                    if let Err(e) = mirror.send_data(&mut remote, at, chunk, direct) {
+                        mirror.fail_request(remote);
+                        return refused(e);
+                    }
+                    None
+                };
                 if local.is_ok() {
+                    // The same bytes the link sends (a guest changing its buffer meanwhile
+                    // cannot make the images differ).
+                    let bytes = shared.as_ref().map_or(&iov.1[..n], |c| &c[..n]);
                     let t = Instant::now();
-                    local = target.disk.write_at(chunk, offset + done);
+                    local = target.disk.write_at(bytes, at);
                     local_time += t.elapsed();
+                }
+                if let Some(c) = shared {
+                    iov.2.give(c);
                 }
                 done += n as u64;
             }

@@ -36,6 +36,7 @@ use crate::completion::QueueEvent;
 use crate::disk::RawImage;
 use activity_log::ActivityLog;
 use inflight::{Inflight, Owner, Token};
+pub use link::{ChunkPool, SharedData, SHARE_MIN};
 use link::{Link, LinkDown, LinkStats, Reply, Waiter};
 use out_of_sync::{SyncState, SyncStateError};
 
@@ -518,6 +519,21 @@ impl Mirror {
             link.send_write_with(offset, data.len() as u64, false, direct, |b| {
                 b.extend_from_slice(data)
             })
+        })
+    }
+
+    /// As [`Mirror::send_data`], for a chunk the link seals straight from its buffer (no copy
+    /// into the send buffer: worth it for large chunks, see [`SHARE_MIN`]).
+    pub fn send_shared(
+        &self,
+        remote: &mut Remote,
+        offset: u64,
+        data: SharedData,
+        direct: bool,
+    ) -> Result<(), MirrorError> {
+        let len = data.len as u64;
+        self.send_with(remote, offset, len, |link| {
+            link.send_write_shared(offset, data.clone(), false, direct)
         })
     }
 

@@ -21,7 +21,7 @@ use mirror_proto::frame::{AckStatus, DiskState, Frame, MAX_DATA};
 use thiserror::Error;
 
 use super::inflight::{Token, RESYNC};
-use super::link::{Link, Reply, Waiter};
+use super::link::{ChunkPool, Link, Reply, SharedData, Waiter, SHARE_MIN};
 use super::out_of_sync::region_bytes;
 use super::Mirror;
 use crate::disk::DiskError;
@@ -94,12 +94,11 @@ struct Hashing {
     theirs: Arc<Waiter>,
 }
 
-#[derive(Default)]
 struct Pipeline {
     /// Runs waiting for the replica's hashes (at most [`HASH_WINDOW`]).
     hashing: VecDeque<Hashing>,
-    /// Buffers of settled runs, for the next ones.
-    spare: Vec<Vec<u8>>,
+    /// Buffers of runs the link let go of, for the next ones.
+    spare: ChunkPool,
     window: VecDeque<InFlight>,
     acked: Vec<(u64, u64)>,
     acked_bytes: u64,
@@ -108,6 +107,18 @@ struct Pipeline {
 }
 
 impl Pipeline {
+    fn new() -> Self {
+        Pipeline {
+            hashing: VecDeque::new(),
+            spare: ChunkPool::with_max(WINDOW + HASH_WINDOW),
+            window: VecDeque::new(),
+            acked: Vec::new(),
+            acked_bytes: 0,
+            acked_since: None,
+            closed: VecDeque::new(),
+        }
+    }
+
     /// Waits for the oldest write in flight; frees its range; adds it to the open batch.
     fn complete_one(&mut self, m: &Mirror, link: &Link) -> Result<(), ResyncError> {
         let Some(f) = self.window.pop_front() else {
@@ -182,31 +193,32 @@ impl Pipeline {
         let differing: u64 = parts.iter().map(|r| r.1 as u64).sum();
         m.resync_same
             .fetch_add(len as u64 - differing, Ordering::Relaxed);
-        let r = self.send_run(m, link, h.run, &h.data, &parts);
-        self.spare.push(h.data);
-        r
+        self.send_run(m, link, h.run, h.data, &parts)
     }
 
     /// Sends `parts` of a run's local copy `data` as resync writes; the run joins the write
     /// window, also when the link died midway (the drain then waits for what went out and
-    /// frees the range).
+    /// frees the range). `data` goes back to the spare buffers.
     fn send_run(
         &mut self,
         m: &Mirror,
         link: &Link,
         run: Run,
-        data: &[u8],
+        data: Vec<u8>,
         parts: &[(usize, usize)],
     ) -> Result<(), ResyncError> {
-        let (waiters, alive) = match send_parts(m, link, run.offset, data, parts) {
+        let data = Arc::new(data);
+        let (waiters, alive) = match send_parts(m, link, run.offset, &data, parts) {
             Ok(w) => (w, true),
             Err(w) => (w, false),
         };
+        let bytes = data.len() as u64;
+        self.spare.give(data);
         self.window.push_back(InFlight {
             waiters,
             first: run.first,
             count: run.count,
-            bytes: data.len() as u64,
+            bytes,
             token: run.token,
             since: run.since,
         });
@@ -331,33 +343,40 @@ pub fn run(
 }
 
 /// Sends `parts` (offset in the run, length) of a run's `data` at `offset` as resync writes
-/// (all-zero parts as a 24-byte WriteZeroes). Err: the link died, with the waiters of what
-/// went out before.
+/// (all-zero parts as a 24-byte WriteZeroes; large parts shared, not copied). Err: the link
+/// died, with the waiters of what went out before.
 fn send_parts(
     m: &Mirror,
     link: &Link,
     offset: u64,
-    data: &[u8],
+    data: &Arc<Vec<u8>>,
     parts: &[(usize, usize)],
 ) -> Result<Vec<Arc<Waiter>>, Vec<Arc<Waiter>>> {
     let mut waiters = Vec::with_capacity(parts.len());
     for &(at, n) in parts {
         let part = &data[at..at + n];
         let o = offset + at as u64;
-        let req = if part.iter().all(|b| *b == 0) {
-            Frame::WriteZeroes {
+        let sent = if part.iter().all(|b| *b == 0) {
+            link.send(Frame::WriteZeroes {
                 offset: o,
                 len: n as u64,
                 unmap: true,
-            }
+            })
+        } else if n >= SHARE_MIN {
+            let shared = SharedData {
+                buf: data.clone(),
+                at,
+                len: n,
+            };
+            link.send_write_shared(o, shared, true, false)
         } else {
-            Frame::Write {
+            link.send(Frame::Write {
                 offset: o,
                 data: part,
                 resync: true,
-            }
+            })
         };
-        match link.send(req) {
+        match sent {
             Ok(w) => waiters.push(w),
             Err(_) => return Err(waiters),
         }
@@ -429,7 +448,7 @@ fn copy_all(
         )?;
     }
     m.sync_state().watch_marks(true);
-    let mut p = Pipeline::default();
+    let mut p = Pipeline::new();
     // A full sync copies everything (a fresh replica differs everywhere); a partial one
     // compares block hashes first and sends only the blocks that differ.
     // (Only with a replica that answers ReadHashes: an older one gets whole regions.)
@@ -450,7 +469,6 @@ fn copy_runs(
     csums: bool,
     p: &mut Pipeline,
 ) -> Result<(), ResyncError> {
-    let mut buf = vec![0u8; MAX_DATA];
     let mut guest = Guest::new(m);
     // While the guest writes: the earliest time the next run may go.
     let mut busy_due = Instant::now();
@@ -520,8 +538,8 @@ fn copy_runs(
             Some(vec![(0, len as usize)])
         };
         if let Some(parts) = parts {
-            let data = &mut buf[..len as usize];
-            if let Err(e) = m.disk.read_at(data, offset) {
+            let mut data = p.spare.take(len as usize);
+            if let Err(e) = m.disk.read_at(&mut data, offset) {
                 m.inflight.release(run.token);
                 return Err(ResyncError::Read(e));
             }
@@ -529,8 +547,7 @@ fn copy_runs(
         } else {
             // Read now (the run is held), hashed once the replica's hashes are asked for;
             // HASH_WINDOW runs wait for them at once.
-            let mut data = p.spare.pop().unwrap_or_default();
-            data.resize(len as usize, 0);
+            let mut data = p.spare.take(len as usize);
             if let Err(e) = m.disk.read_at(&mut data, offset) {
                 m.inflight.release(run.token);
                 return Err(ResyncError::Read(e));
