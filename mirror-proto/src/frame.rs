@@ -568,15 +568,27 @@ pub fn finish_write(out: &mut [u8], start: usize, resync: bool) {
     patch_header(out, start, if resync { FLAG_RESYNC } else { 0 });
 }
 
-/// Appends everything of a Write frame but its data, which the caller sends right after it
-/// (the frame's length and checksum cover `data`): the same bytes as [`encode`] of
-/// `Frame::Write` without copying the data.
-pub fn encode_write_header(out: &mut Vec<u8>, seq: u64, offset: u64, data: &[u8], resync: bool) {
+/// The checksum a Write frame carries of its data (for [`encode_write_header`]).
+pub fn data_crc(data: &[u8]) -> u32 {
+    crc32c::crc32c(data)
+}
+
+/// Appends everything of a Write frame but its data, which the caller sends right after it:
+/// `data_len` bytes whose CRC32C is `data_crc`. With the data, the same bytes as [`encode`]
+/// of `Frame::Write`, without copying the data.
+pub fn encode_write_header(
+    out: &mut Vec<u8>,
+    seq: u64,
+    offset: u64,
+    data_len: usize,
+    data_crc: u32,
+    resync: bool,
+) {
     let start = begin_write(out, seq, offset);
     let data_at = start + HEADER_LEN + 12;
-    out[data_at - 4..data_at].copy_from_slice(&crc32c::crc32c(data).to_le_bytes());
+    out[data_at - 4..data_at].copy_from_slice(&data_crc.to_le_bytes());
     let flags = if resync { FLAG_RESYNC } else { 0 };
-    patch_header_len(out, start, flags, 12 + data.len());
+    patch_header_len(out, start, flags, 12 + data_len);
 }
 
 fn truncate_utf8(s: &str, max: usize) -> &str {
@@ -1048,7 +1060,7 @@ mod tests {
         // The header alone, the data sent after it: the same bytes.
         for resync in [true, false] {
             let mut c = vec![0xAA; 5];
-            encode_write_header(&mut c, 5, 77, &data, resync);
+            encode_write_header(&mut c, 5, 77, data.len(), crc32c::crc32c(&data), resync);
             c.extend_from_slice(&data);
             let mut e = Vec::new();
             encode(

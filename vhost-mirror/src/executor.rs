@@ -274,11 +274,7 @@ pub fn execute_mirrored(
                         return (complete(mem, req, VIRTIO_BLK_S_IOERR as u8, 0), None);
                     }
                     let c = Arc::new(c);
-                    let data = SharedData {
-                        buf: c.clone(),
-                        at: 0,
-                        len: n,
-                    };
+                    let data = SharedData::new(c.clone(), 0, n);
                     if let Err(e) = mirror.send_shared(&mut remote, at, data, direct) {
                         iov.2.give(c);
                         mirror.fail_request(remote);
@@ -305,7 +301,10 @@ pub fn execute_mirrored(
                 if local.is_ok() {
                     // The same bytes the link sends (a guest changing its buffer meanwhile
                     // cannot make the images differ).
-                    let bytes = shared.as_ref().map_or(&iov.1[..n], |c| &c[..n]);
+                    let bytes = match &shared {
+                        Some(c) => &c[..n],
+                        None => &iov.1[..n],
+                    };
                     let t = Instant::now();
                     local = target.disk.write_at(bytes, at);
                     local_time += t.elapsed();

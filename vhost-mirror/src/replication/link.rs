@@ -224,14 +224,28 @@ struct Out {
 /// `Arc::get_mut` says nobody else does.
 #[derive(Debug, Clone)]
 pub struct SharedData {
-    pub buf: Arc<Vec<u8>>,
-    pub at: usize,
-    pub len: usize,
+    buf: Arc<Vec<u8>>,
+    at: usize,
+    len: usize,
 }
 
 impl SharedData {
+    /// `buf[at..at + len]`, at most [`MAX_DATA`] bytes (a caller's bug otherwise: panics).
+    pub fn new(buf: Arc<Vec<u8>>, at: usize, len: usize) -> Self {
+        assert!(
+            len <= MAX_DATA && at.checked_add(len).is_some_and(|end| end <= buf.len()),
+            "shared data {at}+{len} outside its buffer of {} bytes (or over MAX_DATA)",
+            buf.len()
+        );
+        SharedData { buf, at, len }
+    }
+
     fn bytes(&self) -> &[u8] {
         &self.buf[self.at..self.at + self.len]
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
     }
 }
 
@@ -245,9 +259,10 @@ pub struct ChunkPool {
 }
 
 impl Default for ChunkPool {
-    /// A queue worker's: a few 1 MiB writes on their way at once.
+    /// A queue worker's: the link holds a chunk only until it is on the wire, so a guest with
+    /// up to 8 large writes in flight finds one free (a guest with more gets new ones).
     fn default() -> Self {
-        ChunkPool::with_max(4)
+        ChunkPool::with_max(8)
     }
 }
 
@@ -259,17 +274,21 @@ impl ChunkPool {
         }
     }
 
-    /// A buffer of `n` bytes nobody else holds (zero-filled only where it grows).
+    /// A buffer of at least `n` bytes nobody else holds (never shrunk, so that reusing it
+    /// for a larger write zero-fills only what it grows by; a new one comes from calloc).
     pub fn take(&mut self, n: usize) -> Vec<u8> {
-        let mut v = Vec::new();
         if let Some(i) = self.bufs.iter().position(|c| Arc::strong_count(c) == 1) {
             match Arc::try_unwrap(self.bufs.swap_remove(i)) {
-                Ok(c) => v = c,
+                Ok(mut v) => {
+                    if v.len() < n {
+                        v.resize(n, 0);
+                    }
+                    return v;
+                }
                 Err(c) => self.bufs.push(c),
             }
         }
-        v.resize(n, 0);
-        v
+        vec![0; n]
     }
 
     /// Keeps `c` for reuse (once the link let go of it).
@@ -450,8 +469,10 @@ impl Link {
         resync: bool,
         direct: bool,
     ) -> Result<Arc<Waiter>, LinkDown> {
+        // Not under the send buffer's lock: up to 1 MiB to checksum.
+        let crc = frame::data_crc(data.bytes());
         self.queue_write(offset, data.len as u64, direct, |buf, seq| {
-            frame::encode_write_header(&mut buf.bytes, seq, offset, data.bytes(), resync);
+            frame::encode_write_header(&mut buf.bytes, seq, offset, data.len, crc, resync);
             buf.push_shared(data);
         })
     }
@@ -974,6 +995,8 @@ mod tests {
         for i in 0..12u64 {
             let n = [SHARE_MIN, MAX_DATA, 4096, SHARE_MIN + 512, 100 * 1024][i as usize % 5];
             let mut c = pool.take(n);
+            assert!(c.len() >= n);
+            c.truncate(n);
             c.iter_mut()
                 .enumerate()
                 .for_each(|(j, b)| *b = (j as u64 * 31 + i * 7) as u8);
@@ -983,11 +1006,7 @@ mod tests {
                 // Only part of the buffer, not at its start.
                 let at = (i as usize % 3) * 512;
                 let len = n - at;
-                let d = SharedData {
-                    buf: c.clone(),
-                    at,
-                    len,
-                };
+                let d = SharedData::new(c.clone(), at, len);
                 link.send_write_shared(offset, d, i % 2 == 0, false)
                     .unwrap();
                 expect.push((offset, c[at..].to_vec(), i % 2 == 0));
@@ -1030,6 +1049,25 @@ mod tests {
         let again = pool.take(MAX_DATA);
         assert_eq!(again.len(), MAX_DATA);
         assert!(pool.bytes() < before, "a buffer was reused");
+    }
+
+    /// Shared data queued on a link that dies is let go of with the rest of the send buffer:
+    /// its owners get their buffers back.
+    #[test]
+    fn a_dying_link_lets_go_of_its_shared_buffers() {
+        let (link, _peer) = testing::start(Arc::new(LinkStats::default()), Box::new(|_, _| {}));
+        // Nothing goes on the wire while this is held.
+        let held = link.writer.lock().unwrap();
+        let bufs: Vec<Arc<Vec<u8>>> = (0..10).map(|_| Arc::new(vec![1u8; SHARE_MIN])).collect();
+        for (i, b) in bufs.iter().enumerate() {
+            let d = SharedData::new(b.clone(), 0, SHARE_MIN);
+            link.send_write_shared((i as u64) << 20, d, false, false)
+                .unwrap();
+        }
+        assert!(bufs.iter().all(|b| Arc::strong_count(b) == 2), "queued");
+        link.fail("test");
+        assert!(bufs.iter().all(|b| Arc::strong_count(b) == 1), "let go");
+        drop(held);
     }
 
     /// Finding 6: a request that finds the link dying must not go on (degraded) before the

@@ -531,7 +531,7 @@ impl Mirror {
         data: SharedData,
         direct: bool,
     ) -> Result<(), MirrorError> {
-        let len = data.len as u64;
+        let len = data.len() as u64;
         self.send_with(remote, offset, len, |link| {
             link.send_write_shared(offset, data.clone(), false, direct)
         })

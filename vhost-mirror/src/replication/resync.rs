@@ -363,11 +363,7 @@ fn send_parts(
                 unmap: true,
             })
         } else if n >= SHARE_MIN {
-            let shared = SharedData {
-                buf: data.clone(),
-                at,
-                len: n,
-            };
+            let shared = SharedData::new(data.clone(), at, n);
             link.send_write_shared(o, shared, true, false)
         } else {
             link.send(Frame::Write {
@@ -539,6 +535,7 @@ fn copy_runs(
         };
         if let Some(parts) = parts {
             let mut data = p.spare.take(len as usize);
+            data.truncate(len as usize);
             if let Err(e) = m.disk.read_at(&mut data, offset) {
                 m.inflight.release(run.token);
                 return Err(ResyncError::Read(e));
@@ -548,6 +545,7 @@ fn copy_runs(
             // Read now (the run is held), hashed once the replica's hashes are asked for;
             // HASH_WINDOW runs wait for them at once.
             let mut data = p.spare.take(len as usize);
+            data.truncate(len as usize);
             if let Err(e) = m.disk.read_at(&mut data, offset) {
                 m.inflight.release(run.token);
                 return Err(ResyncError::Read(e));
