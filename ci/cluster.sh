@@ -25,4 +25,6 @@ done
 
 bash ci/setup.sh
 cargo build --workspace --locked
+# The guest the VM scenario boots (its kernel is built once, about 7 minutes).
+bash images/build.sh --firmware "${VHOST_MIRROR_VM_GUEST_DIR:-${CARGO_TARGET_DIR:-target}/vm-guest}"
 CLUSTER_ROUNDS=$rounds cargo test -p vhost-mirror-tests --locked --test cluster -- --nocapture --test-threads=1

@@ -7,7 +7,8 @@ set -euo pipefail
 # systemd: systemd-analyze, which checks the units in systemd/ (tests/tests/config.rs).
 # dpkg-dev (dpkg-shlibdeps, dpkg-gencontrol), man-db and groff-base: ci/deb.sh builds the
 # Debian package, tests/tests/package.rs renders its man pages.
-need_pkgs=(qemu-system-x86 qemu-utils cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables resource-agents libxml2-utils systemd dpkg-dev man-db groff-base)
+# make gcc bc bison flex libelf-dev xz-utils: images/build.sh builds the guest kernel.
+need_pkgs=(qemu-system-x86 qemu-utils cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables resource-agents libxml2-utils systemd dpkg-dev man-db groff-base make gcc bc bison flex libelf-dev xz-utils)
 # The cluster tier (ha/testcluster/cluster.sh): Corosync and Pacemaker, run inside namespaces
 # by the tests, never as services of this machine; pcs, to check the README's commands offline
 # (pcs -f on a CIB file: tests/tests/ha.rs).
@@ -41,7 +42,7 @@ SRC
     fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-utils
-    apt-get install -y -qq --no-install-recommends cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables resource-agents libxml2-utils systemd dpkg-dev man-db groff-base
+    apt-get install -y -qq --no-install-recommends cpio e2fsprogs curl busybox-static iproute2 ca-certificates binutils libnbd-bin nftables resource-agents libxml2-utils systemd dpkg-dev man-db groff-base make gcc bc bison flex libelf-dev xz-utils
 fi
 
 # Installs the cluster and libvirt packages without starting them: their maintainer scripts ask

@@ -17,6 +17,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build"
 cargo build --workspace --locked
 
+echo "== the test guest (images/build.sh: its kernel is built once, about 7 minutes; the VM, libvirt, failover and cluster tiers boot it)"
+bash images/build.sh --firmware "${VHOST_MIRROR_VM_GUEST_DIR:-${CARGO_TARGET_DIR:-target}/vm-guest}"
+
 echo "== unit tier (and access-node's in-process session tests, the benchmark smoke run)"
 cargo test --workspace --locked --exclude vhost-mirror-tests
 
