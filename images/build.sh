@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the file-server guest VM for the vhost-mirror VM tests, from Debian's packages only.
+# Builds the file-server guest VM for the vhost-mirror VM tests, from Debian's packages only
 #
 #   images/build.sh [--firmware] OUTDIR
 #
