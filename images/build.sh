@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the file-server guest VM for the vhost-mirror VM tests, from Debian's packages only
+# Builds the file-server guest VM for the vhost-mirror VM tests, from Debian's packages only (the
+# guest kernel is built from Debian's kernel source package).
 #
 #   images/build.sh [--firmware] OUTDIR
 #
