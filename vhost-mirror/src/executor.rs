@@ -265,39 +265,34 @@ pub fn execute_mirrored(
                 let at = offset + done;
                 // A large chunk is shared with the link (sealed from where it lies), a small
                 // one copied into its send buffer.
-                let shared = if n >= SHARE_MIN {
-                    let mut c = iov.2.take(n);
-                    if !copy_from_guest(mem, &req.data, done, &mut c[..n]) {
-                        iov.2.give(Arc::new(c));
-                        mirror.fail_request(remote);
-                        QueueCounters::add(&counters.errors, 1);
-                        return (complete(mem, req, VIRTIO_BLK_S_IOERR as u8, 0), None);
+                let mut large = (n >= SHARE_MIN).then(|| iov.2.take(n));
+                let chunk = match &mut large {
+                    Some(c) => &mut c[..n],
+                    None => {
+                        // Zero-filled only when it grows (not per request).
+                        if iov.1.len() < n {
+                            iov.1.resize(n, 0);
+                        }
+                        &mut iov.1[..n]
                     }
-                    let c = Arc::new(c);
-                    let data = SharedData::new(c.clone(), 0, n);
-                    if let Err(e) = mirror.send_shared(&mut remote, at, data, direct) {
-                        iov.2.give(c);
-                        mirror.fail_request(remote);
-                        return refused(e);
-                    }
-                    Some(c)
-                } else {
-                    // Zero-filled only when it grows (not per request).
-                    if iov.1.len() < n {
-                        iov.1.resize(n, 0);
-                    }
-                    let chunk = &mut iov.1[..n];
-                    if !copy_from_guest(mem, &req.data, done, chunk) {
-                        mirror.fail_request(remote);
-                        QueueCounters::add(&counters.errors, 1);
-                        return (complete(mem, req, VIRTIO_BLK_S_IOERR as u8, 0), None);
-                    }
-                    if let Err(e) = mirror.send_data(&mut remote, at, chunk, direct) {
-                        mirror.fail_request(remote);
-                        return refused(e);
-                    }
-                    None
                 };
+                if !copy_from_guest(mem, &req.data, done, chunk) {
+                    mirror.fail_request(remote);
+                    QueueCounters::add(&counters.errors, 1);
+                    return (complete(mem, req, VIRTIO_BLK_S_IOERR as u8, 0), None);
+                }
+                let shared = large.map(Arc::new);
+                let sent = match &shared {
+                    Some(c) => {
+                        let data = SharedData::new(c.clone(), 0, n);
+                        mirror.send_shared(&mut remote, at, data, direct)
+                    }
+                    None => mirror.send_data(&mut remote, at, &iov.1[..n], direct),
+                };
+                if let Err(e) = sent {
+                    mirror.fail_request(remote);
+                    return refused(e);
+                }
                 if local.is_ok() {
                     // The same bytes the link sends (a guest changing its buffer meanwhile
                     // cannot make the images differ).

@@ -533,23 +533,17 @@ fn copy_runs(
         } else {
             Some(vec![(0, len as usize)])
         };
+        // Read now, while the run is held (without parts: hashed once the replica's hashes
+        // are asked for; HASH_WINDOW runs wait for them at once).
+        let mut data = p.spare.take(len as usize);
+        data.truncate(len as usize);
+        if let Err(e) = m.disk.read_at(&mut data, offset) {
+            m.inflight.release(run.token);
+            return Err(ResyncError::Read(e));
+        }
         if let Some(parts) = parts {
-            let mut data = p.spare.take(len as usize);
-            data.truncate(len as usize);
-            if let Err(e) = m.disk.read_at(&mut data, offset) {
-                m.inflight.release(run.token);
-                return Err(ResyncError::Read(e));
-            }
             p.send_run(m, link, run, data, &parts)?;
         } else {
-            // Read now (the run is held), hashed once the replica's hashes are asked for;
-            // HASH_WINDOW runs wait for them at once.
-            let mut data = p.spare.take(len as usize);
-            data.truncate(len as usize);
-            if let Err(e) = m.disk.read_at(&mut data, offset) {
-                m.inflight.release(run.token);
-                return Err(ResyncError::Read(e));
-            }
             let theirs = match link.send(Frame::ReadHashes {
                 offset,
                 len: len as u32,
