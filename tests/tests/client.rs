@@ -688,6 +688,26 @@ struct Usage {
     fds: u64,
 }
 
+/// [`usage`] once the thread count has held still for 200 ms (at most 5 s): threads serving
+/// the fixture's readiness checks on the control socket may still be ending after start-up,
+/// longer on a loaded machine (seen: two of them).
+fn settled_usage(pid: u32) -> Usage {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = usage(pid);
+    let mut still = 0;
+    while still < 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        let u = usage(pid);
+        still = if u.threads == last.threads {
+            still + 1
+        } else {
+            0
+        };
+        last = u;
+    }
+    last
+}
+
 fn usage(pid: u32) -> Usage {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
     let field = |name: &str| {
@@ -721,14 +741,14 @@ fn offered_queues_idle_until_the_frontend_enables_them() {
     let size = 16 * MIB;
     let run = |name: &str, o: &BackendOpts| {
         let mut fx = fixture(name, size, o, None);
-        let waiting = usage(fx.b.pid());
+        let waiting = settled_usage(fx.b.pid());
         let mut c = Client::connect(fx.b.socket());
         let q = c.q();
         q.write_pattern(0, size, 4096, 16, 0x51);
         q.verify_pattern(0, size, usz(MIB), 4, 0x51)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let s = fx.b.status_json();
-        let used = usage(fx.b.pid());
+        let used = settled_usage(fx.b.pid());
         fx.b.assert_running();
         drop(c);
         (waiting, used, s)
