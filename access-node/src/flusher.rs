@@ -1,12 +1,23 @@
 //! The replica's FLUSH, off the request pipeline: a primary's Flush is answered after an
 //! `fdatasync` that started after every request received before it had been applied, while
 //! the session goes on applying the requests behind it. Flushes that arrive while one runs
-//! are answered together by the next `fdatasync` (it covers them all).
+//! are answered together by the next `fdatasync` (it covers them all), unless no write-type
+//! request was applied since the running one began: then it covers them already, and answers
+//! them too.
+//!
+//! Early fdatasync: when the last Flush followed exactly one write-type request (a guest's
+//! fsync pattern: write, wait, flush), the next one starts an `fdatasync` as soon as it is
+//! applied ([`FlushQueue::wrote`]), and the Flush that follows joins it: the replica's
+//! `fdatasync` gets the head start of the ack's trip to the primary, the guest and the Flush's
+//! trip back. At most one per Flush, so a primary that stops flushing costs at most one more.
 //!
 //! Invariants (ARCHITECTURE.md, "Durability", invariant 8):
 //! - a Flush is acknowledged Ok only after an `fdatasync` that began after the last request
-//!   before it was applied (the session queues it only then), and after the acks of those
-//!   requests are on the wire (the session writes them out first);
+//!   before it was applied (the session queues it only then, and counts every write-type
+//!   request once applied: a running `fdatasync` that began with the same count covers it),
+//!   and after the acks of those requests are on the wire (the session writes them out first);
+//! - an early `fdatasync` that fails is a failed flush like any other (recorded, the session
+//!   ends), whether or not a Flush had joined it;
 //! - a failed `fdatasync` is recorded (image outdated, durably) before any answer; if it cannot
 //!   be, the connection is closed without an answer; after a failure every later Flush fails
 //!   too, and the session ends;
@@ -14,6 +25,7 @@
 //!   image whose writeback just failed is never promoted as up to date.
 
 use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 
 use log::error;
@@ -32,7 +44,10 @@ struct FailOnUnwind<'a>(&'a FlushQueue);
 impl Drop for FailOnUnwind<'_> {
     fn drop(&mut self) {
         let mut s = self.0.lock();
-        s.busy = false;
+        s.running = None;
+        // Never answered (the primary's link times out): nothing waits for them.
+        s.waiting.clear();
+        s.early = false;
         s.stop = true;
         s.failed.get_or_insert(AckStatus::IoError);
         drop(s);
@@ -57,14 +72,35 @@ pub const MAX_WAITING: usize = 4096;
 pub struct FlushQueue {
     state: Mutex<State>,
     changed: Condvar,
+    /// Write-type requests applied so far on this connection (counted once they returned).
+    applied: AtomicU64,
+    /// The last Flush followed exactly one write-type request: the next starts an early
+    /// `fdatasync`.
+    armed: AtomicBool,
+}
+
+/// The `fdatasync` running and the Flushes it answers.
+struct Running {
+    /// How many write-type requests had been applied when it began (it covers them); None
+    /// once it returned (no Flush joins it any more).
+    covers: Option<u64>,
+    batch: Vec<u64>,
 }
 
 #[derive(Default)]
 struct State {
     /// Sequence numbers of Flushes waiting for an `fdatasync` that starts after them.
     waiting: Vec<u64>,
-    /// An `fdatasync` is running.
-    busy: bool,
+    /// An `fdatasync` is running (or its answers are being sent).
+    running: Option<Running>,
+    /// An early `fdatasync` is wanted ([`FlushQueue::wrote`]).
+    early: bool,
+    /// `applied` at the last Flush.
+    last_flush_at: u64,
+    /// What the last `fdatasync` that succeeded covered (`applied` when it began). None
+    /// before the first of this session: an earlier session's writes may still be in the
+    /// page cache.
+    durable: Option<u64>,
     /// A flush failed: how it was answered (every later one gets the same).
     failed: Option<AckStatus>,
     stop: bool,
@@ -75,24 +111,68 @@ impl FlushQueue {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Queues the Flush `seq` (every request before it has been applied, and answered). At
-    /// most [`MAX_WAITING`] wait: beyond that the session waits for the running `fdatasync`
-    /// to end (it takes them all), so a peer sending Flushes as fast as it can makes neither
-    /// this queue nor the batch of answers grow without bound.
-    pub fn push(&self, seq: u64) {
+    /// Queues the Flush `seq` (every request before it has been applied, and answered). An
+    /// `fdatasync` already running answers it if no write-type request was applied since it
+    /// began. At most [`MAX_WAITING`] wait: beyond that the session waits for the running
+    /// `fdatasync` to end (it takes them all), so a peer sending Flushes as fast as it can
+    /// makes neither this queue nor the batch of answers grow without bound.
+    ///
+    /// True: an `fdatasync` that began after all of them already succeeded (an early one that
+    /// finished before this Flush came); the caller answers it Ok itself. Only if `may_answer`
+    /// (the caller found the image neither fenced nor failed by another path's `fdatasync`):
+    /// otherwise the next `fdatasync` answers it, and says so.
+    pub fn push(&self, seq: u64, may_answer: bool) -> bool {
+        let at = self.applied.load(Ordering::SeqCst);
         let mut s = self.lock();
         while s.waiting.len() >= MAX_WAITING && !s.stop {
             s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
         }
+        let one_write = at.wrapping_sub(s.last_flush_at) == 1;
+        s.last_flush_at = at;
+        let idle = s.running.is_none() && s.waiting.is_empty();
+        let done = may_answer && s.failed.is_none() && s.durable.is_some_and(|d| d >= at);
+        let joined = done
+            || match s.running.as_mut() {
+                Some(r) if r.covers.is_some_and(|c| c >= at) && r.batch.len() < MAX_WAITING => {
+                    r.batch.push(seq);
+                    true
+                }
+                _ => false,
+            };
+        // Exactly one write since the last Flush, and this one did not have to wait for a
+        // running fdatasync: the fsync pattern. A Flush queued behind a running fdatasync
+        // (a deep queue of writes and Flushes) is not: an early one would delay the next.
+        self.armed
+            .store(one_write && (joined || idle), Ordering::Relaxed);
+        if joined {
+            return done;
+        }
         s.waiting.push(seq);
         drop(s);
         self.changed.notify_all();
+        false
+    }
+
+    /// A write-type request was applied (it returned). After a Flush that followed exactly
+    /// one, starts an early `fdatasync` if none is running or wanted.
+    pub fn wrote(&self) {
+        self.applied.fetch_add(1, Ordering::SeqCst);
+        if !self.armed.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        let mut s = self.lock();
+        if s.running.is_none() && s.waiting.is_empty() && !s.early && !s.stop {
+            s.early = true;
+            drop(s);
+            self.changed.notify_all();
+        }
     }
 
     /// Whether a Flush is queued or being flushed (the primary is waiting for it: not idle).
     pub fn busy(&self) -> bool {
         let s = self.lock();
-        s.busy || !s.waiting.is_empty()
+        // (An early fdatasync no Flush joined is not waited for.)
+        s.running.as_ref().is_some_and(|r| !r.batch.is_empty()) || !s.waiting.is_empty()
     }
 
     /// The answer a failed flush got, if one failed.
@@ -100,10 +180,11 @@ impl FlushQueue {
         self.lock().failed
     }
 
-    /// Waits until every queued Flush is answered; the answer of a failed one, if any failed.
+    /// Waits until every queued Flush is answered (and an early `fdatasync` returned); the
+    /// answer of a failed one, if any failed.
     pub fn drain(&self) -> Option<AckStatus> {
         let mut s = self.lock();
-        while s.busy || !s.waiting.is_empty() {
+        while s.running.is_some() || !s.waiting.is_empty() || s.early {
             s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
         }
         s.failed
@@ -120,22 +201,33 @@ impl FlushQueue {
     pub fn run(&self, node: &Node, writer: &Mutex<SecureWriter<&TcpStream>>, stream: &TcpStream) {
         let mut out = Vec::new();
         loop {
-            let (batch, failed) = {
+            let failed = {
                 let mut s = self.lock();
-                while s.waiting.is_empty() && !s.stop {
+                while s.waiting.is_empty() && !s.early && !s.stop {
                     s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
                 }
-                if s.waiting.is_empty() {
+                if s.waiting.is_empty() && !s.early {
                     return;
                 }
-                s.busy = true;
-                let taken = (std::mem::take(&mut s.waiting), s.failed);
+                if s.waiting.is_empty() {
+                    Counters::add(&node.status.counters.early_flushes, 1);
+                }
+                s.early = false;
+                // Read under the lock, before the fdatasync: every request counted here had
+                // been applied.
+                let covers = self.applied.load(Ordering::SeqCst);
+                let batch = std::mem::take(&mut s.waiting);
+                s.running = Some(Running {
+                    covers: Some(covers),
+                    batch,
+                });
+                let failed = s.failed;
                 drop(s);
                 // Room again for a session waiting in `push`.
                 self.changed.notify_all();
-                taken
+                failed
             };
-            // A panic below must not leave `busy` set (the session would wait forever).
+            // A panic below must not leave `running` set (the session would wait forever).
             let unwinding = FailOnUnwind(self);
             let ack = match failed {
                 Some(ack) => Some(ack),
@@ -144,6 +236,22 @@ impl FlushQueue {
                     let ack = self.flush(node);
                     node.status.counters.flush.record(t.elapsed());
                     ack
+                }
+            };
+            let batch = {
+                let mut s = self.lock();
+                match s.running.as_mut() {
+                    Some(r) => {
+                        let covered = r.covers.take();
+                        let batch = std::mem::take(&mut r.batch);
+                        match ack {
+                            Some(AckStatus::Ok) => s.durable = s.durable.max(covered),
+                            // No Flush is answered from an earlier fdatasync any more.
+                            _ => s.durable = None,
+                        }
+                        batch
+                    }
+                    None => Vec::new(),
                 }
             };
             out.clear();
@@ -163,7 +271,7 @@ impl FlushQueue {
             let lost = !matches!(ack, Some(AckStatus::Ok | AckStatus::Fenced));
             {
                 let mut s = self.lock();
-                s.busy = false;
+                s.running = None;
                 if lost && s.failed.is_none() {
                     s.failed = Some(ack.unwrap_or(AckStatus::IoError));
                 }
@@ -241,10 +349,10 @@ mod tests {
     fn a_flood_of_flushes_waits_for_room_instead_of_growing_the_queue() {
         let q = FlushQueue::default();
         for seq in 0..MAX_WAITING as u64 {
-            q.push(seq);
+            q.push(seq, true);
         }
         std::thread::scope(|s| {
-            let t = s.spawn(|| q.push(u64::MAX));
+            let t = s.spawn(|| q.push(u64::MAX, true));
             std::thread::sleep(Duration::from_millis(200));
             assert!(!t.is_finished(), "a push beyond MAX_WAITING did not wait");
             assert_eq!(q.lock().waiting.len(), MAX_WAITING);
@@ -255,5 +363,82 @@ mod tests {
             t.join().unwrap();
         });
         assert_eq!(q.lock().waiting, vec![u64::MAX]);
+    }
+
+    #[test]
+    fn a_flush_is_covered_only_by_an_fdatasync_that_began_after_its_writes() {
+        let q = FlushQueue::default();
+        // The session's first Flush needs an fdatasync of its own, writes or not.
+        assert!(!q.push(1, true));
+        assert_eq!(q.lock().waiting, vec![1]);
+        q.lock().waiting.clear();
+        q.wrote();
+        // An fdatasync begins with that write applied: a Flush now joins it.
+        q.lock().running = Some(Running {
+            covers: Some(1),
+            batch: Vec::new(),
+        });
+        assert!(!q.push(2, true));
+        assert_eq!(q.lock().running.as_ref().unwrap().batch, vec![2]);
+        // A write applied while it runs: the next Flush waits for the next fdatasync.
+        q.wrote();
+        assert!(!q.push(3, true));
+        assert_eq!(q.lock().running.as_ref().unwrap().batch, vec![2]);
+        assert_eq!(q.lock().waiting, vec![3]);
+        // Once it returned, nothing joins it any more.
+        q.lock().running.as_mut().unwrap().covers = None;
+        q.lock().waiting.clear();
+        assert!(!q.push(4, true));
+        assert_eq!(q.lock().waiting, vec![4]);
+        // A succeeded fdatasync that covered everything applied answers a Flush at once...
+        q.lock().waiting.clear();
+        q.lock().running = None;
+        q.lock().durable = Some(2);
+        // Not when the session found the image fenced or failed by another path.
+        assert!(!q.push(50, false));
+        assert_eq!(q.lock().waiting, vec![50]);
+        q.lock().waiting.clear();
+        assert!(q.push(5, true));
+        // ...but not after another write, nor after a failure.
+        q.wrote();
+        assert!(!q.push(6, true));
+        q.lock().waiting.clear();
+        q.lock().durable = Some(3);
+        q.lock().failed = Some(AckStatus::IoError);
+        assert!(!q.push(7, true));
+    }
+
+    #[test]
+    fn early_fdatasync_only_after_a_flush_that_followed_one_write_on_an_idle_flusher() {
+        let q = FlushQueue::default();
+        q.wrote();
+        assert!(!q.lock().early, "early fdatasync before any Flush");
+        q.push(1, true);
+        q.lock().waiting.clear();
+        q.wrote();
+        assert!(q.lock().early);
+        // At most one per Flush.
+        q.lock().early = false;
+        q.wrote();
+        assert!(!q.lock().early);
+        // Two writes since the last Flush: not the pattern.
+        q.push(2, true);
+        q.lock().waiting.clear();
+        q.wrote();
+        assert!(!q.lock().early);
+        // One write, but the Flush queued behind a running fdatasync (a deep queue).
+        q.push(3, true);
+        q.lock().waiting.clear();
+        q.wrote();
+        q.lock().early = false;
+        q.lock().running = Some(Running {
+            covers: Some(0),
+            batch: Vec::new(),
+        });
+        q.push(4, true);
+        q.lock().running = None;
+        q.lock().waiting.clear();
+        q.wrote();
+        assert!(!q.lock().early);
     }
 }

@@ -503,7 +503,20 @@ impl<'n> Session<'n> {
                     // The answers to everything before it go out first: the primary sees a
                     // Flush's ack only after the acks of the writes it covers.
                     self.flush_out()?;
-                    flushes.push(seq);
+                    let may_answer = {
+                        let rep = lock(&node.replica);
+                        !rep.is_fenced() && !rep.writeback_failed()
+                    };
+                    if flushes.push(seq, may_answer) {
+                        // Already durable: an early fdatasync covering it succeeded.
+                        Counters::add(&node.status.counters.flushes, 1);
+                        self.send(
+                            seq,
+                            &Frame::Ack {
+                                status: AckStatus::Ok,
+                            },
+                        )?;
+                    }
                     continue;
                 }
                 Frame::ReadHashes { offset, len } => {
@@ -530,7 +543,16 @@ impl<'n> Session<'n> {
                         self.linger();
                         return Err(SessionError::LostWrite);
                     }
+                    let writes = matches!(
+                        f,
+                        Frame::Write { .. } | Frame::Discard { .. } | Frame::WriteZeroes { .. }
+                    );
                     let lost = apply(seq, f, &mut self.out, node, &mut logged, &mut rbuf)?;
+                    if writes {
+                        // Counted once applied: a Flush behind it needs an fdatasync that
+                        // began after this (flusher.rs).
+                        flushes.wrote();
+                    }
                     node.status.primary_activity();
                     if lost {
                         // Nothing after a lost write may be applied (a SyncDone already on

@@ -29,8 +29,8 @@ use vhost_mirror_tests::netfault::{NetPair, Proxy};
 use vhost_mirror_tests::{
     bin_path, check_zeros, classify_block, compare_files, create_image, free_port, is_in_sync,
     pattern, run_with_timeout, secret_file, status_str, status_u64, test_dir, wait_in_sync,
-    wait_status, AccessNode, AccessNodeOpts, Backend, BackendKind, BackendOpts, Client, ClientOpts,
-    Watchdog, REGION, TIMEOUT,
+    wait_status, wait_until, AccessNode, AccessNodeOpts, Backend, BackendKind, BackendOpts, Client,
+    ClientOpts, Watchdog, REGION, TIMEOUT,
 };
 
 const KIB: u64 = 1024;
@@ -296,6 +296,71 @@ fn local_fdatasync_error_is_never_forgotten() {
     b.terminate(TIMEOUT);
     node.terminate(TIMEOUT);
     compare_files(&primary, &replica).unwrap_or_else(|e| panic!("images differ: {e}"));
+}
+
+/// The fsync pattern (one write, one FLUSH) makes the next write start an early fdatasync
+/// before any FLUSH asks (`flusher.rs`). When that one fails, no FLUSH is attached to hear
+/// of it, and the kernel reports the error to it alone: the next FLUSH must fail all the
+/// same, and so must every later one.
+#[test]
+fn a_failed_early_fdatasync_fails_the_next_flush() {
+    let _wd = Watchdog::new("early_fsync_error", Duration::from_secs(120));
+    let FaultyPrimary {
+        dir,
+        fs: fs_a,
+        primary,
+        replica,
+        secret,
+        port,
+    } = FaultyPrimary::new("fault-early-fsync");
+    let mut node = AccessNode::spawn(dir.path(), &replica, port, &secret, &Default::default());
+    let opts = mirror_opts(&format!("127.0.0.1:{port}"), &secret, None, &[]);
+    let mut b = Backend::spawn(dir.path(), &primary, &opts);
+    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    {
+        let mut c = Client::connect(b.socket());
+        let q = c.q();
+        // The pattern, twice: the flusher now expects a FLUSH after the next write.
+        for i in 0..2u64 {
+            assert_eq!(
+                q.write(i * REGION, &pattern(i * REGION, 4096, 0x70 + i)),
+                Ok(())
+            );
+            assert_eq!(q.flush(), Ok(()));
+        }
+        let early = status_u64(&b.status_json(), "local_fdatasyncs_early");
+        fs_a.fail("fsync", "primary.img$", "EIO", Some(1));
+        assert_eq!(
+            q.write(2 * REGION, &pattern(2 * REGION, 4096, 0x72)),
+            Ok(())
+        );
+        // The early fdatasync takes the injected error before the FLUSH comes.
+        assert!(
+            wait_until(Duration::from_secs(10), || fs_a.stats().injected >= 1),
+            "no fdatasync after the write: {}",
+            pretty(&b.status_json())
+        );
+        let st = b.status_json();
+        assert_eq!(
+            status_u64(&st, "local_fdatasyncs_early"),
+            early + 1,
+            "the fdatasync after the write was not an early one: {}",
+            pretty(&st)
+        );
+        assert!(
+            q.flush().is_err(),
+            "a FLUSH succeeded after the early fdatasync failed"
+        );
+        assert!(
+            q.flush().is_err(),
+            "a second FLUSH succeeded after the failure"
+        );
+    }
+    let st = b.status_json();
+    assert_eq!(status_str(&st, "disk_state"), "failed", "{}", pretty(&st));
+    let code = b.terminate(TIMEOUT);
+    assert!(!code.success(), "a stop after a failed fdatasync exited 0");
+    node.terminate(TIMEOUT);
 }
 
 // ------------------------------------------------------------------------------------------------

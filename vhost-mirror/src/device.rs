@@ -634,6 +634,7 @@ impl BlkBackend {
                                 direct: last,
                             },
                         );
+                        dev.flusher.wrote();
                         match remote {
                             Some((remote, local_ok)) => {
                                 let d = Deferred {
@@ -654,7 +655,13 @@ impl BlkBackend {
                             None => c,
                         }
                     }
-                    (Ok(()), _) => executor::execute(request, &mem, &target, iov, counters),
+                    (Ok(()), _) => {
+                        let c = executor::execute(request, &mem, &target, iov, counters);
+                        if request.write_range().is_some() {
+                            dev.flusher.wrote();
+                        }
+                        c
+                    }
                     (Err(e), _) => {
                         if e.status() == VIRTIO_BLK_S_UNSUPP as u8 {
                             QueueCounters::add(&counters.unsupported, 1);

@@ -58,6 +58,13 @@ pub struct RawImage {
     size: u64,
     readonly: bool,
     failed: std::sync::OnceLock<String>,
+    /// Write-type operations (writes, zeroings) that returned, successful or not: an
+    /// fdatasync that began once this count reached N covers the first N (`flusher.rs`).
+    modified: std::sync::atomic::AtomicU64,
+    /// Held around each fdatasync and its outcome: the kernel reports a writeback error to
+    /// one fdatasync of the file only, so two at once could see one fail and the other
+    /// succeed before the first made the failure sticky.
+    sync_lock: std::sync::Mutex<()>,
 }
 
 impl RawImage {
@@ -114,6 +121,8 @@ impl RawImage {
             size,
             readonly,
             failed: std::sync::OnceLock::new(),
+            modified: std::sync::atomic::AtomicU64::new(0),
+            sync_lock: std::sync::Mutex::new(()),
         })
     }
 
@@ -145,6 +154,25 @@ impl RawImage {
             Some(reason) => Err(DiskError::Failed(reason.clone())),
             None => Ok(()),
         }
+    }
+
+    /// How many write-type operations have returned so far (see `modified`). An fdatasync
+    /// that starts after reading N here makes the data of the first N durable.
+    pub fn modifications(&self) -> u64 {
+        self.modified.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Counts a write-type operation that returned: its data (if it succeeded) is in the page
+    /// cache, where the next fdatasync finds it.
+    fn modified(&self) {
+        self.modified
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Fails the image as a write-side error would (tests of what a failure does).
+    #[cfg(test)]
+    pub fn fail_for_test(&self, why: &str) {
+        let _ = self.failed.set(why.to_string());
     }
 
     /// Why the image failed, if it did.
@@ -213,6 +241,7 @@ impl RawImage {
                 source,
             }
         });
+        self.modified();
         self.fail_on_error(r)
     }
 
@@ -228,6 +257,7 @@ impl RawImage {
                 offset,
                 source,
             });
+        self.modified();
         self.fail_on_error(r)
     }
 
@@ -249,6 +279,8 @@ impl RawImage {
         if self.readonly {
             return Ok(());
         }
+        // One at a time (see `sync_lock`): the second sees the first's failure.
+        let _one = self.sync_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.check_failed()?;
         let r = self.file.sync_data().map_err(|source| DiskError::Io {
             op: "fdatasync",
@@ -278,6 +310,7 @@ impl RawImage {
                 source,
             }
         });
+        self.modified();
         self.fail_on_error(r)
     }
 }

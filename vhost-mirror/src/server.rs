@@ -109,6 +109,10 @@ impl ServerState {
             // Totals (a client takes differences): where a flush's time goes.
             "local_fdatasyncs": self.dev.flusher.stats.count.load(Ordering::Relaxed),
             "local_fdatasync_ns": self.dev.flusher.stats.nanos.load(Ordering::Relaxed),
+            // fdatasyncs started after a write, ahead of the FLUSH expected next, and FLUSHes
+            // answered by an fdatasync already running when they came (flusher.rs).
+            "local_fdatasyncs_early": self.dev.flusher.stats.early.load(Ordering::Relaxed),
+            "flushes_joined": self.dev.flusher.stats.joined.load(Ordering::Relaxed),
         });
         if let (Some(m), Some(obj)) = (&self.dev.mirror, v.as_object_mut()) {
             if let serde_json::Value::Object(r) = m.status() {
