@@ -598,6 +598,7 @@ impl BlkBackend {
                             local_ok: true,
                             flush: Some(dev.flusher.submit()),
                             flush_started: Some(std::time::Instant::now()),
+                            large: false,
                         };
                         d.notify_when_ready(mirror, event);
                         deferred.push(d);
@@ -645,6 +646,9 @@ impl BlkBackend {
                                     local_ok,
                                     flush: None,
                                     flush_started: None,
+                                    large: request
+                                        .write_range()
+                                        .is_some_and(|(_, len)| len >= executor::POLL_MAX_BYTES),
                                 };
                                 d.notify_when_ready(mirror, event);
                                 deferred.push(d);
@@ -709,7 +713,9 @@ impl BlkBackend {
                 // --poll-inflight-us: watch the requests in flight and the ring a while
                 // before sleeping (a wake-up costs more than the wait on an idle vCPU). The
                 // guest hears of what completed so far first.
-                if !dev.poll_inflight.is_zero() {
+                // Not while a large write is in flight: its ack is far off, and the spin
+                // would take the CPU its copies and encryption need.
+                if !dev.poll_inflight.is_zero() && !deferred.iter().any(|d| d.large) {
                     notify_guest!();
                     let start = std::time::Instant::now();
                     let mut hit = false;

@@ -169,7 +169,15 @@ pub struct Deferred {
     pub flush: Option<std::sync::Arc<crate::flusher::FlushTicket>>,
     /// When a FLUSH was taken from the ring (its latency is recorded when it finishes).
     pub flush_started: Option<Instant>,
+    /// A write of [`POLL_MAX_BYTES`] or more: its ack is milliseconds away, not worth
+    /// polling for.
+    pub large: bool,
 }
+
+/// Writes this large or larger are not polled for while in flight (`--poll-inflight-us`):
+/// sealing, sending and applying them takes far longer than the poll, which would only take
+/// the CPU their copies and encryption need.
+pub const POLL_MAX_BYTES: u64 = 256 * 1024;
 
 impl Deferred {
     /// Signals `ev` when each missing part finishes.
