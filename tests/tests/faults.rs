@@ -236,6 +236,22 @@ impl FaultyPrimary {
             port: free_port(),
         }
     }
+
+    /// Starts access-node on the replica path and vhost-mirror on the primary, mirrored to
+    /// it, and waits until they are in sync. (Declared after `self`, they drop before it.)
+    fn start_in_sync(&self) -> (AccessNode, BackendOpts, Backend) {
+        let node = AccessNode::spawn(
+            self.dir.path(),
+            &self.replica,
+            self.port,
+            &self.secret,
+            &Default::default(),
+        );
+        let opts = mirror_opts(&format!("127.0.0.1:{}", self.port), &self.secret, None, &[]);
+        let mut b = Backend::spawn(self.dir.path(), &self.primary, &opts);
+        wait_in_sync(&mut b, SYNC_TIMEOUT);
+        (node, opts, b)
+    }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -249,19 +265,15 @@ impl FaultyPrimary {
 #[test]
 fn local_fdatasync_error_is_never_forgotten() {
     let _wd = Watchdog::new("fsync_error_sticky", Duration::from_secs(120));
-    // (Bound dir first: locals drop in reverse, so the mount goes before the directory.)
+    let fp = FaultyPrimary::new("fault-fsync");
+    let (mut node, opts, mut b) = fp.start_in_sync();
     let FaultyPrimary {
         dir,
         fs: fs_a,
         primary,
         replica,
-        secret,
-        port,
-    } = FaultyPrimary::new("fault-fsync");
-    let mut node = AccessNode::spawn(dir.path(), &replica, port, &secret, &Default::default());
-    let opts = mirror_opts(&format!("127.0.0.1:{port}"), &secret, None, &[]);
-    let mut b = Backend::spawn(dir.path(), &primary, &opts);
-    wait_in_sync(&mut b, SYNC_TIMEOUT);
+        ..
+    } = &fp;
     {
         let mut c = Client::connect(b.socket());
         let q = c.q();
@@ -305,18 +317,9 @@ fn local_fdatasync_error_is_never_forgotten() {
 #[test]
 fn a_failed_early_fdatasync_fails_the_next_flush() {
     let _wd = Watchdog::new("early_fsync_error", Duration::from_secs(120));
-    let FaultyPrimary {
-        dir,
-        fs: fs_a,
-        primary,
-        replica,
-        secret,
-        port,
-    } = FaultyPrimary::new("fault-early-fsync");
-    let mut node = AccessNode::spawn(dir.path(), &replica, port, &secret, &Default::default());
-    let opts = mirror_opts(&format!("127.0.0.1:{port}"), &secret, None, &[]);
-    let mut b = Backend::spawn(dir.path(), &primary, &opts);
-    wait_in_sync(&mut b, SYNC_TIMEOUT);
+    let fp = FaultyPrimary::new("fault-early-fsync");
+    let (mut node, _opts, mut b) = fp.start_in_sync();
+    let fs_a = &fp.fs;
     {
         let mut c = Client::connect(b.socket());
         let q = c.q();
