@@ -298,7 +298,7 @@ fn local_fdatasync_error_is_never_forgotten() {
     let code = b.terminate(TIMEOUT);
     assert!(!code.success(), "a stop after a failed flush exited 0");
     // Restart: the extents of the lost write are resynced, and the images agree again.
-    let mut b = Backend::spawn(dir.path(), &primary, &opts);
+    let mut b = Backend::spawn(dir.path(), primary, &opts);
     let st = wait_in_sync(&mut b, SYNC_TIMEOUT);
     assert!(
         status_u64(&st, "resync_total_bytes") > 0,
@@ -307,7 +307,7 @@ fn local_fdatasync_error_is_never_forgotten() {
     );
     b.terminate(TIMEOUT);
     node.terminate(TIMEOUT);
-    compare_files(&primary, &replica).unwrap_or_else(|e| panic!("images differ: {e}"));
+    compare_files(primary, replica).unwrap_or_else(|e| panic!("images differ: {e}"));
 }
 
 /// The fsync pattern (one write, one FLUSH) makes the next write start an early fdatasync
