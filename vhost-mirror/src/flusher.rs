@@ -167,10 +167,10 @@ impl Flusher {
                 let batch = {
                     let mut q = s.lock();
                     let run = q.running.take();
+                    // (`submit` checks the image has not failed since, before it answers
+                    // from this.)
                     if let (Some((mark, _)), Ok(())) = (&run, &r) {
-                        if d.failure().is_none() {
-                            q.durable = q.durable.max(Some(*mark));
-                        }
+                        q.durable = q.durable.max(Some(*mark));
                     }
                     run.map(|(_, b)| b).unwrap_or_default()
                 };
